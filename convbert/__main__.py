@@ -1,0 +1,3 @@
+from convbert.cli import main
+
+raise SystemExit(main())
