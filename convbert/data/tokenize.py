@@ -1,0 +1,143 @@
+"""BERT WordPiece tokenisation (spec §4.2) on top of HF `tokenizers`.
+
+The pipeline reproduces the original basic tokenizer + WordPiece:
+
+* normaliser: drop NUL, U+FFFD and control characters, map whitespace to a space, put spaces around CJK
+  ideographs, optionally lower-case and strip accents (NFD, drop combining marks);
+* pre-tokeniser: split on whitespace and on punctuation (ASCII non-alphanumeric printable characters and every
+  Unicode ``P*`` character);
+* model: greedy longest-match-first WordPiece with ``##`` continuations; a word longer than **200** characters
+  (the original's limit, not HF's default of 100) or one that cannot be segmented becomes ``[UNK]``.
+
+Special-token strings such as ``[SEP]`` in raw text are split like any other text, as in the original (no
+"never split" list). Vocabulary loading follows the original too: one token per line, surrounding whitespace
+(including a CRLF line ending) stripped, the id is the line number, and a token listed twice keeps its last id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from convbert.errors import ConvBertError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_INPUT_CHARS_PER_WORD = 200
+
+
+def load_vocab_lines(path: str | os.PathLike) -> list[str]:
+    """Return the vocabulary file's tokens in line order (line i has id i)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConvBertError(f"{path}: vocabulary file not found (expected a BERT-style vocab.txt, one token per line)")
+    except OSError as err:
+        raise ConvBertError(f"{path}: cannot read vocabulary file ({err.strerror or err})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConvBertError(f"{path}:{line}: vocabulary file is not valid UTF-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # trailing newline at end of file
+        lines.pop()
+    tokens = [line.strip() for line in lines]
+    if not tokens:
+        raise ConvBertError(f"{path}: vocabulary file is empty (expected one token per line)")
+    return tokens
+
+
+class WordPieceTokenizer:
+    """BERT WordPiece tokenizer. Build it with :meth:`from_vocab`."""
+
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        *,
+        lower_case: bool = True,
+        strip_accents: bool = True,
+        source: str = "<vocab>",
+    ) -> None:
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+        vocab: dict[str, int] = {}
+        for i, tok in enumerate(tokens):
+            vocab[tok] = i  # duplicates keep their last id, like the original load_vocab
+        for special in SPECIAL_TOKENS:
+            if special not in vocab:
+                raise ConvBertError(
+                    f"{source}: vocabulary lacks the special token {special} "
+                    f"(expected all of {' '.join(SPECIAL_TOKENS)})"
+                )
+        self.source = source
+        self.lower_case = bool(lower_case)
+        self.strip_accents = bool(strip_accents)
+        self.vocab: dict[str, int] = vocab
+        self._id_to_token: list[str] = list(tokens)
+        self.vocab_size: int = len(tokens)
+        self.pad_id = vocab["[PAD]"]
+        self.unk_id = vocab["[UNK]"]
+        self.cls_id = vocab["[CLS]"]
+        self.sep_id = vocab["[SEP]"]
+        self.mask_id = vocab["[MASK]"]
+
+        # An empty line in the vocab gets an id but can never be matched; keep it out of the model's table.
+        model_vocab = {t: i for t, i in vocab.items() if t}
+        tok = Tokenizer(
+            models.WordPiece(model_vocab, unk_token="[UNK]", max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
+        )
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True,
+            handle_chinese_chars=True,
+            strip_accents=self.strip_accents,
+            lowercase=self.lower_case,
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._tok = tok
+        self._batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+    @classmethod
+    def from_vocab(
+        cls, path: str | os.PathLike, lower_case: bool = True, strip_accents: bool = True
+    ) -> "WordPieceTokenizer":
+        return cls(load_vocab_lines(path), lower_case=lower_case, strip_accents=strip_accents, source=str(path))
+
+    @property
+    def backend(self):
+        """The underlying `tokenizers.Tokenizer` (no special tokens, no post-processor)."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without [CLS]/[SEP]."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        texts = list(texts)
+        if not texts:
+            return []
+        return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.decode(self.encode(text))
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Token strings for `ids` (no detokenisation: ``##`` pieces are returned as they are)."""
+        table = self._id_to_token
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(table):
+                raise ConvBertError(f"token id {i} is outside the vocabulary {self.source} (size {len(table)})")
+            out.append(table[i])
+        return out
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"WordPieceTokenizer({self.source!r}, vocab_size={self.vocab_size}, lower_case={self.lower_case}, "
+            f"strip_accents={self.strip_accents})"
+        )
