@@ -1,0 +1,157 @@
+"""The original ELECTRA/ConvBERT optimiser and learning-rate schedule (spec §3.7, §5.3).
+
+* `AdamWeightDecay`: Adam with beta 0.9/0.999, eps 1e-6 and **no bias correction**; decoupled weight decay is added
+  to the update before the learning-rate multiply. Each parameter group may carry `lr_scale` (layer-wise decay).
+* `param_groups`: splits a model's parameters into decayed / not-decayed groups (names containing `LayerNorm`,
+  `layer_norm` or `bias` are not decayed), optionally with a per-parameter `lr_scale`.
+* `linear_warmup_decay`: the factor on the peak learning rate at a step (linear decay from step 0, times the warmup
+  ramp).
+* `layerwise_lr_scale`: the original layer-wise multipliers for HF-layout parameter names (top layer 0.8², head 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Iterable
+
+import torch
+
+from convbert.errors import ConvBertError
+
+NO_DECAY_KEYS = ("LayerNorm", "layer_norm", "bias")
+
+
+class AdamWeightDecay(torch.optim.Optimizer):
+    """Adam without bias correction plus decoupled weight decay (the TF `AdamWeightDecayOptimizer`).
+
+    Per parameter:  m = b1·m + (1−b1)·g;  v = b2·v + (1−b2)·g²;  u = m / (√v + eps) (+ wd·p if the group's
+    weight_decay > 0);  p ← p − lr·lr_scale·u.  `lr` is the group's current learning rate (a scheduler may set it);
+    `lr_scale` (default 1.0) is a fixed per-group multiplier.  State (`exp_avg`, `exp_avg_sq`, `step`) is saved by
+    `state_dict()` like any torch optimiser.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+    ) -> None:
+        if lr < 0.0:
+            raise ConvBertError(f"learning rate must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ConvBertError(f"Adam betas must lie in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ConvBertError(f"Adam eps must be >= 0, got {eps}")
+        if weight_decay < 0.0:
+            raise ConvBertError(f"weight decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lr_scale=1.0)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            wd = group["weight_decay"]
+            step_size = group["lr"] * group.get("lr_scale", 1.0)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise ConvBertError("AdamWeightDecay does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                update = m / (v.sqrt() + eps)
+                if wd > 0.0:
+                    update.add_(p, alpha=wd)
+                p.add_(update, alpha=-step_size)
+        return loss
+
+
+def _decays(name: str) -> bool:
+    return not any(key in name for key in NO_DECAY_KEYS)
+
+
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr_scale_fn: Callable[[str], float] | None = None,
+) -> list[dict]:
+    """Group `model`'s trainable parameters for `AdamWeightDecay`.
+
+    One group per (decayed?, lr_scale) pair, in first-seen order. Groups carry `weight_decay` (0.0 for names with
+    `LayerNorm`, `layer_norm` or `bias`), `lr_scale` (from `lr_scale_fn(name)`, else 1.0) and `param_names`.
+    """
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = _decays(name)
+        scale = float(lr_scale_fn(name)) if lr_scale_fn is not None else 1.0
+        key = (decay, scale)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "param_names": [],
+                "weight_decay": float(weight_decay) if decay else 0.0,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Factor on the peak lr: (1 − step/total) clipped at 0, times min(1, step/warmup) (1 when warmup is 0)."""
+    if total_steps <= 0:
+        raise ConvBertError(f"total_steps must be positive, got {total_steps}")
+    decay = max(0.0, 1.0 - float(step) / float(total_steps))
+    warm = 1.0 if warmup_steps <= 0 else min(1.0, float(step) / float(warmup_steps))
+    return decay * warm
+
+
+_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.")
+_HEAD_PREFIXES = ("classifier.", "head.", "task_specific.")
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of an HF-layout parameter name: embeddings 0, encoder layer i → i+1, head → L+2."""
+    bare = name[len("convbert."):] if name.startswith("convbert.") else name
+    if bare.startswith("embeddings.") or bare.startswith("embeddings_project."):
+        return 0
+    m = _LAYER_RE.match(bare)
+    if m:
+        i = int(m.group(1))
+        if i >= num_layers:
+            raise ConvBertError(f"parameter {name!r}: layer index {i} out of range for {num_layers} layers")
+        return i + 1
+    if not name.startswith("convbert.") and bare.startswith(_HEAD_PREFIXES):
+        return num_layers + 2
+    raise ConvBertError(
+        f"parameter {name!r} matches no layer-wise lr key (expected embeddings.*, embeddings_project.*, "
+        "encoder.layer.<i>.*, or a head classifier.*/head.*)"
+    )
+
+
+def layerwise_lr_scale(name: str, num_layers: int, decay: float = 0.8) -> float:
+    """Original multiplier decay^(L + 2 − depth): embeddings decay^(L+2), layer i decay^(L+1−i), head 1.0.
+
+    The top encoder layer gets decay², not decay¹, because no parameter has depth L+1 (inherited from ELECTRA).
+    """
+    depth = layer_depth(name, num_layers)
+    return float(math.pow(decay, num_layers + 2 - depth))

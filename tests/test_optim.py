@@ -1,0 +1,136 @@
+"""The original optimiser, schedule and layer-wise lr multipliers (spec §3.7, §5.3)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from convbert.errors import ConvBertError
+from convbert.optim import (
+    AdamWeightDecay,
+    layer_depth,
+    layerwise_lr_scale,
+    linear_warmup_decay,
+    param_groups,
+)
+
+
+def _hand_step(p, g, m, v, lr, wd, b1=0.9, b2=0.999, eps=1e-6):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    u = m / (math.sqrt(v) + eps) + wd * p
+    return p - lr * u, m, v
+
+
+def test_one_step_matches_hand_computed_update():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    opt = AdamWeightDecay(
+        [
+            {"params": [w], "weight_decay": 0.01, "lr_scale": 0.5},
+            {"params": [b], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+    )
+    w.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    b.grad = torch.tensor([2.0], dtype=torch.float64)
+    opt.step()
+    # Hand computation, first step: m = 0.1 g, v = 0.001 g^2, u = m/(sqrt(v)+eps) (+ wd p), p -= lr*scale*u.
+    # w[0]: m = 0.05, v = 0.00025, sqrt v = 0.0158113883, u = 3.1620778 + 0.01 -> p = 1 - 0.05 * 3.1720778
+    expected_w0 = 1.0 - 0.05 * (0.05 / (math.sqrt(0.00025) + 1e-6) + 0.01 * 1.0)
+    expected_w1 = -2.0 - 0.05 * (-0.1 / (math.sqrt(0.001) + 1e-6) + 0.01 * -2.0)
+    expected_b = 0.5 - 0.1 * (0.2 / (math.sqrt(0.004) + 1e-6))  # no decay in this group
+    assert w.detach().tolist() == pytest.approx([expected_w0, expected_w1], abs=1e-12)
+    assert b.item() == pytest.approx(expected_b, abs=1e-12)
+    assert expected_w0 == pytest.approx(0.841396, abs=1e-5)  # the number written out by hand
+
+
+def test_no_bias_correction_over_steps_and_state_dict_roundtrip():
+    torch.manual_seed(0)
+    p0 = [0.3, -0.7]
+    grads = [[0.1, -0.2], [0.3, 0.05], [-0.4, 0.2]]
+    w = torch.nn.Parameter(torch.tensor(p0, dtype=torch.float64))
+    opt = AdamWeightDecay([{"params": [w], "weight_decay": 0.01}], lr=1e-2)
+    expect = list(p0)
+    ms, vs = [0.0, 0.0], [0.0, 0.0]
+    for k, g in enumerate(grads):
+        w.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        for j in range(2):
+            expect[j], ms[j], vs[j] = _hand_step(expect[j], g[j], ms[j], vs[j], 1e-2, 0.01)
+        if k == 1:
+            saved = copy.deepcopy(opt.state_dict())
+            saved_w = w.detach().clone()
+    assert w.detach().tolist() == pytest.approx(expect, abs=1e-12)
+    # torch AdamW (bias-corrected) would give a different first step; ours is the raw-moment version.
+    w2 = torch.nn.Parameter(saved_w.clone())
+    opt2 = AdamWeightDecay([{"params": [w2], "weight_decay": 0.01}], lr=1e-2)
+    opt2.load_state_dict(saved)
+    w2.grad = torch.tensor(grads[2], dtype=torch.float64)
+    opt2.step()
+    assert torch.allclose(w2, w)
+
+
+def test_schedule_values():
+    # total 100, warmup 10: 0 at step 0, ramps linearly while decaying from step 0.
+    assert linear_warmup_decay(0, 100, 10) == 0.0
+    assert linear_warmup_decay(5, 100, 10) == pytest.approx(0.5 * 0.95)
+    assert linear_warmup_decay(10, 100, 10) == pytest.approx(0.9)
+    assert linear_warmup_decay(50, 100, 10) == pytest.approx(0.5)
+    assert linear_warmup_decay(100, 100, 10) == 0.0
+    assert linear_warmup_decay(150, 100, 10) == 0.0
+    assert linear_warmup_decay(0, 100, 0) == 1.0
+
+
+def test_layerwise_multipliers_base():
+    L = 12
+    assert layerwise_lr_scale("embeddings.word_embeddings.weight", L) == pytest.approx(0.8**14)
+    assert layerwise_lr_scale("convbert.embeddings.LayerNorm.weight", L) == pytest.approx(0.0439804651)
+    assert layerwise_lr_scale("convbert.embeddings_project.weight", L) == pytest.approx(0.8**14)
+    assert layerwise_lr_scale("encoder.layer.0.attention.self.query.weight", L) == pytest.approx(0.8**13)
+    assert layerwise_lr_scale("convbert.encoder.layer.5.output.dense.weight", L) == pytest.approx(0.8**8)
+    assert layerwise_lr_scale("convbert.encoder.layer.11.output.dense.weight", L) == pytest.approx(0.64)
+    assert layerwise_lr_scale("classifier.weight", L) == 1.0
+    assert layer_depth("convbert.encoder.layer.11.x", L) == 12
+    assert layer_depth("classifier.bias", L) == 14
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pooler.dense.weight", "encoder.layer.12.output.dense.weight", "convbert.classifier.weight", "encoder.rel"],
+)
+def test_unmatched_names_raise(name):
+    with pytest.raises(ConvBertError):
+        layerwise_lr_scale(name, 12)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embeddings = torch.nn.Module()
+        self.embeddings.word_embeddings = torch.nn.Embedding(5, 3)
+        self.embeddings.LayerNorm = torch.nn.LayerNorm(3)
+        self.encoder = torch.nn.Module()
+        self.encoder.layer = torch.nn.ModuleList([torch.nn.Linear(3, 3) for _ in range(2)])
+        self.classifier = torch.nn.Linear(3, 2)
+
+
+def test_param_groups_exclusions_and_scales():
+    model = _Toy()
+    groups = param_groups(model, 0.01, lambda n: layerwise_lr_scale(n, 2))
+    by_name = {}
+    for g in groups:
+        for n in g["param_names"]:
+            by_name[n] = (g["weight_decay"], g["lr_scale"])
+    assert by_name["embeddings.word_embeddings.weight"] == (0.01, pytest.approx(0.8**4))
+    assert by_name["embeddings.LayerNorm.weight"] == (0.0, pytest.approx(0.8**4))
+    assert by_name["encoder.layer.1.weight"] == (0.01, pytest.approx(0.8**2))
+    assert by_name["encoder.layer.0.bias"] == (0.0, pytest.approx(0.8**3))
+    assert by_name["classifier.weight"] == (0.01, 1.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = AdamWeightDecay(groups, lr=1e-3)
+    loss = model.classifier(model.encoder.layer[1](model.embeddings.word_embeddings(torch.tensor([1, 2])))).sum()
+    loss.backward()
+    opt.step()
+    assert "state" in opt.state_dict()
