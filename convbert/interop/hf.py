@@ -1,0 +1,132 @@
+"""Reading and writing the HF checkpoint layout (config.json + model.safetensors / pytorch_model.bin).
+
+Our module tree uses HF's parameter names and shapes, so `HF_TO_OURS` (the one translation table) only has to deal
+with the few keys other writers add or drop. Pickled weights are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from convbert.errors import ConvBertError
+from convbert.model.config import ConvBertConfig
+from convbert.utils import atomic_path, write_json_atomic
+
+if TYPE_CHECKING:
+    from convbert.model.modeling import ConvBertModel
+
+# HF key -> our key. Names are identical by construction; only these keys need handling:
+HF_TO_OURS: dict[str, str | None] = {
+    "embeddings.position_ids": None,  # a buffer saved by transformers 4.x; ignored
+    "embeddings.token_type_ids": None,  # a buffer some versions save; ignored
+}
+PREFIX = "convbert."
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_config(path: Path) -> ConvBertConfig:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConvBertError(f"{config_file}: not found (an HF-layout model folder needs config.json)")
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConvBertError(f"{config_file}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(values, dict):
+        raise ConvBertError(f"{config_file}: expected a JSON object")
+    return ConvBertConfig.from_hf_dict(values, source=str(config_file))
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The raw tensors of the first weight file found in `path`."""
+    for name in WEIGHT_FILES:
+        weight_file = path / name
+        if weight_file.is_file():
+            break
+    else:
+        raise ConvBertError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+    try:
+        if weight_file.suffix == ".safetensors":
+            return load_file(str(weight_file)), weight_file
+        state = torch.load(weight_file, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConvBertError(f"{weight_file}: cannot read weights (truncated or corrupt file?): {message}") from None
+    except Exception as err:  # e.g. pickle.UnpicklingError for a file that is not weights-only
+        raise ConvBertError(f"{weight_file}: refused to load: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConvBertError(f"{weight_file}: expected a flat dict of tensors")
+    return state, weight_file
+
+
+def translate_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names -> ours: strip the `convbert.` prefix of head models, drop head keys and ignored buffers."""
+    prefixed = any(key.startswith(PREFIX) for key in state)
+    out = {}
+    for key, tensor in state.items():
+        if prefixed:
+            if not key.startswith(PREFIX):
+                continue  # a head of ConvBertFor*: not part of the encoder
+            key = key[len(PREFIX):]
+        target = HF_TO_OURS.get(key, key)
+        if target is not None:
+            out[target] = tensor
+    return out
+
+
+def check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, naming every unknown key, missing key and shape mismatch."""
+    expected = model.state_dict()
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    problems = []
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}")
+    if missing:
+        problems.append(f"missing key(s) {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    for key in sorted(set(state) & set(expected)):
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            problems.append(f"key {key} has shape {list(state[key].shape)} in the file but the model expects "
+                            f"{list(expected[key].shape)}")
+    if problems:
+        raise ConvBertError(f"{source}: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBertModel":
+    path = Path(path)
+    if not path.is_dir():
+        raise ConvBertError(f"{path}: not a model folder (expected a directory with config.json and weights)")
+    config = read_config(path)
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise ConvBertError(f"unknown config field '{key}'")
+        setattr(config, key, value)
+    config.validate()
+    state, weight_file = read_state_dict(path)
+    model = cls(config)
+    check_and_load(model, translate_keys(state), str(weight_file))
+    model.eval()
+    return model
+
+
+def save_pretrained(model: "ConvBertModel", path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(path / "config.json", model.config.to_hf_dict())
+
+
+def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    with atomic_path(Path(model_dir) / "vocab.txt") as tmp:
+        shutil.copyfile(vocab_file, tmp)

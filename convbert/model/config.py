@@ -1,0 +1,206 @@
+"""ConvBERT configuration: the fields of the original (HF names), the paper presets, and the generator rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from convbert.errors import ConvBertError
+
+# Fields HF's ConvBertConfig knows; everything else is ours and is kept under "convbert_extra" in config.json.
+HF_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+    "initializer_range", "layer_norm_eps", "embedding_size", "head_ratio", "conv_kernel_size", "num_groups",
+    "pad_token_id",
+)
+
+
+@dataclass
+class ConvBertConfig:
+    """Hyper-parameters of one ConvBERT encoder (spec §2.1). Defaults are the `base` discriminator."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    embedding_size: int = 768
+    head_ratio: int = 2
+    conv_kernel_size: int = 9
+    num_groups: int = 1
+    pad_token_id: int = 0
+    # "mixed" = ConvBERT; "plain" = ELECTRA/BERT full self-attention with N heads and no conv branch (a baseline).
+    attention_type: str = "mixed"
+    # Divergence from the original (off by default): zero padded positions before both convolutions.
+    mask_conv_padding: bool = False
+    # Free-form notes (e.g. the preset name); not used by the model.
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def head_size(self) -> int:
+        """d = H / N from the *configured* head count (spec §1.8 point 8)."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def reduced_heads(self) -> int:
+        """Nr: heads in each branch; the single-head fallback of §1.6 gives 1."""
+        if self.attention_type == "plain":
+            return self.num_attention_heads
+        return max(1, self.num_attention_heads // self.head_ratio)
+
+    @property
+    def branch_width(self) -> int:
+        """A = Nr * d: the width of the self-attention branch and of the conv branch."""
+        return self.reduced_heads * self.head_size
+
+    @property
+    def attention_output_width(self) -> int:
+        """Width of the concatenation that `attention.output.dense` reads (2A, or H for plain attention)."""
+        return self.branch_width if self.attention_type == "plain" else 2 * self.branch_width
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, field_name: str, expected: str) -> None:
+            if not ok:
+                raise ConvBertError(f"config field '{field_name}' = {getattr(self, field_name)!r}: expected {expected}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "embedding_size", "head_ratio",
+                     "conv_kernel_size", "num_groups"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "a positive integer")
+        need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+             f"a multiple of num_attention_heads ({self.num_attention_heads})")
+        need(self.conv_kernel_size % 2 == 1, "conv_kernel_size",
+             "an odd number (the 'same' depthwise padding and the (K-1)/2 span padding agree only for odd K)")
+        need(self.hidden_size % self.num_groups == 0, "num_groups", f"a divisor of hidden_size ({self.hidden_size})")
+        need(self.intermediate_size % self.num_groups == 0, "num_groups",
+             f"a divisor of intermediate_size ({self.intermediate_size})")
+        need(self.hidden_act in ("gelu",), "hidden_act", "'gelu' (the exact erf form used by the original)")
+        need(0.0 <= self.hidden_dropout_prob < 1.0, "hidden_dropout_prob", "a probability in [0, 1)")
+        need(0.0 <= self.attention_probs_dropout_prob < 1.0, "attention_probs_dropout_prob", "a probability in [0, 1)")
+        need(self.attention_type in ("mixed", "plain"), "attention_type", "'mixed' or 'plain'")
+        need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", f"an id in [0, {self.vocab_size})")
+        need(self.layer_norm_eps > 0, "layer_norm_eps", "a positive number")
+
+    # ---- presets -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ConvBertConfig":
+        """The paper sizes (spec §2.1), plus `tiny` for tests and demos (not a paper size)."""
+        if name not in PRESETS:
+            raise ConvBertError(f"unknown size '{name}': expected one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+        values.update(overrides)
+        values.setdefault("extra", {})
+        values["extra"] = {**values["extra"], "preset": name}
+        return cls(**values)
+
+    def generator_config(self, fraction: float) -> "ConvBertConfig":
+        """The generator of spec §2.2: width and heads scaled by `fraction`, same depth, FFN 4x, same tables."""
+        if not 0 < fraction <= 1:
+            raise ConvBertError(f"generator fraction {fraction!r}: expected a number in (0, 1]")
+        hidden = int(round(self.hidden_size * fraction))
+        heads = max(1, int(round(self.num_attention_heads * fraction)))
+        if hidden % heads:
+            raise ConvBertError(f"generator of hidden {hidden} cannot have {heads} heads (fraction {fraction})")
+        return dataclasses.replace(
+            self,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            extra={**self.extra, "generator_fraction": fraction},
+        )
+
+    # ---- serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ConvBertConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConvBertError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        from convbert.utils import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ConvBertConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise ConvBertError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as err:
+            raise ConvBertError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        return cls.from_dict(values, source=str(path))
+
+    # ---- HF config.json ------------------------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that `transformers.ConvBertModel.from_pretrained` reads unchanged."""
+        values = {name: getattr(self, name) for name in HF_FIELDS}
+        values.update(model_type="convbert", architectures=["ConvBertModel"], bos_token_id=0, eos_token_id=2)
+        ours = {"attention_type": self.attention_type, "mask_conv_padding": self.mask_conv_padding, **self.extra}
+        values["convbert_extra"] = ours
+        return values
+
+    @classmethod
+    def from_hf_dict(cls, values: dict[str, Any], source: str = "config.json") -> "ConvBertConfig":
+        model_type = values.get("model_type")
+        if model_type not in ("convbert", "conv_bert"):
+            raise ConvBertError(f"{source}: field 'model_type' is {model_type!r}: expected 'convbert' or 'conv_bert'")
+        kwargs: dict[str, Any] = {}
+        for name in HF_FIELDS:
+            if name in values and values[name] is not None:
+                kwargs[name] = values[name]
+        if "linear_groups" in values and "num_groups" not in values:  # the original TF name
+            kwargs["num_groups"] = values["linear_groups"]
+        if values.get("embedding_size") is None:
+            kwargs["embedding_size"] = kwargs.get("hidden_size", cls.hidden_size)
+        if values.get("hidden_act") in ("gelu_new", "gelu_python"):
+            kwargs["hidden_act"] = "gelu"
+        ours = dict(values.get("convbert_extra") or {})
+        for name in ("attention_type", "mask_conv_padding"):
+            if name in ours:
+                kwargs[name] = ours.pop(name)
+        kwargs["extra"] = ours
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ConvBertError(f"{source}: {err}") from None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Spec §2.1. Heads: H//64, except medium-small which uses H//48 (d = 48).
+    "small": dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=1024,
+                  embedding_size=128, num_groups=1),
+    "medium-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=8, intermediate_size=1536,
+                         embedding_size=128, num_groups=2),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 embedding_size=768, num_groups=1),
+    # Not a paper size: a 2-layer model with grouped FFN and a projection, for tests and the CPU quickstart.
+    "tiny": dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=256, embedding_size=32, num_groups=2, max_position_embeddings=128),
+}
+
+# Generator width fraction per size (spec §2.2).
+PRESET_GENERATOR_FRACTION: dict[str, float] = {"tiny": 0.25, "small": 0.25, "medium-small": 0.25, "base": 1 / 3}

@@ -1,0 +1,142 @@
+"""Heads of the original: generator MLM head (tied), discriminator head, and the fine-tuning classifier."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convbert.errors import ConvBertError
+from convbert.model.config import ConvBertConfig
+from convbert.model.layers import gelu
+from convbert.model.modeling import ConvBertModel, _trunc_normal_
+
+
+class GeneratorHead(nn.Module):
+    """Dense(H_g -> E, GELU) -> LayerNorm -> logits against the shared word-embedding table + output_bias (§3.3).
+
+    Names follow HF's ConvBertForMaskedLM: generator_predictions.{dense, LayerNorm}; `output_bias` plays the role of
+    HF's generator_lm_head.bias.
+    """
+
+    def __init__(self, config: ConvBertConfig, embedding_size: int):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, embedding_size)
+        self.LayerNorm = nn.LayerNorm(embedding_size, eps=config.layer_norm_eps)
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        _trunc_normal_(self.dense.weight, config.initializer_range)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor) -> torch.Tensor:
+        h = self.LayerNorm(gelu(self.dense(hidden)))
+        return torch.nn.functional.linear(h, word_embeddings_weight, self.output_bias)
+
+
+class DiscriminatorHead(nn.Module):
+    """Dense(H -> H, GELU, trunc-normal init) -> Dense(H -> 1, Glorot init) -> squeeze (§3.5). ELECTRA's HF names."""
+
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+        _trunc_normal_(self.dense.weight, config.initializer_range)
+        nn.init.zeros_(self.dense.bias)
+        nn.init.xavier_uniform_(self.dense_prediction.weight)
+        nn.init.zeros_(self.dense_prediction.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dense_prediction(gelu(self.dense(hidden))).squeeze(-1)
+
+
+class ClassificationHead(nn.Module):
+    """The original fine-tuning head: dropout on the [CLS] vector, then one Glorot-initialised linear (§5.1).
+
+    There is no pooler and no hidden dense layer (HF's ConvBertClassificationHead adds both; we do not).
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(hidden[:, 0]))
+
+
+class ConvBertForSequenceClassification(nn.Module):
+    """Encoder + ClassificationHead. `num_labels=1` is regression (STS-B)."""
+
+    HEAD_FILE = "head.json"
+
+    def __init__(self, config: ConvBertConfig, num_labels: int, classifier_dropout: float | None = None):
+        super().__init__()
+        if num_labels < 1:
+            raise ConvBertError(f"num_labels = {num_labels}: expected at least 1")
+        self.num_labels = num_labels
+        self.convbert = ConvBertModel(config)
+        dropout = config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        self.classifier = ClassificationHead(config.hidden_size, num_labels, dropout)
+
+    @property
+    def config(self) -> ConvBertConfig:
+        return self.convbert.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.convbert(input_ids, attention_mask, token_type_ids).last_hidden_state)
+
+    @classmethod
+    def from_encoder(cls, path: str | os.PathLike, num_labels: int, **config_overrides) -> "ConvBertForSequenceClassification":
+        """A pre-trained encoder (HF-layout folder) with a fresh head."""
+        encoder = ConvBertModel.from_pretrained(path, **config_overrides)
+        model = cls(encoder.config, num_labels)
+        model.convbert = encoder
+        model.train()
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The encoder in HF layout (loadable by transformers.ConvBertModel) + `classifier.safetensors` + head.json."""
+        from safetensors.torch import save_file
+
+        from convbert.utils import atomic_path, write_json_atomic
+
+        path = Path(path)
+        self.convbert.save_pretrained(path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}
+        with atomic_path(path / "classifier.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(path / self.HEAD_FILE, {"num_labels": self.num_labels,
+                                                  "dropout": self.classifier.dropout.p})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ConvBertForSequenceClassification":
+        from safetensors.torch import load_file
+
+        from convbert.interop.hf import check_and_load
+
+        path = Path(path)
+        head_file = path / cls.HEAD_FILE
+        if not head_file.is_file():
+            raise ConvBertError(f"{head_file}: not found (a fine-tuned model folder has head.json and "
+                                "classifier.safetensors)")
+        try:
+            head = json.loads(head_file.read_text(encoding="utf-8"))
+            num_labels, dropout = int(head["num_labels"]), float(head["dropout"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ConvBertError(f"{head_file}: expected {{'num_labels': int, 'dropout': float}} ({err})") from None
+        encoder = ConvBertModel.from_pretrained(path)
+        model = cls(encoder.config, num_labels, classifier_dropout=dropout)
+        model.convbert = encoder
+        weights = path / "classifier.safetensors"
+        try:
+            state = load_file(str(weights))
+        except Exception as err:
+            raise ConvBertError(f"{weights}: cannot read the classifier weights: {err}") from None
+        check_and_load(model.classifier, state, str(weights))
+        model.eval()
+        return model

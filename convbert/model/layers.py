@@ -1,0 +1,187 @@
+"""The building blocks of a ConvBERT layer: separable conv, span-based dynamic conv, mixed attention, grouped FFN.
+
+Parameter names and shapes follow the HF checkpoint layout exactly (spec §1.9, hf-convbert.md §3), so a state
+dict loads without translation. The computation follows the original TF code (spec §1.4), written for speed:
+both convolutions are shift-and-add over a zero-padded [B, T, C] tensor (no unfold, no k-fold buffer, no layout
+transposes), the four input projections are one matrix multiply, and the attention is
+`scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convbert.model.config import ConvBertConfig
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The exact erf GELU of the original (not the tanh approximation)."""
+    return F.gelu(x)
+
+
+def shifted_sum(padded: torch.Tensor, taps: torch.Tensor, length: int) -> torch.Tensor:
+    """sum_k padded[:, k : k + length] * taps[..., k]: a 'same' 1-D cross-correlation along dim 1.
+
+    `padded` is [B, T + K - 1, ...]; `taps` broadcasts against [B, T, ...] once its last axis (K) is indexed.
+    """
+    kernel_size = taps.shape[-1]
+    out = padded[:, 0:length] * taps[..., 0]
+    for k in range(1, kernel_size):
+        out = out.addcmul(padded[:, k : k + length], taps[..., k])
+    return out
+
+
+class SeparableConv1D(nn.Module):
+    """Depthwise (K taps per channel, no bias) then pointwise (H -> A, no bias), then one bias of size A (§1.4 step 2).
+
+    Stored as HF stores it: depthwise.weight [H, 1, K], pointwise.weight [A, H, 1], bias [A, 1].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.depthwise = nn.Conv1d(in_channels, in_channels, kernel_size, groups=in_channels, bias=False)
+        self.pointwise = nn.Conv1d(in_channels, out_channels, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H] -> [B, T, A]
+        pad = (self.kernel_size - 1) // 2
+        padded = F.pad(x, (0, 0, pad, pad))  # zeros on the time axis
+        depthwise = shifted_sum(padded, self.depthwise.weight[:, 0, :], x.shape[1])
+        return F.linear(depthwise, self.pointwise.weight[:, :, 0], self.bias[:, 0])
+
+
+class MixedAttention(nn.Module):
+    """Self-attention heads and span-based dynamic convolution heads side by side (spec §1.4).
+
+    Returns the concatenation [SA heads | conv heads], [B, T, 2A] (or [B, T, H] with plain attention).
+    """
+
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.plain = config.attention_type == "plain"
+        self.num_heads = config.reduced_heads
+        self.head_size = config.head_size
+        self.width = config.branch_width
+        self.kernel_size = config.conv_kernel_size
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.mask_conv_padding = config.mask_conv_padding
+
+        self.query = nn.Linear(hidden, self.width)
+        self.key = nn.Linear(hidden, self.width)
+        self.value = nn.Linear(hidden, self.width)
+        if not self.plain:
+            self.key_conv_attn_layer = SeparableConv1D(hidden, self.width, self.kernel_size)
+            self.conv_kernel_layer = nn.Linear(self.width, self.num_heads * self.kernel_size)
+            self.conv_out_layer = nn.Linear(hidden, self.width)
+
+    def _projections(self) -> list[nn.Linear]:
+        layers = [self.query, self.key, self.value]
+        return layers if self.plain else layers + [self.conv_out_layer]
+
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, token_mask: torch.Tensor | None):
+        batch, length, _ = x.shape
+        heads, size = self.num_heads, self.head_size
+        layers = self._projections()
+        # One GEMM for query, key, value (and conv values): all read the same x.
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
+        projected = F.linear(x, weight, bias).split(self.width, dim=-1)
+        query, key, value = projected[:3]
+
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, heads, size).transpose(1, 2)
+
+        context = F.scaled_dot_product_attention(
+            heads_first(query), heads_first(key), heads_first(value),
+            attn_mask=additive_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=1.0 / math.sqrt(size),
+        ).transpose(1, 2)  # [B, T, Nr, d]
+        if self.plain:
+            return context.reshape(batch, length, heads * size)
+
+        conv_input = x if token_mask is None else x * token_mask
+        span_key = self.key_conv_attn_layer(conv_input)  # [B, T, A]
+        kernel_logits = self.conv_kernel_layer(span_key * query)  # query is shared and unscaled
+        kernel = kernel_logits.view(batch, length, heads, self.kernel_size).softmax(dim=-1)
+
+        conv_value = projected[3]
+        if token_mask is not None:
+            conv_value = conv_value * token_mask
+        pad = (self.kernel_size - 1) // 2
+        padded = F.pad(conv_value, (0, 0, pad, pad)).view(batch, length + 2 * pad, heads, size)
+        conv = shifted_sum(padded, kernel.unsqueeze(-2), length)  # [B, T, Nr, d]
+
+        return torch.cat([context, conv], dim=2).reshape(batch, length, 2 * heads * size)
+
+
+class GroupedLinear(nn.Module):
+    """G independent contiguous blocks, no shuffle (spec §1.5). weight [G, in/G, out/G] (TF layout), bias [out]."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.in_per_group = in_features // groups
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(groups, in_features // groups, out_features // groups))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        chunks = x.reshape(-1, self.groups, self.in_per_group).transpose(0, 1)  # [G, M, in/G]
+        out = torch.bmm(chunks, self.weight).transpose(0, 1)  # [M, G, out/G]
+        return (out.reshape(*lead, self.out_features) + self.bias)
+
+
+def feed_forward_linear(in_features: int, out_features: int, groups: int) -> nn.Module:
+    return nn.Linear(in_features, out_features) if groups == 1 else GroupedLinear(in_features, out_features, groups)
+
+
+class _Dense(nn.Module):
+    """A holder so the HF names `intermediate.dense` / `output.dense` come out right."""
+
+    def __init__(self, dense: nn.Module):
+        super().__init__()
+        self.dense = dense
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.attention_output_width, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        self.self = MixedAttention(config)  # HF name: attention.self.*
+        self.output = AttentionOutput(config)
+
+
+class ConvBertLayer(nn.Module):
+    """Post-LN block: LN(x + drop(W·attn(x))), then LN(h + drop(FFN(h))) (spec §1.3)."""
+
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = _Dense(
+            feed_forward_linear(config.hidden_size, config.intermediate_size, config.num_groups))
+        self.output = _Dense(feed_forward_linear(config.intermediate_size, config.hidden_size, config.num_groups))
+        self.output.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.output.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None,
+                token_mask: torch.Tensor | None) -> torch.Tensor:
+        attention, out = self.attention, self.attention.output
+        mixed = attention.self(x, additive_mask, token_mask)
+        h = out.LayerNorm(out.dropout(out.dense(mixed)) + x)
+        f = self.output.dense(gelu(self.intermediate.dense(h)))
+        return self.output.LayerNorm(self.output.dropout(f) + h)

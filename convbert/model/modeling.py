@@ -1,0 +1,151 @@
+"""The ConvBERT encoder: embeddings (E-wide), optional E->H projection, a stack of mixed-attention layers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from convbert.model.config import ConvBertConfig
+from convbert.model.layers import ConvBertLayer, GroupedLinear, MixedAttention, SeparableConv1D
+
+# The additive constant for masked keys in the original (-10000, not -inf; spec §1.8 point 11).
+MASK_VALUE = -10000.0
+
+
+@dataclass
+class ConvBertOutput:
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, index: int):
+        return (self.last_hidden_state, self.hidden_states)[index]
+
+
+class ConvBertEmbeddings(nn.Module):
+    """word + token type + position (all E-wide), LayerNorm, dropout (spec §1.2). Shared by generator and discriminator."""
+
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        width = config.embedding_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width)  # no padding_idx: [PAD] is a trained row
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
+                             f"{self.position_embeddings.num_embeddings}")
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:length]
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class ConvBertEncoder(nn.Module):
+    def __init__(self, config: ConvBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(ConvBertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+def _trunc_normal_(weight: torch.Tensor, std: float) -> None:
+    # TF1's truncated_normal redraws beyond two standard deviations; a and b are absolute bounds.
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def init_weights(module: nn.Module, config: ConvBertConfig) -> None:
+    """Initialisation of the original (spec §1.7). `embeddings_project` is Glorot, set by its owner."""
+    std = config.initializer_range
+    for sub in module.modules():
+        if isinstance(sub, SeparableConv1D):
+            _trunc_normal_(sub.depthwise.weight, 1.0 / sub.kernel_size)
+            _trunc_normal_(sub.pointwise.weight, std)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, (nn.Linear, GroupedLinear)):
+            _trunc_normal_(sub.weight, std)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            _trunc_normal_(sub.weight, std)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class ConvBertModel(nn.Module):
+    """The ConvBERT encoder (the discriminator that is fine-tuned, or a generator body).
+
+    `embeddings` lets a generator share the discriminator's tables and embedding LayerNorm (spec §3.6); the
+    projection to this model's width is always its own.
+    """
+
+    def __init__(self, config: ConvBertConfig, embeddings: ConvBertEmbeddings | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        shared = embeddings is not None
+        self.embeddings = embeddings if shared else ConvBertEmbeddings(config)
+        width = self.embeddings.word_embeddings.embedding_dim
+        if width != config.embedding_size:
+            raise ValueError(f"shared embeddings are {width} wide but config.embedding_size is {config.embedding_size}")
+        self.embeddings_project = nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
+        self.encoder = ConvBertEncoder(config)
+
+        init_weights(self.encoder, config)
+        if not shared:
+            init_weights(self.embeddings, config)
+        if self.embeddings_project is not None:
+            nn.init.xavier_uniform_(self.embeddings_project.weight)  # no initialiser in the original: TF's Glorot
+            nn.init.zeros_(self.embeddings_project.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> ConvBertOutput:
+        x = self.embeddings(input_ids, token_type_ids)
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)
+
+        additive_mask = token_mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(x.dtype)
+            # Only key positions are masked, and only in the self-attention branch (spec §1.2 point 5).
+            additive_mask = ((1.0 - mask) * MASK_VALUE)[:, None, None, :]
+            if self.config.mask_conv_padding:
+                token_mask = mask[:, :, None]
+
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.encoder.layer:
+            x = layer(x, additive_mask, token_mask)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return ConvBertOutput(x, tuple(hidden_states) if hidden_states is not None else None)
+
+    # ---- checkpoints (HF layout) -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBertModel":
+        """Load an HF-layout folder: config.json + model.safetensors (or pytorch_model.bin, weights only)."""
+        from convbert.interop.hf import load_pretrained
+
+        return load_pretrained(cls, path, **config_overrides)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors that `transformers.ConvBertModel.from_pretrained` loads."""
+        from convbert.interop.hf import save_pretrained
+
+        save_pretrained(self, path)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+__all__ = ["ConvBertEmbeddings", "ConvBertModel", "ConvBertOutput", "MixedAttention", "init_weights"]
