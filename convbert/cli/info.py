@@ -1,0 +1,47 @@
+"""`convbert info`: the presets, their parameter counts and training FLOPs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from convbert.model.config import PRESETS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print the model presets: sizes, parameters, training FLOPs per token",
+                       description="Print a table per preset: layers, hidden, heads (self-attention / conv), groups, "
+                                   "parameters (discriminator, generator, total in pre-training) and training FLOPs "
+                                   "per token at length 128.")
+    p.add_argument("--size", choices=list(PRESETS), action="append",
+                   help="only this preset (repeatable); default: small, medium-small, base")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from convbert.model.flops import preset_table
+
+    rows = preset_table(args.size or ["small", "medium-small", "base"])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"ConvBERT-{row['size']}")
+        lines = [
+            ("layers", row["layers"]),
+            ("hidden / embedding", f"{row['hidden']} / {row['embedding']}"),
+            ("heads (configured)", f"{row['heads']} (head size {row['head_size']})"),
+            ("heads: self-attention / conv", f"{row['sa_heads']} / {row['conv_heads']}"),
+            ("conv kernel / FFN groups", f"{row['kernel']} / {row['groups']}"),
+            ("generator hidden / heads", f"{row['generator_hidden']} / {row['generator_heads']}"),
+            ("params: discriminator", f"{row['discriminator_params']:,}"),
+            ("params: generator (+MLM head, no shared emb.)", f"{row['generator_params']:,}"),
+            ("params: total in pre-training", f"{row['pretraining_params']:,}"),
+            ("train FLOPs/token: fine-tuning", f"{row['finetune_train_flops_per_token']:.3e}"),
+            ("train FLOPs/token: pre-training (gen+disc)", f"{row['pretrain_train_flops_per_token']:.3e}"),
+        ]
+        for label, value in lines:
+            print(f"  {label:<48} {value}")
+        print()
+    return 0

@@ -1,0 +1,91 @@
+"""Numerical parity with transformers.ConvBertModel (random weights, every hidden state, padding included)."""
+
+import pytest
+import torch
+
+from convbert.model import ConvBertConfig, ConvBertModel
+
+TOL = 1e-5
+
+
+def _inputs(vocab_size: int, batch: int = 3, length: int = 48, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 30:] = 0  # padded rows: the conv branch still reads them (faithful mode)
+    mask[2, 7:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros_like(ids)
+    types[:, length // 2:] = 1
+    return ids, mask, types
+
+
+def _hf_twin(transformers, ours: ConvBertModel):
+    c = ours.config
+    hf_config = transformers.ConvBertConfig(**{k: v for k, v in c.to_hf_dict().items()
+                                               if k not in ("model_type", "architectures", "convbert_extra")})
+    hf = transformers.ConvBertModel(hf_config).eval()
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    assert all("position_ids" in k or "token_type_ids" in k for k in missing), missing
+    return hf
+
+
+def _compare(transformers, config: ConvBertConfig, length: int = 48):
+    torch.manual_seed(0)
+    ours = ConvBertModel(config).eval()
+    hf = _hf_twin(transformers, ours)
+    ids, mask, types = _inputs(config.vocab_size, length=length)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        b = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    assert len(a.hidden_states) == config.num_hidden_layers + 1 == len(b.hidden_states)
+    for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states)):
+        diff = (x - y).abs().max().item()
+        assert diff <= TOL, f"hidden state {i}: max |diff| {diff:.2e}"
+    assert torch.equal(a.last_hidden_state, a.hidden_states[-1])
+
+
+@pytest.mark.parametrize("size", ["small", "medium-small", "base"])
+def test_parity_presets(transformers_module, size):
+    _compare(transformers_module, ConvBertConfig.from_preset(size))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(conv_kernel_size=7, num_hidden_layers=3),
+    dict(hidden_size=512, num_attention_heads=8, intermediate_size=2048, num_groups=2, num_hidden_layers=3),
+    dict(hidden_size=128, num_attention_heads=2, intermediate_size=512, embedding_size=128, num_hidden_layers=3,
+         conv_kernel_size=5, num_groups=4),
+    dict(num_hidden_layers=3, embedding_size=96, vocab_size=1000),
+])
+def test_parity_off_preset(transformers_module, overrides):
+    _compare(transformers_module, ConvBertConfig.from_preset("small", **overrides))
+
+
+def test_export_then_hf_load_gives_same_outputs(transformers_module, tmp_path):
+    torch.manual_seed(1)
+    ours = ConvBertModel(ConvBertConfig.from_preset("medium-small", num_hidden_layers=2)).eval()
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    hf = transformers_module.ConvBertModel.from_pretrained(tmp_path).eval()
+    ids, mask, types = _inputs(30522)
+    with torch.no_grad():
+        a = ours(ids, mask, types).last_hidden_state
+        b = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert (a - b).abs().max().item() <= TOL
+
+
+def test_hf_saved_checkpoint_loads_here(transformers_module, tmp_path):
+    """A folder written by transformers itself (ConvBertForMaskedLM: `convbert.` prefix, head keys) loads."""
+    hf_config = transformers_module.ConvBertConfig(
+        hidden_size=128, num_attention_heads=4, intermediate_size=256, num_hidden_layers=2, embedding_size=64,
+        num_groups=2, vocab_size=500, pad_token_id=0)
+    torch.manual_seed(2)
+    hf = transformers_module.ConvBertForMaskedLM(hf_config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = ConvBertModel.from_pretrained(tmp_path)
+    ids, mask, types = _inputs(500)
+    with torch.no_grad():
+        a = ours(ids, mask, types).last_hidden_state
+        b = hf.convbert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert (a - b).abs().max().item() <= TOL

@@ -1,0 +1,200 @@
+"""The model in isolation: sizes, presets, validation, and the §1.8 points that can be checked one by one."""
+
+import json
+
+import pytest
+import torch
+
+from convbert.errors import ConvBertError
+from convbert.model import (
+    ConvBertConfig,
+    ConvBertForSequenceClassification,
+    ConvBertModel,
+    DiscriminatorHead,
+    GeneratorHead,
+)
+from convbert.model.flops import pretraining_counts
+from convbert.model.layers import GroupedLinear, MixedAttention, SeparableConv1D
+
+
+@pytest.mark.parametrize("size,expected", [("small", 13_143_768), ("medium-small", 17_475_888),
+                                           ("base", 105_680_520)])
+def test_parameter_counts(size, expected):
+    assert ConvBertModel(ConvBertConfig.from_preset(size)).num_parameters() == expected
+
+
+@pytest.mark.parametrize("size,fraction,gen,total", [("small", 0.25, 810_086, 14_019_903),
+                                                     ("medium-small", 0.25, 915_078, 18_539_191)])
+def test_pretraining_counts_match_spec(size, fraction, gen, total):
+    counts = pretraining_counts(ConvBertConfig.from_preset(size), fraction)
+    assert counts["generator_params"] == gen
+    assert counts["pretraining_params"] == total
+
+
+def test_presets_exact_values():
+    ms = ConvBertConfig.from_preset("medium-small")
+    assert (ms.hidden_size, ms.num_attention_heads, ms.intermediate_size, ms.embedding_size, ms.num_groups,
+            ms.head_size, ms.reduced_heads, ms.branch_width) == (384, 8, 1536, 128, 2, 48, 4, 192)
+    base = ConvBertConfig.from_preset("base")
+    assert (base.embedding_size, base.head_size, base.reduced_heads, base.branch_width) == (768, 64, 6, 384)
+    assert ConvBertModel(base).embeddings_project is None  # E == H: no projection
+
+
+@pytest.mark.parametrize("size,fraction,hidden,heads,head_size,nr,concat", [
+    ("small", 0.25, 64, 1, 64, 1, 128),  # single-head fallback: 2H-wide concatenation (§1.6)
+    ("medium-small", 0.25, 96, 2, 48, 1, 96),
+    ("base", 1 / 3, 256, 4, 64, 2, 256),
+])
+def test_generator_config(size, fraction, hidden, heads, head_size, nr, concat):
+    disc = ConvBertConfig.from_preset(size)
+    gen = disc.generator_config(fraction)
+    assert (gen.hidden_size, gen.num_attention_heads, gen.head_size, gen.reduced_heads,
+            gen.attention_output_width, gen.intermediate_size, gen.num_hidden_layers) == (
+        hidden, heads, head_size, nr, concat, 4 * hidden, 12)
+    assert gen.num_groups == disc.num_groups and gen.conv_kernel_size == disc.conv_kernel_size
+    model = ConvBertModel(gen, embeddings=ConvBertModel(disc).embeddings)
+    assert model.encoder.layer[0].attention.output.dense.weight.shape == (hidden, concat)
+    assert model.embeddings_project.weight.shape == (hidden, disc.embedding_size)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(hidden_size=100, num_attention_heads=3), "hidden_size"),
+    (dict(conv_kernel_size=8), "conv_kernel_size"),
+    (dict(num_groups=3), "num_groups"),
+    (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
+    (dict(attention_type="sparse"), "attention_type"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+])
+def test_validation_names_the_field(overrides, field):
+    with pytest.raises(ConvBertError, match=field):
+        ConvBertConfig.from_preset("small", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConvBertError, match="unknown size 'huge'"):
+        ConvBertConfig.from_preset("huge")
+
+
+def test_json_round_trip(tmp_path):
+    config = ConvBertConfig.from_preset("medium-small", conv_kernel_size=7, mask_conv_padding=True)
+    config.to_json_file(tmp_path / "c.json")
+    assert ConvBertConfig.from_json_file(tmp_path / "c.json") == config
+    hf = config.to_hf_dict()
+    assert hf["model_type"] == "convbert" and hf["num_groups"] == 2
+    assert ConvBertConfig.from_hf_dict(json.loads(json.dumps(hf))) == config
+    with pytest.raises(ConvBertError, match="unknown config field"):
+        ConvBertConfig.from_dict({**config.to_dict(), "hiddn_size": 3})
+
+
+def _tiny(**overrides):
+    return ConvBertConfig.from_preset("tiny", vocab_size=200, **overrides)
+
+
+def _padding_effect(mask_conv_padding: bool) -> float:
+    """How much the real tokens' outputs change when the same sequence is followed by more padding."""
+    torch.manual_seed(0)
+    model = ConvBertModel(_tiny(mask_conv_padding=mask_conv_padding)).eval()
+    ids = torch.randint(5, 200, (1, 12))
+    short = model(ids, torch.ones_like(ids)).last_hidden_state
+    padded_ids = torch.cat([ids, torch.zeros(1, 20, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 12, dtype=torch.long), torch.zeros(1, 20, dtype=torch.long)], dim=1)
+    long = model(padded_ids, mask).last_hidden_state[:, :12]
+    return (short - long).abs().max().item()
+
+
+def test_padding_leaks_through_conv_in_faithful_mode_only():
+    assert _padding_effect(mask_conv_padding=False) > 1e-3  # §1.8 point 5, as in the original
+    assert _padding_effect(mask_conv_padding=True) < 1e-5  # the documented divergence removes it
+
+
+def test_concatenation_order_sa_heads_first():
+    torch.manual_seed(0)
+    attn = MixedAttention(_tiny()).eval()
+    x = torch.randn(2, 10, 64)
+    out = attn(x, None, None)
+    A = attn.width
+    # Zeroing the conv-value projection zeroes the conv heads: they must be the last A channels.
+    with torch.no_grad():
+        attn.conv_out_layer.weight.zero_()
+        attn.conv_out_layer.bias.zero_()
+    out2 = attn(x, None, None)
+    assert torch.equal(out[..., :A], out2[..., :A])
+    assert out2[..., A:].abs().max() == 0 and out[..., A:].abs().max() > 0
+
+
+def test_grouped_linear_no_shuffle_between_groups():
+    layer = GroupedLinear(8, 12, groups=2)
+    torch.nn.init.normal_(layer.weight)
+    x = torch.randn(5, 8)
+    y = layer(x)
+    x2 = x.clone()
+    x2[:, :4] += 1.0  # change only group 0's input
+    y2 = layer(x2)
+    assert not torch.allclose(y[:, :6], y2[:, :6])
+    assert torch.equal(y[:, 6:], y2[:, 6:])  # group 1's output unaffected
+    expected = torch.cat([x[:, :4] @ layer.weight[0], x[:, 4:] @ layer.weight[1]], dim=1) + layer.bias
+    assert torch.allclose(y, expected, atol=1e-6)
+
+
+def test_separable_conv_matches_conv1d():
+    conv = SeparableConv1D(6, 4, 5)
+    torch.nn.init.normal_(conv.depthwise.weight)
+    torch.nn.init.normal_(conv.pointwise.weight)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 9, 6)
+    reference = torch.nn.functional.conv1d(x.transpose(1, 2), conv.depthwise.weight, padding=2, groups=6)
+    reference = torch.nn.functional.conv1d(reference, conv.pointwise.weight) + conv.bias
+    assert torch.allclose(conv(x), reference.transpose(1, 2), atol=1e-5)
+
+
+def test_even_kernel_rejected_and_odd_kernels_work():
+    with pytest.raises(ConvBertError, match="odd"):
+        _tiny(conv_kernel_size=4)
+    for k in (1, 3, 7):
+        model = ConvBertModel(_tiny(conv_kernel_size=k)).eval()
+        assert model(torch.randint(0, 200, (1, 6))).last_hidden_state.shape == (1, 6, 64)
+
+
+def test_initialisation_follows_the_original():
+    torch.manual_seed(0)
+    model = ConvBertModel(ConvBertConfig.from_preset("small", num_hidden_layers=1))
+    layer = model.encoder.layer[0].attention.self
+    dw = layer.key_conv_attn_layer.depthwise.weight
+    assert dw.abs().max() <= 2 / 9 + 1e-6 and dw.std() > 0.05  # truncated normal, std 1/K
+    q = layer.query.weight
+    assert q.abs().max() <= 0.04 + 1e-6  # truncated at two std of 0.02
+    assert layer.query.bias.abs().max() == 0
+    emb = model.embeddings.word_embeddings.weight
+    assert emb.abs().max() <= 0.04 + 1e-6 and emb[0].abs().max() > 0  # [PAD] row is an ordinary row
+    proj = model.embeddings_project.weight  # Glorot uniform: bound sqrt(6 / (fan_in + fan_out))
+    assert proj.abs().max() <= (6 / (128 + 256)) ** 0.5 and proj.abs().max() > 0.04
+
+
+def test_hidden_states_and_heads_shapes():
+    config = _tiny()
+    model = ConvBertModel(config).eval()
+    ids = torch.randint(0, 200, (2, 16))
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.last_hidden_state.shape == (2, 16, 64)
+    gen_config = config.generator_config(0.25)
+    gen_head = GeneratorHead(gen_config, config.embedding_size)
+    logits = gen_head(torch.randn(2, 5, gen_config.hidden_size), model.embeddings.word_embeddings.weight)
+    assert logits.shape == (2, 5, 200)
+    assert DiscriminatorHead(config)(out.last_hidden_state).shape == (2, 16)
+    clf = ConvBertForSequenceClassification(config, 3).eval()
+    assert clf(ids).shape == (2, 3)
+
+
+def test_plain_attention_baseline_has_no_conv():
+    model = ConvBertModel(_tiny(attention_type="plain"))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("conv" in n for n in names)
+    assert model.encoder.layer[0].attention.output.dense.weight.shape == (64, 64)
+
+
+def test_classifier_save_load_round_trip(tmp_path):
+    model = ConvBertForSequenceClassification(_tiny(), 2).eval()
+    model.save_pretrained(tmp_path)
+    again = ConvBertForSequenceClassification.from_pretrained(tmp_path)
+    ids = torch.randint(0, 200, (2, 8))
+    assert torch.equal(model(ids), again(ids))
