@@ -1,0 +1,108 @@
+"""The ELECTRA pre-training model: sharing, losses, labels, sampling (spec §3.3–3.6)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convbert.model.config import ConvBertConfig
+from convbert.pretrain.masking import mask_batch
+from convbert.pretrain.model import ElectraPretrainingModel, gather_positions, gumbel_sample
+
+CLS, SEP, MASK = 2, 3, 4
+
+
+def tiny(**kw):
+    return ConvBertConfig.from_preset("tiny", vocab_size=200, **kw)
+
+
+def batch(B=4, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 200, (B, T), generator=g)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 20:] = 0
+    ids[1, 20:] = 0
+    return mask_batch(ids, mask, torch.zeros_like(ids), cls_id=CLS, sep_id=SEP, mask_id=MASK,
+                      generator=torch.Generator().manual_seed(seed + 1))
+
+
+def test_generator_shares_embeddings_not_projection():
+    torch.manual_seed(0)
+    m = ElectraPretrainingModel(tiny(), 0.25)
+    d, g = m.discriminator, m.generator
+    assert g.embeddings is d.embeddings
+    assert g.config.hidden_size == 16 and d.config.hidden_size == 64
+    assert g.embeddings_project is not None and g.embeddings_project is not d.embeddings_project
+    aliases = m.shared_parameter_aliases()
+    assert set(aliases) == {f"generator.embeddings.{n}" for n, _ in d.embeddings.state_dict().items()}
+    # trainable parameters are counted once
+    names = [n for n, _ in m.named_parameters()]
+    assert not any(n.startswith("generator.embeddings.") for n in names)
+
+
+def test_losses_labels_and_gradients():
+    torch.manual_seed(0)
+    m = ElectraPretrainingModel(tiny(), 0.25)
+    mb = batch()
+    out = m(mb, sample_generator=torch.Generator().manual_seed(3))
+    # generator loss: weighted mean over the batch's slots
+    ce = F.cross_entropy(out.mlm_logits.reshape(-1, 200), mb.target_ids.reshape(-1), reduction="none")
+    w = mb.weights.reshape(-1)
+    assert torch.allclose(out.gen_loss, (ce * w).sum() / (w.sum() + 1e-6))
+    # labels: 1 exactly where the scatter changed the original token
+    fake = mb.original_ids.clone()
+    for b in range(mb.positions.shape[0]):
+        for p in set(mb.positions[b].tolist()) - {0}:
+            idx = (mb.positions[b] == p).nonzero().flatten()
+            fake[b, p] = out.sampled_ids[b, idx].sum() // len(idx)
+    assert torch.equal(out.disc_labels, (fake != mb.original_ids).long())
+    bce = F.binary_cross_entropy_with_logits(out.disc_logits, out.disc_labels.float(), reduction="none")
+    mk = mb.input_mask.float()
+    assert torch.allclose(out.disc_loss, (bce * mk).sum() / (mk.sum() + 1e-6))
+    assert torch.allclose(out.loss, out.gen_loss + 50.0 * out.disc_loss)
+    assert out.mlm_logits.dtype == torch.float32 and out.disc_logits.dtype == torch.float32
+    out.loss.backward()
+    # the shared word table receives gradient; the generator gets none through the sampler
+    assert m.discriminator.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    gen_only = ElectraPretrainingModel(tiny(), 0.25)
+    gen_only.load_state_dict(m.state_dict())
+    o2 = gen_only(mb, sample_generator=torch.Generator().manual_seed(3))
+    o2.disc_loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in gen_only.generator.encoder.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in gen_only.generator_head.parameters())
+
+
+def test_gumbel_sample_matches_softmax():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]]).expand(40000, 4)
+    s = gumbel_sample(logits, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(s, minlength=4).float() / s.numel()
+    assert torch.allclose(freq, F.softmax(logits[0], -1), atol=0.01)
+
+
+def test_gather_positions():
+    h = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    pos = torch.tensor([[0, 4], [2, 2]])
+    g = gather_positions(h, pos)
+    assert torch.equal(g[0, 1], h[0, 4]) and torch.equal(g[1, 0], h[1, 2])
+
+
+def test_mlm_objective_and_plain_attention():
+    torch.manual_seed(0)
+    m = ElectraPretrainingModel(tiny(), objective="mlm")
+    assert m.generator is None and m.discriminator_head is None
+    out = m(batch())
+    assert out.disc_logits is None and torch.allclose(out.loss, out.gen_loss)
+    assert math.isfinite(out.loss.item())
+    p = ElectraPretrainingModel(tiny(attention_type="plain"), 0.25)
+    assert math.isfinite(p(batch()).loss.item())
+
+
+def test_bf16_autocast_keeps_sampling_and_losses_fp32():
+    torch.manual_seed(0)
+    m = ElectraPretrainingModel(tiny(), 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(batch())
+    assert out.loss.dtype == torch.float32 and out.mlm_logits.dtype == torch.float32
+    assert math.isfinite(out.loss.item())
