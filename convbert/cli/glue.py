@@ -1,7 +1,229 @@
-"""Subcommands of this area (filled in by its issue)."""
+"""Fine-tuning subcommands: `glue`, `finetune`, `predict`, `glue-download` (spec §5; docs/finetuning.md)."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from convbert.errors import ConvBertError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    g = p.add_argument_group("recipe (defaults: the original ConvBERT/ELECTRA fine-tuning recipe)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default by size: base 1e-4, small/medium-small 3e-4)")
+    g.add_argument("--layer-decay", type=float, default=0.8,
+                   help="layer-wise lr decay (default 0.8: top layer ×0.8², embeddings ×0.8^(L+2)); 1 = off")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (default 0.01)")
+    g.add_argument("--warmup-proportion", type=float, default=0.1, help="linear warmup fraction (default 0.1)")
+    g.add_argument("--epochs", type=float, default=None, help=epochs_help)
+    g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="evaluation/prediction batch size (default 32)")
+    g.add_argument("--max-seq-length", type=int, default=128, help="tokens per example (default 128)")
+    g.add_argument("--max-train-examples", type=int, default=None,
+                   help="use only the first N training examples (quick runs)")
+    g.add_argument("--loss-reduction", choices=("sum", "mean"), default="sum",
+                   help="per-example losses summed over the batch (original, default) or averaged")
+    g.add_argument("--dynamic-padding", action="store_true",
+                   help="pad each batch to its longest example instead of --max-seq-length (faster; not faithful: "
+                        "the convolution branch sees padding)")
+    g.add_argument("--no-double-unordered", action="store_true",
+                   help="do not double MRPC/STS-B (or --symmetric own-task) training sets with swapped sentences")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _cfg(args, double_default=True):
+    from convbert.finetune.trainer import FinetuneConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        warmup_proportion=args.warmup_proportion,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        max_seq_length=args.max_seq_length,
+        epochs=args.epochs,
+        double_unordered=double_default and not args.no_double_unordered,
+        loss_reduction=args.loss_reduction,
+        pad_to_max=not args.dynamic_padding,
+        max_train_examples=args.max_train_examples,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _parse_seeds(text: str) -> list[int]:
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ConvBertError(f"--seeds must be at least 1, got {n}")
+            seeds = list(range(1, n + 1))
+    except ValueError:
+        raise ConvBertError(f"--seeds must be a count N (seeds 1..N) or a comma list of seeds, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConvBertError(f"--seeds lists a seed twice: {text}")
+    return seeds
+
+
+def cmd_glue(args) -> int:
+    from convbert.finetune.runner import GlueOptions, run_glue
+    from convbert.finetune.tasks import parse_task_list
+
+    opts = GlueOptions(
+        model_dir=Path(args.model),
+        glue_dir=Path(args.glue_dir),
+        output=Path(args.output),
+        tasks=parse_task_list(args.tasks),
+        seeds=_parse_seeds(args.seeds),
+        cfg=_cfg(args),
+        predict=args.predict,
+        fill_missing=args.fill_missing,
+        wnli_majority=args.wnli != "model",
+        submission_seed=args.submission_seed,
+        save_models=args.save_models,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    run_glue(opts)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from convbert.finetune.owntask import finetune_own_task
+
+    cols = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+    if not 1 <= len(cols) <= 2:
+        raise ConvBertError(f"--text-columns takes one or two column names (a or a,b), got {args.text_columns!r}")
+    finetune_own_task(
+        model_dir=Path(args.model),
+        train_file=Path(args.train),
+        dev_file=Path(args.dev) if args.dev else None,
+        text_columns=cols,
+        label_column=args.label_column,
+        regression=args.regression,
+        output=Path(args.output),
+        cfg=_cfg(args, double_default=args.symmetric),
+        seed=args.seed,
+        file_format=args.format,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from convbert.finetune.owntask import predict_file
+
+    predict_file(
+        model_dir=Path(args.model),
+        input_file=Path(args.input),
+        output_file=Path(args.output),
+        batch_size=args.batch_size,
+        file_format=args.format,
+        text_columns=[c.strip() for c in args.text_columns.split(",")] if args.text_columns else None,
+    )
+    return 0
+
+
+def cmd_glue_download(args) -> int:
+    from convbert.finetune.glue_download import download_glue
+    from convbert.finetune.tasks import parse_task_list
+
+    download_glue(
+        Path(args.output),
+        tasks=parse_task_list(args.tasks),
+        layout=args.layout,
+        base_url=args.base_url,
+        mrpc_base_url=args.mrpc_base_url,
+    )
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `convbert` parser."""
+    from convbert.finetune.glue_download import GLUE_BASE_URL, MRPC_BASE_URL
+
+    p = sub.add_parser(
+        "glue",
+        help="fine-tune and evaluate on GLUE (several seeds), write a results table and optionally a submission",
+        description="Fine-tune a ConvBERT encoder on GLUE tasks with the original recipe, over several seeds. Writes "
+                    "OUTPUT/runs/<task>-seed<k>.json per run, OUTPUT/results.md (median, mean, std per task and "
+                    "metric; paper and leaderboard averages) and, with --predict, OUTPUT/submission.zip. Re-running "
+                    "skips finished runs.",
+    )
+    p.add_argument("--model", required=True, help="HF-layout ConvBERT folder with its vocab.txt")
+    p.add_argument("--glue-dir", required=True,
+                   help="GLUE data: the download_glue_data.py layout (CoLA, SST-2, ...) or ConvBERT's (cola, sst, ...)")
+    p.add_argument("--tasks", default="all",
+                   help="'all' or a comma list of cola, sst, mrpc, sts, qqp, mnli, qnli, rte, wnli, ax (default all)")
+    p.add_argument("--seeds", default="1", help="number of seeds N (seeds 1..N), or a comma list (default 1)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--predict", action="store_true", help="also predict the test sets and build submission.zip")
+    p.add_argument("--fill-missing", action="store_true",
+                   help="with --predict: fill tasks that were not run with a constant (and say so)")
+    p.add_argument("--wnli", choices=("majority", "model"), default="majority",
+                   help="WNLI submission: the training majority class (default, as BERT/ELECTRA) or the model")
+    p.add_argument("--submission-seed", default="best",
+                   help="which seed's test predictions to submit: 'best' on dev (default) or a seed number")
+    p.add_argument("--save-models", action="store_true", help="keep each run's fine-tuned model under runs/")
+    p.add_argument("--overwrite", action="store_true", help="redo runs that are already finished in OUTPUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per run instead)")
+    _add_recipe_args(p, "epochs per task (default: 3; 10 for RTE and STS-B)")
+    p.set_defaults(func=cmd_glue)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune on your own CSV/TSV/JSONL classification or regression task",
+        description="Fine-tune on your own data (CSV, TSV or JSONL with a header/keys). Saves the model, its "
+                    "vocab.txt and the task description to OUTPUT so that `convbert predict` can use it.",
+    )
+    p.add_argument("--model", required=True, help="HF-layout ConvBERT folder with its vocab.txt")
+    p.add_argument("--train", required=True, help="training file (.csv, .tsv or .jsonl)")
+    p.add_argument("--dev", default=None, help="dev file in the same format (evaluated after training)")
+    p.add_argument("--text-columns", required=True, help="one or two text columns: a or a,b")
+    p.add_argument("--label-column", required=True, help="the label column")
+    p.add_argument("--regression", action="store_true", help="numeric labels, one output, squared error")
+    p.add_argument("--symmetric", action="store_true",
+                   help="sentence-pair task where order does not matter: double training with swapped sentences")
+    p.add_argument("--output", default="finetuned", help="output model folder (default ./finetuned)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="file format (default: extension)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_recipe_args(p, "epochs (default 3)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "predict",
+        help="label a CSV/TSV/JSONL file with a model from `convbert finetune`",
+        description="Predict with a fine-tuned model folder. Writes the input's row number, the predicted label and "
+                    "one probability per label (regression: the score) as CSV, TSV or JSONL (by extension).",
+    )
+    p.add_argument("--model", required=True, help="a folder written by `convbert finetune`")
+    p.add_argument("--input", required=True, help="input file with the model's text columns")
+    p.add_argument("--output", required=True, help="output file (.csv, .tsv or .jsonl)")
+    p.add_argument("--text-columns", default=None, help="override the text column names recorded in the model")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="input format (default: extension)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "glue-download",
+        help="download GLUE and lay it out for `convbert glue`",
+        description=f"Download the GLUE archives ({GLUE_BASE_URL}<Task>.zip; MRPC from {MRPC_BASE_URL}) and unpack "
+                    "them safely into OUTPUT in the standard layout (CoLA/, SST-2/, ..., diagnostic/) or ConvBERT's.",
+    )
+    p.add_argument("--output", required=True, help="folder to create the GLUE task folders in")
+    p.add_argument("--tasks", default="all", help="'all' or a comma list (default all)")
+    p.add_argument("--layout", choices=("glue", "convbert"), default="glue",
+                   help="standard download_glue_data.py names (default) or ConvBERT's renamed ones")
+    p.add_argument("--base-url", default=GLUE_BASE_URL, help=f"base URL of the GLUE zips (default {GLUE_BASE_URL})")
+    p.add_argument("--mrpc-base-url", default=MRPC_BASE_URL, help=f"base URL of the MRPC files (default {MRPC_BASE_URL})")
+    p.set_defaults(func=cmd_glue_download)

@@ -1,0 +1,318 @@
+"""Own tasks: `convbert finetune` on CSV/TSV/JSONL and `convbert predict` with the result.
+
+Input files have a header row (CSV, TSV) or one JSON object per line (JSONL). CSV uses standard quoting; TSV is
+read with quoting disabled, like GLUE. Classification labels are the distinct training-set label strings, sorted;
+regression labels must be numbers. The output folder holds the model (HF-layout encoder + head), its vocab.txt and
+`finetune_task.json` (columns, labels, sequence length), which `convbert predict` reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from convbert.errors import ConvBertError
+from convbert.finetune import metrics as M
+from convbert.finetune.features import featurize
+from convbert.finetune.trainer import (
+    FinetuneConfig,
+    check_vocab_matches,
+    default_lr,
+    load_tokenizer,
+    predict_logits,
+    set_seed,
+    softmax,
+    train,
+    train_steps_for,
+)
+from convbert.utils import atomic_path, write_json_atomic
+
+TASK_FILE = "finetune_task.json"
+csv.field_size_limit(1 << 30)
+
+
+def detect_format(path: Path, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    suf = path.suffix.lower()
+    if suf == ".csv":
+        return "csv"
+    if suf in (".tsv", ".tab"):
+        return "tsv"
+    if suf in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    raise ConvBertError(f"{path}: cannot tell the format from the extension (use .csv, .tsv, .jsonl or --format)")
+
+
+def read_table(path: Path, fmt: str | None = None) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(column names, [(line number, row dict)]) of a CSV/TSV with a header or a JSONL file."""
+    fmt = detect_format(path, fmt)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ConvBertError(f"{path}: file not found")
+    except UnicodeDecodeError as err:
+        raise ConvBertError(f"{path}: not valid UTF-8 (byte {err.start})")
+    except OSError as err:
+        raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
+    rows: list[tuple[int, dict]] = []
+    if fmt == "jsonl":
+        cols: list[str] = []
+        for ln, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConvBertError(f"{path}:{ln}: not valid JSON ({err.msg})")
+            if not isinstance(obj, dict):
+                raise ConvBertError(f"{path}:{ln}: expected a JSON object per line")
+            for k in obj:
+                if k not in cols:
+                    cols.append(k)
+            rows.append((ln, obj))
+        return cols, rows
+    if fmt == "csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ConvBertError(f"{path}: empty file (expected a header row)")
+        header = [h.strip() for h in header]
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ConvBertError(
+                    f"{path}:{reader.line_num}: expected {len(header)} fields like the header, found {len(row)}"
+                )
+            rows.append((reader.line_num, dict(zip(header, row))))
+    except csv.Error as err:
+        raise ConvBertError(f"{path}:{reader.line_num}: cannot parse ({err})")
+    return header, rows
+
+
+def _column_values(path: Path, cols: list[str], rows, name: str, what: str, allow_missing=False) -> list | None:
+    if name not in cols:
+        if allow_missing:
+            return None
+        raise ConvBertError(f"{path}: no {what} column {name!r} (columns: {', '.join(cols) or 'none'})")
+    out = []
+    for ln, row in rows:
+        if name not in row or row[name] is None:
+            raise ConvBertError(f"{path}:{ln}: field {name!r} is missing")
+        v = row[name]
+        out.append(v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (list, dict)) else _scalar(v)))
+    return out
+
+
+def _scalar(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _labels(path: Path, rows, raw: list[str], name: str, regression: bool, label_list=None):
+    if regression:
+        out = []
+        for (ln, _), v in zip(rows, raw):
+            try:
+                f = float(v)
+            except ValueError:
+                raise ConvBertError(f"{path}:{ln}: field {name!r}: {v!r} is not a number (--regression)")
+            if not math.isfinite(f):
+                raise ConvBertError(f"{path}:{ln}: field {name!r}: {v!r} is not a finite number")
+            out.append(f)
+        return out
+    vals = [v.strip() for v in raw]
+    if label_list is not None:
+        known = set(label_list)
+        for (ln, _), v in zip(rows, vals):
+            if v not in known:
+                raise ConvBertError(
+                    f"{path}:{ln}: field {name!r}: label {v!r} does not occur in the training file "
+                    f"(labels: {', '.join(label_list)})"
+                )
+    return vals
+
+
+def _texts(path, cols, rows, text_columns):
+    a = _column_values(path, cols, rows, text_columns[0], "text")
+    b = _column_values(path, cols, rows, text_columns[1], "text") if len(text_columns) > 1 else None
+    return a, b
+
+
+def finetune_own_task(
+    model_dir: Path,
+    train_file: Path,
+    dev_file: Path | None,
+    text_columns: list[str],
+    label_column: str,
+    regression: bool,
+    output: Path,
+    cfg: FinetuneConfig,
+    seed: int = 1,
+    file_format: str | None = None,
+    progress: bool = True,
+) -> dict:
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    cfg.validate()
+    tokenizer = load_tokenizer(model_dir)
+    cols, rows = read_table(train_file, file_format)
+    if not rows:
+        raise ConvBertError(f"{train_file}: no data rows")
+    if cfg.max_train_examples is not None:
+        rows = rows[: cfg.max_train_examples]
+    a, b = _texts(train_file, cols, rows, text_columns)
+    y = _labels(train_file, rows, _column_values(train_file, cols, rows, label_column, "label"), label_column,
+                regression)
+    label_list = None if regression else sorted(set(y))
+    if label_list is not None and len(label_list) < 2:
+        raise ConvBertError(f"{train_file}: column {label_column!r} has a single label {label_list[0]!r}; "
+                            "classification needs at least two (or pass --regression)")
+    if cfg.double_unordered and b is not None:
+        a, b, y = a + b, b + a, y + y
+    feats = featurize(a, b, y, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
+
+    set_seed(seed)
+    model = ConvBertForSequenceClassification.from_encoder(model_dir, 1 if regression else len(label_list))
+    check_vocab_matches(model, tokenizer, model_dir)
+    peak_lr = cfg.lr if cfg.lr is not None else default_lr(model.config)
+    epochs = cfg.epochs if cfg.epochs is not None else 3
+    total = train_steps_for(len(feats), cfg.batch_size, epochs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, desc="fine-tuning")
+
+    def on_step(step, loss):
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    try:
+        stats = train(model, feats, cfg, regression, epochs, seed, peak_lr, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = {
+        "train_examples": len(feats),
+        "steps": stats.steps,
+        "peak_lr": peak_lr,
+        "epochs": epochs,
+        "final_loss": stats.final_loss,
+        "seconds": round(stats.seconds, 2),
+    }
+    if dev_file is not None:
+        dcols, drows = read_table(dev_file, file_format)
+        da, db = _texts(dev_file, dcols, drows, text_columns)
+        dy = _labels(dev_file, drows, _column_values(dev_file, dcols, drows, label_column, "label"), label_column,
+                     regression, label_list)
+        dfeats = featurize(da, db, dy, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
+        out = predict_logits(model, dfeats, cfg.eval_batch_size, cfg.pad_to_max)
+        if regression:
+            result["dev"] = M.regression_metrics(out.reshape(-1), np.asarray(dy, dtype=np.float64))
+        else:
+            pred, gold = out.argmax(-1), dfeats.labels
+            dev = {"accuracy": M.accuracy(pred, gold), "mcc": M.matthews(pred, gold)}
+            if len(label_list) == 2:
+                dev["f1"] = M.f1_binary(pred, gold, positive=1)
+            result["dev"] = dev
+        result["dev_examples"] = len(dy)
+        print("dev: " + ", ".join(f"{k} {v:.2f}" for k, v in result["dev"].items()))
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        if (model_dir / name).is_file() and (model_dir / name).resolve() != (output / name).resolve():
+            with atomic_path(output / name) as t:
+                shutil.copyfile(model_dir / name, t)
+    write_json_atomic(
+        output / TASK_FILE,
+        {
+            "text_columns": text_columns,
+            "label_column": label_column,
+            "regression": regression,
+            "labels": label_list,
+            "max_seq_length": cfg.max_seq_length,
+            "pad_to_max": cfg.pad_to_max,
+            "source_model": str(model_dir),
+            "settings": cfg.to_dict(),
+            "result": result,
+        },
+    )
+    print(f"saved the fine-tuned model to {output}")
+    return result
+
+
+def predict_file(
+    model_dir: Path,
+    input_file: Path,
+    output_file: Path,
+    batch_size: int = 32,
+    file_format: str | None = None,
+    text_columns: list[str] | None = None,
+) -> int:
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    task_path = model_dir / TASK_FILE
+    if not task_path.is_file():
+        raise ConvBertError(f"{task_path}: not found (predict needs a folder written by `convbert finetune`)")
+    try:
+        task = json.loads(task_path.read_text(encoding="utf-8"))
+        cols_needed = text_columns or list(task["text_columns"])
+        regression = bool(task["regression"])
+        labels = task["labels"]
+        max_len = int(task["max_seq_length"])
+        pad_to_max = bool(task.get("pad_to_max", True))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ConvBertError(f"{task_path}: malformed ({err})")
+    if batch_size < 1:
+        raise ConvBertError(f"--batch-size must be at least 1, got {batch_size}")
+    out_fmt = detect_format(output_file, None)
+    tokenizer = load_tokenizer(model_dir)
+    model = ConvBertForSequenceClassification.from_pretrained(model_dir)
+    cols, rows = read_table(input_file, file_format)
+    a, b = _texts(input_file, cols, rows, cols_needed)
+    feats = featurize(a, b, [None] * len(a), tokenizer, max_len, labels, regression_scale=1.0)
+    out = predict_logits(model, feats, batch_size, pad_to_max)
+    records = []
+    if regression:
+        for i, v in enumerate(out.reshape(-1)):
+            records.append({"index": i, "score": float(v)})
+    else:
+        probs = softmax(out.astype(np.float64))
+        for i, p in enumerate(probs):
+            records.append({"index": i, "label": labels[int(p.argmax())],
+                            "probabilities": {l: float(x) for l, x in zip(labels, p)}})
+    with atomic_path(output_file) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if out_fmt == "jsonl":
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+            else:
+                w = csv.writer(f, delimiter="," if out_fmt == "csv" else "\t", lineterminator="\n")
+                if regression:
+                    w.writerow(["index", "score"])
+                    for r in records:
+                        w.writerow([r["index"], f"{r['score']:.6g}"])
+                else:
+                    w.writerow(["index", "label"] + [f"prob_{l}" for l in labels])
+                    for r in records:
+                        w.writerow([r["index"], r["label"]] + [f"{r['probabilities'][l]:.6f}" for l in labels])
+    print(f"wrote {len(records)} predictions to {output_file}")
+    return len(records)

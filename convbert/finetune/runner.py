@@ -1,0 +1,461 @@
+"""`convbert glue`: every (task, seed) run, per-run JSON, the summary table, both averages and the submission.
+
+Layout under OUTPUT:
+
+* ``runs/<task>-seed<k>.json`` — one finished run (written last and atomically, so its presence means "done");
+* ``runs/<task>-seed<k>/<File>.tsv`` — that run's test predictions in submission format (with ``--predict``);
+* ``results.md`` / ``results.json`` — per task and metric: median, mean, sample std over seeds, and both averages;
+* ``submission/*.tsv`` and ``submission.zip`` (with ``--predict``).
+
+Re-running the same command skips finished runs. A run depends only on (model, data, settings, seed), so an
+interrupted-and-resumed invocation gives the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from convbert.errors import ConvBertError
+from convbert.finetune import metrics as M
+from convbert.finetune.features import featurize_examples
+from convbert.finetune.submission import build_submission, format_predictions, write_prediction_file
+from convbert.finetune.tasks import (
+    GLUE_TASKS,
+    SUBMISSION_FILES,
+    SUBMISSION_SOURCE,
+    TASKS,
+    find_split_file,
+    read_split,
+    require_split_file,
+)
+from convbert.finetune.trainer import (
+    FinetuneConfig,
+    check_vocab_matches,
+    default_lr,
+    load_tokenizer,
+    predict_logits,
+    set_seed,
+    train,
+    train_steps_for,
+)
+from convbert.utils import sha256_file, write_json_atomic, write_text_atomic
+
+DISPLAY = {
+    "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
+    "rte": "RTE", "wnli": "WNLI", "ax": "AX",
+}
+METRIC_LABEL = {
+    "mcc": "MCC", "accuracy": "accuracy", "f1": "F1", "spearman": "Spearman", "pearson": "Pearson",
+    "accuracy_m": "accuracy (m)", "accuracy_mm": "accuracy (mm)", "r3": "R3",
+}
+PAPER_AVG_LABEL = (
+    "Paper average (8 tasks, WNLI excluded; CoLA MCC, STS-B Spearman, MNLI-m accuracy, accuracy for the others)"
+)
+LEADERBOARD_AVG_LABEL = (
+    "GLUE leaderboard-style average (9 tasks incl. WNLI; MRPC/QQP mean of accuracy and F1, STS-B mean of Pearson "
+    "and Spearman, MNLI mean of m and mm; AX not averaged)"
+)
+
+
+@dataclass
+class GlueOptions:
+    model_dir: Path
+    glue_dir: Path
+    output: Path
+    tasks: list[str]
+    seeds: list[int]
+    cfg: FinetuneConfig
+    predict: bool = False
+    fill_missing: bool = False
+    wnli_majority: bool = True
+    submission_seed: str = "best"
+    save_models: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    log: object = field(default=None)
+
+
+def _log(opts: GlueOptions, msg: str) -> None:
+    (opts.log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+
+
+def model_identity(model_dir: Path) -> dict:
+    """Hashes of config.json, the weights and vocab.txt: a run is only reused for the same model."""
+    ident = {}
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt"):
+        p = model_dir / name
+        if p.is_file():
+            ident[name] = sha256_file(p)
+    return ident
+
+
+def run_fingerprint(opts: GlueOptions, task: str, ident: dict) -> dict:
+    cfg = opts.cfg.to_dict()
+    spec = TASKS[task]
+    cfg["epochs"] = cfg["epochs"] if cfg["epochs"] is not None else spec.epochs
+    cfg["double_unordered"] = bool(cfg["double_unordered"] and spec.double_unordered)
+    return {"task": task, "model": ident, "settings": cfg}
+
+
+def _fp_hash(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_paths(output: Path, task: str, seed: int) -> tuple[Path, Path]:
+    return output / "runs" / f"{task}-seed{seed}.json", output / "runs" / f"{task}-seed{seed}"
+
+
+def _train_examples(glue_dir: Path, task: str, cfg: FinetuneConfig):
+    data = read_split(glue_dir, task, "train")
+    ex = data.examples
+    if cfg.max_train_examples is not None:
+        ex = ex[: cfg.max_train_examples]
+    if cfg.double_unordered and TASKS[task].double_unordered:
+        from convbert.finetune.tasks import Example
+
+        ex = ex + [Example(e.eid, e.text_b, e.text_a, e.label) for e in ex]
+    return data, ex
+
+
+def _dev_splits(glue_dir: Path, task: str) -> list[str]:
+    spec = TASKS[task]
+    out = []
+    for name in spec.dev:
+        if find_split_file(glue_dir, task, name) is not None:
+            out.append(name)
+    return out
+
+
+def _eval_metrics(task: str, dev_outputs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    spec = TASKS[task]
+    res: dict[str, float] = {}
+    for split, (out, y) in dev_outputs.items():
+        if spec.is_regression:
+            res.update(M.regression_metrics(out.reshape(-1), y))
+        else:
+            m = M.classification_metrics(task, out.argmax(axis=-1), y)
+            if task == "mnli":
+                res["accuracy_m" if split == "dev_matched" else "accuracy_mm"] = m["accuracy"]
+            else:
+                res.update(m)
+    return res
+
+
+def check_inputs(opts: GlueOptions) -> None:
+    md = opts.model_dir
+    if not (md / "config.json").is_file():
+        raise ConvBertError(f"{md}: no config.json (expected an HF-layout ConvBERT folder with vocab.txt)")
+    if not (md / "vocab.txt").is_file():
+        raise ConvBertError(f"{md}: no vocab.txt (a model folder is HF layout plus its vocab.txt)")
+    if not opts.glue_dir.is_dir():
+        raise ConvBertError(f"{opts.glue_dir}: GLUE folder not found (run `convbert glue-download --output DIR`)")
+    for t in opts.tasks:
+        if t == "ax":
+            continue
+        require_split_file(opts.glue_dir, t, "train")
+        if not _dev_splits(opts.glue_dir, t):
+            require_split_file(opts.glue_dir, t, next(iter(TASKS[t].dev)))
+        if opts.predict:
+            for name in TASKS[t].test:
+                if find_split_file(opts.glue_dir, t, name) is None and not opts.fill_missing:
+                    require_split_file(opts.glue_dir, t, name)
+    if opts.predict and "mnli" in opts.tasks and find_split_file(opts.glue_dir, "ax", "AX") is None:
+        if not opts.fill_missing:
+            raise ConvBertError(
+                f"{opts.glue_dir}: no diagnostic.tsv (AX) in diagnostic/ or mnli/; it is needed for AX.tsv "
+                "(or pass --fill-missing)"
+            )
+
+
+def _finished(json_path: Path) -> dict | None:
+    if not json_path.is_file():
+        return None
+    try:
+        return json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer, fp: dict, bar) -> dict:
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    spec = TASKS[task]
+    cfg = opts.cfg
+    json_path, run_dir = run_paths(opts.output, task, seed)
+    if task not in data_cache:
+        data_cache.clear()  # keep one task's features in memory at a time
+        raw, train_ex = _train_examples(opts.glue_dir, task, cfg)
+        labels = spec.labels
+        entry = {
+            "skipped_train": raw.skipped,
+            "train": featurize_examples(train_ex, tokenizer, cfg.max_seq_length, labels, cfg.regression_scale),
+            "dev": {},
+            "test": {},
+        }
+        for split in _dev_splits(opts.glue_dir, task):
+            d = read_split(opts.glue_dir, task, split)
+            entry["dev"][split] = (d, featurize_examples(d.examples, tokenizer, cfg.max_seq_length, labels,
+                                                         cfg.regression_scale))
+        if opts.predict:
+            tests = dict(spec.test)
+            if task == "mnli":
+                tests["AX"] = TASKS["ax"].test["AX"]
+            for name in tests:
+                t_task = "ax" if name == "AX" else task
+                path = find_split_file(opts.glue_dir, t_task, name)
+                if path is None:
+                    continue
+                d = read_split(None, t_task, name, path=path)
+                entry["test"][name] = (d, featurize_examples(d.examples, tokenizer, cfg.max_seq_length, labels))
+        data_cache[task] = entry
+    entry = data_cache[task]
+    feats = entry["train"]
+    epochs = cfg.epochs if cfg.epochs is not None else spec.epochs
+
+    set_seed(seed)
+    model = ConvBertForSequenceClassification.from_encoder(opts.model_dir, spec.num_labels)
+    check_vocab_matches(model, tokenizer, opts.model_dir)
+    peak_lr = cfg.lr if cfg.lr is not None else default_lr(model.config)
+    t0 = time.time()
+    if bar is not None:
+        bar.set_description(f"{DISPLAY[task]} seed {seed}")
+
+    def on_step(step, loss):
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    stats = train(model, feats, cfg, spec.is_regression, epochs, seed, peak_lr, on_step=on_step)
+    dev_outputs = {}
+    dev_sizes = {}
+    for split, (d, f) in entry["dev"].items():
+        out = predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max)
+        y = np.array([e.label for e in d.examples], dtype=np.float64) if spec.is_regression else f.labels
+        dev_outputs[split] = (out, y)
+        dev_sizes[split] = {"examples": len(d.examples), "skipped_rows": d.skipped}
+    scores = _eval_metrics(task, dev_outputs)
+    if spec.is_regression:
+        # Metrics on the original 0-5 scale: predictions ×5 (correlations are scale-free; MSE is not).
+        d_out, y = next(iter(dev_outputs.values()))
+        scores["mse"] = float(np.mean((d_out.reshape(-1) * cfg.regression_scale - y) ** 2))
+    predictions = {}
+    if opts.predict:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, (d, f) in entry["test"].items():
+            out = predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max)
+            vals = format_predictions("ax" if name == "AX" else task, out, cfg.regression_scale)
+            p = run_dir / f"{name}.tsv"
+            write_prediction_file(p, [e.index for e in d.examples], vals)
+            predictions[name] = str(p.relative_to(opts.output))
+    if opts.save_models:
+        model.save_pretrained(run_dir / "model")
+    record = {
+        "task": task,
+        "seed": seed,
+        "fingerprint": _fp_hash(fp),
+        "settings": fp["settings"],
+        "metrics": scores,
+        "paper_metric": M.PAPER_METRIC.get(task),
+        "train": {
+            "examples": stats.n_train,
+            "skipped_rows": entry["skipped_train"],
+            "steps": stats.steps,
+            "warmup_steps": stats.warmup_steps,
+            "epochs": epochs,
+            "peak_lr": peak_lr,
+            "final_loss": stats.final_loss,
+            "loss_history": stats.loss_history,
+            "seconds": round(stats.seconds, 2),
+        },
+        "dev": dev_sizes,
+        "predictions": predictions,
+        "seconds": round(time.time() - t0, 2),
+    }
+    write_json_atomic(json_path, record)
+    return record
+
+
+def summarize(records: list[dict]) -> dict:
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    table = {}
+    for task in [t for t in GLUE_TASKS if t in by_task]:
+        rs = sorted(by_task[task], key=lambda r: r["seed"])
+        names = list(M.TASK_METRICS[task])
+        if task == "cola":
+            names.append("accuracy")
+        row = {}
+        for name in names:
+            vals = [r["metrics"][name] for r in rs if name in r["metrics"]]
+            if not vals:
+                continue
+            arr = np.asarray(vals, dtype=np.float64)
+            row[name] = {
+                "median": float(np.median(arr)),
+                "mean": float(arr.mean()),
+                "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+                "n": len(arr),
+                "values": [float(v) for v in arr],
+            }
+        table[task] = {"seeds": [r["seed"] for r in rs], "metrics": row}
+    medians = {t: {m: v["median"] for m, v in d["metrics"].items()} for t, d in table.items()}
+    means = {t: {m: v["mean"] for m, v in d["metrics"].items()} for t, d in table.items()}
+    return {
+        "tasks": table,
+        "paper_average": {"of_medians": M.paper_average(medians), "of_means": M.paper_average(means),
+                          "missing": M.missing_for(medians, M.PAPER_TASKS), "label": PAPER_AVG_LABEL},
+        "leaderboard_average": {"of_medians": M.leaderboard_average(medians),
+                                "of_means": M.leaderboard_average(means),
+                                "missing": M.missing_for(medians, M.LEADERBOARD_TASKS),
+                                "label": LEADERBOARD_AVG_LABEL},
+    }
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def render_markdown(summary: dict, header: str = "") -> str:
+    lines = ["# GLUE dev results", ""]
+    if header:
+        lines += [header, ""]
+    lines += ["Scores ×100. Std is the sample standard deviation over seeds (0 with one seed).", ""]
+    lines += ["| Task | Metric | Median | Mean | Std | Seeds |", "| --- | --- | --- | --- | --- | --- |"]
+    for task, d in summary["tasks"].items():
+        for m, v in d["metrics"].items():
+            lines.append(
+                f"| {DISPLAY[task]} | {METRIC_LABEL.get(m, m)} | {_fmt(v['median'])} | {_fmt(v['mean'])} | "
+                f"{_fmt(v['std'])} | {v['n']} |"
+            )
+    lines.append("")
+    for key in ("paper_average", "leaderboard_average"):
+        a = summary[key]
+        if a["of_medians"] is None:
+            lines.append(f"- {a['label']}: n/a (missing: {', '.join(DISPLAY[t] for t in a['missing'])})")
+        else:
+            lines.append(f"- {a['label']}: {_fmt(a['of_medians'])} (of medians), {_fmt(a['of_means'])} (of means)")
+    return "\n".join(lines) + "\n"
+
+
+def run_glue(opts: GlueOptions) -> dict:
+    cfg = opts.cfg
+    cfg.validate()
+    if not opts.seeds:
+        raise ConvBertError("--seeds must be at least 1")
+    tasks = list(opts.tasks)
+    if "ax" in tasks and "mnli" not in tasks:
+        _log(opts, "AX has no training data: it is predicted by the MNLI model, so mnli is run too")
+        tasks.insert(tasks.index("ax"), "mnli")
+    opts.tasks = tasks
+    check_inputs(opts)
+    train_tasks = [t for t in tasks if t != "ax"]
+    tokenizer = load_tokenizer(opts.model_dir)
+    ident = model_identity(opts.model_dir)
+    opts.output.mkdir(parents=True, exist_ok=True)
+
+    # Plan: which (task, seed) runs are finished, which are pending.
+    pending, done = [], []
+    fps = {t: run_fingerprint(opts, t, ident) for t in train_tasks}
+    for t in train_tasks:
+        for s in opts.seeds:
+            json_path, _ = run_paths(opts.output, t, s)
+            rec = _finished(json_path)
+            if rec is not None and not opts.overwrite:
+                if rec.get("fingerprint") != _fp_hash(fps[t]):
+                    raise ConvBertError(
+                        f"{json_path}: finished with different settings or another model; use a new --output or "
+                        "--overwrite to redo it"
+                    )
+                need = set(TASKS[t].test) if opts.predict else set()
+                if opts.predict and t == "mnli" and find_split_file(opts.glue_dir, "ax", "AX") is not None:
+                    need.add("AX")
+                if need - set(rec.get("predictions", {})):
+                    pending.append((t, s))  # finished without test predictions: redo (same result, + predictions)
+                else:
+                    done.append(rec)
+                continue
+            pending.append((t, s))
+    if done:
+        _log(opts, f"resuming: {len(done)} finished run(s) kept, {len(pending)} to do")
+
+    # Total optimisation steps of the pending runs, for one progress bar with an ETA.
+    total_steps = 0
+    for t in dict.fromkeys(t for t, _ in pending):
+        _, ex = _train_examples(opts.glue_dir, t, cfg)
+        epochs = cfg.epochs if cfg.epochs is not None else TASKS[t].epochs
+        total_steps += train_steps_for(len(ex), cfg.batch_size, epochs) * sum(1 for tt, _ in pending if tt == t)
+    bar = None
+    if pending and opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+    records = list(done)
+    cache: dict = {}
+    try:
+        for k, (t, s) in enumerate(pending):
+            if bar is None:
+                _log(opts, f"[{k + 1}/{len(pending)}] {DISPLAY[t]} seed {s}")
+            rec = run_one(opts, t, s, cache, tokenizer, fps[t], bar)
+            records.append(rec)
+            msg = f"{DISPLAY[t]} seed {s}: " + ", ".join(
+                f"{METRIC_LABEL.get(m, m)} {v:.2f}" for m, v in rec["metrics"].items() if m != "mse"
+            )
+            (bar.write(msg, file=sys.stderr) if bar is not None else _log(opts, msg))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # Summary over every finished run in OUTPUT for the requested seeds (tasks may be run in separate invocations).
+    all_records = []
+    for t in GLUE_TASKS:
+        for s in opts.seeds:
+            rec = _finished(run_paths(opts.output, t, s)[0])
+            if rec is not None:
+                all_records.append(rec)
+    summary = summarize(all_records)
+    header = f"Model: `{opts.model_dir}`; seeds: {', '.join(map(str, opts.seeds))}."
+    md = render_markdown(summary, header)
+    write_text_atomic(opts.output / "results.md", md)
+    write_json_atomic(opts.output / "results.json", summary)
+    print(md, end="")
+
+    if opts.predict:
+        sources: dict[str, Path | None] = {}
+        for name in SUBMISSION_FILES:
+            task = SUBMISSION_SOURCE[name]
+            cands = [r for r in all_records if r["task"] == task and name in r.get("predictions", {})]
+            chosen = choose_run(cands, opts.submission_seed, task)
+            sources[name] = (opts.output / chosen["predictions"][name]) if chosen else None
+        zpath = build_submission(opts.output, sources, opts.glue_dir, opts.fill_missing, opts.wnli_majority,
+                                 log=lambda m: _log(opts, m))
+        print(f"submission: {opts.output / 'submission'}/ and {zpath}")
+        summary["submission"] = str(zpath)
+    return summary
+
+
+def choose_run(cands: list[dict], how: str, task: str) -> dict | None:
+    """The run whose predictions are submitted: 'best' dev paper metric (ties: lowest seed) or a given seed."""
+    if not cands:
+        return None
+    if how == "best":
+        key = M.PAPER_METRIC[task]
+        return sorted(cands, key=lambda r: (-r["metrics"].get(key, float("-inf")), r["seed"]))[0]
+    try:
+        seed = int(how)
+    except ValueError:
+        raise ConvBertError(f"--submission-seed must be 'best' or a seed number, got {how!r}")
+    for r in cands:
+        if r["seed"] == seed:
+            return r
+    raise ConvBertError(f"--submission-seed {seed}: no finished {task} run with that seed")

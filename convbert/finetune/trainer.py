@@ -1,0 +1,236 @@
+"""The fine-tuning loop with the original recipe (spec §5.1–§5.3).
+
+Defaults, each switchable through `FinetuneConfig`:
+
+* head: dropout + one Glorot linear on [CLS] (`ConvBertForSequenceClassification`); regression = 1 output, squared
+  error against label/5;
+* per-example losses **summed** over the batch (`loss_reduction="sum"`), global-norm clip 1.0;
+* `AdamWeightDecay` (no bias correction, eps 1e-6, weight decay 0.01 except LayerNorm/bias), peak lr per size (small
+  and medium-small 3e-4, base 1e-4), layer-wise decay 0.8 with the original multipliers (top layer 0.8², head 1),
+  10 % linear warmup, linear decay to 0 from step 0 (so the first update has lr 0, as in the original);
+* batch 32, length 128 with fixed padding, 3 epochs (10 for RTE and STS-B), MRPC/STS-B doubled with swapped sides.
+
+Train steps = ceil(n_train / batch) × epochs: the original pads the training set to a multiple of the batch size
+with zero-loss dummies; with a summed loss a short last batch is the same thing. Examples are reshuffled every
+epoch with a generator seeded by the run's seed (the original shuffles once in Python, unseeded, then uses a
+100-example shuffle buffer), so a run is a pure function of (model, data, settings, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convbert.errors import ConvBertError
+from convbert.finetune.features import Features
+from convbert.optim import AdamWeightDecay, layerwise_lr_scale, linear_warmup_decay, param_groups
+
+SIZE_LR = {"small": 3e-4, "medium-small": 3e-4, "base": 1e-4}
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float | None = None  # None: by model size (base 1e-4, smaller 3e-4)
+    layer_decay: float = 0.8  # 1.0 switches layer-wise decay off
+    weight_decay: float = 0.01
+    warmup_proportion: float = 0.1
+    batch_size: int = 32
+    eval_batch_size: int = 32
+    max_seq_length: int = 128
+    epochs: float | None = None  # None: the task's default (3; RTE and STS-B 10)
+    double_unordered: bool = True
+    loss_reduction: str = "sum"  # "sum" (original) or "mean"
+    clip_norm: float = 1.0
+    pad_to_max: bool = True  # fixed padding to max_seq_length (faithful: the conv branch sees padding)
+    max_train_examples: int | None = None
+    regression_scale: float = 5.0
+
+    def validate(self) -> None:
+        def need(ok, what):
+            if not ok:
+                raise ConvBertError(what)
+
+        need(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        need(4 <= self.max_seq_length, f"--max-seq-length must be at least 4, got {self.max_seq_length}")
+        need(self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        need(0 <= self.warmup_proportion < 1, f"--warmup-proportion must be in [0, 1), got {self.warmup_proportion}")
+        need(self.loss_reduction in ("sum", "mean"), f"loss reduction must be sum or mean, got {self.loss_reduction}")
+        need(
+            self.max_train_examples is None or self.max_train_examples >= 1,
+            f"--max-train-examples must be at least 1, got {self.max_train_examples}",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_lr(config) -> float:
+    """Peak lr by size (spec §5.2): base (H ≥ 768) 1e-4, small/medium-small (and smaller) 3e-4."""
+    return SIZE_LR["base"] if config.hidden_size >= 768 else SIZE_LR["small"]
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The model folder's `vocab.txt`; lower-casing from an HF `tokenizer_config.json` when present (else on)."""
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    model_dir = Path(model_dir)
+    vocab = model_dir / "vocab.txt"
+    if not vocab.is_file():
+        raise ConvBertError(f"{model_dir}: no vocab.txt (a model folder is HF layout plus the vocab.txt it was built with)")
+    lower = True
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            lower = bool(json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True))
+        except (json.JSONDecodeError, AttributeError):
+            raise ConvBertError(f"{tc}: not valid JSON")
+    return WordPieceTokenizer.from_vocab(vocab, lower_case=lower, strip_accents=lower)
+
+
+def check_vocab_matches(model, tokenizer, model_dir) -> None:
+    vs = model.config.vocab_size
+    if tokenizer.vocab_size > vs:
+        raise ConvBertError(
+            f"{model_dir}/vocab.txt has {tokenizer.vocab_size} tokens but config.json says vocab_size {vs}"
+        )
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    warmup_steps: int
+    epochs: float
+    n_train: int
+    peak_lr: float
+    final_loss: float  # mean per-example loss over the last (up to) 100 steps
+    seconds: float
+    loss_history: list[float] = field(default_factory=list)  # per-example loss, every `log_every` steps
+
+
+def train_steps_for(n_train: int, batch_size: int, epochs: float) -> int:
+    return max(1, int(math.ceil(n_train / batch_size) * epochs))
+
+
+def build_optimizer(model, cfg: FinetuneConfig, peak_lr: float) -> AdamWeightDecay:
+    L = model.config.num_hidden_layers
+    scale_fn = None
+    if cfg.layer_decay < 1.0:
+        scale_fn = lambda name: layerwise_lr_scale(name, L, cfg.layer_decay)  # noqa: E731
+    groups = param_groups(model, cfg.weight_decay, scale_fn)
+    return AdamWeightDecay(groups, lr=peak_lr, weight_decay=cfg.weight_decay)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool, reduction: str) -> torch.Tensor:
+    if regression:
+        per = (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
+    else:
+        per = F.cross_entropy(logits, labels, reduction="none")
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+def train(
+    model,
+    feats: Features,
+    cfg: FinetuneConfig,
+    regression: bool,
+    epochs: float,
+    seed: int,
+    peak_lr: float,
+    on_step: Callable[[int, float], None] | None = None,
+    log_every: int = 10,
+) -> TrainStats:
+    """Fine-tune `model` in place on `feats`. `on_step(step, per_example_loss)` is called after every update."""
+    n = len(feats)
+    if n == 0:
+        raise ConvBertError("no training examples left after reading the training file")
+    total = train_steps_for(n, cfg.batch_size, epochs)
+    warmup = int(total * cfg.warmup_proportion)
+    opt = build_optimizer(model, cfg, peak_lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rng = np.random.default_rng(seed)
+    model.train()
+    start = time.time()
+    recent: list[float] = []
+    history: list[float] = []
+    step = 0
+    while step < total:
+        order = rng.permutation(n)
+        for s in range(0, n, cfg.batch_size):
+            if step >= total:
+                break
+            idx = order[s : s + cfg.batch_size]
+            batch = feats.batch(idx, cfg.pad_to_max)
+            factor = linear_warmup_decay(step, total, warmup)
+            for g in opt.param_groups:
+                g["lr"] = peak_lr * factor
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss = loss_fn(logits, batch["labels"], regression, cfg.loss_reduction)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_norm and cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            opt.step()
+            per_ex = float(loss.detach()) / (len(idx) if cfg.loss_reduction == "sum" else 1)
+            if not math.isfinite(per_ex):
+                raise ConvBertError(f"training diverged: loss is {per_ex} at step {step + 1}; lower --lr")
+            recent.append(per_ex)
+            if len(recent) > 100:
+                recent.pop(0)
+            if step % log_every == 0:
+                history.append(round(per_ex, 6))
+            step += 1
+            if on_step is not None:
+                on_step(step, per_ex)
+    return TrainStats(
+        steps=total,
+        warmup_steps=warmup,
+        epochs=epochs,
+        n_train=n,
+        peak_lr=peak_lr,
+        final_loss=float(np.mean(recent)) if recent else float("nan"),
+        seconds=time.time() - start,
+        loss_history=history,
+    )
+
+
+@torch.no_grad()
+def predict_logits(model, feats: Features, batch_size: int, pad_to_max: bool = True, on_batch=None) -> np.ndarray:
+    """Logits [N, C] (classification) or raw scores [N, 1] (regression, on the training target scale)."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    n = len(feats)
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(n, s + batch_size))
+        b = feats.batch(idx, pad_to_max)
+        outs.append(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(idx))
+    if was_training:
+        model.train()
+    if not outs:
+        return np.zeros((0, model.num_labels), dtype=np.float32)
+    return np.concatenate(outs, axis=0)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
