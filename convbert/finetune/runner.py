@@ -388,6 +388,8 @@ def run_glue(opts: GlueOptions) -> dict:
             pending.append((t, s))
     if done:
         _log(opts, f"resuming: {len(done)} finished run(s) kept, {len(pending)} to do")
+    if opts.predict:
+        _check_submission_coverage(opts, train_tasks)
 
     # Total optimisation steps of the pending runs, for one progress bar with an ETA.
     total_steps = 0
@@ -442,6 +444,31 @@ def run_glue(opts: GlueOptions) -> dict:
         print(f"submission: {opts.output / 'submission'}/ and {zpath}")
         summary["submission"] = str(zpath)
     return summary
+
+
+def _check_submission_coverage(opts: GlueOptions, train_tasks: list[str]) -> None:
+    """Before any training: every submission file must come from a run (this one or a finished one in OUTPUT),
+    from the WNLI majority rule, or from --fill-missing."""
+    if opts.fill_missing:
+        return
+    covered = set(train_tasks)
+    for t in GLUE_TASKS:
+        for s in opts.seeds:
+            rec = _finished(run_paths(opts.output, t, s)[0])
+            if rec is not None and rec.get("predictions"):
+                covered.add(t)
+    missing = [
+        n for n in SUBMISSION_FILES
+        if SUBMISSION_SOURCE[n] not in covered and not (n == "WNLI" and opts.wnli_majority)
+    ]
+    if opts.wnli_majority:
+        require_split_file(opts.glue_dir, "wnli", "train")  # the majority class
+        require_split_file(opts.glue_dir, "wnli", "test")  # the rows to fill
+    if missing:
+        raise ConvBertError(
+            "--predict needs every GLUE task for a submission; not run: " + ", ".join(missing)
+            + " (add them to --tasks, AX comes from mnli; or pass --fill-missing to fill them with a constant)"
+        )
 
 
 def choose_run(cands: list[dict], how: str, task: str) -> dict | None:

@@ -1,0 +1,124 @@
+"""Featurisation (§5.4) and the recipe details of the trainer (§5.1–§5.3) on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from convbert.data.tokenize import WordPieceTokenizer
+from convbert.finetune.features import build_ids, featurize, truncate_pair
+from convbert.finetune.trainer import FinetuneConfig, build_optimizer, loss_fn, train, train_steps_for
+from test_finetune_data import write_vocab
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return WordPieceTokenizer.from_vocab(write_vocab(tmp_path_factory.mktemp("v") / "vocab.txt"))
+
+
+def test_truncate_longer_side_first_b_on_ties():
+    a, b = list(range(5)), [10, 11, 12]
+    assert truncate_pair(a, b, 6) == ([0, 1, 2], [10, 11, 12])
+    a, b = [0, 1, 2, 3], [10, 11, 12, 13]
+    # tie → pop b, then a is longer → pop a
+    assert truncate_pair(a, b, 6) == ([0, 1, 2], [10, 11, 12])
+    assert truncate_pair(a, b, 7) == ([0, 1, 2, 3], [10, 11, 12])
+    assert truncate_pair([1], [2], 5) == ([1], [2])
+
+
+def test_build_ids_pairs_and_singles():
+    ids, types = build_ids([5, 6, 7], [8, 9], cls_id=2, sep_id=3, max_seq_length=8)
+    assert ids == [2, 5, 6, 7, 3, 8, 9, 3] and types == [0, 0, 0, 0, 0, 1, 1, 1]
+    ids, types = build_ids([5, 6, 7, 8, 9], [10, 11], cls_id=2, sep_id=3, max_seq_length=7)
+    assert ids == [2, 5, 6, 3, 10, 11, 3]  # a cut from 5 to 2 (the longer side) → total 4 = 7 − 3
+    ids, types = build_ids(list(range(10, 20)), None, cls_id=2, sep_id=3, max_seq_length=6)
+    assert ids == [2, 10, 11, 12, 13, 3] and types == [0] * 6
+
+
+def test_featurize_fixed_padding_and_labels(tok):
+    f = featurize(["the cat sat", "a dog"], ["on the mat", "hello"], ["1", "0"], tok, 12, ["0", "1"])
+    assert f.input_ids.shape == (2, 12)
+    v = tok.vocab
+    row = [v["[CLS]"], v["the"], v["cat"], v["sat"], v["[SEP]"], v["on"], v["the"], v["mat"], v["[SEP]"]]
+    assert f.input_ids[0, :9].tolist() == row and f.input_ids[0, 9:].tolist() == [tok.pad_id] * 3
+    assert f.attention_mask[0].tolist() == [1] * 9 + [0] * 3
+    assert f.token_type_ids[0].tolist() == [0] * 5 + [1] * 4 + [0] * 3
+    assert f.labels.tolist() == [1, 0]
+    b = f.batch([1, 0])
+    assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape == (2, 12)
+    assert f.batch([1], pad_to_max=False)["input_ids"].shape == (1, 6)  # [CLS] a dog [SEP] hello [SEP]
+    r = featurize(["the cat"], ["a dog"], [3.5], tok, 8, None)
+    assert r.labels.dtype == np.float32 and r.labels.tolist() == [pytest.approx(0.7)]  # STS-B: label / 5
+    t = featurize(["the cat"], None, [None], tok, 8, ["contradiction", "entailment", "neutral"])
+    assert t.labels.tolist() == [0]  # test rows get the first label as a dummy, like the original
+
+
+def test_loss_is_summed_over_the_batch():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 0])
+    per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert loss_fn(logits, y, False, "sum").item() == pytest.approx(per.sum().item())
+    assert loss_fn(logits, y, False, "mean").item() == pytest.approx(per.mean().item())
+    r = loss_fn(torch.tensor([[0.5], [0.1]]), torch.tensor([0.7, 0.1]), True, "sum")
+    assert r.item() == pytest.approx(0.04)
+
+
+def _tiny_classifier(n_vocab, num_labels=2):
+    from convbert.model.config import ConvBertConfig
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    torch.manual_seed(0)
+    return ConvBertForSequenceClassification(ConvBertConfig.from_preset("tiny", vocab_size=n_vocab), num_labels)
+
+
+def test_optimizer_groups_use_original_multipliers(tok):
+    model = _tiny_classifier(tok.vocab_size)
+    opt = build_optimizer(model, FinetuneConfig(), 3e-4)
+    scale = {}
+    decay = {}
+    for g in opt.param_groups:
+        for n in g["param_names"]:
+            scale[n], decay[n] = g["lr_scale"], g["weight_decay"]
+    L = 2
+    assert scale["convbert.embeddings.word_embeddings.weight"] == pytest.approx(0.8 ** (L + 2))
+    assert scale["convbert.embeddings_project.weight"] == pytest.approx(0.8 ** (L + 2))
+    assert scale["convbert.encoder.layer.0.attention.self.query.weight"] == pytest.approx(0.8 ** 3)
+    assert scale["convbert.encoder.layer.1.output.dense.weight"] == pytest.approx(0.8 ** 2)  # top layer 0.8²
+    assert scale["classifier.out_proj.weight"] == 1.0
+    assert decay["convbert.embeddings.word_embeddings.weight"] == 0.01  # embeddings are decayed
+    assert decay["convbert.encoder.layer.0.output.LayerNorm.weight"] == 0.0
+    assert decay["classifier.out_proj.bias"] == 0.0
+    off = build_optimizer(model, FinetuneConfig(layer_decay=1.0), 3e-4)
+    assert {g["lr_scale"] for g in off.param_groups} == {1.0}
+
+
+def test_train_steps_and_warmup(tok):
+    assert train_steps_for(5, 2, 3) == 9  # ceil(5/2) × 3: the original pads to a multiple of the batch
+    model = _tiny_classifier(tok.vocab_size)
+    f = featurize(["the cat sat"] * 5, None, ["1", "0", "1", "0", "1"], tok, 8, ["0", "1"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = train(model, f, FinetuneConfig(batch_size=2), False, epochs=2, seed=1, peak_lr=1e-3)
+    assert stats.steps == 6 and stats.warmup_steps == 0 and stats.n_train == 5
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    stats = train(model, f, FinetuneConfig(batch_size=2), False, epochs=10, seed=1, peak_lr=1e-3)
+    assert stats.steps == 30 and stats.warmup_steps == 3
+
+
+def test_lr_zero_at_step_zero(tok):
+    model = _tiny_classifier(tok.vocab_size)
+    f = featurize(["the cat sat"] * 4, None, ["1", "0", "1", "0"], tok, 8, ["0", "1"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def stop_after_first(step, loss):
+        seen.append(step)
+        if step == 1:
+            snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+            assert all(torch.equal(before[n], snapshot[n]) for n in before)
+            raise StopIteration
+
+    with pytest.raises(StopIteration):
+        train(model, f, FinetuneConfig(batch_size=2), False, epochs=10, seed=1, peak_lr=1e-3,
+              on_step=stop_after_first)
+    assert seen == [1]

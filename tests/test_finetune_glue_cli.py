@@ -1,0 +1,147 @@
+"""End to end: `convbert glue … --predict` with a random tiny model on GLUE-layout fixtures (both layouts)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from convbert.cli import main
+from test_finetune_data import TEST_SIZES, make_tiny_model, write_glue
+
+FILES = ["AX", "CoLA", "MNLI-m", "MNLI-mm", "MRPC", "QNLI", "QQP", "RTE", "SST-2", "STS-B", "WNLI"]
+QUICK = ["--epochs", "1", "--batch-size", "8", "--max-seq-length", "32", "--no-progress"]
+VALUES = {
+    "CoLA": {"0", "1"}, "SST-2": {"0", "1"}, "MRPC": {"0", "1"}, "QQP": {"0", "1"}, "WNLI": {"0", "1"},
+    "MNLI-m": {"entailment", "neutral", "contradiction"}, "MNLI-mm": {"entailment", "neutral", "contradiction"},
+    "AX": {"entailment", "neutral", "contradiction"}, "QNLI": {"entailment", "not_entailment"},
+    "RTE": {"entailment", "not_entailment"},
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue_e2e")
+    model = make_tiny_model(root / "model")
+    glue = write_glue(root / "glue", "glue")
+    return root, model, glue
+
+
+@pytest.fixture(scope="module")
+def full_run(env):
+    root, model, glue = env
+    out = root / "out"
+    rc = main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "all", "--seeds", "1",
+               "--output", str(out), "--predict", *QUICK])
+    assert rc == 0
+    return out
+
+
+def _rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    assert lines[0] == "index\tprediction"
+    return [l.split("\t") for l in lines[1:]]
+
+
+def test_submission_zip_has_the_11_files(env, full_run):
+    out = full_run
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == sorted(f"{n}.tsv" for n in FILES)  # top level, no folder
+        for name in FILES:
+            rows = _rows(zf.read(f"{name}.tsv").decode("utf-8"))
+            assert len(rows) == TEST_SIZES[name], name
+            assert [r[0] for r in rows] == [str(i) for i in range(TEST_SIZES[name])], name
+            vals = [r[1] for r in rows]
+            if name == "STS-B":
+                assert all(0.0 <= float(v) <= 5.0 for v in vals)
+                assert all(len(v.split(".")[1]) == 3 for v in vals)
+            else:
+                assert set(vals) <= VALUES[name], (name, vals)
+        # WNLI: the training majority class ("1" in the fixture), not a model prediction.
+        assert {r[1] for r in _rows(zf.read("WNLI.tsv").decode())} == {"1"}
+    assert (out / "submission" / "CoLA.tsv").is_file()
+
+
+def test_results_table_runs_and_averages(full_run, capsys):
+    out = full_run
+    md = (out / "results.md").read_text()
+    assert "| Task | Metric | Median | Mean | Std | Seeds |" in md
+    assert "Paper average (8 tasks, WNLI excluded" in md and "leaderboard-style average (9 tasks incl. WNLI" in md
+    assert "| MNLI | accuracy (mm) |" in md and "| STS-B | Spearman |" in md and "| QQP | F1 |" in md
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["paper_average"]["of_medians"] is not None
+    assert summary["leaderboard_average"]["of_medians"] is not None
+    for t in ("cola", "sst", "mrpc", "sts", "qqp", "mnli", "qnli", "rte", "wnli"):
+        rec = json.loads((out / "runs" / f"{t}-seed1.json").read_text())
+        assert rec["train"]["steps"] >= 1 and rec["metrics"]
+    qqp = json.loads((out / "runs" / "qqp-seed1.json").read_text())
+    assert qqp["train"]["skipped_rows"] == 2 and qqp["dev"]["dev"]["skipped_rows"] == 2
+    mrpc = json.loads((out / "runs" / "mrpc-seed1.json").read_text())
+    assert mrpc["train"]["examples"] == 24  # doubled with the sentences swapped
+    assert mrpc["settings"]["layer_decay"] == 0.8 and mrpc["settings"]["loss_reduction"] == "sum"
+    mnli = json.loads((out / "runs" / "mnli-seed1.json").read_text())
+    assert set(mnli["predictions"]) == {"MNLI-m", "MNLI-mm", "AX"}  # AX predicted by the MNLI model
+
+
+def test_rerun_skips_finished_runs(env, full_run, capsys):
+    root, model, glue = env
+    out = full_run
+    before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
+    rc = main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "all", "--seeds", "1",
+               "--output", str(out), "--predict", *QUICK])
+    assert rc == 0
+    assert "resuming: 9 finished run(s) kept, 0 to do" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(env, tmp_path):
+    _, model, glue = env
+    args = ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "rte", *QUICK]
+    assert main(args + ["--seeds", "2", "--output", str(tmp_path / "a")]) == 0
+    assert main(args + ["--seeds", "1", "--output", str(tmp_path / "b")]) == 0  # "interrupted" after seed 1
+    assert main(args + ["--seeds", "2", "--output", str(tmp_path / "b")]) == 0
+    for s in (1, 2):
+        a = json.loads((tmp_path / "a" / "runs" / f"rte-seed{s}.json").read_text())
+        b = json.loads((tmp_path / "b" / "runs" / f"rte-seed{s}.json").read_text())
+        assert a["metrics"] == b["metrics"] and a["train"]["loss_history"] == b["train"]["loss_history"]
+    assert (tmp_path / "a" / "results.md").read_text() == (tmp_path / "b" / "results.md").read_text()
+
+
+def test_task_not_run_is_an_error_unless_fill_missing(env, tmp_path, capsys):
+    _, model, glue = env
+    args = ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "cola", "--seeds", "1",
+            "--output", str(tmp_path / "o"), "--predict", *QUICK]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: --predict needs every GLUE task" in err and "--fill-missing" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "runs" / "cola-seed1.json").exists()  # refused before training
+    assert main(args + ["--fill-missing"]) == 0
+    err = capsys.readouterr().err
+    assert "--fill-missing: SST-2.tsv filled with the constant '1'" in err
+    with zipfile.ZipFile(tmp_path / "o" / "submission.zip") as zf:
+        assert len(zf.namelist()) == 11
+        assert len(_rows(zf.read("QQP.tsv").decode())) == TEST_SIZES["QQP"]
+    assert "FILLED" in (tmp_path / "o" / "submission.md").read_text()
+
+
+def test_convbert_layout_mnli_with_ax(env, tmp_path):
+    _, model, _ = env
+    glue = write_glue(tmp_path / "data", "convbert", n_train=6, n_dev=3)
+    out = tmp_path / "o"
+    rc = main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "ax", "--seeds", "1",
+               "--output", str(out), "--predict", "--fill-missing", *QUICK])
+    assert rc == 0
+    assert (out / "runs" / "mnli-seed1.json").is_file()  # ax → the MNLI model
+    ax = _rows((out / "submission" / "AX.tsv").read_text())
+    assert len(ax) == TEST_SIZES["AX"] and {r[1] for r in ax} <= VALUES["AX"]
+
+
+def test_bad_model_dir_is_a_one_line_error(env, tmp_path, capsys):
+    _, _, glue = env
+    rc = main(["glue", "--model", str(tmp_path / "nope"), "--glue-dir", str(glue), "--tasks", "cola",
+               "--output", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convbert glue: error:") and "config.json" in err and "\n" not in err
