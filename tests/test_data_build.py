@@ -1,0 +1,318 @@
+"""build_dataset / CLI: determinism across workers, resume, bad inputs, OWT archives, JSONL."""
+
+import gzip
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convbert.cli import main as cli_main
+from convbert.data import build_dataset, train_vocab
+from convbert.data.build import PARTS
+from convbert.data.dataset import PretrainingDataset
+from convbert.data.shards import ShardWriter
+from convbert.errors import ConvBertError
+
+MODULES = ["json", "tarfile", "argparse", "textwrap", "string", "random"]
+
+
+def _doc_text(name):
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(name)
+    parts = [inspect.getdoc(mod) or ""]
+    for attr in sorted(dir(mod)):
+        obj = getattr(mod, attr)
+        if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)):
+            parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for m in MODULES:
+        (d / f"{m}.txt").write_text(_doc_text(m), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def vocab(corpus, tmp_path_factory):
+    return train_vocab([str(corpus)], 800, str(tmp_path_factory.mktemp("vocab") / "vocab.txt"))
+
+
+SMALL = dict(shard_tokens=1200, chunk_bytes=3000, progress=False)
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def test_vocab_starts_with_specials(vocab):
+    lines = Path(vocab).read_text(encoding="utf-8").splitlines()
+    assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert len(lines) <= 800 and len(set(lines)) == len(lines)
+
+
+@pytest.mark.parametrize("rule", ["electra", "convbert-release"])
+def test_same_output_for_1_and_2_workers(corpus, vocab, tmp_path, rule):
+    m1 = build_dataset([str(corpus)], vocab, str(tmp_path / "w1"), workers=1, seed=3, segment_rule=rule, **SMALL)
+    m2 = build_dataset([str(corpus)], vocab, str(tmp_path / "w2"), workers=2, seed=3, segment_rule=rule, **SMALL)
+    assert m1 == m2
+    f1, f2 = _files(tmp_path / "w1"), _files(tmp_path / "w2")
+    assert f1 == f2
+    assert len(m1["shards"]) >= 3  # several shards, several units per file (chunk_bytes)
+    assert not (tmp_path / "w1" / PARTS).exists()
+    c = m1["counts"]
+    assert c["examples"] == sum(s["examples"] for s in m1["shards"]) > 100
+    assert c["files"] > len(MODULES)  # large files were cut into several units
+    assert m1["bytes_per_token"] <= 2.1
+    assert m1["complete"] and all(i["complete"] for i in m1["inputs"])
+    # another seed gives other examples
+    m3 = build_dataset([str(corpus)], vocab, str(tmp_path / "s4"), workers=1, seed=4, segment_rule=rule, **SMALL)
+    assert _files(tmp_path / "s4")["shard-00000.bin"] != f1["shard-00000.bin"]
+    assert m3["counts"]["lines"] == c["lines"]
+
+
+def test_no_tokens_lost_without_truncation(corpus, vocab, tmp_path):
+    """With a long max length nothing is truncated: the examples hold exactly the corpus's tokens."""
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    build_dataset([str(corpus)], vocab, str(tmp_path / "d"), max_seq_length=4096, docs="files", progress=False)
+    ds = PretrainingDataset(tmp_path / "d")
+    got = np.concatenate([np.concatenate(ds.segments(i)) for i in range(len(ds))])
+    tok = WordPieceTokenizer.from_vocab(vocab)
+    want = np.concatenate([np.asarray(tok.encode(p.read_text()), dtype=np.int64)
+                           for p in sorted(corpus.iterdir())])
+    assert np.array_equal(np.sort(got), np.sort(want))
+
+
+def test_resume_after_failure_is_identical(corpus, vocab, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    build_dataset([str(corpus)], vocab, str(ref), seed=1, **SMALL)
+    out = tmp_path / "out"
+    real_close = ShardWriter.close
+    calls = {"n": 0}
+
+    def failing_close(self):
+        # parts and the first 2 shards succeed; the 3rd shard dies
+        if self.path.name.startswith("shard-"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real_close(self)
+
+    monkeypatch.setattr(ShardWriter, "close", failing_close)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset([str(corpus)], vocab, str(out), seed=1, **SMALL)
+    monkeypatch.setattr(ShardWriter, "close", real_close)
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["complete"] and len(m["shards"]) == 2 and m["committed_units"] > 0
+    # leftovers of a hard kill: a stray shard, a torn temporary file, a part without its JSON
+    (out / "shard-00007.bin").write_bytes(b"garbage")
+    (out / ".shard-00002.bin.abc.tmp").write_bytes(b"torn")
+    (out / PARTS / "unit-00000999.bin").write_bytes(b"torn")
+    build_dataset([str(corpus)], vocab, str(out), seed=1, workers=2, **SMALL)
+    assert _files(out) == _files(ref)
+    # re-running a complete build does nothing
+    before = _files(out)
+    build_dataset([str(corpus)], vocab, str(out), seed=1, **SMALL)
+    assert _files(out) == before
+
+
+def test_resume_after_sigkill_is_identical(corpus, vocab, tmp_path):
+    ref = tmp_path / "ref"
+    kwargs = dict(seed=2, shard_tokens=600, chunk_bytes=2000)
+    build_dataset([str(corpus)], vocab, str(ref), progress=False, **kwargs)
+    out = tmp_path / "out"
+    code = (
+        "import sys; from convbert.data import build_dataset; "
+        f"build_dataset([{str(corpus)!r}], {vocab!r}, {str(out)!r}, progress=False, workers=2, **{kwargs!r})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    killed = False
+    deadline = time.monotonic() + 60
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                m = json.loads((out / "manifest.json").read_text())
+            except (OSError, ValueError):
+                m = None
+            if m and m["shards"] and not m["complete"]:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.005)
+    finally:
+        proc.wait()
+    if not killed:
+        pytest.skip("the build finished before it could be killed")
+    build_dataset([str(corpus)], vocab, str(out), progress=False, **kwargs)
+    assert _files(out) == _files(ref)
+
+
+def test_other_settings_into_same_folder_is_an_error(corpus, vocab, tmp_path):
+    out = tmp_path / "d"
+    build_dataset([str(corpus)], vocab, str(out), **SMALL)
+    with pytest.raises(ConvBertError, match="different settings.*seed"):
+        build_dataset([str(corpus)], vocab, str(out), seed=9, **SMALL)
+    with pytest.raises(ConvBertError, match="max_seq_length"):
+        build_dataset([str(corpus)], vocab, str(out), max_seq_length=64, **SMALL)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(ConvBertError, match="not empty"):
+        build_dataset([str(corpus)], vocab, str(other), **SMALL)
+
+
+def test_binary_invalid_utf8_and_empty_inputs(vocab, tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "good.txt").write_text("the quick brown fox\njumps over the lazy dog\n\nsecond document here\n")
+    (d / "bad_utf8.txt").write_bytes(b"caf\xe9 and \xff\xfe more text\nvalid line\n")
+    (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 4)
+    (d / "empty.txt").write_bytes(b"")
+    m = build_dataset([str(d)], vocab, str(tmp_path / "out"), progress=False)
+    c = m["counts"]
+    assert c["binary_skipped"] == 1 and c["binary_files"][0].endswith("image.png")
+    assert c["invalid_utf8"] == 3 and c["files_with_invalid_utf8"] == 1
+    assert c["examples"] >= 3
+    # an empty corpus (only empty and binary files) is an error
+    e = tmp_path / "emptyish"
+    e.mkdir()
+    (e / "a.txt").write_text("\n\n   \n")
+    (e / "b.bin").write_bytes(b"\0\1\2\3" * 100)
+    with pytest.raises(ConvBertError, match="empty corpus"):
+        build_dataset([str(e)], vocab, str(tmp_path / "out2"), progress=False)
+    with pytest.raises(ConvBertError, match="no such file"):
+        build_dataset([str(tmp_path / "missing.txt")], vocab, str(tmp_path / "out3"), progress=False)
+    with pytest.raises(ConvBertError, match="matches no files"):
+        build_dataset([str(tmp_path / "*.nothing")], vocab, str(tmp_path / "out4"), progress=False)
+
+
+def _tar_xz(members, path=None):
+    """members: list of (name, bytes | None for a folder, or ('sym'|'hard', target))."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, tuple):
+                info.type = tarfile.SYMTYPE if data[0] == "sym" else tarfile.LNKTYPE
+                info.linkname = data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(raw)
+    return raw
+
+
+def _owt_docs(corpus, k):
+    texts = [p.read_text() for p in sorted(corpus.iterdir())]
+    paras = [q for t in texts for q in t.split("\n\n") if q.strip()]
+    return [(f"{k:04d}-doc{i}.txt", "\n\n".join(paras[i::7]).encode()) for i in range(k, k + 3)]
+
+
+def test_openwebtext_archive_and_folder(corpus, vocab, tmp_path):
+    subs = [(f"openwebtext/urlsf_subset{k:02d}.xz", _tar_xz(_owt_docs(corpus, k))) for k in range(3)]
+    outer = tmp_path / "openwebtext.tar.xz"
+    _tar_xz([("openwebtext", None)] + subs, outer)
+    m1 = build_dataset([str(outer)], vocab, str(tmp_path / "a"), docs="files", workers=2, progress=False)
+    m1b = build_dataset([str(outer)], vocab, str(tmp_path / "a1"), docs="files", workers=1, progress=False)
+    assert _files(tmp_path / "a") == _files(tmp_path / "a1") and m1 == m1b
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    for name, data in subs:
+        (folder / Path(name).name).write_bytes(data)
+    m2 = build_dataset([str(folder)], vocab, str(tmp_path / "b"), docs="files", progress=False)
+    assert m1["counts"]["files"] == m2["counts"]["files"] == 9
+    assert m1["counts"]["lines"] == m2["counts"]["lines"]
+    # an outer archive holding plain .txt documents works too
+    flat = tmp_path / "flat.tar.gz"
+    with tarfile.open(flat, "w:gz") as tar:
+        for name, data in _owt_docs(corpus, 0):
+            info = tarfile.TarInfo("docs/" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    m3 = build_dataset([str(flat)], vocab, str(tmp_path / "c"), docs="files", progress=False)
+    assert m3["counts"]["files"] == 3
+
+
+@pytest.mark.parametrize(
+    "member,match",
+    [
+        (("../evil.txt", b"x"), r"'\.\./evil\.txt'.*'\.\.'"),
+        (("/etc/evil.txt", b"x"), "absolute path"),
+        (("link.txt", ("sym", "/etc/passwd")), "is a link"),
+        (("hard.txt", ("hard", "a.txt")), "is a link"),
+    ],
+)
+@pytest.mark.parametrize("where", ["outer", "inner"])
+def test_unsafe_archive_members_are_refused(vocab, tmp_path, member, match, where):
+    good = ("a.txt", b"some text here\n")
+    if where == "outer":
+        path = tmp_path / "corpus.tar.xz"
+        _tar_xz([good, member], path)
+    else:
+        path = tmp_path / "sub.xz"
+        _tar_xz([good, member], path)
+    with pytest.raises(ConvBertError, match=match):
+        build_dataset([str(path)], vocab, str(tmp_path / "out"), docs="files", progress=False)
+
+
+def test_jsonl_plain_and_gzip(corpus, vocab, tmp_path):
+    docs = [p.read_text() for p in sorted(corpus.iterdir())]
+    rows = "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(docs))
+    (tmp_path / "a.jsonl").write_text(rows)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(rows)
+    ma = build_dataset([str(tmp_path / "a.jsonl")], vocab, str(tmp_path / "a"), text_field="body", docs="files",
+                       progress=False)
+    mb = build_dataset([str(tmp_path / "b.jsonl.gz")], vocab, str(tmp_path / "b"), text_field="body", docs="files",
+                       progress=False)
+    assert ma["counts"]["files"] == mb["counts"]["files"] == len(docs)
+    assert ma["counts"]["lines"] == mb["counts"]["lines"]
+    with pytest.raises(ConvBertError, match=r"a\.jsonl:1: no field 'text'.*--text-field"):
+        build_dataset([str(tmp_path / "a.jsonl")], vocab, str(tmp_path / "c"), progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": 5}\n')
+    with pytest.raises(ConvBertError, match=r"bad\.jsonl:3: field 'text' is int, expected a string"):
+        build_dataset([str(bad)], vocab, str(tmp_path / "d"), progress=False)
+    bad.write_text('{"text": "fine"}\n{"text": "oops"\n')
+    with pytest.raises(ConvBertError, match=r"bad\.jsonl:2: invalid JSON"):
+        build_dataset([str(bad)], vocab, str(tmp_path / "e"), progress=False)
+
+
+def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["build-data", "--input", str(corpus), "--vocab", vocab, "--output", str(out), "--workers", "1",
+                   "--seed", "5", "--segment-rule", "convbert-release", "--docs", "files", "--no-progress"])
+    assert rc == 0
+    assert "examples" in capsys.readouterr().out
+    assert cli_main(["data-stats", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "single segment" in text and "length histogram" in text
+    assert cli_main(["data-stats", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["single_segment"] + s["two_segment"] == s["examples"]
+    rc = cli_main(["build-data", "--input", str(tmp_path / "nope"), "--vocab", vocab, "--output",
+                   str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "no such file" in err
+    v = tmp_path / "v.txt"
+    assert cli_main(["train-vocab", "--input", str(corpus), "--vocab-size", "300", "--output", str(v)]) == 0
+    assert v.read_text().splitlines()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

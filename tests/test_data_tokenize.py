@@ -1,0 +1,174 @@
+"""WordPieceTokenizer against a small pure-Python model of the original basic tokenizer + WordPiece (spec §4.2)."""
+
+import inspect
+import json
+import unicodedata
+
+import pytest
+
+from convbert.data.tokenize import WordPieceTokenizer
+from convbert.errors import ConvBertError
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# ---- reference model written from the spec's description (§4.2) ------------------------------------------------
+
+
+def _is_punct(ch):
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(cp):
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def ref_words(text, lower=True, strip=True):
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        if cp == 0 or cp == 0xFFFD:
+            continue
+        if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+            out.append(" ")
+        elif unicodedata.category(ch).startswith("C"):
+            continue
+        elif _is_cjk(cp):
+            out.append(f" {ch} ")
+        else:
+            out.append(ch)
+    words = []
+    for tok in "".join(out).split():
+        if lower:
+            tok = tok.lower()
+        if strip:
+            tok = "".join(c for c in unicodedata.normalize("NFD", tok) if unicodedata.category(c) != "Mn")
+        cur = ""
+        for ch in tok:
+            if _is_punct(ch):
+                if cur:
+                    words.append(cur)
+                words.append(ch)
+                cur = ""
+            else:
+                cur += ch
+        if cur:
+            words.append(cur)
+    return words
+
+
+def ref_wordpiece(word, vocab, max_chars=200):
+    if len(word) > max_chars:
+        return ["[UNK]"]
+    pieces, start = [], 0
+    while start < len(word):
+        end = len(word)
+        found = None
+        while start < end:
+            sub = word[start:end] if start == 0 else "##" + word[start:end]
+            if sub in vocab:
+                found = sub
+                break
+            end -= 1
+        if found is None:
+            return ["[UNK]"]
+        pieces.append(found)
+        start = end
+    return pieces
+
+
+def ref_tokenize(text, vocab, lower=True, strip=True):
+    return [p for w in ref_words(text, lower, strip) for p in ref_wordpiece(w, vocab)]
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus_text():
+    mods = [json, inspect, unicodedata, pytest]
+    return "\n".join(inspect.getdoc(m) or "" for m in mods) + "\n" + "\n".join(
+        inspect.getdoc(getattr(json, n)) or "" for n in ("dumps", "loads", "JSONDecoder")
+    )
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory, corpus_text):
+    words = set()
+    for w in ref_words(corpus_text):
+        words.add(w)
+    pieces = sorted(words)[:400]
+    chars = sorted({c for w in words for c in w})
+    tokens = SPECIALS + ["the", "caf", "##e", "£5", "hello", "world", "##s", "x" * 150] + chars + ["##" + c for c in chars]
+    tokens += [p for p in pieces if p not in tokens]
+    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
+    path.write_bytes("".join(t + "\r\n" for t in tokens).encode("utf-8"))  # CRLF like the released file
+    return path
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------------
+
+
+def test_attributes_and_crlf(vocab_file):
+    tok = WordPieceTokenizer.from_vocab(vocab_file)
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.vocab["the"] == 5 and "the\r" not in tok.vocab
+    assert tok.vocab_size == len(vocab_file.read_text(encoding="utf-8").splitlines())
+
+
+TRICKY = [
+    "Hello, World! Café résumé naïve",
+    "tab\tseparated\u00a0nbsp and\u3000ideographic space",
+    "control\x00chars\x07 and \ufffd replacement \u200b zero-width",
+    "curly ‘quotes’ “double” — dash … ellipsis £5 °C €",
+    "中文字符 mixed with latin 漢字",
+    "[SEP] [CLS] [MASK] are split like text",
+    "x" * 150 + " " + "x" * 201 + " " + "a" * 199,
+    "ÅNGSTRÖM Ǆ ﬁ ligature İstanbul",
+    "don't stop-believing; e.g. (a) [b] {c} <d> @e #f $g %h ^i &j *k _l ~m `n |o \\p",
+]
+
+
+@pytest.mark.parametrize("lower,strip", [(True, True), (False, True), (True, False), (False, False)])
+def test_matches_reference(vocab_file, corpus_text, lower, strip):
+    tok = WordPieceTokenizer.from_vocab(vocab_file, lower_case=lower, strip_accents=strip)
+    vocab = tok.vocab
+    texts = TRICKY + [ln for ln in corpus_text.splitlines() if ln.strip()][:300]
+    got = tok.encode_batch(texts)
+    for text, ids in zip(texts, got):
+        assert tok.decode(ids) == ref_tokenize(text, vocab, lower, strip), text
+        assert tok.encode(text) == ids
+
+
+def test_word_length_limit_is_200(vocab_file):
+    tok = WordPieceTokenizer.from_vocab(vocab_file)
+    assert tok.decode(tok.encode("x" * 150)) == ["x" * 150]
+    assert tok.decode(tok.encode("a" * 200))[0] != "[UNK]" or "a" not in tok.vocab
+    assert tok.encode("a" * 201) == [tok.unk_id]
+
+
+def test_empty_inputs(vocab_file):
+    tok = WordPieceTokenizer.from_vocab(vocab_file)
+    assert tok.encode("") == [] and tok.encode_batch([]) == [] and tok.encode_batch(["", " "]) == [[], []]
+
+
+def test_missing_special_token_names_file_and_token(tmp_path):
+    p = tmp_path / "bad_vocab.txt"
+    p.write_text("[PAD]\n[UNK]\n[CLS]\n[MASK]\nhello\n", encoding="utf-8")
+    with pytest.raises(ConvBertError, match=r"bad_vocab\.txt.*\[SEP\]"):
+        WordPieceTokenizer.from_vocab(p)
+    with pytest.raises(ConvBertError, match="not found"):
+        WordPieceTokenizer.from_vocab(tmp_path / "nope.txt")
+
+
+def test_duplicate_entries_keep_last_id(tmp_path):
+    p = tmp_path / "dup.txt"
+    p.write_text("\n".join(SPECIALS + ["a", "b", "a"]) + "\n", encoding="utf-8")
+    tok = WordPieceTokenizer.from_vocab(p)
+    assert tok.encode("a b") == [7, 6]
+    assert tok.vocab_size == 8
