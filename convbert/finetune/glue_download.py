@@ -68,8 +68,8 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Pa
             infos = zf.infolist()
             for info in infos:  # check everything before writing anything
                 _check_member_name(archive, info.filename)
-                mode = info.external_attr >> 16
-                if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                ftype = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver stored no Unix type
+                if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise ConvBertError(f"{archive}: refusing member {info.filename!r}: links and special files are not "
                                         "allowed")
             for info in infos:

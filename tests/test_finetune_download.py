@@ -1,0 +1,123 @@
+"""The unpack-and-layout step of `convbert glue-download`, on archives made here (no network)."""
+
+from __future__ import annotations
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from convbert.cli import main
+from convbert.errors import ConvBertError
+from convbert.finetune.glue_download import build_mrpc, install_archive, install_ax, safe_extract
+from convbert.finetune.tasks import find_split_file, read_split
+
+
+def _zip(path: Path, members: dict[str, str], symlinks: dict[str, str] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in members.items():
+            zf.writestr(name, text)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+COLA = {
+    "CoLA/train.tsv": "gj04\t1\t\tthe cat sat .\ngj04\t0\t*\tcat the sat .\n",
+    "CoLA/dev.tsv": "gj04\t1\t\the said \"hi .\n",
+    "CoLA/test.tsv": "index\tsentence\n0\ta dog .\n1\tthe dog .\n",
+    "CoLA/original/raw/in_domain_train.tsv": "x\n",
+    "__MACOSX/CoLA/._train.tsv": "junk",
+}
+
+
+@pytest.mark.parametrize("layout,folder", [("glue", "CoLA"), ("convbert", "cola")])
+def test_install_task_archive_both_layouts(tmp_path, layout, folder):
+    z = _zip(tmp_path / "CoLA.zip", COLA)
+    dest = install_archive(z, tmp_path / "glue", "cola", layout)
+    assert dest == tmp_path / "glue" / folder
+    assert sorted(p.name for p in dest.iterdir()) == ["dev.tsv", "original", "test.tsv", "train.tsv"]
+    assert len(read_split(tmp_path / "glue", "cola", "train").examples) == 2
+    assert not (tmp_path / "glue" / "__MACOSX").exists()
+    assert [p.name for p in (tmp_path / "glue").iterdir()] == [folder]  # temp folders cleaned up
+
+
+def test_install_ax_both_layouts(tmp_path):
+    ax = tmp_path / "AX.tsv"
+    ax.write_text("index\tsentence1\tsentence2\n0\ta\tb\n")
+    assert install_ax(ax, tmp_path / "g1", "glue") == tmp_path / "g1" / "diagnostic" / "diagnostic.tsv"
+    assert install_ax(ax, tmp_path / "g2", "convbert") == tmp_path / "g2" / "mnli" / "diagnostic.tsv"
+    z = _zip(tmp_path / "AX.zip", {"AX/AX.tsv": ax.read_text()})
+    install_ax(z, tmp_path / "g3", "glue")
+    assert find_split_file(tmp_path / "g3", "ax", "AX") is not None
+    assert len(read_split(tmp_path / "g2", "ax", "AX").examples) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["/etc/evil.tsv", "CoLA/../../evil.tsv", "..\\evil.tsv", "C:/evil.tsv"]
+)
+def test_refuses_unsafe_zip_members(tmp_path, name):
+    z = _zip(tmp_path / "bad.zip", {"CoLA/train.tsv": "x\n", name: "evil"})
+    with pytest.raises(ConvBertError, match="refusing member"):
+        install_archive(z, tmp_path / "glue", "cola")
+    assert not (tmp_path / "evil.tsv").exists()
+    assert not (tmp_path / "glue" / "CoLA").exists()  # nothing written: members are checked first
+
+
+def test_refuses_links(tmp_path):
+    z = _zip(tmp_path / "link.zip", {"CoLA/train.tsv": "x\n"}, symlinks={"CoLA/dev.tsv": "/etc/passwd"})
+    with pytest.raises(ConvBertError, match="links"):
+        safe_extract(z, tmp_path / "x")
+    t = tmp_path / "link.tar.gz"
+    with tarfile.open(t, "w:gz") as tf:
+        info = tarfile.TarInfo("CoLA/train.tsv")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tf.addfile(info)
+    with pytest.raises(ConvBertError, match="links"):
+        safe_extract(t, tmp_path / "y")
+    t2 = tmp_path / "dots.tar"
+    with tarfile.open(t2, "w") as tf:
+        data = b"evil"
+        info = tarfile.TarInfo("../evil.tsv")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConvBertError, match=r"'\.\.'"):
+        safe_extract(t2, tmp_path / "z")
+
+
+def test_build_mrpc_from_senteval_files(tmp_path):
+    head = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    (tmp_path / "tr.txt").write_text(
+        head + "\n1\t11\t12\tHe said \"yes\tHe agreed\n0\t21\t22\ta\tb\n1\t31\t32\tc\td\n", encoding="utf-8")
+    (tmp_path / "te.txt").write_text(head + "\n1\t41\t42\te\tf\n0\t51\t52\tg\th\n", encoding="utf-8")
+    (tmp_path / "ids.tsv").write_text("21\t22\n")
+    d = build_mrpc(tmp_path / "tr.txt", tmp_path / "te.txt", tmp_path / "ids.tsv", tmp_path / "g", "glue")
+    assert (d / "train.tsv").read_text().splitlines()[0] == "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    train = read_split(tmp_path / "g", "mrpc", "train").examples
+    assert [e.text_a for e in train] == ['He said "yes', "c"]
+    assert [e.text_a for e in read_split(tmp_path / "g", "mrpc", "dev").examples] == ["a"]
+    test = read_split(tmp_path / "g", "mrpc", "test").examples
+    assert [(e.index, e.text_a, e.text_b) for e in test] == [("0", "e", "f"), ("1", "g", "h")]
+
+
+def test_glue_download_command_with_local_urls(tmp_path, capsys):
+    src = tmp_path / "mirror"
+    src.mkdir()
+    _zip(src / "RTE.zip", {"RTE/train.tsv": "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n",
+                           "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n",
+                           "RTE/test.tsv": "index\tsentence1\tsentence2\n0\ta\tb\n"})
+    (src / "AX.tsv").write_text("index\tsentence1\tsentence2\n0\ta\tb\n")
+    out = tmp_path / "glue"
+    rc = main(["glue-download", "--output", str(out), "--tasks", "rte,ax", "--layout", "convbert",
+               "--base-url", src.as_uri()])
+    assert rc == 0
+    assert (out / "rte" / "train.tsv").is_file() and (out / "mnli" / "diagnostic.tsv").is_file()
+    rc = main(["glue-download", "--output", str(out), "--tasks", "cola", "--base-url", src.as_uri()])
+    assert rc == 2
+    assert "cannot download" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""`convbert finetune` on own CSV/TSV/JSONL data and `convbert predict` with the result."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from convbert.cli import main
+from test_finetune_data import make_tiny_model
+
+QUICK = ["--epochs", "1", "--batch-size", "4", "--max-seq-length", "24", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("own") / "model")
+
+
+def _csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+PAIRS = [
+    {"q": 'he said "hello, cat"', "a": "the cat sat", "y": "yes"},
+    {"q": "a dog", "a": "on the mat", "y": "no"},
+    {"q": "the sun shines", "a": "it rains today", "y": "no"},
+    {"q": "who wrote book", "a": "she did", "y": "yes"},
+    {"q": "what is python", "a": "a man plays guitar", "y": "maybe"},
+]
+
+
+def test_csv_pair_classification_then_predict(model, tmp_path, capsys):
+    train = _csv(tmp_path / "train.csv", PAIRS)
+    dev = _csv(tmp_path / "dev.csv", PAIRS[:3])
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--model", str(model), "--train", str(train), "--dev", str(dev), "--text-columns", "q,a",
+               "--label-column", "y", "--output", str(out), *QUICK])
+    assert rc == 0
+    assert "dev: accuracy" in capsys.readouterr().out
+    task = json.loads((out / "finetune_task.json").read_text())
+    assert task["labels"] == ["maybe", "no", "yes"] and task["text_columns"] == ["q", "a"]
+    assert (out / "vocab.txt").is_file() and (out / "head.json").is_file()
+    inp = _csv(tmp_path / "new.csv", [{"q": r["q"], "a": r["a"]} for r in PAIRS])
+    rc = main(["predict", "--model", str(out), "--input", str(inp), "--output", str(tmp_path / "pred.csv")])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv", encoding="utf-8")))
+    assert len(rows) == 5 and list(rows[0]) == ["index", "label", "prob_maybe", "prob_no", "prob_yes"]
+    for r in rows:
+        assert r["label"] in {"maybe", "no", "yes"}
+        assert sum(float(r[k]) for k in ("prob_maybe", "prob_no", "prob_yes")) == pytest.approx(1.0, abs=1e-4)
+    rc = main(["predict", "--model", str(out), "--input", str(inp), "--output", str(tmp_path / "pred.jsonl")])
+    lines = [json.loads(l) for l in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert rc == 0 and len(lines) == 5 and set(lines[0]["probabilities"]) == {"maybe", "no", "yes"}
+
+
+def test_jsonl_regression_and_tsv_single_text(model, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": r["q"], "score": i * 0.5}) for i, r in enumerate(PAIRS)) + "\n")
+    out = tmp_path / "reg"
+    assert main(["finetune", "--model", str(model), "--train", str(train), "--dev", str(train), "--text-columns",
+                 "text", "--label-column", "score", "--regression", "--output", str(out), *QUICK]) == 0
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("id\ttext\n1\tthe \"cat\n2\ta dog\n")
+    assert main(["predict", "--model", str(out), "--input", str(tsv), "--output", str(tmp_path / "p.tsv")]) == 0
+    lines = (tmp_path / "p.tsv").read_text().splitlines()
+    assert lines[0] == "index\tscore" and len(lines) == 3
+    float(lines[1].split("\t")[1])
+
+
+def test_errors_name_file_line_and_field(model, tmp_path, capsys):
+    train = _csv(tmp_path / "train.csv", PAIRS)
+    rc = main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "question",
+               "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.csv: no text column 'question' (columns: q, a, y)" in err
+    rc = main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "q",
+               "--label-column", "y", "--regression", "--output", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.csv:2: field 'y': 'yes' is not a number" in err
+    dev = _csv(tmp_path / "dev.csv", [{"q": "a", "a": "b", "y": "unseen"}])
+    rc = main(["finetune", "--model", str(model), "--train", str(train), "--dev", str(dev), "--text-columns", "q,a",
+               "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dev.csv:2: field 'y': label 'unseen' does not occur in the training file" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "a", "y": "1"}\n{"q": "b", "y": \n')
+    rc = main(["finetune", "--model", str(model), "--train", str(bad), "--text-columns", "q",
+               "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
+    assert rc == 2 and "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    rc = main(["predict", "--model", str(model), "--input", str(train), "--output", str(tmp_path / "p.csv")])
+    assert rc == 2 and "finetune_task.json: not found" in capsys.readouterr().err
