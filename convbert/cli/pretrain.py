@@ -1,7 +1,144 @@
-"""Subcommands of this area (filled in by its issue)."""
+"""`convbert pretrain`, `convbert export` and `convbert quickstart`."""
+
+from __future__ import annotations
 
 import argparse
+
+from convbert.errors import ConvBertError
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train ConvBERT with ELECTRA replaced-token detection (CPU, GPU, torchrun DDP)",
+        description=(
+            "Pre-train a ConvBERT discriminator with the original ELECTRA recipe (spec §3). Settings resolve as: "
+            "per-size defaults <- --config YAML <- flags <- --set key=value. Re-running the same command continues "
+            "from the latest checkpoint in --output. Multi-GPU / multi-node: launch with torchrun."
+        ),
+    )
+    p.add_argument("--data", help="dataset folder written by `convbert build-data`")
+    p.add_argument("--eval-data", help="held-out dataset folder (default: an eval/ or heldout/ subfolder of --data)")
+    p.add_argument("--vocab", help="the vocab.txt the data was built with (default: found via the data manifest)")
+    p.add_argument("--size", choices=["tiny", "small", "medium-small", "base"],
+                   help="model size; sets the recipe defaults of spec §3.8 (default medium-small)")
+    p.add_argument("--output", help="run folder (checkpoints, logs, resolved configuration)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default 1,000,000 for the paper sizes)")
+    p.add_argument("--batch-size", type=int, help="global batch size over all ranks and accumulation steps")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation micro-steps per optimisation step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (multiplied into the linear decay)")
+    p.add_argument("--seed", type=int, help="random seed (default 42)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (plus milestones and the last step)")
+    p.add_argument("--keep-checkpoints", type=int, help="keep the last N regular checkpoints (milestones are kept)")
+    p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: only at start and end)")
+    p.add_argument("--eval-batches", type=int, help="batches per held-out evaluation")
+    p.add_argument("--config", help="YAML recipe file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting (repeatable), e.g. --set model.hidden_dropout_prob=0.0")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the latest checkpoint (also what re-running the command does); error if none")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the encoders")
+    p.add_argument("--masking", choices=["with-replacement", "without-replacement"],
+                   help="masked positions drawn with replacement (original) or without")
+    p.add_argument("--attention", choices=["mixed", "plain"],
+                   help="mixed = ConvBERT; plain = ELECTRA baseline (full self-attention only)")
+    p.add_argument("--objective", choices=["electra", "mlm"],
+                   help="electra = replaced-token detection; mlm = BERT-style masked LM on one network")
+    p.add_argument("--max-bad-steps", type=int, help="stop after N non-finite losses in a row (default 10)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default: the GPU if there is one)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--stop-at-step", type=int,
+                   help="checkpoint and stop at this step (the schedule still spans --steps); re-run to continue")
+    p.add_argument("--log-every", type=int, help="write a JSONL/TensorBoard record every N steps (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_pretrain)
+
+
+FLAG_KEYS = (
+    "data", "eval_data", "vocab", "output", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "save_every",
+    "keep_checkpoints", "eval_every", "eval_batches", "precision", "compile", "masking", "attention", "objective",
+    "max_bad_steps", "device", "stop_at_step", "log_every", "threads",
+)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from convbert.pretrain.config import resolve_config
+    from convbert.pretrain.trainer import run_pretraining
+
+    flags = {k: getattr(args, k, None) for k in FLAG_KEYS}
+    cfg = resolve_config(args.size, args.config, flags, args.set)
+    result = run_pretraining(cfg, resume=True if args.resume else None, progress=not args.no_progress)
+    ev = result.get("eval") or {}
+    if result.get("finished") and ev:
+        auc = ev.get("disc_auc")
+        print(
+            f"pretrain: finished {result['step']} steps; held-out "
+            + (f"disc AUC {auc:.4f}, " if isinstance(auc, float) else "")
+            + f"MLM accuracy {ev.get('masked_lm_accuracy', float('nan')):.4f}; run folder {cfg.output}"
+        )
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a pre-training checkpoint's discriminator (and generator) in the HF layout",
+        description=(
+            "Export the discriminator of a pre-training checkpoint as an HF-layout ConvBertModel folder with its "
+            "vocab.txt. --checkpoint may be a checkpoint folder or a run folder (its latest checkpoint)."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder for its latest checkpoint")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--generator", action="store_true",
+                   help="also write the generator (ConvBertForMaskedLM layout) to <output>/generator/")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from convbert.pretrain.export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.output, generator=args.generator)
+    print(f"export: step {info['step']} of {info['checkpoint']} -> " + ", ".join(
+        f"{k} {v}" for k, v in info["written"].items()))
+    for note in info.get("notes", []):
+        print(f"export: note: {note}")
+    return 0
+
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="end-to-end demo on CPU in minutes: vocab, data, pre-training, evaluation (and fine-tuning)",
+        description=(
+            "Harvest a corpus from the Python standard library's documentation (no download), train a WordPiece "
+            "vocab, build the data, pre-train a tiny ConvBERT for a few minutes, report held-out discriminator AUC "
+            "against the untrained model, plot the curves and, where fine-tuning is available, fine-tune on a small "
+            "task built from the same text."
+        ),
+    )
+    p.add_argument("--output", default="quickstart", help="folder for everything it writes (default ./quickstart)")
+    p.add_argument("--minutes", type=float, default=6.0,
+                   help="total time budget in minutes (default 6; pre-training gets what the other stages leave)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size (default tiny)")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning stage")
+    p.set_defaults(func=run_quickstart)
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from convbert.pretrain.quickstart import quickstart
+
+    if args.minutes <= 0:
+        raise ConvBertError(f"--minutes {args.minutes}: expected a positive number")
+    quickstart(args.output, minutes=args.minutes, seed=args.seed, size=args.size, finetune=not args.no_finetune)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `convbert` parser."""
+    _add_pretrain(sub)
+    _add_export(sub)
+    _add_quickstart(sub)

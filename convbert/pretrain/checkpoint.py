@@ -1,0 +1,303 @@
+"""Pre-training checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+Layout of one checkpoint, `<run>/checkpoints/step-00001000/`:
+
+* `model.safetensors`: the `ElectraPretrainingModel` state dict (the generator's view of the shared embeddings is
+  stored once; `trainer_state.json` lists the aliases);
+* `optimizer.safetensors` + the non-tensor part of the optimiser state in `trainer_state.json`;
+* `rng.safetensors`: per rank, the torch CPU (and CUDA) generator, the masking generator and the sampling generator;
+  numpy and Python RNG states go to the JSON;
+* `trainer_state.json` (written last): step, schedule, data cursor of every rank, grad-scaler state, bad-step counter,
+  the resolved run configuration. A folder without it is incomplete and ignored.
+
+The folder is assembled under a temporary name, every file is fsynced, then it is renamed into place and the parent
+directory fsynced: a crash leaves either no checkpoint or a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from convbert.errors import ConvBertError
+
+STATE_FILE = "trainer_state.json"
+CKPT_RE = re.compile(r"^step-(\d+)$")
+MILESTONE_FRACTIONS = (0.0625, 0.125, 0.25, 0.5, 1.0)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def milestone_steps(total_steps: int) -> set[int]:
+    """Steps at 6.25 / 12.5 / 25 / 50 / 100 % of the run (rounded, at least 1)."""
+    return {max(1, int(round(total_steps * f))) for f in MILESTONE_FRACTIONS}
+
+
+# ---- tensor-dict helpers -------------------------------------------------------------------------------------
+
+
+def _contiguous_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta_state: dict[str, dict] = {}
+    for idx, pstate in state_dict["state"].items():
+        entry: dict[str, Any] = {}
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = _contiguous_cpu(value)
+                entry[key] = {"__tensor__": f"state.{idx}.{key}"}
+            else:
+                entry[key] = value
+        meta_state[str(idx)] = entry
+    return tensors, {"state": meta_state, "param_groups": state_dict["param_groups"]}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for idx, entry in meta["state"].items():
+        restored = {}
+        for key, value in entry.items():
+            if isinstance(value, dict) and "__tensor__" in value:
+                restored[key] = tensors[value["__tensor__"]]
+            else:
+                restored[key] = value
+        state[int(idx)] = restored
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with shared tensors stored once; returns (tensors, aliases name → stored name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = _contiguous_cpu(t)
+    return tensors, aliases
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    full = dict(tensors)
+    for alias, target in aliases.items():
+        full[alias] = tensors[target]
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if missing or unexpected:
+        raise ConvBertError(
+            "checkpoint does not match the model: "
+            + (f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}" if unexpected else "")
+        )
+
+
+# ---- RNG states ------------------------------------------------------------------------------------------------
+
+
+def capture_rng(mask_generator: torch.Generator | None, sample_generator: torch.Generator | None, device) -> dict:
+    """This process's RNG states (tensors as uint8 CPU tensors, numpy/python as JSON-able lists)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device is not None and torch.device(device).type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    if mask_generator is not None:
+        tensors["mask_generator"] = mask_generator.get_state()
+    if sample_generator is not None:
+        tensors["sample_generator"] = sample_generator.get_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return {"tensors": {k: v.detach().cpu().clone() for k, v in tensors.items()}, "meta": meta}
+
+
+def restore_rng(state: dict, mask_generator, sample_generator, device) -> None:
+    tensors, meta = state["tensors"], state["meta"]
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(tensors["torch_cuda"], torch.device(device))
+    if mask_generator is not None and "mask_generator" in tensors:
+        mask_generator.set_state(tensors["mask_generator"])
+    if sample_generator is not None and "sample_generator" in tensors:
+        sample_generator.set_state(tensors["sample_generator"])
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# ---- write / read ----------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng_states: list[dict],
+    loader_states: list[Any],
+    trainer_state: dict,
+) -> Path:
+    """Write `<directory>/step-XXXXXXXX` atomically; `rng_states`/`loader_states` are indexed by rank."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory))
+    try:
+        tensors, aliases = model_tensors(model)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+        rng_tensors = {}
+        rng_meta = []
+        for rank, rs in enumerate(rng_states):
+            for key, value in rs["tensors"].items():
+                rng_tensors[f"rank{rank}.{key}"] = value.contiguous()
+            rng_meta.append(rs["meta"])
+        save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata={"format": "pt"})
+        state = dict(trainer_state)
+        state.update(
+            step=int(step),
+            world_size=len(rng_states),
+            model_aliases=aliases,
+            optimizer=opt_meta,
+            rng=rng_meta,
+            loader=loader_states,
+        )
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+            old = directory / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder meaning its latest checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    for candidate in (path / "checkpoints", path):
+        latest = latest_checkpoint(candidate)
+        if latest is not None:
+            return latest
+    if not path.exists():
+        raise ConvBertError(f"{path}: no such checkpoint or run folder")
+    raise ConvBertError(f"{path}: no complete checkpoint found (expected {STATE_FILE} in it or in checkpoints/step-*/)")
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    path = Path(path) / STATE_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConvBertError(f"{path}: cannot read checkpoint state ({err})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint: {'state', 'model', 'optimizer_tensors', 'rng_tensors'}."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    try:
+        model = load_file(str(path / "model.safetensors"))
+        opt = load_file(str(path / "optimizer.safetensors")) if (path / "optimizer.safetensors").is_file() else {}
+        rng = load_file(str(path / "rng.safetensors")) if (path / "rng.safetensors").is_file() else {}
+    except Exception as err:  # safetensors raises its own error types
+        raise ConvBertError(f"{path}: cannot read checkpoint tensors ({err})") from None
+    return {"state": state, "model": model, "optimizer_tensors": opt, "rng_tensors": rng}
+
+
+def rng_state_for_rank(ckpt: dict, rank: int) -> dict | None:
+    metas = ckpt["state"].get("rng") or []
+    if rank >= len(metas):
+        return None
+    prefix = f"rank{rank}."
+    tensors = {k[len(prefix):]: v for k, v in ckpt["rng_tensors"].items() if k.startswith(prefix)}
+    return {"tensors": tensors, "meta": metas[rank]}
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int, protected: set[int]) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, except protected (milestone) steps."""
+    found = list_checkpoints(directory)
+    removed = []
+    if keep_last <= 0:
+        return removed
+    recent = {step for step, _ in found[-keep_last:]}
+    for step, p in found:
+        if step in recent or step in protected:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    # Leftover temporary folders from an interrupted save.
+    for p in Path(directory).glob(".step-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    return removed

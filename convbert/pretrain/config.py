@@ -1,0 +1,267 @@
+"""The resolved pre-training configuration: per-size defaults (spec §3.8) ← YAML file ← command-line flags ← --set.
+
+Keys are the fields of `PretrainConfig`; `model.<field>` keys override `ConvBertConfig` fields (e.g.
+`--set model.hidden_dropout_prob=0.0`). A YAML file is a mapping with the same keys and an optional `model:` mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convbert.errors import ConvBertError
+
+SIZES = ("tiny", "small", "medium-small", "base")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MASKINGS = ("with-replacement", "without-replacement")
+ATTENTIONS = ("mixed", "plain")
+OBJECTIVES = ("electra", "mlm")
+
+# Spec §3.8 (the paper sizes); `tiny` is ours, for tests and the CPU quickstart.
+SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(lr=1e-3, batch_size=32, eval_batch_size=32, steps=2000, warmup_steps=100, generator_fraction=0.25,
+                 save_every=500, eval_every=500),
+    "small": dict(lr=3e-4, batch_size=128, eval_batch_size=128, steps=1_000_000, warmup_steps=10_000,
+                  generator_fraction=0.25),
+    "medium-small": dict(lr=5e-4, batch_size=128, eval_batch_size=128, steps=1_000_000, warmup_steps=10_000,
+                         generator_fraction=0.25),
+    "base": dict(lr=2e-4, batch_size=256, eval_batch_size=256, steps=1_000_000, warmup_steps=10_000,
+                 generator_fraction=1 / 3),
+}
+
+
+@dataclass
+class PretrainConfig:
+    data: str = ""
+    output: str = ""
+    size: str = "medium-small"
+    eval_data: str | None = None  # default: <data>/eval, else the last examples of --data are held out
+    vocab: str | None = None  # default: <data>/vocab.txt or the manifest's record (checked by sha256)
+    steps: int = 1_000_000
+    batch_size: int = 128  # global (all ranks, all accumulation micro-steps)
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup_steps: int = 10_000
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_every: int = 10_000
+    keep_checkpoints: int = 3
+    eval_every: int = 10_000  # 0 disables periodic evaluation (the final one still runs)
+    eval_batches: int = 50
+    eval_batch_size: int = 128
+    eval_at_start: bool = True
+    log_every: int = 1
+    precision: str = "fp32"
+    compile: bool = False
+    masking: str = "with-replacement"
+    attention: str = "mixed"
+    objective: str = "electra"
+    generator_fraction: float = 0.25
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.85
+    gen_weight: float = 1.0
+    disc_weight: float = 50.0
+    temperature: float = 1.0
+    max_bad_steps: int = 10
+    max_seq_length: int | None = None  # default: the dataset's length
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    stop_at_step: int | None = None  # stop early (after a checkpoint) at this step; the schedule still uses `steps`
+    model: dict = field(default_factory=dict)  # ConvBertConfig overrides
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConvBertError(f"{key} = {getattr(self, key)!r}: expected {expected}")
+
+        need(self.size in SIZES, "size", "one of " + ", ".join(SIZES))
+        need(self.precision in PRECISIONS, "precision", "one of " + ", ".join(PRECISIONS))
+        need(self.masking in MASKINGS, "masking", "one of " + ", ".join(MASKINGS))
+        need(self.attention in ATTENTIONS, "attention", "one of " + ", ".join(ATTENTIONS))
+        need(self.objective in OBJECTIVES, "objective", "one of " + ", ".join(OBJECTIVES))
+        need(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        for key in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_bad_steps", "log_every"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
+        for key in ("warmup_steps", "save_every", "eval_every", "eval_batches", "keep_checkpoints", "threads"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "an integer >= 0")
+        need(self.lr >= 0, "lr", "a number >= 0")
+        need(0 < self.generator_fraction <= 1, "generator_fraction", "a number in (0, 1]")
+        need(0 < self.mask_prob < 1, "mask_prob", "a number in (0, 1)")
+        need(0 <= self.mask_token_prob <= 1, "mask_token_prob", "a number in [0, 1]")
+        need(self.temperature > 0, "temperature", "a number > 0")
+        if self.stop_at_step is not None:
+            need(isinstance(self.stop_at_step, int) and self.stop_at_step >= 1, "stop_at_step", "an integer >= 1")
+        if not self.data:
+            raise ConvBertError("no training data: pass --data DIR (a folder written by `convbert build-data`)")
+        if not self.output:
+            raise ConvBertError("no output folder: pass --output DIR")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Convert a YAML/--set value to the field's type (ints stay ints, '1e-3' becomes a float)."""
+    f = FIELDS[key]
+    typ = str(f.type)
+    if value is None:
+        if "None" in typ:
+            return None
+        raise ConvBertError(f"{source}: key {key!r} cannot be null")
+    try:
+        if typ.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if typ.startswith("str"):
+            return str(value)
+        if typ == "dict":
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {typ}") from None
+    return value
+
+
+def _model_fields() -> set[str]:
+    from convbert.model.config import ConvBertConfig
+
+    return {f.name for f in dataclasses.fields(ConvBertConfig)} - {"extra"}
+
+
+def apply_mapping(cfg: PretrainConfig, values: dict, source: str) -> None:
+    model_fields = None
+    for key, value in values.items():
+        key = str(key).replace("-", "_") if str(key) != "model" and not str(key).startswith("model.") else str(key)
+        if key == "model":
+            if not isinstance(value, dict):
+                raise ConvBertError(f"{source}: key 'model' must be a mapping of ConvBertConfig fields")
+            for k, v in value.items():
+                apply_mapping(cfg, {f"model.{k}": v}, source)
+            continue
+        if key.startswith("model."):
+            name = key[len("model."):]
+            model_fields = model_fields or _model_fields()
+            if name not in model_fields:
+                raise ConvBertError(f"{source}: unknown key {key!r} (model keys: {', '.join(sorted(model_fields))})")
+            cfg.model[name] = value
+            continue
+        if key not in FIELDS:
+            raise ConvBertError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(FIELDS))}, model.<field>)")
+        setattr(cfg, key, _coerce(key, value, source))
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConvBertError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConvBertError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConvBertError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def parse_set(items: list[str] | None) -> dict:
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConvBertError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        values[key] = value
+    return values
+
+
+def resolve_config(
+    size: str | None = None,
+    config_file: str | None = None,
+    flags: dict | None = None,
+    sets: list[str] | None = None,
+) -> PretrainConfig:
+    """defaults(size) ← YAML ← explicit flags (values that are not None) ← --set."""
+    file_values = load_yaml(config_file) if config_file else {}
+    set_values = parse_set(sets)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    chosen = set_values.get("size") or flags.get("size") or size or file_values.get("size") or "medium-small"
+    if chosen not in SIZES:
+        raise ConvBertError(f"size {chosen!r}: expected one of {', '.join(SIZES)}")
+    cfg = PretrainConfig(size=chosen)
+    for key, value in SIZE_DEFAULTS[chosen].items():
+        setattr(cfg, key, value)
+    explicit: set[str] = set()
+    if file_values:
+        apply_mapping(cfg, file_values, config_file or "config")
+        explicit |= {str(k).replace("-", "_") for k in file_values}
+    apply_mapping(cfg, flags, "command line")
+    explicit |= set(flags)
+    apply_mapping(cfg, set_values, "--set")
+    explicit |= {k.replace("-", "_") for k in set_values}
+    cfg.size = chosen
+    # A short run keeps the recipe's warmup fraction (1 %) unless the warmup was given explicitly.
+    if "warmup_steps" not in explicit and cfg.steps < SIZE_DEFAULTS[chosen]["warmup_steps"] * 10:
+        cfg.warmup_steps = max(1, int(round(cfg.steps * 0.01))) if chosen != "tiny" else min(
+            cfg.warmup_steps, max(1, cfg.steps // 10))
+    if "save_every" not in explicit and cfg.save_every > cfg.steps:
+        cfg.save_every = cfg.steps
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(values: dict) -> PretrainConfig:
+    cfg = PretrainConfig()
+    for key, value in values.items():
+        if key in FIELDS:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def save_config(path: str | Path, obj: dict) -> None:
+    from convbert.utils import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def load_json(path: str | Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConvBertError(f"{path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise ConvBertError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None

@@ -1,0 +1,114 @@
+"""`convbert export`: a pre-training checkpoint → HF-layout model folders.
+
+* `<output>/`: the discriminator as `ConvBertModel` (config.json + model.safetensors) and the `vocab.txt` the data was
+  built with — ready for `convbert finetune` or `transformers.ConvBertModel.from_pretrained`.
+* `<output>/generator/` (with `--generator`): the generator in `ConvBertForMaskedLM` layout (`convbert.*` encoder with
+  the shared embeddings, `generator_predictions.*`, `generator_lm_head.*` tied to the word table) and `vocab.txt`.
+* `<output>/export.json`: where it came from (checkpoint, step, objective).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from convbert.errors import ConvBertError
+from convbert.pretrain import checkpoint as ckpt_io
+from convbert.utils import atomic_path, write_json_atomic
+
+RUN_VOCAB = "vocab.txt"
+
+
+def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
+    full = dict(tensors)
+    for alias, target in aliases.items():
+        full[alias] = tensors[target]
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
+    run_dir = checkpoint_dir.parent.parent
+    candidates = [run_dir / RUN_VOCAB]
+    if run_config.get("vocab_file"):
+        candidates.append(Path(run_config["vocab_file"]))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConvBertError(
+        f"{checkpoint_dir}: cannot find the vocab the run was trained with (looked for "
+        + ", ".join(str(c) for c in candidates) + ")"
+    )
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
+    from convbert.interop.hf import copy_vocab
+    from convbert.model.config import ConvBertConfig
+    from convbert.model.modeling import ConvBertModel
+
+    ck = ckpt_io.resolve_checkpoint(checkpoint)
+    data = ckpt_io.load_checkpoint(ck)
+    state = data["state"]
+    run = state.get("run_config") or {}
+    if "model_config" not in run:
+        raise ConvBertError(f"{ck}: checkpoint has no model configuration (not written by `convbert pretrain`?)")
+    objective = run.get("pretrain", {}).get("objective", "electra")
+    if generator and objective != "electra":
+        raise ConvBertError(f"--generator: the run used objective {objective!r}, which has no separate generator")
+    aliases = state.get("model_aliases", {})
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConvBertError(f"--output {out}: exists and is not a folder")
+    vocab = find_vocab(ck, run)
+
+    config = ConvBertConfig.from_dict(run["model_config"], source=f"{ck} model_config")
+    disc = ConvBertModel(config)
+    disc.load_state_dict(_sub_state(data["model"], aliases, "discriminator."), strict=True)
+    disc.save_pretrained(out)
+    copy_vocab(vocab, out)
+    written = {"discriminator": str(out)}
+    notes: list[str] = []
+
+    if generator:
+        gconfig = ConvBertConfig.from_dict(run["generator_config"], source=f"{ck} generator_config")
+        gen = ConvBertModel(gconfig)
+        gen.load_state_dict(_sub_state(data["model"], aliases, "generator."), strict=True)
+        gdir = out / "generator"
+        gen.save_pretrained(gdir)
+        head = _sub_state(data["model"], aliases, "generator_head.")
+        tensors = {f"convbert.{k}": v.contiguous() for k, v in gen.state_dict().items()}
+        tensors["generator_predictions.dense.weight"] = head["dense.weight"]
+        tensors["generator_predictions.dense.bias"] = head["dense.bias"]
+        tensors["generator_predictions.LayerNorm.weight"] = head["LayerNorm.weight"]
+        tensors["generator_predictions.LayerNorm.bias"] = head["LayerNorm.bias"]
+        tensors["generator_lm_head.weight"] = gen.embeddings.word_embeddings.weight.detach().clone()
+        tensors["generator_lm_head.bias"] = head["output_bias"]
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(gdir / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        hf = gconfig.to_hf_dict()
+        hf["architectures"] = ["ConvBertForMaskedLM"]
+        hf["tie_word_embeddings"] = True
+        write_json_atomic(gdir / "config.json", hf)
+        copy_vocab(vocab, gdir)
+        written["generator"] = str(gdir)
+        if gconfig.num_attention_heads < gconfig.head_ratio:
+            # Spec §1.6: a one-head generator has a 2H-wide concatenation that HF's port cannot represent.
+            notes.append(
+                f"the generator has {gconfig.num_attention_heads} attention head(s) < head_ratio "
+                f"{gconfig.head_ratio}: convbert loads it, transformers cannot (spec §1.6)"
+            )
+
+    info = {
+        "checkpoint": str(ck),
+        "step": state.get("step"),
+        "total_steps": state.get("total_steps"),
+        "objective": objective,
+        "attention": run.get("pretrain", {}).get("attention"),
+        "size": run.get("pretrain", {}).get("size"),
+        "written": written,
+        "notes": notes,
+    }
+    write_json_atomic(out / "export.json", info)
+    return info

@@ -1,0 +1,517 @@
+"""The pre-training loop: CPU, one GPU or torchrun DDP; autocast; gradient accumulation; exact resume.
+
+One optimisation step = `grad_accum` micro-batches on every rank; the global batch `batch_size` is split evenly over
+ranks and micro-steps. Per micro-batch: dynamic masking on the host with a dedicated generator (checkpointed),
+forward under autocast (sampling and losses in fp32), backward (DDP all-reduces on the last micro-step). Then: skip
+the step if the loss is not finite on any rank, unscale (fp16), clip the global norm, set the scheduled learning rate
+(linear decay from step 0 × linear warmup, spec §3.7) and step `AdamWeightDecay`.
+
+Only rank 0 writes (checkpoints, logs, evaluation); every rank reads the checkpoint on resume and restores its own
+RNG states and data cursor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from convbert.errors import ConvBertError
+from convbert.pretrain import checkpoint as ckpt_io
+from convbert.pretrain.config import PretrainConfig, config_from_dict, load_json, save_config
+from convbert.pretrain.data import (
+    DataBundle,
+    InfiniteLoader,
+    LoaderFactory,
+    default_loader_factory,
+    open_data,
+    sequential_batches,
+)
+from convbert.pretrain.evaluate import evaluate
+from convbert.pretrain.logging import NullLogger, RunLogger
+from convbert.pretrain.masking import MaskedBatch, mask_batch, num_predictions
+from convbert.pretrain.model import ElectraPretrainingModel
+
+RUN_CONFIG = "run_config.json"
+# Keys that must not change when a run is resumed (they change the model or the objective).
+FROZEN_KEYS = ("size", "objective", "attention", "generator_fraction", "model", "masking", "max_seq_length")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_pref: str = "auto") -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; init NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConvBertError("--device cuda: no CUDA device is available")
+    if use_cuda:
+        device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    info = DistInfo(rank, world, local, device)
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_available():
+            raise ConvBertError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        info.initialized_here = True
+    return info
+
+
+def _autocast_factory(precision: str, device: torch.device):
+    if precision == "fp32":
+        return None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ConvBertError("--precision fp16 needs a GPU (use bf16 on CPU)")
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int, max_seq_length: int):
+    from convbert.model.config import ConvBertConfig
+
+    overrides = dict(cfg.model)
+    if "vocab_size" in overrides and int(overrides["vocab_size"]) < vocab_size:
+        raise ConvBertError(
+            f"model.vocab_size = {overrides['vocab_size']} is smaller than the data's vocab ({vocab_size} entries)"
+        )
+    overrides.setdefault("vocab_size", vocab_size)
+    overrides["attention_type"] = cfg.attention
+    try:
+        config = ConvBertConfig.from_preset(cfg.size, **overrides)
+    except TypeError as err:
+        raise ConvBertError(f"model overrides: {err}") from None
+    if config.max_position_embeddings < max_seq_length:
+        raise ConvBertError(
+            f"sequences are {max_seq_length} long but model.max_position_embeddings is "
+            f"{config.max_position_embeddings}; raise it with --set model.max_position_embeddings={max_seq_length}"
+        )
+    config.validate()
+    return config
+
+
+class Trainer:
+    """Build everything from a resolved `PretrainConfig` and run it (`run()`)."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        *,
+        data: DataBundle | None = None,
+        loader_factory: LoaderFactory | None = None,
+        dist_info: DistInfo | None = None,
+        resume: bool | None = None,
+        progress: bool = True,
+        log: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.dist = dist_info or setup_distributed(cfg.device)
+        self.device = self.dist.device
+        self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
+                                      eval_examples=cfg.eval_batches * cfg.eval_batch_size)
+        self.loader_factory = loader_factory or default_loader_factory
+        self.resume_flag = resume
+        self.progress = progress
+        self.out = Path(cfg.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.print = log or (lambda text: print(text, file=sys.stderr, flush=True))
+
+        world = self.dist.world_size
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ConvBertError(
+                f"batch size {cfg.batch_size} does not split over {world} rank(s) × {cfg.grad_accum} accumulation "
+                f"step(s); choose a multiple of {world * cfg.grad_accum}"
+            )
+        self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+        self.T = self.data.max_seq_length
+        if cfg.max_seq_length is None:
+            cfg.max_seq_length = self.T
+        self.n_pred = num_predictions(self.T, cfg.mask_prob)
+        self.model_config = build_model_config(cfg, self.data.vocab_size, self.T)
+
+        # Identical initial weights on every rank: seed, build, then give each rank its own streams.
+        seed_everything(cfg.seed)
+        self.model = ElectraPretrainingModel(
+            self.model_config, cfg.generator_fraction, cfg.objective, cfg.gen_weight, cfg.disc_weight,
+            cfg.temperature,
+        ).to(self.device)
+        seed_everything(cfg.seed + 1 + 1000 * self.dist.rank)
+        self.mask_gen = torch.Generator(device="cpu")
+        self.mask_gen.manual_seed(cfg.seed * 7919 + 17 + self.dist.rank)
+        self.sample_gen = torch.Generator(device=self.device)
+        self.sample_gen.manual_seed(cfg.seed * 104729 + 29 + self.dist.rank)
+
+        from convbert.optim import AdamWeightDecay, param_groups
+
+        self.optimizer = AdamWeightDecay(
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        )
+        self.scaler = None
+        if cfg.precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.autocast = _autocast_factory(cfg.precision, self.device)
+        if cfg.compile:
+            # Compile the two encoders in place (parameter names, hence checkpoints, are unchanged).
+            self.model.discriminator.compile()
+            if self.model.generator is not None:
+                self.model.generator.compile()
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model, device_ids=None, broadcast_buffers=False)
+
+        self.loader = InfiniteLoader(
+            self.loader_factory(self.data.train, self.micro_batch, cfg.seed, self.dist.rank, world)
+        )
+        self.step = 0
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.tokens_seen = 0
+        self.logger = NullLogger()
+
+    # ---- masking -------------------------------------------------------------------------------------------------
+    def mask(self, raw: dict, generator: torch.Generator) -> MaskedBatch:
+        sp = self.data.special
+        return mask_batch(
+            raw["input_ids"], raw["input_mask"], raw["segment_ids"], cls_id=sp.cls, sep_id=sp.sep, mask_id=sp.mask,
+            generator=generator, mask_prob=self.cfg.mask_prob, max_predictions=self.n_pred,
+            with_replacement=self.cfg.masking == "with-replacement", mask_token_prob=self.cfg.mask_token_prob,
+        )
+
+    # ---- run config / resume -------------------------------------------------------------------------------------
+    def resolved(self) -> dict:
+        return {
+            "pretrain": self.cfg.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "generator_config": (
+                self.model.generator_config.to_dict() if self.model.generator_config is not None else None
+            ),
+            "vocab_file": str(self.data.vocab_path) if self.data.vocab_path else None,
+            "eval_holdout_examples": self.data.holdout,
+            "vocab_size": self.data.vocab_size,
+            "special_ids": self.data.special.__dict__,
+            "max_predictions_per_seq": self.n_pred,
+            "world_size": self.dist.world_size,
+            "micro_batch_size": self.micro_batch,
+            "device": str(self.device),
+            "parameters": {
+                "total": sum(p.numel() for p in self.model.parameters()),
+                "discriminator": sum(p.numel() for p in self.model.discriminator.parameters()),
+            },
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+
+    def _check_compatible(self, saved: dict) -> None:
+        old = saved.get("pretrain", {})
+        new = self.cfg.to_dict()
+        changed = [k for k in FROZEN_KEYS if k in old and old[k] != new.get(k)]
+        if changed:
+            raise ConvBertError(
+                f"{self.out}: the run was started with different {', '.join(changed)}; resume with the same "
+                "settings or choose a new --output"
+            )
+        others = [k for k in new if k in old and old[k] != new[k] and k not in ("stop_at_step",)]
+        if others:
+            self.print(f"note: resuming with changed settings: {', '.join(others)} (the new values apply)")
+
+    def maybe_resume(self) -> bool:
+        latest = ckpt_io.latest_checkpoint(self.ckpt_dir)
+        if latest is None:
+            if self.resume_flag:
+                raise ConvBertError(f"--resume: no checkpoint under {self.ckpt_dir}")
+            return False
+        if self.resume_flag is False:
+            raise ConvBertError(f"{self.out} already holds checkpoints; choose a new --output or resume it")
+        run_cfg = self.out / RUN_CONFIG
+        if run_cfg.is_file():
+            self._check_compatible(load_json(run_cfg))
+        data = ckpt_io.load_checkpoint(latest)
+        state = data["state"]
+        ckpt_io.load_model_tensors(self.model, data["model"], state.get("model_aliases", {}))
+        opt_state = ckpt_io.unflatten_optimizer_state(data["optimizer_tensors"], state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as err:
+            raise ConvBertError(f"{latest}: optimiser state does not match the model ({err})") from None
+        for s in self.optimizer.state.values():
+            for k, v in list(s.items()):
+                if torch.is_tensor(v):
+                    s[k] = v.to(self.device)
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step = int(state["step"])
+        self.bad_in_row = int(state.get("bad_steps_in_row", 0))
+        self.bad_total = int(state.get("bad_steps_total", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        same_world = int(state.get("world_size", 1)) == self.dist.world_size
+        loaders = state.get("loader") or []
+        rng = ckpt_io.rng_state_for_rank(data, self.dist.rank)
+        if same_world and self.dist.rank < len(loaders) and rng is not None:
+            self.loader.load_state_dict(loaders[self.dist.rank])
+            ckpt_io.restore_rng(rng, self.mask_gen, self.sample_gen, self.device)
+        else:
+            self.print(
+                f"note: checkpoint written by {state.get('world_size')} rank(s), now {self.dist.world_size}: the "
+                "data order and random streams restart (weights, optimiser and schedule are restored)"
+            )
+            if self.dist.rank < len(loaders):
+                with contextlib.suppress(Exception):
+                    self.loader.load_state_dict(loaders[self.dist.rank])
+        self.print(f"resumed from {latest} (step {self.step})")
+        return True
+
+    def _copy_vocab(self) -> None:
+        """Keep the data's vocab with the run, so `convbert export` finds it even if the data moves."""
+        target = self.out / "vocab.txt"
+        if self.data.vocab_path is None:
+            if not target.is_file():
+                self.print(
+                    f"note: the vocab {self.cfg.data} was built with was not found (pass --vocab FILE); "
+                    "`convbert export` will need it"
+                )
+            return
+        if target.is_file():
+            return
+        import shutil
+
+        from convbert.utils import atomic_path
+
+        with atomic_path(target) as tmp:
+            shutil.copyfile(self.data.vocab_path, tmp)
+
+    # ---- checkpoint ----------------------------------------------------------------------------------------------
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self.dist.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save(self) -> None:
+        rng = ckpt_io.capture_rng(self.mask_gen, self.sample_gen, self.device)
+        rng_all = self._gather(rng)
+        loaders = self._gather(self.loader.state_dict())
+        if self.dist.is_main:
+            ckpt_io.save_checkpoint(
+                self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, rng_states=rng_all,
+                loader_states=loaders,
+                trainer_state={
+                    "total_steps": self.cfg.steps,
+                    "lr_schedule": {"peak_lr": self.cfg.lr, "warmup_steps": self.cfg.warmup_steps,
+                                    "total_steps": self.cfg.steps, "kind": "linear_warmup_decay"},
+                    "bad_steps_in_row": self.bad_in_row,
+                    "bad_steps_total": self.bad_total,
+                    "tokens_seen": self.tokens_seen,
+                    "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "run_config": self.resolved(),
+                },
+            )
+            ckpt_io.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints, ckpt_io.milestone_steps(self.cfg.steps))
+            self.logger.event(self.step, "checkpoint", path=str(self.ckpt_dir / ckpt_io.checkpoint_name(self.step)))
+        if self.dist.distributed:
+            dist.barrier()
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def run_eval(self) -> dict | None:
+        if self.data.eval is None or self.cfg.eval_batches == 0:
+            return None
+        result = None
+        if self.dist.is_main:
+            t0 = time.perf_counter()
+            result = evaluate(
+                self.model,
+                sequential_batches(self.data.eval, self.cfg.eval_batch_size, self.cfg.eval_batches),
+                self.mask, device=self.device, seed=self.cfg.seed + 99991, max_batches=self.cfg.eval_batches,
+                autocast=self.autocast,
+            )
+            result["eval_seconds"] = time.perf_counter() - t0
+            self.logger.eval(self.step, result)
+        if self.dist.distributed:
+            dist.barrier()
+        return result
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+    def train_step(self) -> dict | None:
+        cfg = self.cfg
+        model = self.train_model
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, gen, disc, tokens
+        for micro in range(cfg.grad_accum):
+            raw = self.loader.next()
+            batch = self.mask(raw, self.mask_gen)
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if self.dist.distributed and micro < cfg.grad_accum - 1:
+                sync = model.no_sync()
+            with sync:
+                if self.autocast is not None:
+                    with self.autocast():
+                        out = model(batch, sample_generator=self.sample_gen)
+                else:
+                    out = model(batch, sample_generator=self.sample_gen)
+                loss = out.loss / cfg.grad_accum
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            sums += torch.stack(
+                [out.loss.detach(), out.gen_loss.detach(), out.disc_loss.detach(), batch.input_mask.sum()]
+            ).to(torch.float64)
+        finite = torch.isfinite(sums[:1]).to(torch.float64)
+        if self.dist.distributed:
+            packed = sums.clone()
+            flags = finite.clone()
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            sums, finite = packed, flags
+        stats = sums.cpu()
+        finite = finite.cpu()
+        n_avg = cfg.grad_accum * self.dist.world_size
+        tokens = int(stats[3])
+        if float(finite[0]) < 1.0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_row += 1
+            self.bad_total += 1
+            self.logger.event(self.step, "non_finite_loss", in_a_row=self.bad_in_row, total=self.bad_total)
+            self.logger.message(
+                f"step {self.step + 1}: non-finite loss, step skipped ({self.bad_in_row} in a row, "
+                f"{self.bad_total} in all)"
+            )
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise ConvBertError(
+                    f"{self.bad_in_row} steps in a row had a non-finite loss (at step {self.step + 1}); stopping. "
+                    "Lower --lr, use --precision fp32/bf16, or check the data"
+                )
+            return None
+        self.bad_in_row = 0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        from convbert.optim import linear_warmup_decay
+
+        lr = cfg.lr * linear_warmup_decay(self.step, cfg.steps, cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        return {
+            "loss": float(stats[0]) / n_avg,
+            "gen_loss": float(stats[1]) / n_avg,
+            "disc_loss": float(stats[2]) / n_avg,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+        }
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.out / RUN_CONFIG, self.resolved())
+            self._copy_vocab()
+            self.logger = RunLogger(self.out, cfg.steps, progress=self.progress, log_every=cfg.log_every)
+        if self.step >= cfg.steps:
+            self.print(f"{self.out}: already trained for {self.step} of {cfg.steps} steps; nothing to do")
+            return {"step": self.step, "resumed": resumed, "finished": True}
+        self.logger.start(self.step)
+        if self.dist.is_main:
+            r = self.resolved()
+            self.logger.message(
+                f"pre-training {cfg.size} ({cfg.objective}, attention {cfg.attention}): "
+                f"{r['parameters']['total']:,} parameters, {cfg.steps:,} steps, global batch {cfg.batch_size} "
+                f"({self.dist.world_size} rank(s) × {cfg.grad_accum} accumulation × {self.micro_batch}), "
+                f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
+            )
+        milestones = ckpt_io.milestone_steps(cfg.steps)
+        last_eval = None
+        stop_at = cfg.stop_at_step
+        finished = False
+        try:
+            if not resumed and cfg.eval_at_start:
+                last_eval = self.run_eval()
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                if metrics is None:
+                    continue
+                self.logger.train(self.step, {k: v for k, v in metrics.items() if k != "tokens"}, metrics["tokens"])
+                at_end = self.step >= cfg.steps
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not at_end:
+                    last_eval = self.run_eval()
+                stopping = stop_at is not None and self.step >= stop_at
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step in milestones or at_end or stopping:
+                    self.save()
+                if stopping and not at_end:
+                    self.logger.message(f"stopped at step {self.step} (--stop-at-step); re-run to continue")
+                    break
+            else:
+                finished = True
+            if finished:
+                last_eval = self.run_eval()
+        finally:
+            self.logger.close(plot=True)
+        return {"step": self.step, "resumed": resumed, "finished": finished, "eval": last_eval,
+                "bad_steps": self.bad_total}
+
+    def close(self) -> None:
+        if self.dist.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_pretraining(cfg: PretrainConfig, **kwargs) -> dict:
+    trainer = Trainer(cfg, **kwargs)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def load_run_config(run_dir: str | os.PathLike) -> PretrainConfig:
+    return config_from_dict(load_json(Path(run_dir) / RUN_CONFIG)["pretrain"])

@@ -1,0 +1,204 @@
+"""The pre-training loop on a tiny real dataset: loss goes down, exact resume, checkpoints, config, export."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from convbert.errors import ConvBertError
+from convbert.pretrain import checkpoint as ckpt_io
+from convbert.pretrain.config import resolve_config
+from convbert.pretrain.logging import read_log
+from convbert.pretrain.trainer import run_pretraining
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from convbert.pretrain.quickstart import prepare_data
+
+    root = tmp_path_factory.mktemp("pt_data")
+    info = prepare_data(root, max_chars=120_000, vocab_size=600, max_seq_length=32, progress=False)
+    return info
+
+
+def cfg_for(data, out, **flags):
+    base = dict(data=str(data["data"]), output=str(out), steps=6, batch_size=8, eval_every=0, eval_batches=2,
+                save_every=3, threads=1, log_every=1)
+    base.update(flags)
+    sets = base.pop("sets", [])
+    return resolve_config("tiny", None, base, sets)
+
+
+def losses(run):
+    return [r["loss"] for r in read_log(Path(run) / "log.jsonl") if r["kind"] == "train"]
+
+
+def final_weights(run):
+    latest = ckpt_io.latest_checkpoint(Path(run) / "checkpoints")
+    return load_file(str(latest / "model.safetensors")), latest
+
+
+def test_resume_is_bit_exact(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    run_pretraining(cfg_for(tiny_data, full), progress=False)
+    part = tmp_path / "part"
+    r1 = run_pretraining(cfg_for(tiny_data, part, stop_at_step=3), progress=False)
+    assert r1["step"] == 3 and not r1["finished"]
+    # re-running the same command continues from the latest checkpoint
+    r2 = run_pretraining(cfg_for(tiny_data, part), progress=False)
+    assert r2["resumed"] and r2["finished"] and r2["step"] == 6
+    la, lb = losses(full), losses(part)
+    assert len(la) == len(lb) == 6
+    assert la == lb  # bit-exact floats from the JSONL
+    wa, ca = final_weights(full)
+    wb, cb = final_weights(part)
+    assert ca.name == cb.name == "step-00000006"
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa, ob = load_file(str(ca / "optimizer.safetensors")), load_file(str(cb / "optimizer.safetensors"))
+    for k in oa:
+        assert torch.equal(oa[k], ob[k]), k
+    # the state records step, schedule, rng and data cursor
+    st = json.loads((cb / "trainer_state.json").read_text())
+    assert st["step"] == 6 and st["lr_schedule"]["total_steps"] == 6 and st["loader"][0]["position"] > 0
+    assert st["run_config"]["model_config"]["hidden_size"] == 64
+    # a finished run re-run is a no-op
+    assert run_pretraining(cfg_for(tiny_data, part), progress=False)["step"] == 6
+
+
+def test_loss_decreases_and_eval_metrics(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    res = run_pretraining(
+        cfg_for(tiny_data, out, steps=60, batch_size=16, save_every=60, eval_every=30, eval_batches=4, lr=2e-3,
+                warmup_steps=5),
+        progress=False,
+    )
+    ls = losses(out)
+    first, last = sum(ls[:8]) / 8, sum(ls[-8:]) / 8
+    assert last < first * 0.8, (first, last)
+    evals = [r for r in read_log(out / "log.jsonl") if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 30, 60]
+    for key in ("masked_lm_loss", "masked_lm_accuracy", "sampled_masked_lm_accuracy", "disc_loss", "disc_auc",
+                "disc_accuracy", "disc_precision", "disc_recall"):
+        assert key in evals[-1]
+    assert evals[-1]["disc_auc"] > evals[0]["disc_auc"]
+    assert res["eval"]["disc_auc"] == evals[-1]["disc_auc"]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    run_cfg = json.loads((out / "run_config.json").read_text())
+    assert run_cfg["pretrain"]["lr"] == 2e-3 and run_cfg["max_predictions_per_seq"] == int(0.155 * 32)
+    # milestones kept (6.25/12.5/25/50/100 % of 60 -> 4, 8, 15, 30, 60)
+    steps = [s for s, _ in ckpt_io.list_checkpoints(out / "checkpoints")]
+    assert {4, 8, 15, 30, 60} <= set(steps)
+
+
+def test_export_loads_in_transformers(tiny_data, tmp_path):
+    from convbert.pretrain.export import export_checkpoint
+
+    run = tmp_path / "run"
+    # 8 heads: the generator gets 2, which transformers can represent (a 1-head generator it cannot, spec §1.6)
+    run_pretraining(cfg_for(tiny_data, run, steps=2, save_every=2, sets=["model.num_attention_heads=8"]),
+                    progress=False)
+    out = tmp_path / "export"
+    info = export_checkpoint(run, out, generator=True)
+    assert info["step"] == 2 and info["notes"] == []
+    assert (out / "vocab.txt").read_text() == Path(tiny_data["vocab"]).read_text()
+    assert (out / "generator" / "vocab.txt").is_file()
+    from convbert.model.modeling import ConvBertModel
+
+    ours = ConvBertModel.from_pretrained(out)
+    ids = torch.randint(5, 600, (2, 32))
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = ours(ids, attention_mask=mask).last_hidden_state
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    hf = transformers.ConvBertModel.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        got = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(ref, got, atol=1e-4)
+    gen = transformers.ConvBertForMaskedLM.from_pretrained(str(out / "generator")).eval()
+    with torch.no_grad():
+        logits = gen(input_ids=ids, attention_mask=mask).logits
+    assert logits.shape == (2, 32, 600) and torch.isfinite(logits).all()
+    # the generator's MLM logits equal ours (encoder + tied head)
+    from convbert.pretrain.model import word_embedding_weight
+
+    g = ConvBertModel.from_pretrained(out / "generator")
+    with torch.no_grad():
+        h = g(ids, attention_mask=mask).last_hidden_state
+    tensors = load_file(str(out / "generator" / "model.safetensors"))
+    import torch.nn.functional as F
+
+    d = F.linear(h, tensors["generator_predictions.dense.weight"], tensors["generator_predictions.dense.bias"])
+    d = F.layer_norm(F.gelu(d), (d.shape[-1],), tensors["generator_predictions.LayerNorm.weight"],
+                     tensors["generator_predictions.LayerNorm.bias"], eps=1e-12)
+    mine = F.linear(d, word_embedding_weight(g.embeddings), tensors["generator_lm_head.bias"])
+    assert torch.allclose(mine, logits, atol=1e-4)
+
+
+def test_config_resolution_and_errors(tiny_data, tmp_path):
+    cfg = resolve_config("small", None, {"data": "d", "output": "o"}, None)
+    assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.warmup_steps, cfg.generator_fraction) == (3e-4, 128, 10**6, 10**4, 0.25)
+    cfg = resolve_config("base", None, {"data": "d", "output": "o"}, None)
+    assert (cfg.lr, cfg.batch_size, cfg.generator_fraction) == (2e-4, 256, 1 / 3)
+    cfg = resolve_config("medium-small", None, {"data": "d", "output": "o"}, ["lr=1e-3", "model.hidden_dropout_prob=0"])
+    assert cfg.lr == 1e-3 and cfg.model == {"hidden_dropout_prob": 0}
+    y = tmp_path / "r.yaml"
+    y.write_text("size: small\nsteps: 500\nmodel:\n  conv_kernel_size: 7\n")
+    cfg = resolve_config(None, str(y), {"data": "d", "output": "o", "steps": 700}, None)
+    assert cfg.size == "small" and cfg.steps == 700 and cfg.model == {"conv_kernel_size": 7}
+    assert cfg.warmup_steps == 7  # short run: 1 % warmup unless given
+    with pytest.raises(ConvBertError, match="bogus_key"):
+        resolve_config("tiny", None, {"data": "d", "output": "o"}, ["bogus_key=1"])
+    with pytest.raises(ConvBertError, match="model.nope"):
+        resolve_config("tiny", None, {"data": "d", "output": "o"}, ["model.nope=1"])
+    with pytest.raises(ConvBertError, match="steps"):
+        resolve_config("tiny", None, {"data": "d", "output": "o"}, ["steps=abc"])
+    y.write_text("size: tiny\nunknown_thing: 3\n")
+    with pytest.raises(ConvBertError, match="unknown_thing"):
+        resolve_config(None, str(y), {"data": "d", "output": "o"}, None)
+    # resuming with another model is refused
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, steps=1, save_every=1), progress=False)
+    with pytest.raises(ConvBertError, match="attention"):
+        run_pretraining(cfg_for(tiny_data, run, steps=2, attention="plain"), progress=False)
+
+
+def test_non_finite_loss_skips_then_stops(tiny_data, tmp_path, monkeypatch):
+    from convbert.pretrain.model import ElectraPretrainingModel
+
+    orig = ElectraPretrainingModel.forward
+
+    def bad_forward(self, *a, **k):
+        out = orig(self, *a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ElectraPretrainingModel, "forward", bad_forward)
+    with pytest.raises(ConvBertError, match="3 steps in a row had a non-finite loss"):
+        run_pretraining(cfg_for(tiny_data, tmp_path / "run", max_bad_steps=3), progress=False)
+    events = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r.get("event") == "non_finite_loss"]
+    assert len(events) == 3
+
+
+def test_cli_pretrain_and_export(tiny_data, tmp_path, capsys):
+    from convbert.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(run), "--steps", "2",
+               "--batch-size", "4", "--eval-batches", "1", "--threads", "1", "--no-progress", "--objective", "mlm"])
+    assert rc == 0
+    st = json.loads((run / "run_config.json").read_text())
+    assert st["pretrain"]["objective"] == "mlm" and st["generator_config"] is None
+    rc = main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exp")])
+    assert rc == 0 and (tmp_path / "exp" / "model.safetensors").is_file()
+    rc = main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exp2"), "--generator"])
+    assert rc == 2 and "no separate generator" in capsys.readouterr().err
+    rc = main(["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(tmp_path / "x"),
+               "--set", "nonsense=1"])
+    assert rc == 2 and "nonsense" in capsys.readouterr().err
