@@ -16,6 +16,7 @@ import pytest
 
 from convbert.cli import main as cli_main
 from convbert.data import build_dataset, train_vocab
+import convbert.data.build as build_mod
 from convbert.data.build import PARTS
 from convbert.data.dataset import PretrainingDataset
 from convbert.data.shards import ShardWriter
@@ -100,6 +101,7 @@ def test_resume_after_failure_is_identical(corpus, vocab, tmp_path, monkeypatch)
     ref = tmp_path / "ref"
     build_dataset([str(corpus)], vocab, str(ref), seed=1, **SMALL)
     out = tmp_path / "out"
+    monkeypatch.setattr(build_mod, "SPILL_TOKENS", 64)  # every unit goes through a part file
     real_close = ShardWriter.close
     calls = {"n": 0}
 
@@ -117,6 +119,8 @@ def test_resume_after_failure_is_identical(corpus, vocab, tmp_path, monkeypatch)
     monkeypatch.setattr(ShardWriter, "close", real_close)
     m = json.loads((out / "manifest.json").read_text())
     assert not m["complete"] and len(m["shards"]) == 2 and m["committed_units"] > 0
+    kept = sorted(p.name for p in (out / PARTS).glob("unit-*.json"))
+    assert kept  # finished parts of the unfinished shard are kept for reuse
     # leftovers of a hard kill: a stray shard, a torn temporary file, a part without its JSON
     (out / "shard-00007.bin").write_bytes(b"garbage")
     (out / ".shard-00002.bin.abc.tmp").write_bytes(b"torn")

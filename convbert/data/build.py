@@ -24,7 +24,10 @@ import os
 import random
 import sys
 import time
+from array import array
 from pathlib import Path
+
+import numpy as np
 
 from convbert.data.corpus import DOCS_MODES, Unit, UnitEnumerator, UnitStats, read_unit
 from convbert.data.packing import SEGMENT_RULES, ExampleBuilder
@@ -38,7 +41,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTS = "parts"
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens = 128 MiB of uint16 ids per shard
-DEFAULT_CHUNK_BYTES = 1 << 25  # large plain-text files are cut into ~32 MiB units
+DEFAULT_CHUNK_BYTES = 1 << 24  # large plain-text files are cut into ~16 MiB units
+SPILL_TOKENS = 1 << 23  # a unit with more tokens than this goes through a part file instead of memory
 BATCH_LINES = 4096
 BATCH_CHARS = 1 << 20
 
@@ -67,6 +71,7 @@ class _WorkerConfig:
 
 
 _STATE: dict = {}
+_LITTLE = np.little_endian
 
 
 def _init_worker(cfg: _WorkerConfig, single_threaded: bool) -> None:
@@ -119,34 +124,90 @@ def pack_unit(unit: Unit, tok: WordPieceTokenizer, builder: ExampleBuilder, file
         run(items)
 
 
+class _UnitSink:
+    """Collects a unit's examples in memory; spills them to a part file once they exceed `SPILL_TOKENS`."""
+
+    def __init__(self, token_bytes: int, part_path: Path, stats: UnitStats):
+        self.token_bytes = token_bytes
+        self.typecode = "H" if token_bytes == 2 else "I"
+        self.part_path = part_path
+        self.stats = stats
+        self.tok = array(self.typecode)
+        self.len = array("H")
+        self.writer: ShardWriter | None = None
+        self.examples = 0
+        self.text_tokens = 0
+
+    def add(self, a: list[int], b: list[int]) -> None:
+        tok = self.tok
+        tok.extend(a)
+        self.len.append(len(a))
+        if b:
+            tok.extend(b)
+            self.stats.two_segment += 1
+        else:
+            self.stats.single_segment += 1
+        self.len.append(len(b))
+        self.examples += 1
+        self.text_tokens += len(a) + len(b)
+        if len(tok) >= SPILL_TOKENS:
+            self._spill()
+
+    def _raw(self) -> tuple[bytes, bytes]:
+        t, ln = self.tok, self.len
+        if not _LITTLE:  # pragma: no cover - big-endian hosts
+            t, ln = array(t.typecode, t), array("H", ln)
+            t.byteswap()
+            ln.byteswap()
+        return t.tobytes(), ln.tobytes()
+
+    def _spill(self) -> None:
+        if self.writer is None:
+            self.writer = ShardWriter(self.part_path, self.token_bytes)
+        self.writer.add_raw(*self._raw())
+        self.tok = array(self.typecode)
+        self.len = array("H")
+
+    def finish(self) -> tuple[bytes, bytes] | None:
+        """The examples as raw bytes, or None when they were spilled to the part file (now closed)."""
+        if self.writer is None:
+            return self._raw()
+        self._spill()
+        self.writer.close()
+        return None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
 def process_unit(unit: Unit) -> dict:
-    """Pack one unit into its part file. Runs in a worker (or in-process for --workers 1)."""
+    """Pack one unit. Runs in a worker (or in-process for --workers 1).
+
+    Small units come back in memory (``data``: raw token and length bytes); a unit larger than `SPILL_TOKENS`
+    tokens is written to its part file (atomically, with a JSON record) so memory stays bounded and a resumed
+    build can reuse it.
+    """
     cfg: _WorkerConfig = _STATE["cfg"]
     tok: WordPieceTokenizer = _STATE["tok"]
     bin_path, json_path = part_paths(cfg.parts_dir, unit.seq)
     stats = UnitStats()
     builder = ExampleBuilder(cfg.max_seq_length, cfg.segment_rule, random.Random(unit_seed(cfg.seed, unit.key)))
-    writer = ShardWriter(bin_path, cfg.token_bytes)
-    add = writer.add
-
-    def sink(a: list[int], b: list[int]) -> None:
-        add(a, b)
-        if b:
-            stats.two_segment += 1
-        else:
-            stats.single_segment += 1
-
+    sink = _UnitSink(cfg.token_bytes, bin_path, stats)
     try:
-        pack_unit(unit, tok, builder, cfg.docs == "files", cfg.text_field, stats, sink)
-        writer.close()
+        pack_unit(unit, tok, builder, cfg.docs == "files", cfg.text_field, stats, sink.add)
+        data = sink.finish()
     except BaseException:
-        writer.abort()
+        sink.abort()
         raise
-    stats.examples = writer.n_examples
-    stats.text_tokens = writer.n_tokens
-    stats.tokens = writer.n_tokens + 2 * stats.single_segment + 3 * stats.two_segment
-    result = {"seq": unit.seq, "key": unit.key, "bytes": bin_path.stat().st_size, "stats": stats.to_dict()}
-    write_json_atomic(json_path, result)
+    stats.examples = sink.examples
+    stats.text_tokens = sink.text_tokens
+    stats.tokens = sink.text_tokens + 2 * stats.single_segment + 3 * stats.two_segment
+    result = {"seq": unit.seq, "key": unit.key, "stats": stats.to_dict()}
+    if data is None:
+        result["bytes"] = bin_path.stat().st_size
+        write_json_atomic(json_path, result)
+    result["data"] = data
     return result
 
 
@@ -157,6 +218,7 @@ def _load_part(parts_dir: Path, unit: Unit) -> dict | None:
         if info.get("key") != unit.key or bin_path.stat().st_size != info.get("bytes"):
             return None
         ShardReader(bin_path)
+        info["data"] = None
         return info
     except (OSError, ValueError, ConvBertError):
         return None
@@ -225,11 +287,15 @@ class _Committer:
                 name = f"shard-{len(self.manifest['shards']):05d}.bin"
                 self.writer = ShardWriter(self.out / name, self.token_bytes)
                 self.shard_first = unit.seq
-            self.writer.add_shard(ShardReader(bin_path))
+            if info.get("data") is not None:
+                self.writer.add_raw(*info["data"])
+            else:
+                self.writer.add_shard(ShardReader(bin_path))
         self.total.add(stats)
         self.per_input[unit.input_index].add(stats)
         self.units_per_input[unit.input_index] += 1
-        self.pending_parts.append(unit.seq)
+        if info.get("data") is None:
+            self.pending_parts.append(unit.seq)
         self.next_seq += 1
         self.tokens_done += stats["tokens"]
         if self.writer is not None and self.writer.n_tokens >= self.shard_tokens:
@@ -413,7 +479,7 @@ def build_dataset(
         pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, True))
     else:
         _init_worker(cfg, False)
-    window = 2 * workers + 2
+    window = workers + 2
     inflight: dict[int, tuple[Unit, cf.Future]] = {}
     ready: dict[int, tuple[Unit, dict]] = {}
 

@@ -97,6 +97,16 @@ class ShardWriter:
             self._lf.write(self._len.tobytes() if _LITTLE else _swapped(self._len))
             self._len = array("H")
 
+    def add_raw(self, tokens: bytes, lengths: bytes) -> None:
+        """Append examples given as raw little-endian bytes: token ids and (len_a, len_b) uint16 pairs."""
+        self._flush()
+        n_tok = len(tokens) // self.token_bytes
+        n_ex = len(lengths) // 4
+        self._f.write(tokens)
+        self._lf.write(lengths)
+        self.n_examples += n_ex
+        self.n_tokens += n_tok
+
     def add_shard(self, reader: "ShardReader") -> None:
         """Append every example of another shard file (a worker's part), copying raw bytes."""
         if reader.token_bytes != self.token_bytes:
