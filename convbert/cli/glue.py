@@ -30,6 +30,7 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     g.add_argument("--no-double-unordered", action="store_true",
                    help="do not double MRPC/STS-B (or --symmetric own-task) training sets with swapped sentences")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
 def _cfg(args, double_default=True):
@@ -39,7 +40,13 @@ def _cfg(args, double_default=True):
         import torch
 
         torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = FinetuneConfig(
+        device=device,
         lr=args.lr,
         layer_decay=args.layer_decay,
         weight_decay=args.weight_decay,

@@ -53,6 +53,7 @@ class FinetuneConfig:
     pad_to_max: bool = True  # fixed padding to max_seq_length (faithful: the conv branch sees padding)
     max_train_examples: int | None = None
     regression_scale: float = 5.0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ... (the CLI resolves "auto")
 
     def validate(self) -> None:
         def need(ok, what):
@@ -67,6 +68,12 @@ class FinetuneConfig:
         need(self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         need(0 <= self.warmup_proportion < 1, f"--warmup-proportion must be in [0, 1), got {self.warmup_proportion}")
         need(self.loss_reduction in ("sum", "mean"), f"loss reduction must be sum or mean, got {self.loss_reduction}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConvBertError(f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConvBertError(f"--device {self.device}: CUDA is not available here (use --device cpu)")
         need(
             self.max_train_examples is None or self.max_train_examples >= 1,
             f"--max-train-examples must be at least 1, got {self.max_train_examples}",
@@ -157,9 +164,11 @@ def train(
         raise ConvBertError("no training examples left after reading the training file")
     total = train_steps_for(n, cfg.batch_size, epochs)
     warmup = int(total * cfg.warmup_proportion)
+    model.to(cfg.device)
     opt = build_optimizer(model, cfg, peak_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
     model.train()
     start = time.time()
     recent: list[float] = []
@@ -171,7 +180,7 @@ def train(
             if step >= total:
                 break
             idx = order[s : s + cfg.batch_size]
-            batch = feats.batch(idx, cfg.pad_to_max)
+            batch = {k: v.to(device, non_blocking=True) for k, v in feats.batch(idx, cfg.pad_to_max).items()}
             factor = linear_warmup_decay(step, total, warmup)
             for g in opt.param_groups:
                 g["lr"] = peak_lr * factor
@@ -209,12 +218,13 @@ def train(
 def predict_logits(model, feats: Features, batch_size: int, pad_to_max: bool = True, on_batch=None) -> np.ndarray:
     """Logits [N, C] (classification) or raw scores [N, 1] (regression, on the training target scale)."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     outs = []
     n = len(feats)
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
-        b = feats.batch(idx, pad_to_max)
+        b = {k: v.to(device, non_blocking=True) for k, v in feats.batch(idx, pad_to_max).items()}
         outs.append(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu().numpy())
         if on_batch is not None:
             on_batch(len(idx))
