@@ -17,6 +17,7 @@ How determinism and resume work:
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import hashlib
 import json
 import multiprocessing as mp
@@ -526,6 +527,12 @@ def build_dataset(
                 f"{committer.total.binary_skipped} binary files skipped); expected UTF-8 text"
             )
         committer.close_shard(final=True)
+    except BrokenProcessPool:
+        committer.abort()
+        raise ConvBertError(
+            "a worker process died unexpectedly (out of memory or killed); re-run the same command to continue "
+            "(finished shards are kept), perhaps with fewer --workers"
+        ) from None
     except BaseException:
         committer.abort()
         if pool is not None:
