@@ -121,3 +121,26 @@ def test_glue_download_command_with_local_urls(tmp_path, capsys):
     rc = main(["glue-download", "--output", str(out), "--tasks", "cola", "--base-url", src.as_uri()])
     assert rc == 2
     assert "cannot download" in capsys.readouterr().err
+
+
+def test_layout_from_a_folder_of_downloads(tmp_path):
+    src = tmp_path / "dl"
+    src.mkdir()
+    _zip(src / "CoLA.zip", COLA)
+    _zip(src / "QNLIv2.zip", {"QNLI/train.tsv": "index\tquestion\tsentence\tlabel\n0\ta\tb\tentailment\n",
+                              "QNLI/dev.tsv": "index\tquestion\tsentence\tlabel\n",
+                              "QNLI/test.tsv": "index\tquestion\tsentence\n0\ta\tb\n"})
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    (src / "msr_paraphrase_train.txt").write_text(head + "1\t1\t2\ta\tb\n0\t3\t4\tc\td\n")
+    (src / "msr_paraphrase_test.txt").write_text(head + "1\t5\t6\te\tf\n")
+    (src / "mrpc_dev_ids.tsv").write_text("3\t4\n")
+    (src / "AX.tsv").write_text("index\tsentence1\tsentence2\n0\ta\tb\n")
+    out = tmp_path / "glue"
+    assert main(["glue-download", "--output", str(out), "--from-dir", str(src), "--layout", "convbert",
+                 "--tasks", "cola,mrpc,qnli,ax"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cola", "mnli", "mrpc", "qnli"]
+    assert len(read_split(out, "mrpc", "dev").examples) == 1 and len(read_split(out, "ax", "AX").examples) == 1
+    with pytest.raises(ConvBertError, match="no RTE.zip"):
+        from convbert.finetune.glue_download import layout_glue
+
+        layout_glue(src, out, ["rte"])

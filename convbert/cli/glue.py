@@ -141,9 +141,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_glue_download(args) -> int:
-    from convbert.finetune.glue_download import download_glue
+    from convbert.finetune.glue_download import download_glue, layout_glue
     from convbert.finetune.tasks import parse_task_list
 
+    if args.from_dir:
+        layout_glue(Path(args.from_dir), Path(args.output), tasks=parse_task_list(args.tasks), layout=args.layout)
+        return 0
     download_glue(
         Path(args.output),
         tasks=parse_task_list(args.tasks),
@@ -232,5 +235,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=("glue", "convbert"), default="glue",
                    help="standard download_glue_data.py names (default) or ConvBERT's renamed ones")
     p.add_argument("--base-url", default=GLUE_BASE_URL, help=f"base URL of the GLUE zips (default {GLUE_BASE_URL})")
+    p.add_argument("--from-dir", default=None,
+                   help="no download: lay out files already fetched into this folder (the task zips, AX.tsv, "
+                        "msr_paraphrase_train.txt, msr_paraphrase_test.txt, mrpc_dev_ids.tsv)")
     p.add_argument("--mrpc-base-url", default=MRPC_BASE_URL, help=f"base URL of the MRPC files (default {MRPC_BASE_URL})")
     p.set_defaults(func=cmd_glue_download)

@@ -215,6 +215,45 @@ def fetch(url: str, dest: Path) -> Path:
     return dest
 
 
+# Names accepted for each archive when laying out a folder of already-downloaded files.
+ALTERNATE_NAMES = {
+    "cola": ("CoLA.zip",), "sst": ("SST-2.zip", "SST.zip"), "qqp": ("QQP-clean.zip", "QQP.zip"),
+    "sts": ("STS-B.zip", "STS.zip"), "mnli": ("MNLI.zip",), "qnli": ("QNLIv2.zip", "QNLI.zip"),
+    "rte": ("RTE.zip",), "wnli": ("WNLI.zip",), "ax": ("AX.tsv", "AX.zip", "diagnostic.tsv"),
+}
+
+
+def _pick(src: Path, names: tuple[str, ...], what: str) -> Path:
+    for n in names:
+        if (src / n).is_file():
+            return src / n
+    raise ConvBertError(f"{src}: no {' or '.join(names)} for {what}")
+
+
+def layout_glue(
+    src_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    tasks: list[str] | None = None,
+    layout: str = "glue",
+    log=print,
+) -> Path:
+    """Lay out a folder of downloaded GLUE files (the task zips, AX.tsv, the MRPC SentEval files and
+    mrpc_dev_ids.tsv) into `output` — the offline half of `glue-download` (`--from-dir`)."""
+    src, output = Path(src_dir), Path(output)
+    tasks = list(tasks or list(GLUE_TASKS) + ["ax"])
+    output.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        if task == "mrpc":
+            files = [_pick(src, (f,), "MRPC") for f in MRPC_FILES]
+            where = build_mrpc(files[0], files[1], _pick(src, (MRPC_DEV_IDS,), "MRPC"), output, layout)
+        elif task == "ax":
+            where = install_ax(_pick(src, ALTERNATE_NAMES["ax"], "AX"), output, layout)
+        else:
+            where = install_archive(_pick(src, ALTERNATE_NAMES[task], TASKS[task].glue_name), output, task, layout)
+        log(f"{TASKS[task].glue_name if task != 'ax' else 'AX'}: {where}")
+    return output
+
+
 def download_glue(
     output: str | os.PathLike,
     tasks: list[str] | None = None,
@@ -223,8 +262,10 @@ def download_glue(
     mrpc_base_url: str = MRPC_BASE_URL,
     log=print,
 ) -> Path:
+    """Fetch the GLUE files into a temporary folder inside `output`, then `layout_glue` them."""
     output = Path(output)
     tasks = list(tasks or list(GLUE_TASKS) + ["ax"])
+    task_dir_name(tasks[0] if tasks[0] != "ax" else "mnli", layout)  # validate the layout name early
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     mrpc_base_url = mrpc_base_url if mrpc_base_url.endswith("/") else mrpc_base_url + "/"
     output.mkdir(parents=True, exist_ok=True)
@@ -232,15 +273,13 @@ def download_glue(
         tmp = Path(tmp)
         for task in tasks:
             if task == "mrpc":
-                files = [fetch(mrpc_base_url + f, tmp / f) for f in MRPC_FILES]
-                ids = fetch(base_url + MRPC_DEV_IDS, tmp / MRPC_DEV_IDS)
-                where = build_mrpc(files[0], files[1], ids, output, layout)
+                for f in MRPC_FILES:
+                    fetch(mrpc_base_url + f, tmp / f)
+                fetch(base_url + MRPC_DEV_IDS, tmp / MRPC_DEV_IDS)
             elif task == "ax":
-                where = install_ax(fetch(base_url + AX_FILE, tmp / AX_FILE), output, layout)
+                fetch(base_url + AX_FILE, tmp / AX_FILE)
             else:
-                name = ARCHIVES[task]
-                archive = fetch(base_url + name, tmp / name)
-                where = install_archive(archive, output, task, layout)
-                archive.unlink()
-            log(f"{TASKS[task].glue_name if task != 'ax' else 'AX'}: {where}")
+                fetch(base_url + ARCHIVES[task], tmp / ARCHIVES[task])
+            log(f"downloaded {TASKS[task].glue_name if task != 'ax' else 'AX'}")
+        layout_glue(tmp, output, tasks, layout, log)
     return output
