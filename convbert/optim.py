@@ -116,7 +116,7 @@ def param_groups(
     return list(groups.values())
 
 
-def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
+def linear_warmup_decay(step: int, total_steps: int, warmup_steps: float) -> float:
     """Factor on the peak lr: (1 − step/total) clipped at 0, times min(1, step/warmup) (1 when warmup is 0)."""
     if total_steps <= 0:
         raise ConvBertError(f"total_steps must be positive, got {total_steps}")

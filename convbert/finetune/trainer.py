@@ -117,7 +117,7 @@ def check_vocab_matches(model, tokenizer, model_dir) -> None:
 @dataclass
 class TrainStats:
     steps: int
-    warmup_steps: int
+    warmup_steps: float  # total × warmup_proportion, not rounded (as the original)
     epochs: float
     n_train: int
     peak_lr: float
@@ -163,7 +163,7 @@ def train(
     if n == 0:
         raise ConvBertError("no training examples left after reading the training file")
     total = train_steps_for(n, cfg.batch_size, epochs)
-    warmup = int(total * cfg.warmup_proportion)
+    warmup = total * cfg.warmup_proportion  # a float, like the original's max(T · proportion, 0)
     model.to(cfg.device)
     opt = build_optimizer(model, cfg, peak_lr)
     params = [p for p in model.parameters() if p.requires_grad]
