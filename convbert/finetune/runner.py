@@ -217,6 +217,12 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
                 d = read_split(None, t_task, name, path=path)
                 entry["test"][name] = (d, featurize_examples(d.examples, tokenizer, cfg.max_seq_length, labels))
         data_cache[task] = entry
+        notes = [(raw, "train")] + [(d, split) for split, (d, _) in entry["dev"].items()]
+        for d, split in notes:
+            if d.skipped:
+                msg = (f"{DISPLAY[task]} {split}: skipped {d.skipped} malformed row(s) in {d.path} (lines "
+                       f"{', '.join(map(str, d.skipped_lines))}{', ...' if d.skipped > len(d.skipped_lines) else ''})")
+                bar.write(msg, file=sys.stderr) if bar is not None else _log(opts, msg)
     entry = data_cache[task]
     feats = entry["train"]
     epochs = cfg.epochs if cfg.epochs is not None else spec.epochs
