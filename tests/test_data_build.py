@@ -320,3 +320,21 @@ def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):
     v = tmp_path / "v.txt"
     assert cli_main(["train-vocab", "--input", str(corpus), "--vocab-size", "300", "--output", str(v)]) == 0
     assert v.read_text().splitlines()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.mark.parametrize("name,match", [("corrupt.tar.xz", "not a readable tar archive"),
+                                        ("corrupt.xz", "not a readable tar archive"),
+                                        ("corrupt.jsonl.gz", "not readable"),
+                                        ("corrupt.txt.gz", "not a readable gzip file")])
+def test_corrupt_compressed_inputs(vocab, tmp_path, name, match):
+    p = tmp_path / name
+    p.write_bytes(b"this is not compressed data at all\n" * 10)
+    with pytest.raises(ConvBertError, match=match):
+        build_dataset([str(p)], vocab, str(tmp_path / "out"), progress=False)
+
+
+def test_missing_special_token_in_vocab(corpus, tmp_path):
+    v = tmp_path / "v.txt"
+    v.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
+    with pytest.raises(ConvBertError, match=r"v\.txt.*\[MASK\]"):
+        build_dataset([str(corpus)], str(v), str(tmp_path / "out"), progress=False)

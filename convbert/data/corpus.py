@@ -24,8 +24,10 @@ import glob
 import gzip
 import io
 import json
+import lzma
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -314,7 +316,7 @@ class UnitEnumerator:
                             yield flush()
                 if group:
                     yield flush()
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as err:
             if isinstance(err, OSError) and not isinstance(err, (tarfile.TarError,)) and err.errno is not None:
                 raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
             raise ConvBertError(f"{path}: not a readable tar archive ({err}); expected e.g. openwebtext.tar.xz")
@@ -461,7 +463,7 @@ def _gzip_text_blocks(unit: Unit, stats: UnitStats) -> Iterator[list]:
                 stats.binary_files.append(unit.path)
                 return
             yield from _text_stream(f, None, stats)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise ConvBertError(f"{unit.path}: not a readable gzip file ({err})")
 
 
@@ -493,7 +495,7 @@ def _tar_blocks(unit: Unit, stats: UnitStats) -> Iterator[list]:
                     continue
                 data = _read_member(tar, member, label)
                 yield from _bytes_document(data, f"{label}!{member.name}", stats)
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as err:
         if isinstance(err, OSError) and not isinstance(err, tarfile.TarError) and err.errno is not None:
             raise ConvBertError(f"{label}: cannot read ({err.strerror or err})")
         raise ConvBertError(f"{label}: not a readable tar archive ({err}); expected an OpenWebText sub-archive "
@@ -554,7 +556,7 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
                 if items:
                     yield items
             _note_invalid(stats, before)
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise ConvBertError(f"{path}: not readable ({err})")
 
 

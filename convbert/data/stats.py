@@ -83,7 +83,7 @@ def format_stats(s: dict) -> str:
         f"full length      {100 * s['full_length_share']:.1f} % of examples",
         f"on disk          {s['bytes_on_disk']:,} bytes in {s['shards']} shard(s), "
         f"{bpt:.3f} bytes/token ({s['token_dtype']} ids)" if bpt is not None else "on disk          0 bytes",
-        f"settings         " + ", ".join(f"{k}={v}" for k, v in s["settings"].items()),
+        "settings         " + ", ".join(f"{k}={v}" for k, v in s["settings"].items()),
         "length histogram (tokens incl. specials):",
     ]
     top = max((h["examples"] for h in s["length_histogram"]), default=0) or 1
