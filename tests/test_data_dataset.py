@@ -151,3 +151,20 @@ def test_incomplete_dataset_is_refused(built, tmp_path):
         PretrainingDataset(d)
     with pytest.raises(ConvBertError, match="not found"):
         PretrainingDataset(tmp_path / "nothing")
+
+
+def test_large_vocab_uses_uint32(tmp_path):
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    vocab = tmp_path / "big_vocab.txt"
+    filler = [f"filler{i}" for i in range(70000)]
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + filler + WORDS) + "\n")
+    text = "\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(i % 9 + 1)) for i in range(200)) + "\n"
+    (tmp_path / "c.txt").write_text(text)
+    m = build_dataset([str(tmp_path / "c.txt")], str(vocab), str(tmp_path / "d"), max_seq_length=64,
+                      progress=False)
+    assert m["token_dtype"] == "uint32"
+    ds = PretrainingDataset(tmp_path / "d")
+    tok = WordPieceTokenizer.from_vocab(vocab)
+    ids = ds.example(0)["input_ids"]
+    assert ids.max() > 65535 and set(tok.decode(ids[ds.example(0)["input_mask"] == 1][1:-1])) <= set(WORDS + ["[SEP]"])
