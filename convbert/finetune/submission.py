@@ -64,7 +64,7 @@ def write_prediction_file(path: str | os.PathLike, indexes: Sequence[str], value
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def test_indexes(glue_dir, name: str) -> list[str] | None:
+def test_file_indexes(glue_dir, name: str) -> list[str] | None:
     """Index column of a submission file's test file, or None when the file is absent."""
     task = submission_task(name)
     split = name if name in TASKS[task].test else "test"
@@ -148,7 +148,7 @@ def build_submission(
     notes: dict[str, str] = {}
     for name in SUBMISSION_FILES:
         dest = sub_dir / f"{name}.tsv"
-        expected = test_indexes(glue_dir, name)
+        expected = test_file_indexes(glue_dir, name)
         src = sources.get(name)
         if name == "WNLI" and wnli_majority:
             label = majority_label(glue_dir, "wnli") if glue_dir is not None else None
