@@ -189,7 +189,7 @@ def finetune_own_task(
 
     set_seed(seed)
     model = ConvBertForSequenceClassification.from_encoder(model_dir, 1 if regression else len(label_list))
-    check_vocab_matches(model, tokenizer, model_dir)
+    check_vocab_matches(model, tokenizer, model_dir, cfg.max_seq_length)
     peak_lr = cfg.lr if cfg.lr is not None else default_lr(model.config)
     epochs = cfg.epochs if cfg.epochs is not None else 3
     total = train_steps_for(len(feats), cfg.batch_size, epochs)

@@ -156,6 +156,15 @@ def check_inputs(opts: GlueOptions) -> None:
         raise ConvBertError(f"{md}: no config.json (expected an HF-layout ConvBERT folder with vocab.txt)")
     if not (md / "vocab.txt").is_file():
         raise ConvBertError(f"{md}: no vocab.txt (a model folder is HF layout plus its vocab.txt)")
+    try:
+        mp = json.loads((md / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (json.JSONDecodeError, AttributeError, OSError) as err:
+        raise ConvBertError(f"{md}/config.json: not a readable JSON object ({err})")
+    if isinstance(mp, int) and opts.cfg.max_seq_length > mp:
+        raise ConvBertError(
+            f"--max-seq-length {opts.cfg.max_seq_length} exceeds the model's max_position_embeddings {mp} "
+            f"({md}/config.json)"
+        )
     if not opts.glue_dir.is_dir():
         raise ConvBertError(f"{opts.glue_dir}: GLUE folder not found (run `convbert glue-download --output DIR`)")
     for t in opts.tasks:
@@ -229,7 +238,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
 
     set_seed(seed)
     model = ConvBertForSequenceClassification.from_encoder(opts.model_dir, spec.num_labels)
-    check_vocab_matches(model, tokenizer, opts.model_dir)
+    check_vocab_matches(model, tokenizer, opts.model_dir, cfg.max_seq_length)
     peak_lr = cfg.lr if cfg.lr is not None else default_lr(model.config)
     t0 = time.time()
     if bar is not None:

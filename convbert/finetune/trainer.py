@@ -106,7 +106,13 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return WordPieceTokenizer.from_vocab(vocab, lower_case=lower, strip_accents=lower)
 
 
-def check_vocab_matches(model, tokenizer, model_dir) -> None:
+def check_vocab_matches(model, tokenizer, model_dir, max_seq_length: int | None = None) -> None:
+    """The vocab must fit the embedding table, and the sequence length the position table."""
+    mp = model.config.max_position_embeddings
+    if max_seq_length is not None and max_seq_length > mp:
+        raise ConvBertError(
+            f"--max-seq-length {max_seq_length} exceeds the model's max_position_embeddings {mp} ({model_dir}/config.json)"
+        )
     vs = model.config.vocab_size
     if tokenizer.vocab_size > vs:
         raise ConvBertError(
