@@ -46,7 +46,7 @@ def ref_words(text, lower=True, strip=True):
     for tok in "".join(out).split():
         if lower:
             tok = tok.lower()
-        if strip:
+        if lower and strip:  # the original strips accents only when lower-casing
             tok = "".join(c for c in unicodedata.normalize("NFD", tok) if unicodedata.category(c) != "Mn")
         cur = ""
         for ch in tok:
@@ -130,6 +130,7 @@ TRICKY = [
     "[SEP] [CLS] [MASK] are split like text",
     "x" * 150 + " " + "x" * 201 + " " + "a" * 199,
     "ÅNGSTRÖM Ǆ ﬁ ligature İstanbul",
+    "private \ue000 use \U000f0000 \u2028 line sep \x85 nel",
     "don't stop-believing; e.g. (a) [b] {c} <d> @e #f $g %h ^i &j *k _l ~m `n |o \\p",
 ]
 

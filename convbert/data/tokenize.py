@@ -3,7 +3,8 @@
 The pipeline reproduces the original basic tokenizer + WordPiece:
 
 * normaliser: drop NUL, U+FFFD and control characters, map whitespace to a space, put spaces around CJK
-  ideographs, optionally lower-case and strip accents (NFD, drop combining marks);
+  ideographs, optionally lower-case and strip accents (NFD, drop combining marks). As in the original
+  (ELECTRA's `BasicTokenizer`), accents are only stripped when lower-casing: `lower_case=False` keeps them;
 * pre-tokeniser: split on whitespace and on punctuation (ASCII non-alphanumeric printable characters and every
   Unicode ``P*`` character);
 * model: greedy longest-match-first WordPiece with ``##`` continuations; a word longer than **200** characters
@@ -73,7 +74,8 @@ class WordPieceTokenizer:
                 )
         self.source = source
         self.lower_case = bool(lower_case)
-        self.strip_accents = bool(strip_accents)
+        # As in the original BasicTokenizer, accents are stripped only when lower-casing.
+        self.strip_accents = bool(strip_accents) and self.lower_case
         self.vocab: dict[str, int] = vocab
         self._id_to_token: list[str] = list(tokens)
         self.vocab_size: int = len(tokens)

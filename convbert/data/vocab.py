@@ -37,7 +37,8 @@ def train_vocab(
         raise ConvBertError(f"--vocab-size: expected at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=200))
     tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=bool(strip_accents), lowercase=bool(lower_case)
+        clean_text=True, handle_chinese_chars=True, strip_accents=bool(strip_accents) and bool(lower_case),
+        lowercase=bool(lower_case),
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
