@@ -299,6 +299,7 @@ class UnitEnumerator:
         try:
             with tarfile.open(fileobj=counting, mode="r|*") as tar:
                 for member in tar:
+                    tar.members = []  # stream mode would otherwise keep every member's header in memory
                     if not check_member(path, member):
                         continue
                     data = _read_member(tar, member, path)
@@ -491,6 +492,7 @@ def _tar_blocks(unit: Unit, stats: UnitStats) -> Iterator[list]:
             tar = tarfile.open(unit.path, mode="r|*")
         with tar:
             for member in tar:
+                tar.members = []
                 if not check_member(label, member):
                     continue
                 data = _read_member(tar, member, label)
