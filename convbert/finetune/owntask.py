@@ -186,6 +186,14 @@ def finetune_own_task(
     if cfg.double_unordered and b is not None:
         a, b, y = a + b, b + a, y + y
     feats = featurize(a, b, y, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
+    if dev_file is not None:  # read and check the dev file before spending time on training
+        dcols, drows = read_table(dev_file, file_format)
+        if not drows:
+            raise ConvBertError(f"{dev_file}: no data rows")
+        da, db = _texts(dev_file, dcols, drows, text_columns)
+        dy = _labels(dev_file, drows, _column_values(dev_file, dcols, drows, label_column, "label"), label_column,
+                     regression, label_list)
+        dfeats = featurize(da, db, dy, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
 
     set_seed(seed)
     model = ConvBertForSequenceClassification.from_encoder(model_dir, 1 if regression else len(label_list))
@@ -219,11 +227,6 @@ def finetune_own_task(
         "seconds": round(stats.seconds, 2),
     }
     if dev_file is not None:
-        dcols, drows = read_table(dev_file, file_format)
-        da, db = _texts(dev_file, dcols, drows, text_columns)
-        dy = _labels(dev_file, drows, _column_values(dev_file, dcols, drows, label_column, "label"), label_column,
-                     regression, label_list)
-        dfeats = featurize(da, db, dy, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
         out = predict_logits(model, dfeats, cfg.eval_batch_size, cfg.pad_to_max)
         if regression:
             result["dev"] = M.regression_metrics(out.reshape(-1), np.asarray(dy, dtype=np.float64))
