@@ -354,7 +354,8 @@ def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_byt
         "complete": False,
         "settings": settings,
         "vocab": {
-            "file": os.path.basename(vocab), "sha256": settings["vocab_sha256"], "size": tok.vocab_size,
+            "file": os.path.basename(vocab), "path": os.path.abspath(vocab), "sha256": settings["vocab_sha256"],
+            "size": tok.vocab_size,
             "pad_id": tok.pad_id, "unk_id": tok.unk_id, "cls_id": tok.cls_id, "sep_id": tok.sep_id,
             "mask_id": tok.mask_id,
         },
