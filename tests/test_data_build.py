@@ -338,3 +338,15 @@ def test_missing_special_token_in_vocab(corpus, tmp_path):
     v.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
     with pytest.raises(ConvBertError, match=r"v\.txt.*\[MASK\]"):
         build_dataset([str(corpus)], str(v), str(tmp_path / "out"), progress=False)
+
+
+def test_output_inside_input_folder_is_not_read(vocab, tmp_path):
+    d = tmp_path / "proj"
+    d.mkdir()
+    (d / "a.txt").write_text("the quick brown fox\njumps over the lazy dog\n")
+    m1 = build_dataset([str(d)], vocab, str(d / "data"), progress=False)
+    assert m1["counts"]["files"] == 1
+    assert build_dataset([str(d)], vocab, str(d / "data"), progress=False) == m1  # still the same inputs
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConvBertError, match="not a folder"):
+        build_dataset([str(d)], vocab, str(tmp_path / "afile"), progress=False)

@@ -454,8 +454,10 @@ def build_dataset(
         segment_rule=segment_rule, text_field=text_field, lower_case=bool(lower_case),
         strip_accents=bool(strip_accents), shard_tokens=int(shard_tokens), chunk_bytes=int(chunk_bytes),
     )
-    enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes)  # validates the inputs exist
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConvBertError(f"--output {out}: exists and is not a folder")
+    enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out)  # validates the inputs exist
     manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs))
     if manifest.get("complete"):
         if progress:

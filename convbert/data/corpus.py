@@ -165,17 +165,22 @@ def classify(name: str) -> str:
 _GLOB_CHARS = set("*?[")
 
 
-def expand_inputs(inputs: list[str]) -> list[list[tuple[str, str]]]:
-    """For each input argument: the sorted list of (path, name relative to the argument)."""
+def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> list[list[tuple[str, str]]]:
+    """For each input argument: the sorted list of (path, name relative to the argument).
+
+    Folders are walked recursively; `exclude` (the output folder) is never entered.
+    """
     if not inputs:
         raise ConvBertError("--input: expected at least one file, folder or glob")
+    skip = os.path.realpath(exclude) if exclude is not None else None
     out = []
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
             files = []
             for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                                 and os.path.realpath(os.path.join(root, d)) != skip)
                 for n in sorted(names):
                     if n.startswith("."):
                         continue
@@ -225,8 +230,8 @@ def _find_boundary(f, pos: int, size: int, blank_lines: bool) -> int:
 class UnitEnumerator:
     """Yields the units of all inputs in a fixed order; records per-input progress as it goes."""
 
-    def __init__(self, inputs: list[str], *, docs: str, chunk_bytes: int):
-        self.files = expand_inputs(inputs)
+    def __init__(self, inputs: list[str], *, docs: str, chunk_bytes: int, exclude: str | None = None):
+        self.files = expand_inputs(inputs, exclude)
         self.inputs = list(inputs)
         self.docs = docs
         self.chunk_bytes = max(1, int(chunk_bytes))
