@@ -251,10 +251,20 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     stats = train(model, feats, cfg, spec.is_regression, epochs, seed, peak_lr, on_step=on_step)
+
+    def predict(f, what):
+        if bar is None:
+            return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max)
+        from tqdm import tqdm
+
+        with tqdm(total=len(f), unit="ex", file=sys.stderr, leave=False, dynamic_ncols=True,
+                  desc=f"{DISPLAY[task]} seed {seed}: predicting {what}") as pbar:
+            return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max, on_batch=pbar.update)
+
     dev_outputs = {}
     dev_sizes = {}
     for split, (d, f) in entry["dev"].items():
-        out = predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max)
+        out = predict(f, split)
         y = np.array([e.label for e in d.examples], dtype=np.float64) if spec.is_regression else f.labels
         dev_outputs[split] = (out, y)
         dev_sizes[split] = {"examples": len(d.examples), "skipped_rows": d.skipped}
@@ -267,7 +277,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
     if opts.predict:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, (d, f) in entry["test"].items():
-            out = predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max)
+            out = predict(f, f"{name} test")
             vals = format_predictions("ax" if name == "AX" else task, out, cfg.regression_scale)
             p = run_dir / f"{name}.tsv"
             write_prediction_file(p, [e.index for e in d.examples], vals)
