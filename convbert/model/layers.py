@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convbert.model import kernels
 from convbert.model.config import ConvBertConfig
 
 
@@ -97,11 +98,9 @@ class MixedAttention(nn.Module):
         def heads_first(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, heads, size).transpose(1, 2)
 
-        context = F.scaled_dot_product_attention(
-            heads_first(query), heads_first(key), heads_first(value),
-            attn_mask=additive_mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=1.0 / math.sqrt(size),
+        context = kernels.attention(
+            heads_first(query), heads_first(key), heads_first(value), additive_mask,
+            scale=1.0 / math.sqrt(size), dropout_p=self.dropout_p, training=self.training,
         ).transpose(1, 2)  # [B, T, Nr, d]
         if self.plain:
             return context.reshape(batch, length, heads * size)
@@ -171,6 +170,7 @@ class ConvBertLayer(nn.Module):
 
     def __init__(self, config: ConvBertConfig):
         super().__init__()
+        self.groups = config.num_groups
         self.attention = Attention(config)
         self.intermediate = _Dense(
             feed_forward_linear(config.hidden_size, config.intermediate_size, config.num_groups))
@@ -182,6 +182,7 @@ class ConvBertLayer(nn.Module):
                 token_mask: torch.Tensor | None) -> torch.Tensor:
         attention, out = self.attention, self.attention.output
         mixed = attention.self(x, additive_mask, token_mask)
-        h = out.LayerNorm(out.dropout(out.dense(mixed)) + x)
-        f = self.output.dense(gelu(self.intermediate.dense(h)))
-        return self.output.LayerNorm(self.output.dropout(f) + h)
+        h = out.LayerNorm(kernels.dropout(out.dense(mixed), out.dropout.p, self.training) + x)
+        dense = self.output.dense  # GELU then the output linear: the GELU output is recomputed, not stored
+        f = kernels.gelu_linear(self.intermediate.dense(h), dense.weight, dense.bias, self.groups)
+        return self.output.LayerNorm(kernels.dropout(f, self.output.dropout.p, self.training) + h)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from convbert.model import kernels
 from convbert.model.config import ConvBertConfig
 from convbert.model.layers import ConvBertLayer, GroupedLinear, MixedAttention, SeparableConv1D
 
@@ -46,7 +47,7 @@ class ConvBertEmbeddings(nn.Module):
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(x))
+        return kernels.dropout(self.LayerNorm(x), self.dropout.p, self.training)
 
 
 class ConvBertEncoder(nn.Module):

@@ -1,0 +1,199 @@
+"""Our ConvBERT vs transformers' ConvBERT: same config, weights, inputs and threads, interleaved A B A B.
+
+Measures, per size at batch x length (default 32 x 128):
+  * training step (forward + backward + optimiser step) and inference (forward, no grad): median seconds;
+  * the max |difference| of the two models' outputs in eval mode (faithful mode), checked while timing;
+  * peak training memory of each model (each in a fresh subprocess: peak RSS during the steps minus RSS before);
+  * achieved model FLOP/s against the fp32 matmul throughput measured on this machine in the same run.
+
+Usage:  python benchmarks/model_speed.py --sizes medium-small --steps 5 --output benchmarks/results/model_speed.json
+The allocator settings below are fixed (and reported) because glibc's defaults make large activations page-fault
+on every step (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                 "MALLOC_TOP_PAD_": "1073741824"}
+
+if __name__ == "__main__" and os.environ.get("_CONVBERT_BENCH_CHILD") is None:
+    missing = {k: v for k, v in ALLOCATOR_ENV.items() if os.environ.get(k) != v}
+    if missing:  # re-exec with the fixed allocator settings (glibc reads them at start-up)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+
+import torch  # noqa: E402
+
+from convbert.model import ConvBertConfig, ConvBertModel  # noqa: E402
+from convbert.model.flops import encoder_forward_flops_per_token  # noqa: E402
+
+
+def build_pair(size: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    ours = ConvBertModel(ConvBertConfig.from_preset(size))
+    values = {k: v for k, v in ours.config.to_hf_dict().items()
+              if k not in ("model_type", "architectures", "convbert_extra")}
+    hf = transformers.ConvBertModel(transformers.ConvBertConfig(**values))
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    return ours, hf
+
+
+def inputs(batch: int, length: int, vocab: int = 30522):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    return ids, torch.ones_like(ids), torch.zeros_like(ids)
+
+
+def train_step(model, optimizer, ids, mask, types, hf: bool):
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types) if hf else model(ids, mask, types)
+    loss = out.last_hidden_state.float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def infer(model, ids, mask, types, hf: bool):
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types) if hf else model(ids, mask, types)
+    return out.last_hidden_state
+
+
+def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def peak_memory_child(impl: str, size: str, batch: int, length: int, steps: int) -> dict:
+    """Run in a fresh process: RSS growth of `steps` training steps."""
+    ours, hf = build_pair(size)
+    model = hf if impl == "hf" else ours
+    del ours, hf
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no optimiser state: activations only
+    ids, mask, types = inputs(batch, length)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    for _ in range(steps):
+        train_step(model, optimizer, ids, mask, types, impl == "hf")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": peak - before}
+
+
+def measure_memory(impl: str, size: str, batch: int, length: int) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import model_speed as m; print(json.dumps(m.peak_memory_child({impl!r}, {size!r}, {batch}, {length}, 2)))")
+    env = {**os.environ, **ALLOCATOR_ENV, "_CONVBERT_BENCH_CHILD": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_size(size: str, batch: int, length: int, steps: int, warmup: int, memory: bool) -> dict:
+    ours, hf = build_pair(size)
+    ids, mask, types = inputs(batch, length)
+    ours.eval(), hf.eval()
+    max_diff = (infer(ours, ids, mask, types, False) - infer(hf, ids, mask, types, True)).abs().max().item()
+
+    times = {"ours_infer": [], "hf_infer": [], "ours_train": [], "hf_train": []}
+    for i in range(warmup + steps):  # interleaved: A B A B
+        for name, model, is_hf in (("ours", ours, False), ("hf", hf, True)):
+            t = time.perf_counter()
+            infer(model, ids, mask, types, is_hf)
+            if i >= warmup:
+                times[f"{name}_infer"].append(time.perf_counter() - t)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=0.0)  # lr 0: weights stay equal
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=0.0)
+    ours.train(), hf.train()
+    for i in range(warmup + steps):
+        for name, model, opt, is_hf in (("ours", ours, opt_ours, False), ("hf", hf, opt_hf, True)):
+            t = time.perf_counter()
+            train_step(model, opt, ids, mask, types, is_hf)
+            if i >= warmup:
+                times[f"{name}_train"].append(time.perf_counter() - t)
+    # The outputs must still agree after identical optimiser steps on identical weights.
+    ours.eval(), hf.eval()
+    max_diff_after = (infer(ours, ids, mask, types, False) - infer(hf, ids, mask, types, True)).abs().max().item()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = batch * length
+    flops_train = 3 * encoder_forward_flops_per_token(ours.config, length) * tokens
+    result = {
+        "size": size, "batch": batch, "length": length, "steps": steps,
+        "median_seconds": med, "all_seconds": times,
+        "train_speedup": med["hf_train"] / med["ours_train"],
+        "infer_speedup": med["hf_infer"] / med["ours_infer"],
+        "train_tokens_per_s": {"ours": tokens / med["ours_train"], "hf": tokens / med["hf_train"]},
+        "infer_tokens_per_s": {"ours": tokens / med["ours_infer"], "hf": tokens / med["hf_infer"]},
+        "train_model_flops_per_s": {"ours": flops_train / med["ours_train"], "hf": flops_train / med["hf_train"]},
+        "max_abs_diff_eval": max_diff, "max_abs_diff_after_training": max_diff_after,
+    }
+    if memory:
+        mem = {impl: measure_memory(impl, size, batch, length) for impl in ("ours", "hf")}
+        result["memory"] = mem
+        result["memory_ratio"] = mem["ours"]["step_peak_bytes"] / mem["hf"]["step_peak_bytes"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="small,medium-small,base")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--output", default="benchmarks/results/model_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peak = matmul_flops()
+    rows = [bench_size(s, args.batch, args.length, args.steps, args.warmup, not args.no_memory)
+            for s in args.sizes.split(",")]
+    peak_after = matmul_flops()
+    matmul = max(peak, peak_after)
+    for r in rows:
+        r["train_fraction_of_matmul_peak"] = {k: v / matmul for k, v in r["train_model_flops_per_s"].items()}
+
+    header = (f"{'size':<13}{'train ours':>11}{'train HF':>10}{'speedup':>9}{'infer ours':>11}{'infer HF':>10}"
+              f"{'speedup':>9}{'mem ours/HF':>13}{'MFU ours':>10}{'MFU HF':>8}{'max|diff|':>11}")
+    print(f"threads={args.threads} batch={args.batch} length={args.length} matmul peak={matmul / 1e9:.1f} GFLOP/s "
+          f"allocator={ALLOCATOR_ENV}")
+    print(header)
+    for r in rows:
+        m = r["median_seconds"]
+        mem = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-"
+        print(f"{r['size']:<13}{m['ours_train']:>10.2f}s{m['hf_train']:>9.2f}s{r['train_speedup']:>8.2f}x"
+              f"{m['ours_infer']:>10.2f}s{m['hf_infer']:>9.2f}s{r['infer_speedup']:>8.2f}x{mem:>13}"
+              f"{r['train_fraction_of_matmul_peak']['ours']:>9.0%}{r['train_fraction_of_matmul_peak']['hf']:>8.0%}"
+              f"{max(r['max_abs_diff_eval'], r['max_abs_diff_after_training']):>11.1e}")
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": args.threads},
+        "allocator_env": ALLOCATOR_ENV, "matmul_flops_per_s": matmul, "results": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

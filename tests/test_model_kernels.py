@@ -1,0 +1,65 @@
+"""The lean CPU training kernels compute exactly what the plain PyTorch ops compute (values and gradients)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convbert.model import kernels
+
+
+def test_attention_gradcheck_without_dropout():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.double, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 7, dtype=torch.double)
+    mask[1, ..., 5:] = -10000.0
+    fn = lambda q, k, v: kernels._Attention.apply(q, k, v, mask, 0.3, 0.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert torch.allclose(fn(q, k, v), reference, atol=1e-12)
+
+
+def test_attention_with_dropout_matches_explicit_computation():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.double, requires_grad=True) for _ in range(3))
+    torch.manual_seed(5)
+    out = kernels._Attention.apply(q, k, v, None, 0.3, 0.5)
+    torch.manual_seed(5)
+    keep, scale = kernels._keep_mask(torch.Size([2, 3, 7, 7]), 0.5, torch.device("cpu"))
+    reference = ((q @ k.transpose(-1, -2)) * 0.3).softmax(-1) * keep * scale @ v
+    assert torch.allclose(out, reference, atol=1e-12)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(reference, (q, k, v), grad)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gelu_linear_gradcheck(groups):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    shape = (12, 8) if groups == 1 else (groups, 8 // groups, 12 // groups)
+    w = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    b = torch.randn(12, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: kernels._GeluLinear.apply(x, w, b, groups), (x, w, b))
+
+
+def test_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = kernels.dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002
+    assert abs(y.mean().item() - 1.0) < 0.005  # inverted dropout keeps the expectation
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+    assert kernels.dropout(x, 0.1, training=False) is x
+
+
+def test_dropout_is_seeded():
+    x = torch.ones(64, 64, requires_grad=True)
+    torch.manual_seed(3)
+    a = kernels.dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    b = kernels.dropout(x, 0.1, True)
+    assert torch.equal(a, b)
