@@ -104,34 +104,59 @@ class PretrainingDataset:
     __getitem__ = example
 
     def batch(self, indices) -> dict[str, np.ndarray]:
-        """Examples `indices` stacked into [B, T] int64 arrays."""
+        """Examples `indices` stacked into [B, T] int64 arrays (vectorised gathers from the maps)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self._len):
+            raise IndexError(f"example indices out of range for a dataset of {self._len}")
         bsz, t = len(indices), self.max_seq_length
         ids = np.full((bsz, t), self.pad_id, dtype=np.int64)
-        mask = np.zeros((bsz, t), dtype=np.int64)
-        seg = np.zeros((bsz, t), dtype=np.int64)
-        for row, i in enumerate(indices.tolist()):
-            self._fill(i, ids[row], mask[row], seg[row])
+        la = np.zeros(bsz, dtype=np.int64)
+        lb = np.zeros(bsz, dtype=np.int64)
+        which = np.searchsorted(self._starts, indices, side="right") - 1
+        for k in np.unique(which):
+            rows = np.nonzero(which == k)[0]
+            shard = self.shards[int(k)]
+            local = indices[rows] - self._starts[k]
+            lens = np.asarray(shard.lengths[local], dtype=np.int64)
+            a, b = lens[:, 0], lens[:, 1]
+            la[rows], lb[rows] = a, b
+            tl = a + b
+            total = int(tl.sum())
+            if total:
+                first = np.cumsum(tl) - tl
+                q = np.arange(total, dtype=np.int64) - np.repeat(first, tl)
+                src = np.repeat(shard.offsets(local), tl) + q
+                col = 1 + q + (q >= np.repeat(a, tl))
+                ids[np.repeat(rows, tl), col] = shard.tokens[src]
+        r = np.arange(bsz)
+        ids[:, 0] = self.cls_id
+        ids[r, 1 + la] = self.sep_id
+        two = lb > 0
+        ids[r[two], (2 + la + lb)[two]] = self.sep_id
+        n = 2 + la + np.where(two, lb + 1, 0)
+        cols = np.arange(t)
+        mask = (cols[None, :] < n[:, None]).astype(np.int64)
+        seg = ((cols[None, :] >= (2 + la)[:, None]) & (cols[None, :] < n[:, None])).astype(np.int64)
         return {"input_ids": ids, "input_mask": mask, "segment_ids": seg}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
-    """A 64-bit mixing function (splitmix64 finaliser) of x xor key."""
-    with np.errstate(over="ignore"):
-        z = (x ^ key) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """A 64-bit mixing function (splitmix64 finaliser) of x xor key. Call under np.errstate(over="ignore")."""
+    z = (x ^ key) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 class EpochPermutation:
-    """A seeded bijection of [0, n) evaluated element-wise (Feistel network + cycle walking); O(1) memory."""
+    """A seeded bijection of [0, n) evaluated element-wise (Feistel network + cycle walking); O(1) memory.
+
+    The network permutes [0, 2^bits) with 2^bits < 2n (an unbalanced split when bits is odd), so cycle walking
+    needs fewer than two rounds on average.
+    """
 
     ROUNDS = 6
 
@@ -139,19 +164,21 @@ class EpochPermutation:
         if n < 1:
             raise ValueError("n must be positive")
         self.n = int(n)
-        bits = max(2, (self.n - 1).bit_length())
-        bits += bits % 2
-        self.half = np.uint64(bits // 2)
-        self.mask = np.uint64((1 << (bits // 2)) - 1)
+        self.bits = max(2, (self.n - 1).bit_length())
         ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, (int(seed) >> 32) & 0xFFFFFFFF, int(epoch)])
         self.keys = [np.uint64(k) for k in ss.generate_state(self.ROUNDS, dtype=np.uint64)]
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        left = x >> self.half
-        right = x & self.mask
-        for k in self.keys:
-            left, right = right, left ^ (_mix(right, k) & self.mask)
-        return (left << self.half) | right
+        wl = self.bits // 2  # width of the left part
+        wr = self.bits - wl
+        left = x >> np.uint64(wr)
+        right = x & np.uint64((1 << wr) - 1)
+        with np.errstate(over="ignore"):
+            for k in self.keys:
+                # (L, R) -> (R, L ^ F(R)); the widths swap
+                left, right = right, left ^ (_mix(right, k) & np.uint64((1 << wl) - 1))
+                wl, wr = wr, wl
+        return (left << np.uint64(wr)) | right
 
     def __call__(self, positions) -> np.ndarray:
         x = np.asarray(positions, dtype=np.uint64)

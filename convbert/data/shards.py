@@ -243,6 +243,18 @@ class ShardReader:
             off += int(self.lengths[start:j].sum(dtype=np.int64))
         return off
 
+    def offsets(self, js: np.ndarray) -> np.ndarray:
+        """Token offsets of examples `js` (vectorised `offset`)."""
+        js = np.asarray(js, dtype=np.int64)
+        bs = self.block_size
+        blk = js // bs
+        start = blk * bs
+        pos = np.arange(bs, dtype=np.int64)
+        idx = np.minimum(start[:, None] + pos, self.n_examples - 1)
+        lens = np.asarray(self.lengths[idx.ravel()], dtype=np.int64).reshape(len(js), bs, 2).sum(-1)
+        lens[pos[None, :] >= (js - start)[:, None]] = 0
+        return np.asarray(self.blocks[blk], dtype=np.int64) + lens.sum(1)
+
     def segments(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of segment A and segment B of example `j` (views into the map)."""
         off = self.offset(j)
