@@ -36,6 +36,12 @@ def shifted_sum(padded: torch.Tensor, taps: torch.Tensor, length: int) -> torch.
     return out
 
 
+def _triton_span_conv_enabled(t: torch.Tensor) -> bool:
+    from convbert.model.triton_span_conv import use_triton_span_conv
+
+    return use_triton_span_conv(t)
+
+
 class SeparableConv1D(nn.Module):
     """Depthwise (K taps per channel, no bias) then pointwise (H -> A, no bias), then one bias of size A (§1.4 step 2).
 
@@ -113,9 +119,14 @@ class MixedAttention(nn.Module):
         conv_value = projected[3]
         if token_mask is not None:
             conv_value = conv_value * token_mask
-        pad = (self.kernel_size - 1) // 2
-        padded = F.pad(conv_value, (0, 0, pad, pad)).view(batch, length + 2 * pad, heads, size)
-        conv = shifted_sum(padded, kernel.unsqueeze(-2), length)  # [B, T, Nr, d]
+        if conv_value.device.type == "cuda" and _triton_span_conv_enabled(conv_value):
+            from convbert.model.triton_span_conv import span_conv
+
+            conv = span_conv(conv_value.view(batch, length, heads, size), kernel)
+        else:
+            pad = (self.kernel_size - 1) // 2
+            padded = F.pad(conv_value, (0, 0, pad, pad)).view(batch, length + 2 * pad, heads, size)
+            conv = shifted_sum(padded, kernel.unsqueeze(-2), length)  # [B, T, Nr, d]
 
         return torch.cat([context, conv], dim=2).reshape(batch, length, 2 * heads * size)
 
