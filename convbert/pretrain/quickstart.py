@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -42,6 +43,8 @@ def prepare_data(root: str | Path, *, max_chars: int | None = 2_000_000, vocab_s
     root = Path(root)
     corpus = root / "corpus"
     if not ((corpus / "train.txt").is_file() and (corpus / "heldout.txt").is_file()):
+        if progress:
+            _say("[1/6] corpus: reading the docstrings of the Python standard library ...")
         stats = write_corpus(corpus, max_chars=max_chars)
         if progress:
             _say(f"[1/6] corpus: {stats['train']['documents']} training and {stats['heldout']['documents']} "
@@ -53,6 +56,8 @@ def prepare_data(root: str | Path, *, max_chars: int | None = 2_000_000, vocab_s
         if progress:
             _say(f"[2/6] vocab: {sum(1 for _ in open(vocab, encoding='utf-8'))} WordPiece entries -> {vocab}")
     data = root / "data"
+    if progress:
+        _say("[3/6] data: tokenising and packing examples ...")
     m = build_dataset([str(corpus / "train.txt")], str(vocab), str(data), workers=1, seed=seed,
                       max_seq_length=max_seq_length, progress=False)
     e = build_dataset([str(corpus / "heldout.txt")], str(vocab), str(data / "eval"), workers=1, seed=seed + 1,
@@ -64,17 +69,22 @@ def prepare_data(root: str | Path, *, max_chars: int | None = 2_000_000, vocab_s
             "train_examples": m.get("examples"), "eval_examples": e.get("examples")}
 
 
-def _time_steps(cfg, n: int = 4) -> float:
-    """Seconds per optimisation step of this configuration on this machine (a throwaway model)."""
+def _time_steps(cfg, n: int = 5, warmup: int = 2) -> float:
+    """Median seconds per optimisation step of this configuration on this machine (a throwaway model)."""
+    import statistics
+
     from convbert.pretrain.trainer import Trainer
 
+    torch.set_num_threads(max(1, cfg.threads or torch.get_num_threads()))
     probe = Trainer(cfg, progress=False, resume=None)
     try:
-        probe.train_step()  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(n):
+        times = []
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
             probe.train_step()
-        return (time.perf_counter() - t0) / n
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
     finally:
         probe.close()
 
@@ -151,17 +161,13 @@ def quickstart(output: str | Path = "quickstart", *, minutes: float = 6.0, seed:
     budget = minutes * 60.0
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    if threads is None:
-        # Small matrices: one thread avoids OpenMP spin contention on a busy 2-core machine at little cost.
-        threads = 1 if size == "tiny" else max(1, min(4, torch.get_num_threads()))
-    torch.set_num_threads(threads)
-    _say(f"quickstart: everything goes to {out.resolve()} (budget {minutes:g} min, {threads} CPU thread(s))")
+    _say(f"quickstart: everything goes to {out.resolve()} (time budget {minutes:g} min)")
     paths = prepare_data(out, max_chars=max_chars, seed=seed)
 
     run = out / "pretrain"
-    flags = dict(data=str(paths["data"]), eval_data=str(paths["eval_data"]), output=str(run), batch_size=32,
-                 lr=2e-3 if size == "tiny" else 1e-3, seed=seed, threads=threads, eval_batches=8,
-                 eval_batch_size=64, log_every=5)
+    flags = dict(data=str(paths["data"]), eval_data=str(paths["eval_data"]), vocab=str(paths["vocab"]),
+                 output=str(run), batch_size=32, lr=2e-3 if size == "tiny" else 1e-3, seed=seed, threads=threads,
+                 eval_batches=8, eval_batch_size=64, log_every=5)
     sets = ["model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0"] if size == "tiny" else []
     from convbert.pretrain.checkpoint import latest_checkpoint
 
@@ -169,18 +175,28 @@ def quickstart(output: str | Path = "quickstart", *, minutes: float = 6.0, seed:
     if existing is not None and (run / "run_config.json").is_file():
         steps = json.loads((run / "run_config.json").read_text(encoding="utf-8"))["pretrain"]["steps"]
         _say(f"[4/6] pre-training: continuing the run in {run}")
+        threads = threads or json.loads((run / "run_config.json").read_text(encoding="utf-8"))["pretrain"]["threads"]
+        flags["threads"] = threads
     else:
-        probe = resolve_config(size, None, {**flags, "output": str(out / ".probe"), "steps": 1000, "eval_batches": 0},
-                               sets)
-        per_step = _time_steps(probe)
         import shutil
 
-        shutil.rmtree(out / ".probe", ignore_errors=True)
+        # Pick the faster of 1 and 2+ threads: on a busy machine OpenMP threads that wait for a core cost more
+        # than they bring for a model this small.
+        options = [threads] if threads else sorted({1, max(1, min(4, os.cpu_count() or 1))})
+        timings = {}
+        for n in options:
+            probe = resolve_config(size, None, {**flags, "threads": n, "output": str(out / ".probe"), "steps": 1000,
+                                                "eval_batches": 0}, sets)
+            timings[n] = _time_steps(probe)
+            shutil.rmtree(out / ".probe", ignore_errors=True)
+        threads = min(timings, key=timings.get)
+        per_step = timings[threads]
+        flags["threads"] = threads
         spent = time.perf_counter() - t_start
         reserve = 60.0 + (45.0 if finetune else 0.0)  # evaluation, export, plot, fine-tuning
         train_seconds = max(20.0, budget - spent - reserve)
         steps = max(20, int(train_seconds / (per_step * 1.08)))
-        _say(f"[4/6] pre-training: {per_step * 1000:.0f} ms/step measured -> {steps} steps "
+        _say(f"[4/6] pre-training: {per_step * 1000:.0f} ms/step measured with {threads} thread(s) -> {steps} steps "
              f"(~{steps * per_step / 60:.1f} min) of ELECTRA replaced-token detection")
     cfg = resolve_config(size, None, {**flags, "steps": steps, "save_every": max(1, steps // 4),
                                       "eval_every": max(1, steps // 4), "warmup_steps": max(1, steps // 20)}, sets)

@@ -1,0 +1,235 @@
+"""One full replaced-token-detection training step: ours vs the same step built from transformers' ConvBERT modules.
+
+For each size, both implementations run the identical step on identical inputs and threads:
+masking (ours, host side) → generator encoder → MLM head at the 19 slots (tied to the shared word table) → fp32
+Gumbel-max sample → scatter → discriminator encoder → discriminator head → 1·MLM + 50·RTD → backward → global-norm
+clip → AdamWeightDecay step. The transformers side uses `transformers.ConvBertModel` for both encoders (the generator
+shares the discriminator's `ConvBertEmbeddings` module, as in the original), `ConvBertGeneratorPredictions` and a
+two-layer discriminator head; the sampling, losses and optimiser are the same code as ours.
+
+Reported per size and implementation: parameters, median seconds per step, tokens/s (batch × length / median),
+and peak memory of the step (CPU: peak RSS during the steps minus RSS before them, each run in a fresh subprocess;
+CUDA: `torch.cuda.max_memory_allocated`). Note: transformers cannot represent a one-head generator (spec §1.6; the
+small and tiny generators), so there its generator is slightly smaller than ours.
+
+Usage: python benchmarks/pretrain_step.py --sizes tiny small medium-small --batch 32 --length 128 --steps 6
+       [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--output benchmarks/results/pretrain_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class HFReplacedTokenDetection(nn.Module):
+    """The pre-training step assembled from transformers' ConvBERT modules."""
+
+    def __init__(self, config, fraction: float):
+        super().__init__()
+        import transformers
+        from transformers.models.convbert.modeling_convbert import ConvBertGeneratorPredictions
+
+        def hf_config(c):
+            values = {k: v for k, v in c.to_hf_dict().items()
+                      if k not in ("model_type", "architectures", "convbert_extra")}
+            return transformers.ConvBertConfig(**values)
+
+        dcfg, gcfg = hf_config(config), hf_config(config.generator_config(fraction))
+        self.discriminator = transformers.ConvBertModel(dcfg)
+        self.generator = transformers.ConvBertModel(gcfg)
+        self.generator.embeddings = self.discriminator.embeddings  # shared tables + embedding LayerNorm
+        self.generator_predictions = ConvBertGeneratorPredictions(gcfg)
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        h = config.hidden_size
+        self.disc_dense = nn.Linear(h, h)
+        self.disc_out = nn.Linear(h, 1)
+
+    def forward(self, batch, sample_generator=None):
+        from convbert.pretrain.masking import scatter_update
+        from convbert.pretrain.model import gather_positions, gumbel_sample
+
+        gh = self.generator(input_ids=batch.input_ids, attention_mask=batch.input_mask,
+                            token_type_ids=batch.segment_ids).last_hidden_state
+        g = self.generator_predictions(gather_positions(gh, batch.positions)).float()
+        logits = F.linear(g, self.discriminator.embeddings.word_embeddings.weight, self.output_bias)
+        w = batch.weights
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.target_ids.reshape(-1), reduction="none")
+        gen_loss = (ce * w.reshape(-1)).sum() / (w.sum() + 1e-6)
+        sampled = gumbel_sample(logits, 1.0, sample_generator)
+        fake, updated = scatter_update(batch.original_ids, sampled, batch.positions)
+        labels = (updated.bool() & (fake != batch.original_ids)).float()
+        dh = self.discriminator(input_ids=fake, attention_mask=batch.input_mask,
+                                token_type_ids=batch.segment_ids).last_hidden_state
+        d = self.disc_out(F.gelu(self.disc_dense(dh))).squeeze(-1).float()
+        m = batch.input_mask.float()
+        disc_loss = (F.binary_cross_entropy_with_logits(d, labels, reduction="none") * m).sum() / (m.sum() + 1e-6)
+
+        class Out:
+            pass
+
+        out = Out()
+        out.loss = gen_loss + 50.0 * disc_loss
+        return out
+
+
+def child(args) -> dict:
+    torch.set_num_threads(args.threads)
+    from convbert.model.config import PRESET_GENERATOR_FRACTION, ConvBertConfig
+    from convbert.optim import AdamWeightDecay, param_groups
+    from convbert.pretrain.masking import mask_batch
+    from convbert.pretrain.model import ElectraPretrainingModel
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset(args.size, vocab_size=args.vocab, max_position_embeddings=max(512, args.length))
+    fraction = PRESET_GENERATOR_FRACTION[args.size]
+    if args.impl == "ours":
+        model = ElectraPretrainingModel(config, fraction)
+    else:
+        model = HFReplacedTokenDetection(config, fraction)
+    model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = AdamWeightDecay(param_groups(model, 0.01), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, args.vocab, (args.batch, args.length), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones_like(ids)
+    seg = torch.zeros_like(ids)
+    mask_gen = torch.Generator().manual_seed(2)
+    sample_gen = torch.Generator(device=device).manual_seed(3)
+    amp = None
+    if args.precision == "bf16":
+        amp = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def step():
+        batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen).to(device)
+        if amp is not None:
+            with amp():
+                out = model(batch, sample_generator=sample_gen)
+        else:
+            out = model(batch, sample_generator=sample_gen)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_bytes()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    return {"size": args.size, "impl": args.impl, "params": params, "times": times, "loss": loss,
+            "peak_bytes": int(peak)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium-small"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="alternate ours/transformers this many times per size")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--output", default="benchmarks/results/pretrain_step.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    try:
+        import transformers  # noqa: F401
+        impls = ["ours", "transformers"]
+    except ImportError:
+        print("transformers is not installed: measuring ours only", file=sys.stderr)
+        impls = ["ours"]
+    results = []
+    for size in args.sizes:
+        per = {impl: {"times": [], "peaks": []} for impl in impls}
+        for _ in range(args.rounds):
+            for impl in impls:
+                cmd = [sys.executable, __file__, "--child", "--size", size, "--impl", impl, "--batch", str(args.batch),
+                       "--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--threads", str(args.threads), "--vocab", str(args.vocab), "--device", args.device,
+                       "--precision", args.precision]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    print(f"{size}/{impl} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    break
+                r = json.loads(line[len("RESULT "):])
+                per[impl]["times"] += r["times"]
+                per[impl]["peaks"].append(r["peak_bytes"])
+                per[impl]["params"] = r["params"]
+        for impl in impls:
+            if not per[impl]["times"]:
+                continue
+            med = statistics.median(per[impl]["times"])
+            results.append({
+                "size": size, "impl": impl, "params": per[impl]["params"], "median_step_s": med,
+                "tokens_per_s": args.batch * args.length / med, "peak_mb": max(per[impl]["peaks"]) / 2**20,
+                "steps_timed": len(per[impl]["times"]),
+            })
+    header = (f"replaced-token-detection step, batch {args.batch} x {args.length}, {args.precision}, "
+              f"{args.threads} thread(s), {args.device}")
+    lines = [header, "", "| size | implementation | params | ms/step (median) | tokens/s | peak memory MB |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['size']} | {r['impl']} | {r['params']:,} | {r['median_step_s'] * 1000:.0f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_mb']:.0f} |")
+    for size in args.sizes:
+        pair = {r["impl"]: r for r in results if r["size"] == size}
+        if "ours" in pair and "transformers" in pair:
+            lines.append(f"\n{size}: ours is {pair['transformers']['median_step_s'] / pair['ours']['median_step_s']:.2f}x "
+                         "the speed of the transformers-built step")
+    text = "\n".join(lines)
+    print(text)
+    out = {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
+                                                       "threads", "vocab", "device", "precision")},
+           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                       "python": platform.python_version()},
+           "results": results, "table": text}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
