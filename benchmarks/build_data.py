@@ -8,7 +8,8 @@ For each worker count N it measures, on the same corpus files:
   and the manifest), in a fresh folder;
 
 and reports tokens/s of both (tokens = WordPiece tokens of the corpus, the same count for both), the ratio
-(goal >= 80 %), and bytes per token on disk (goal <= 2.1). Without --input it writes a corpus of Python standard
+(goal >= 80 %), the same ratio in tokens per CPU-second (all processes; robust on a shared, busy machine), and
+bytes per token on disk (goal <= 2.1). Raw and build runs are interleaved; the best of --repeats is kept. Without --input it writes a corpus of Python standard
 library documentation (pydoc text) of about --corpus-mb MiB. Prints a table and writes JSON to --output.
 
     python benchmarks/build_data.py --workers 1 2 --corpus-mb 8 --output bench_build_data.json
@@ -20,6 +21,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -71,15 +74,20 @@ def _init(vocab: str) -> None:
     _TOK["t"] = WordPieceTokenizer.from_vocab(vocab)
 
 
-def _encode_slice(lines: list[str]) -> tuple[int, float]:
+def _encode_slice(lines: list[str]) -> tuple[int, float, float]:
     tok = _TOK["t"].backend
     enc = tok.encode_batch_fast if hasattr(tok, "encode_batch_fast") else tok.encode_batch
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(lines), 4096):
         for e in enc(lines[i : i + 4096], add_special_tokens=False):
             n += len(e.ids)
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _warm(_: int) -> int:
@@ -99,20 +107,25 @@ def raw_throughput(files: list[str], vocab: str, workers: int) -> dict:
         t0 = time.perf_counter()
         results = list(pool.map(_encode_slice, slices))
         wall = time.perf_counter() - t0
-    tokens = sum(n for n, _ in results)
-    return {"tokens": tokens, "lines": len(lines), "seconds": wall, "tokens_per_s": tokens / wall}
+    tokens = sum(r[0] for r in results)
+    cpu = sum(r[2] for r in results)
+    return {"tokens": tokens, "lines": len(lines), "seconds": wall, "tokens_per_s": tokens / wall,
+            "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu}
 
 
 def build_throughput(files: list[str], vocab: str, workers: int, out: Path, corpus_tokens: int) -> dict:
     from convbert.data.build import build_dataset
 
-    t0 = time.perf_counter()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
     m = build_dataset([str(Path(files[0]).parent)], vocab, str(out), workers=workers, progress=False)
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0 + _children_cpu() - k0
     c = m["counts"]
     return {
         "seconds": wall,
         "tokens_per_s": corpus_tokens / wall,
+        "cpu_seconds": cpu,
+        "tokens_per_cpu_s": corpus_tokens / cpu,
         "examples": c["examples"],
         "stored_tokens": c["tokens"],
         "stored_text_tokens": c["text_tokens"],
@@ -151,13 +164,17 @@ def main(argv=None) -> int:
         corpus_bytes = sum(os.path.getsize(f) for f in files)
         rows = []
         for w in args.workers:
-            raw = max((raw_throughput(files, vocab, w) for _ in range(args.repeats)), key=lambda r: r["tokens_per_s"])
-            builds = []
-            for r in range(args.repeats):
-                builds.append(build_throughput(files, vocab, w, tmp / f"out-{w}-{r}", raw["tokens"]))
+            raws, builds = [], []
+            for r in range(args.repeats):  # interleaved, so both see the same machine load
+                raws.append(raw_throughput(files, vocab, w))
+                builds.append(build_throughput(files, vocab, w, tmp / f"out-{w}-{r}", raws[-1]["tokens"]))
+                shutil.rmtree(tmp / f"out-{w}-{r}")
+            raw = max(raws, key=lambda r: r["tokens_per_s"])
             build = max(builds, key=lambda r: r["tokens_per_s"])
             rows.append({"workers": w, "raw": raw, "build": build,
-                         "ratio": build["tokens_per_s"] / raw["tokens_per_s"]})
+                         "ratio": build["tokens_per_s"] / raw["tokens_per_s"],
+                         "cpu_ratio": max(b["tokens_per_cpu_s"] for b in builds)
+                         / max(r["tokens_per_cpu_s"] for r in raws)})
 
     result = {
         "corpus_bytes": corpus_bytes,
@@ -169,14 +186,14 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     print(f"corpus: {corpus_bytes / (1 << 20):.1f} MiB, {result['corpus_tokens']:,} WordPiece tokens")
-    head = f"{'workers':>7} | {'raw tok/s':>12} | {'build tok/s':>12} | {'ratio':>6} | {'build s':>7} | " \
-           f"{'bytes/token':>11} | {'bytes/text token':>16}"
+    head = f"{'workers':>7} | {'raw tok/s':>12} | {'build tok/s':>12} | {'ratio':>6} | {'CPU ratio':>9} | " \
+           f"{'build s':>7} | {'bytes/token':>11} | {'bytes/text token':>16}"
     print(head)
     print("-" * len(head))
     for r in rows:
         b = r["build"]
         print(f"{r['workers']:>7} | {r['raw']['tokens_per_s']:>12,.0f} | {b['tokens_per_s']:>12,.0f} | "
-              f"{100 * r['ratio']:>5.1f}% | {b['seconds']:>7.2f} | {b['bytes_per_token']:>11.3f} | "
+              f"{100 * r['ratio']:>5.1f}% | {100 * r['cpu_ratio']:>8.1f}% | {b['seconds']:>7.2f} | {b['bytes_per_token']:>11.3f} | "
               f"{b['bytes_per_text_token']:>16.3f}")
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

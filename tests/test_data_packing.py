@@ -178,3 +178,34 @@ def test_seeded_builder_is_deterministic_and_bad_rule_rejected():
     assert runs[0] == runs[1] and len(runs[0]) > 10
     with pytest.raises(ConvBertError, match="segment-rule"):
         ExampleBuilder(16, "bert", random.Random(0))
+
+
+@pytest.mark.parametrize("rule", ["electra", "convbert-release"])
+def test_feed_fast_path_equals_add_line(rule):
+    rng = random.Random(5)
+    items, encoded = [], []
+    for _ in range(3000):
+        r = rng.random()
+        if r < 0.1:
+            items.append(None)
+        elif r < 0.2:
+            items.append("")
+        else:
+            items.append("x")
+            encoded.append(line(rng.randrange(1000), rng.choice([0, 1, 3, 8, 20, 40, 70, 130])))
+    slow = ExampleBuilder(64, rule, random.Random(9))
+    want = []
+    it = iter(encoded)
+    for s in items:
+        ex = slow.end_document() if s is None else slow.add_line(next(it)) if s else slow.add_line([], blank=True)
+        if ex is not None:
+            want.append(ex)
+    fast = ExampleBuilder(64, rule, random.Random(9))
+    got = []
+    for k in range(0, len(items), 700):  # in batches, as the builder does
+        chunk = items[k : k + 700]
+        n_before = sum(1 for s in items[:k] if s)
+        fast.feed(chunk, iter(encoded[n_before : n_before + sum(1 for s in chunk if s)]),
+                  lambda a, b: got.append((a, b)))
+    assert got == want and len(want) > 100
+    assert fast.pending == slow.pending and fast.target_length == slow.target_length

@@ -95,19 +95,7 @@ def pack_unit(unit: Unit, tok: WordPieceTokenizer, builder: ExampleBuilder, file
     chars = 0
 
     def run(items: list) -> None:
-        texts = [s for s in items if s]
-        encoded = iter(tok.encode_batch(texts))
-        add_line = builder.add_line
-        end_doc = builder.end_document
-        for s in items:
-            if s is None:
-                ex = end_doc()
-            elif s:
-                ex = add_line(next(encoded))
-            else:
-                ex = add_line([], True)
-            if ex is not None:
-                sink(*ex)
+        builder.feed(items, iter(tok.encode_batch([s for s in items if s])), sink)
 
     for block in read_unit(unit, text_field, stats):
         for line in block:

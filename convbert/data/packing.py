@@ -77,6 +77,33 @@ class ExampleBuilder:
             return self._create_example()
         return None
 
+    def feed(self, items: list, encoded, sink) -> None:
+        """Fast path for a batch of lines; same result as calling `add_line` / `end_document` one by one.
+
+        `items` holds, in order, non-empty strings (a line, whose token ids are the next element of the iterator
+        `encoded`), empty strings (a blank line) and None (an end of document, i.e. a blank line too).
+        `sink(a, b)` receives every finished example.
+        """
+        pending = self._pending
+        cur = self._current_length
+        target = self.target_length
+        for s in items:
+            if s:
+                toks = next(encoded)
+                pending.append(toks)
+                cur += len(toks)
+                if cur < target:
+                    continue
+            elif cur == 0:
+                pending.append([])
+                continue
+            self._current_length = cur
+            sink(*self._create_example())
+            pending = self._pending
+            cur = 0
+            target = self.target_length
+        self._current_length = cur
+
     def end_document(self) -> Example | None:
         """The original calls ``add_line("")`` at the end of every file."""
         return self.add_line([], blank=True)
