@@ -63,3 +63,19 @@ def test_dropout_is_seeded():
     torch.manual_seed(3)
     b = kernels.dropout(x, 0.1, True)
     assert torch.equal(a, b)
+
+
+def test_bf16_autocast_training_step_runs_and_is_close_to_fp32():
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    torch.manual_seed(0)
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0)).train()
+    ids = torch.randint(0, 100, (2, 16))
+    reference = model(ids, torch.ones_like(ids)).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, torch.ones_like(ids)).last_hidden_state
+    assert (out.float() - reference).abs().max() < 0.1
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

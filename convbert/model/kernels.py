@@ -110,12 +110,15 @@ class _GeluLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int):
         ctx.save_for_backward(x, weight)
         ctx.groups = groups
-        return _linear(F.gelu(x), weight, bias, groups)
+        return _linear(F.gelu(x), weight.to(x.dtype), bias.to(x.dtype), groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight_param = ctx.saved_tensors
         groups = ctx.groups
+        # Under autocast the forward ran in low precision: do the backward in the activations' dtype.
+        dtype = x.dtype
+        weight, grad_out = weight_param.to(dtype), grad_out.to(dtype)
         activated = F.gelu(x)
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if groups == 1:
@@ -130,7 +133,7 @@ class _GeluLinear(torch.autograd.Function):
             grad_act = torch.bmm(g, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
         del activated
         grad_x = torch.ops.aten.gelu_backward(grad_act, x)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight.to(weight_param.dtype), grad_bias.to(weight_param.dtype), None
 
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
