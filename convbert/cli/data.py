@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "stopped; the result is identical to an uninterrupted build for any --workers."
         ),
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="text files, folders (recursive), globs, OpenWebText .tar.xz / folders of .xz sub-archives, "
-                        ".jsonl[.gz]")
+                        ".jsonl[.gz] (several after one --input, or --input repeated)")
     p.add_argument("--vocab", required=True, metavar="FILE", help="BERT-style vocab.txt (one token per line)")
     p.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write (new, empty, or the "
                    "folder of an interrupted build with the same settings)")
@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how lines are split into segments A and B: ELECTRA's fixed rule (default) or the released "
                         "ConvBERT code's pre-fix rule")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--no-lower-case", dest="lower_case", action="store_false", help="keep case (cased vocabularies)")
+    p.add_argument("--no-lower-case", dest="lower_case", action="store_false",
+                   help="keep case (cased vocabularies); accents are then kept too, as in the original")
     p.add_argument("--no-strip-accents", dest="strip_accents", action="store_false", help="keep accents")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run_build)
@@ -49,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "[SEP] [MASK] (ids 0-4), then single characters and their ## forms, then learned pieces."
         ),
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="same inputs as build-data")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="same inputs as build-data")
     p.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size, e.g. 30522")
     p.add_argument("--output", required=True, metavar="FILE", help="vocab.txt to write")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a learned piece (default 2)")
