@@ -1,0 +1,57 @@
+"""Corpus readers: unit cutting of large files, line reading, binary sniffing."""
+
+import pytest
+
+from convbert.data.corpus import UnitEnumerator, UnitStats, classify, is_binary, read_unit
+from convbert.errors import ConvBertError
+
+
+def _doc(i):
+    return "".join(f"document {i} line {j} with some words\r\n" for j in range(i % 5 + 1))
+
+
+@pytest.mark.parametrize("docs", ["blank-lines", "files"])
+def test_large_text_files_are_cut_at_safe_boundaries(tmp_path, docs):
+    text = "\r\n".join(_doc(i) for i in range(300))  # CRLF, blank lines between documents
+    p = tmp_path / "big.txt"
+    p.write_bytes(text.encode())
+    units = list(UnitEnumerator([str(p)], docs=docs, chunk_bytes=1000))
+    assert len(units) > 5
+    assert [u.seq for u in units] == list(range(len(units)))
+    assert units[0].start == 0 and units[-1].end == len(text)
+    for u, nxt in zip(units, units[1:]):
+        assert u.end == nxt.start
+        head = text[: u.end]
+        assert head.endswith("\n")  # always at a line start
+        if docs == "blank-lines":
+            assert head.endswith("\r\n\r\n")  # right after a blank line: no document is split
+    # reading the units back gives every line exactly once
+    lines = []
+    for u in units:
+        for block in read_unit(u, "text", UnitStats()):
+            lines += [ln for ln in block if ln is not None]
+    assert lines == text.split("\n")[:-1]  # the text ends with a newline
+
+
+def test_unit_keys_depend_on_input_position_and_name(tmp_path):
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "b.txt").write_text("y\n")
+    keys = [u.key for u in UnitEnumerator([str(tmp_path), str(tmp_path / "a.txt")], docs="files", chunk_bytes=100)]
+    assert keys == ["0:a.txt", "0:b.txt", "1:a.txt"]
+
+
+def test_classify_and_binary_sniffing():
+    assert classify("x.jsonl") == "jsonl" and classify("x.JSONL.GZ") == "gzip-jsonl"
+    assert classify("owt.tar.xz") == "archive" and classify("urlsf_subset00-1_data.xz") == "tar"
+    assert classify("t.txt.gz") == "gzip-text" and classify("notes") == "text"
+    assert is_binary(b"abc\0def") and is_binary(bytes(range(1, 32)) * 10)
+    assert not is_binary("plain text\twith tabs\r\n".encode()) and not is_binary(b"")
+    assert not is_binary("ünïcödé ‘quotes’".encode())
+
+
+def test_hidden_files_are_skipped_and_empty_folder_is_an_error(tmp_path):
+    (tmp_path / ".hidden.txt").write_text("secret\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.txt").write_text("secret\n")
+    with pytest.raises(ConvBertError, match="no files"):
+        UnitEnumerator([str(tmp_path)], docs="files", chunk_bytes=100)
