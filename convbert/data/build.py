@@ -5,10 +5,11 @@ How determinism and resume work:
 * The inputs are cut into *units* (a file, a chunk of a large file, an archive member, …) in a fixed order
   (`corpus.UnitEnumerator`). Each unit is packed by its own `ExampleBuilder` whose RNG is seeded from
   ``sha256(seed, unit key)``, so a unit's examples do not depend on which worker runs it or when.
-* Workers write one *part* file per unit into ``<output>/parts/`` (atomically, plus a small JSON with the unit's
-  counts). The main process appends the parts in unit order into shards of about `shard_tokens` tokens
-  (``shard-00000.bin``, …); a shard is renamed into place only when complete, then ``manifest.json`` is rewritten
-  (atomically) to record it, and only then are its parts deleted.
+* Workers return a unit's examples in memory, or, past `SPILL_TOKENS` tokens, write them to a *part* file in
+  ``<output>/parts/`` (atomically, plus a small JSON with the unit's counts). The main process appends the units in
+  order into shards of about `shard_tokens` tokens (``shard-00000.bin``, …); a shard is renamed into place only
+  when complete, then ``manifest.json`` is rewritten (atomically) to record it, and only then are its parts
+  deleted.
 * Re-running the same command skips the units already in finished shards, reuses finished parts, and redoes the
   rest; the shard boundaries depend only on the unit order, so the folder ends up byte-identical to an
   uninterrupted build. Different settings into a folder that holds a dataset raise `ConvBertError`.
