@@ -519,6 +519,7 @@ def build_dataset(
                 f"{committer.total.binary_skipped} binary files skipped); expected UTF-8 text"
             )
         committer.close_shard(final=True)
+        bar.finish()
     except BrokenProcessPool:
         committer.abort()
         raise ConvBertError(
@@ -570,6 +571,11 @@ class _Progress:
             rate = self.tokens / max(1e-9, time.monotonic() - self.t0)
             self.bar.set_postfix_str(f"files {self.files_done}/{self.total_files}, {rate:,.0f} tok/s", refresh=False)
             self.bar.update(unit.weight)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            rate = self.tokens / max(1e-9, time.monotonic() - self.t0)
+            self.bar.set_postfix_str(f"files {self.total_files}/{self.total_files}, {rate:,.0f} tok/s")
 
     def close(self) -> None:
         if self.bar is not None:
