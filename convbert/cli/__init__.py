@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import sys
 import traceback
+from pathlib import Path
 
 from convbert import __version__
 from convbert.errors import ConvBertError
@@ -23,8 +25,42 @@ SUBCOMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, like every other error (`convbert <cmd>: error: ...`), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _out_of_memory_hint(args: argparse.Namespace) -> str:
+    if hasattr(args, "grad_accum"):  # pretrain: --batch-size is global, --grad-accum splits it into micro-steps
+        return ("out of memory; raise --grad-accum (same global --batch-size, fewer examples per micro-step) or "
+                "lower --batch-size")
+    return ("out of memory; lower --batch-size (use gradient accumulation to keep the effective batch) or "
+            "--max-seq-length")
+
+
+def _is_torch_oom(err: BaseException) -> bool:
+    """torch raises its own types on allocation failure: OutOfMemoryError (GPU) or RuntimeError (CPU allocator)."""
+    return type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
+def _remove_if_new_and_empty(path: str | None, existed: bool) -> None:
+    """A folder the failed command created and left without any file is removed (no partial output)."""
+    if not path or existed:
+        return
+    p = Path(path)
+    try:
+        if p.is_dir() and not any(q.is_file() or q.is_symlink() for q in p.rglob("*")):
+            shutil.rmtree(p)
+    except OSError:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convbert",
         description="ConvBERT: build data, pre-train (ELECTRA replaced-token detection), fine-tune and evaluate on GLUE.",
     )
@@ -48,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    output = getattr(args, "output", None)
+    output_existed = bool(output) and Path(output).exists()
     try:
         return int(args.func(args) or 0)
     except ConvBertError as err:
         if debug:
             traceback.print_exc()
+        _remove_if_new_and_empty(output, output_existed)
         print(f"convbert {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -61,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         if debug:
             traceback.print_exc()
-        print(
-            f"convbert {args.command}: error: out of memory; lower --batch-size (use gradient accumulation to keep "
-            "the effective batch) or --max-seq-length",
-            file=sys.stderr,
-        )
+        print(f"convbert {args.command}: error: {_out_of_memory_hint(args)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not _is_torch_oom(err):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"convbert {args.command}: error: {_out_of_memory_hint(args)}", file=sys.stderr)
         return 2

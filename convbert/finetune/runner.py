@@ -35,6 +35,7 @@ from convbert.finetune.tasks import (
     TASKS,
     find_split_file,
     read_split,
+    require_examples,
     require_split_file,
 )
 from convbert.finetune.trainer import (
@@ -114,8 +115,31 @@ def run_paths(output: Path, task: str, seed: int) -> tuple[Path, Path]:
     return output / "runs" / f"{task}-seed{seed}.json", output / "runs" / f"{task}-seed{seed}"
 
 
+def _check_model(opts: GlueOptions, tokenizer) -> None:
+    """Load the encoder once before any output is written, so a bad model folder fails first, on one line."""
+    from convbert.model.modeling import ConvBertModel
+
+    encoder = ConvBertModel.from_pretrained(opts.model_dir)
+    check_vocab_matches(encoder, tokenizer, opts.model_dir, opts.cfg.max_seq_length)
+
+
+def _check_eval_splits(opts: GlueOptions, task: str) -> None:
+    """Read the dev (and, with --predict, test) files before training: a bad file fails before any work."""
+    for split in _dev_splits(opts.glue_dir, task):
+        require_examples(read_split(opts.glue_dir, task, split), split)
+    if opts.predict:
+        tests = dict(TASKS[task].test)
+        if task == "mnli":
+            tests["AX"] = TASKS["ax"].test["AX"]
+        for name in tests:
+            t_task = "ax" if name == "AX" else task
+            path = find_split_file(opts.glue_dir, t_task, name)
+            if path is not None:
+                read_split(None, t_task, name, path=path)
+
+
 def _train_examples(glue_dir: Path, task: str, cfg: FinetuneConfig):
-    data = read_split(glue_dir, task, "train")
+    data = require_examples(read_split(glue_dir, task, "train"), "train")
     ex = data.examples
     if cfg.max_train_examples is not None:
         ex = ex[: cfg.max_train_examples]
@@ -386,6 +410,7 @@ def run_glue(opts: GlueOptions) -> dict:
     check_inputs(opts)
     train_tasks = [t for t in tasks if t != "ax"]
     tokenizer = load_tokenizer(opts.model_dir)
+    _check_model(opts, tokenizer)
     ident = model_identity(opts.model_dir)
     opts.output.mkdir(parents=True, exist_ok=True)
 
@@ -420,6 +445,7 @@ def run_glue(opts: GlueOptions) -> dict:
     total_steps = 0
     for t in dict.fromkeys(t for t, _ in pending):
         _, ex = _train_examples(opts.glue_dir, t, cfg)
+        _check_eval_splits(opts, t)
         epochs = cfg.epochs if cfg.epochs is not None else TASKS[t].epochs
         total_steps += train_steps_for(len(ex), cfg.batch_size, epochs) * sum(1 for tt, _ in pending if tt == t)
     bar = None

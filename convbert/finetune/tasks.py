@@ -201,6 +201,7 @@ class SplitData:
     examples: list[Example]
     skipped: int = 0
     skipped_lines: list[int] = field(default_factory=list)  # the first few skipped line numbers (1-based)
+    first_problem: str = ""  # what was wrong with the first skipped row
 
 
 def _candidate_roots(glue_dir: Path) -> list[Path]:
@@ -335,6 +336,8 @@ def read_split(
                     f"{path}:{line}: unreadable test row ({problem}); a GLUE submission needs every test example"
                 )
             out.skipped += 1
+            if not out.first_problem:
+                out.first_problem = f"line {line}: {problem}"
             if len(out.skipped_lines) < 20:
                 out.skipped_lines.append(line)
             continue
@@ -346,6 +349,14 @@ def read_split(
                 raise ConvBertError(f"{path}: index {ex.index} appears twice; a GLUE test file has unique indexes")
             seen.add(ex.index)
     return out
+
+
+def require_examples(data: SplitData, split: str) -> SplitData:
+    """A train/dev split whose rows were all malformed is an error naming the file and the first problem."""
+    if not data.examples:
+        what = f"all {data.skipped} rows are malformed ({data.first_problem})" if data.skipped else "it has no rows"
+        raise ConvBertError(f"{data.path}: no usable {split} examples: {what}")
+    return data
 
 
 def find_layout(glue_dir: str | os.PathLike) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,12 +57,18 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
     try:
         if weight_file.suffix == ".safetensors":
             return load_file(str(weight_file)), weight_file
-        state = torch.load(weight_file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle warnings would break the one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(weight_file, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConvBertError(f"{weight_file}: cannot read weights (truncated or corrupt file?): {message}") from None
     except Exception as err:  # e.g. pickle.UnpicklingError for a file that is not weights-only
-        raise ConvBertError(f"{weight_file}: refused to load: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        first = (str(err).splitlines() or [""])[0].split(". ")[0]
+        raise ConvBertError(
+            f"{weight_file}: refused to load: not plain tensors (torch.load(weights_only=True) rejected it: "
+            f"{type(err).__name__}: {first})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvBertError(f"{weight_file}: expected a flat dict of tensors")
     return state, weight_file
