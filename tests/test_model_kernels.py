@@ -79,3 +79,17 @@ def test_bf16_autocast_training_step_runs_and_is_close_to_fp32():
     out.float().pow(2).mean().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("padded_shape,taps_shape", [
+    ((2, 8, 6), (6, 5)),  # depthwise: one K-tap filter per channel, shared over batch and time
+    ((2, 8, 3, 4), (2, 4, 3, 1, 5)),  # span conv: one K-tap kernel per (batch, time, head), shared over d
+])
+def test_shifted_sum_gradcheck(padded_shape, taps_shape):
+    torch.manual_seed(0)
+    padded = torch.randn(padded_shape, dtype=torch.double, requires_grad=True)
+    taps = torch.randn(taps_shape, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, t: kernels._ShiftedSum.apply(p, t, 4), (padded, taps))
+    with torch.no_grad():
+        plain = kernels.shifted_sum(padded, taps, 4)
+    assert torch.allclose(kernels._ShiftedSum.apply(padded, taps, 4), plain)

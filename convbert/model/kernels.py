@@ -6,6 +6,8 @@ Each saves the least it can for backward and recomputes what is cheap:
     probability, so the expectation is exact.
   * `attention`: scores, softmax, dropout and the weighted sum in one function that saves only the probabilities
     and the bool mask (PyTorch's math path saves ~4 tensors of [B, N, T, T]).
+  * `shifted_sum`: the K-tap shift-and-add behind both convolutions, with a backward that accumulates into one
+    gradient buffer in place (autograd's version zero-fills and adds a full-size buffer per tap);
   * `gelu_linear`: GELU followed by a (grouped) linear layer that keeps only the GELU *input* and recomputes the
     GELU in backward (the largest activation of the layer is never stored).
 On CUDA, or without grad, the standard ops are used.
@@ -141,3 +143,43 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
     if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
         return _GeluLinear.apply(x, weight, bias, groups)
     return _linear(F.gelu(x), weight, bias, groups)
+
+
+class _ShiftedSum(torch.autograd.Function):
+    """out = sum_k padded[:, k : k + length] * taps[..., k] (taps broadcast against the slices)."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, taps: torch.Tensor, length: int):
+        ctx.save_for_backward(padded, taps)
+        ctx.length = length
+        out = padded[:, 0:length] * taps[..., 0]
+        for k in range(1, taps.shape[-1]):
+            out.addcmul_(padded[:, k : k + length], taps[..., k])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        padded, taps = ctx.saved_tensors
+        length = ctx.length
+        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[0] else None
+        grad_taps = torch.empty_like(taps) if ctx.needs_input_grad[1] else None
+        for k in range(taps.shape[-1]):
+            tap = taps[..., k]
+            if grad_padded is not None:
+                grad_padded[:, k : k + length].addcmul_(grad, tap)
+            if grad_taps is not None:
+                grad_taps[..., k] = (grad * padded[:, k : k + length]).sum_to_size(tap.shape)
+        return grad_padded, grad_taps, None
+
+
+def shifted_sum(padded: torch.Tensor, taps: torch.Tensor, length: int) -> torch.Tensor:
+    """sum_k padded[:, k : k + length] * taps[..., k]: a 'same' 1-D cross-correlation along dim 1.
+
+    `padded` is [B, T + K - 1, ...]; `taps` broadcasts against [B, T, ...] once its last axis (K) is indexed.
+    """
+    if torch.is_grad_enabled() and (padded.requires_grad or taps.requires_grad):
+        return _ShiftedSum.apply(padded, taps, length)
+    out = padded[:, 0:length] * taps[..., 0]
+    for k in range(1, taps.shape[-1]):
+        out.addcmul_(padded[:, k : k + length], taps[..., k])
+    return out

@@ -16,24 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from convbert.model import kernels
+from convbert.model.kernels import shifted_sum
 from convbert.model.config import ConvBertConfig
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The exact erf GELU of the original (not the tanh approximation)."""
     return F.gelu(x)
-
-
-def shifted_sum(padded: torch.Tensor, taps: torch.Tensor, length: int) -> torch.Tensor:
-    """sum_k padded[:, k : k + length] * taps[..., k]: a 'same' 1-D cross-correlation along dim 1.
-
-    `padded` is [B, T + K - 1, ...]; `taps` broadcasts against [B, T, ...] once its last axis (K) is indexed.
-    """
-    kernel_size = taps.shape[-1]
-    out = padded[:, 0:length] * taps[..., 0]
-    for k in range(1, kernel_size):
-        out = out.addcmul(padded[:, k : k + length], taps[..., k])
-    return out
 
 
 def _triton_span_conv_enabled(t: torch.Tensor) -> bool:
