@@ -119,7 +119,8 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
             "task built from the same text."
         ),
     )
-    p.add_argument("--output", default="quickstart", help="folder for everything it writes (default ./quickstart)")
+    p.add_argument("--output", default="convbert-quickstart",
+                   help="folder for everything it writes (default ./convbert-quickstart)")
     p.add_argument("--minutes", type=float, default=6.0,
                    help="total time budget in minutes (default 6; pre-training gets what the other stages leave)")
     p.add_argument("--seed", type=int, default=0, help="random seed")

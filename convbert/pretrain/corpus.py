@@ -14,6 +14,7 @@ one document; the text is split into sentences, one per line, with a blank line 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sysconfig
 import zlib
@@ -138,7 +139,7 @@ def _chars(d: Document) -> int:
 
 def harvest(max_chars: int | None = None, include_topics: bool = True) -> list[Document]:
     """All documents in a fixed order; with `max_chars`, a deterministic spread-out subset of about that size."""
-    docs = _harvest_all(include_topics)
+    docs = list(_harvest_all(include_topics))
     total = sum(_chars(d) for d in docs)
     if max_chars is None or total <= max_chars:
         return docs
@@ -146,7 +147,8 @@ def harvest(max_chars: int | None = None, include_topics: bool = True) -> list[D
     return [d for d in docs if zlib.crc32(f"{d.module}:{d.name}".encode("utf-8")) / 2**32 < keep]
 
 
-def _harvest_all(include_topics: bool = True) -> list[Document]:
+@functools.lru_cache(maxsize=2)
+def _harvest_all(include_topics: bool = True) -> tuple[Document, ...]:
     root = stdlib_dir()
     docs: list[Document] = list(_topics(root)) if include_topics else []
     for path in sorted(root.rglob("*.py")):
@@ -168,7 +170,7 @@ def _harvest_all(include_topics: bool = True) -> list[Document]:
                 docs.append(Document(module, name, sents))
     if not docs:
         raise ConvBertError(f"no docstrings found under {root}")
-    return docs
+    return tuple(docs)
 
 
 def is_heldout(module: str, fraction: float) -> bool:

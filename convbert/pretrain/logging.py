@@ -212,11 +212,15 @@ def plot_curves(log_path: str | os.PathLike, out_path: str | os.PathLike) -> Pat
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax = axes[0][1]
-    ax.plot(*series(train, "gen_loss"), label="generator MLM", lw=0.8)
-    ax.plot(*series(train, "disc_loss"), label="discriminator RTD", lw=0.8)
+    ax.plot(*series(train, "gen_loss"), label="generator MLM", lw=0.8, color="tab:blue")
+    ax.set_ylabel("generator MLM loss", color="tab:blue")
     ax.set_title("component losses (train)")
     ax.set_xlabel("step")
-    ax.legend()
+    xs, ys = series(train, "disc_loss")
+    if xs and any(ys):
+        ax2 = ax.twinx()
+        ax2.plot(xs, ys, lw=0.8, color="tab:orange")
+        ax2.set_ylabel("discriminator RTD loss", color="tab:orange")
     ax = axes[1][0]
     for key, label in (("disc_auc", "disc AUC"), ("disc_accuracy", "disc accuracy"),
                        ("masked_lm_accuracy", "MLM accuracy"), ("sampled_masked_lm_accuracy", "sampled MLM acc.")):

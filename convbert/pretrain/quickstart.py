@@ -150,8 +150,9 @@ def _finetune(model_dir: Path, train_tsv: Path, dev_tsv: Path, out: Path, seed: 
                              file_format="tsv", progress=True)
 
 
-def quickstart(output: str | Path = "quickstart", *, minutes: float = 6.0, seed: int = 0, size: str = "tiny",
-               finetune: bool = True, threads: int | None = None, max_chars: int | None = 2_000_000) -> dict:
+def quickstart(output: str | Path = "convbert-quickstart", *, minutes: float = 6.0, seed: int = 0, size: str = "tiny",
+               finetune: bool = True, threads: int | None = None, max_chars: int | None = 2_000_000,
+               vocab_size: int = QUICK_VOCAB, max_seq_length: int = QUICK_SEQ) -> dict:
     from convbert.pretrain.config import resolve_config
     from convbert.pretrain.export import export_checkpoint
     from convbert.pretrain.logging import read_log
@@ -162,7 +163,7 @@ def quickstart(output: str | Path = "quickstart", *, minutes: float = 6.0, seed:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     _say(f"quickstart: everything goes to {out.resolve()} (time budget {minutes:g} min)")
-    paths = prepare_data(out, max_chars=max_chars, seed=seed)
+    paths = prepare_data(out, max_chars=max_chars, seed=seed, vocab_size=vocab_size, max_seq_length=max_seq_length)
 
     run = out / "pretrain"
     flags = dict(data=str(paths["data"]), eval_data=str(paths["eval_data"]), vocab=str(paths["vocab"]),
@@ -193,7 +194,7 @@ def quickstart(output: str | Path = "quickstart", *, minutes: float = 6.0, seed:
         per_step = timings[threads]
         flags["threads"] = threads
         spent = time.perf_counter() - t_start
-        reserve = 60.0 + (45.0 if finetune else 0.0)  # evaluation, export, plot, fine-tuning
+        reserve = 30.0 + (40.0 if finetune else 0.0)  # evaluations, export, plot, fine-tuning
         train_seconds = max(20.0, budget - spent - reserve)
         steps = max(20, int(train_seconds / (per_step * 1.08)))
         _say(f"[4/6] pre-training: {per_step * 1000:.0f} ms/step measured with {threads} thread(s) -> {steps} steps "

@@ -461,6 +461,9 @@ class Trainer:
         if self.step >= cfg.steps:
             self.print(f"{self.out}: already trained for {self.step} of {cfg.steps} steps; nothing to do")
             return {"step": self.step, "resumed": resumed, "finished": True}
+        if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
+            self.print(f"{self.out}: already at step {self.step} (--stop-at-step {cfg.stop_at_step}); nothing to do")
+            return {"step": self.step, "resumed": resumed, "finished": False}
         self.logger.start(self.step)
         if self.dist.is_main:
             r = self.resolved()
