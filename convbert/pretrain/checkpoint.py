@@ -96,17 +96,38 @@ def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, aliases
 
 
-def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+def check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str,
+                what: str = "checkpoint does not match the model", unknown_label: str = "unexpected") -> None:
+    """Raise a one-line ConvBertError naming unknown/missing keys or the first shape mismatches."""
+    unknown = sorted(set(got) - set(expected))
+    missing = sorted(set(expected) - set(got))
+    shapes = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    problems = []
+    if unknown:
+        problems.append(f"{unknown_label} {few(unknown)}")
+    if missing:
+        problems.append(f"missing {few(missing)}")
+    for k in shapes[:3]:
+        problems.append(
+            f"{k} has shape {list(got[k].shape)} in the checkpoint, the model expects shape {list(expected[k].shape)}"
+        )
+    if problems:
+        raise ConvBertError(f"{source}: {what}: " + "; ".join(problems))
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+                       source: str = "checkpoint") -> None:
     full = dict(tensors)
     for alias, target in aliases.items():
+        if target not in tensors:
+            raise ConvBertError(f"{source}: checkpoint does not match the model: alias {alias} -> missing {target}")
         full[alias] = tensors[target]
-    missing, unexpected = model.load_state_dict(full, strict=False)
-    if missing or unexpected:
-        raise ConvBertError(
-            "checkpoint does not match the model: "
-            + (f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; " if missing else "")
-            + (f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}" if unexpected else "")
-        )
+    check_state(model.state_dict(), full, source)
+    model.load_state_dict(full, strict=True)
 
 
 # ---- RNG states ------------------------------------------------------------------------------------------------

@@ -62,21 +62,38 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         raise ConvBertError(f"--output {out}: exists and is not a folder")
     vocab = find_vocab(ck, run)
 
+    for alias, target in aliases.items():
+        if target not in data["model"]:
+            raise ConvBertError(f"{ck}: checkpoint is inconsistent: {alias} aliases the missing {target}")
+
+    def load(model, prefix: str) -> None:
+        state = _sub_state(data["model"], aliases, prefix)
+        ckpt_io.check_state(model.state_dict(), state, str(ck),
+                            what=f"the {prefix.rstrip('.')} weights do not match its configuration",
+                            unknown_label="unknown key(s)")
+        model.load_state_dict(state, strict=True)
+
+    # Build and check everything before writing anything.
     config = ConvBertConfig.from_dict(run["model_config"], source=f"{ck} model_config")
     disc = ConvBertModel(config)
-    disc.load_state_dict(_sub_state(data["model"], aliases, "discriminator."), strict=True)
+    load(disc, "discriminator.")
+    gen = gconfig = None
+    if generator:
+        gconfig = ConvBertConfig.from_dict(run["generator_config"], source=f"{ck} generator_config")
+        gen = ConvBertModel(gconfig)
+        load(gen, "generator.")
+        head = _sub_state(data["model"], aliases, "generator_head.")
+        need = ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias", "output_bias")
+        if any(k not in head for k in need):
+            raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(k for k in need if k not in head)})")
     disc.save_pretrained(out)
     copy_vocab(vocab, out)
     written = {"discriminator": str(out)}
     notes: list[str] = []
 
     if generator:
-        gconfig = ConvBertConfig.from_dict(run["generator_config"], source=f"{ck} generator_config")
-        gen = ConvBertModel(gconfig)
-        gen.load_state_dict(_sub_state(data["model"], aliases, "generator."), strict=True)
         gdir = out / "generator"
         gen.save_pretrained(gdir)
-        head = _sub_state(data["model"], aliases, "generator_head.")
         tensors = {f"convbert.{k}": v.contiguous() for k, v in gen.state_dict().items()}
         tensors["generator_predictions.dense.weight"] = head["dense.weight"]
         tensors["generator_predictions.dense.bias"] = head["dense.bias"]

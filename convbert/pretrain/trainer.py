@@ -240,7 +240,7 @@ class Trainer:
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
 
-    def _check_compatible(self, saved: dict) -> None:
+    def _check_compatible(self, saved: dict) -> list[str]:
         old = saved.get("pretrain", {})
         new = self.cfg.to_dict()
         changed = [k for k in FROZEN_KEYS if k in old and old[k] != new.get(k)]
@@ -249,9 +249,9 @@ class Trainer:
                 f"{self.out}: the run was started with different {', '.join(changed)}; resume with the same "
                 "settings or choose a new --output"
             )
-        others = [k for k in new if k in old and old[k] != new[k] and k not in ("stop_at_step",)]
-        if others:
-            self.print(f"note: resuming with changed settings: {', '.join(others)} (the new values apply)")
+        # Paths may move with the run; --stop-at-step is per invocation.
+        return [k for k in new if k in old and old[k] != new[k]
+                and k not in ("stop_at_step", "output", "data", "eval_data", "vocab")]
 
     def maybe_resume(self) -> bool:
         latest = ckpt_io.latest_checkpoint(self.ckpt_dir)
@@ -262,11 +262,10 @@ class Trainer:
         if self.resume_flag is False:
             raise ConvBertError(f"{self.out} already holds checkpoints; choose a new --output or resume it")
         run_cfg = self.out / RUN_CONFIG
-        if run_cfg.is_file():
-            self._check_compatible(load_json(run_cfg))
+        changed = self._check_compatible(load_json(run_cfg)) if run_cfg.is_file() else []
         data = ckpt_io.load_checkpoint(latest)
         state = data["state"]
-        ckpt_io.load_model_tensors(self.model, data["model"], state.get("model_aliases", {}))
+        ckpt_io.load_model_tensors(self.model, data["model"], state.get("model_aliases", {}), str(latest))
         opt_state = ckpt_io.unflatten_optimizer_state(data["optimizer_tensors"], state["optimizer"])
         try:
             self.optimizer.load_state_dict(opt_state)
@@ -296,6 +295,8 @@ class Trainer:
             if self.dist.rank < len(loaders):
                 with contextlib.suppress(Exception):
                     self.loader.load_state_dict(loaders[self.dist.rank])
+        if changed:
+            self.print(f"note: resuming with changed settings: {', '.join(changed)} (the new values apply)")
         self.print(f"resumed from {latest} (step {self.step})")
         return True
 
