@@ -202,3 +202,19 @@ def test_cli_pretrain_and_export(tiny_data, tmp_path, capsys):
     rc = main(["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(tmp_path / "x"),
                "--set", "nonsense=1"])
     assert rc == 2 and "nonsense" in capsys.readouterr().err
+
+
+def test_options_bf16_accumulation_plain_attention_without_replacement(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    res = run_pretraining(
+        cfg_for(tiny_data, out, steps=2, save_every=2, precision="bf16", grad_accum=2, attention="plain",
+                masking="without-replacement"),
+        progress=False,
+    )
+    assert res["finished"] and all(math.isfinite(x) for x in losses(out))
+    st = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    # 2 steps x 2 micro-batches x 4 examples
+    assert st["loader"][0]["position"] == 16 and st["run_config"]["micro_batch_size"] == 4
+    assert st["run_config"]["model_config"]["attention_type"] == "plain"
+    with pytest.raises(ConvBertError, match="does not split"):
+        run_pretraining(cfg_for(tiny_data, tmp_path / "x", batch_size=6, grad_accum=4), progress=False)

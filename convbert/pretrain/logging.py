@@ -222,15 +222,18 @@ def plot_curves(log_path: str | os.PathLike, out_path: str | os.PathLike) -> Pat
         ax2.plot(xs, ys, lw=0.8, color="tab:orange")
         ax2.set_ylabel("discriminator RTD loss", color="tab:orange")
     ax = axes[1][0]
+    plotted = False
     for key, label in (("disc_auc", "disc AUC"), ("disc_accuracy", "disc accuracy"),
                        ("masked_lm_accuracy", "MLM accuracy"), ("sampled_masked_lm_accuracy", "sampled MLM acc.")):
         xs, ys = series(evals, key)
         if xs:
             ax.plot(xs, ys, marker="o", ms=3, label=label)
-    ax.set_title("held-out evaluation")
+            plotted = True
+    ax.set_title("held-out evaluation" if plotted else "held-out evaluation (none)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
     ax = axes[1][1]
     ax.plot(*series(train, "lr"), lw=0.8)
     ax.set_title("learning rate")
