@@ -218,3 +218,13 @@ def test_options_bf16_accumulation_plain_attention_without_replacement(tiny_data
     assert st["run_config"]["model_config"]["attention_type"] == "plain"
     with pytest.raises(ConvBertError, match="does not split"):
         run_pretraining(cfg_for(tiny_data, tmp_path / "x", batch_size=6, grad_accum=4), progress=False)
+
+
+def test_schedule_linear_decay_from_step_zero_times_warmup(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, out, steps=6, lr=1e-3, warmup_steps=3), progress=False)
+    lrs = [r["lr"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"]
+    # update k (1-based) uses t = k - 1 finished steps: peak * (1 - t/6) * min(1, t/3); the first update has lr 0
+    expected = [1e-3 * (1 - t / 6) * min(1.0, t / 3) for t in range(6)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[0] == 0.0
