@@ -103,6 +103,13 @@ def _checkpoint_names(ckdir: Path) -> list[str]:
         return []
 
 
+def _tmp_step(name: str) -> int:
+    """The step of a checkpoint's temporary folder `.step-XXXXXXXX.<random>.tmp`, else -1."""
+    if name.startswith(".step-") and name.endswith(".tmp"):
+        return int(name[len(".step-"):].split(".")[0])
+    return -1
+
+
 def _steps_done(ckdir: Path) -> int:
     return max([s for s, _ in ckpt_io.list_checkpoints(ckdir)], default=0)
 
@@ -143,15 +150,14 @@ def test_pretraining_sigkilled_at_random_steps_and_mid_checkpoint_resumes_bit_ex
             seen: dict[str, float] = {}
 
             def cond():
-                if (ckdir / ckpt_io.checkpoint_name(target)).is_dir():
+                if _steps_done(ckdir) >= target:
                     seen.setdefault("t", time.monotonic())
                     return time.monotonic() - seen["t"] >= delay
                 return False
-        else:  # the instant the temporary folder of checkpoint `target` appears: the write is under way
+        else:  # the instant the temporary folder of a checkpoint >= `target` appears: the write is under way
 
             def cond():
-                prefix = f".{ckpt_io.checkpoint_name(target)}."
-                return any(n.startswith(prefix) and n.endswith(".tmp") for n in _checkpoint_names(ckdir))
+                return any(_tmp_step(n) >= target for n in _checkpoint_names(ckdir))
 
         assert _kill_when(proc, cond), f"the run ended before the {kind} kill at step {target}"
         assert proc.returncode == -signal.SIGKILL
