@@ -486,6 +486,13 @@ def zip_not_an_archive(e, t):
                 expect=[str(src / "CoLA.zip"), "not a zip or tar archive"], absent=[t / "glue"])
 
 
+@case("archive")
+def glue_download_unreachable(e, t):
+    return dict(argv=["glue-download", "--output", str(t / "glue"), "--tasks", "cola", "--base-url",
+                      "http://127.0.0.1:9/"],
+                expect=["cannot download http://127.0.0.1:9/CoLA.zip", "--base-url"], absent=[t / "glue"])
+
+
 # -- vocabularies -------------------------------------------------------------------------------------------------
 
 
