@@ -396,6 +396,17 @@ def corpus_unreadable_file(e, t):
 
 
 @case("corpus")
+def corpus_read_error(e, t):
+    """A file that fails with an I/O error when read, even for root (a link to /proc/self/mem)."""
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("needs /proc/self/mem (Linux)")
+    f = t / "disk.txt"
+    f.symlink_to("/proc/self/mem")
+    return dict(argv=build_argv([f], e.vocab, t / "out"), expect=[str(f), "cannot read", "Input/output error"],
+                absent=[t / "out"])
+
+
+@case("corpus")
 def corpus_jsonl_invalid_line(e, t):
     f = t / "dump.jsonl"
     f.write_text('{"text": "the cat sat"}\n{"text": "oops"\n')
@@ -912,8 +923,8 @@ _LEFTOVER = "build-data leaves manifest.json and parts/ in a new --output on a b
 _TOTAL = "the manifest's example total is not checked against its shards (data/dataset.py)"
 _FIELDS = "a missing or mistyped manifest field raises KeyError/ValueError/TypeError (data/dataset.py)"
 PENDING: dict[str, str] = {
-    **dict.fromkeys(["corpus_binary_only", "corpus_empty", "corpus_jsonl_invalid_line", "corpus_jsonl_missing_field",
-                     "corpus_corrupt_gzip", "tar_member_absolute_path", "tar_member_dotdot", "tar_member_symlink"],
+    **dict.fromkeys(["corpus_binary_only", "corpus_empty", "corpus_read_error", "corpus_jsonl_invalid_line",
+                     "corpus_jsonl_missing_field", "corpus_corrupt_gzip", "tar_member_absolute_path", "tar_member_dotdot", "tar_member_symlink"],
                     _LEFTOVER),
     "dataset_manifest_edited_total": _TOTAL,
     **dict.fromkeys(["dataset_manifest_field_missing", "dataset_manifest_field_mistyped",
@@ -939,16 +950,16 @@ def test_bad_input(name, env, tmp_path, capsys, request):
     assert line.startswith(f"{prog}: error: "), line
     for fragment in spec["expect"]:
         assert fragment in line, (fragment, line)
-    for p in spec.get("absent", []):
-        assert not Path(p).exists(), f"{p} left behind"
-    for p, snap in before.items():
-        assert snapshot(p) == snap, f"{p} changed"
-    assert temp_leftovers(tmp_path) == []
     dump = os.environ.get("CONVBERT_ERRORS_DUMP")
     if dump:
         with open(dump, "a", encoding="utf-8") as f:
             f.write(json.dumps({"case": name, "area": area, "argv": argv, "message": line, "tmp": str(tmp_path),
                                 "env": str(env.root)}) + "\n")
+    for p in spec.get("absent", []):
+        assert not Path(p).exists(), f"{p} left behind"
+    for p, snap in before.items():
+        assert snapshot(p) == snap, f"{p} changed"
+    assert temp_leftovers(tmp_path) == []
 
 
 def test_catalogue_size():
