@@ -228,3 +228,12 @@ def test_schedule_linear_decay_from_step_zero_times_warmup(tiny_data, tmp_path):
     expected = [1e-3 * (1 - t / 6) * min(1.0, t / 3) for t in range(6)]
     assert lrs == pytest.approx(expected, abs=1e-12)
     assert lrs[0] == 0.0
+
+
+def test_time_limit_stops_with_checkpoint_and_eval_then_continues(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    res = run_pretraining(cfg_for(tiny_data, out, steps=50, save_every=50, time_limit=1e-6), progress=False)
+    assert res["timed_out"] and not res["finished"] and res["step"] == 1
+    assert res["eval"] is not None and ckpt_io.latest_checkpoint(out / "checkpoints").name == "step-00000001"
+    res = run_pretraining(cfg_for(tiny_data, out, steps=3, save_every=3), progress=False)
+    assert res["resumed"] and res["finished"] and res["step"] == 3

@@ -51,6 +51,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--stop-at-step", type=int,
                    help="checkpoint and stop at this step (the schedule still spans --steps); re-run to continue")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds of training in this invocation; then checkpoint, evaluate and stop (re-run continues)")
     p.add_argument("--log-every", type=int, help="write a JSONL/TensorBoard record every N steps (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pretrain)
@@ -59,7 +61,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 FLAG_KEYS = (
     "data", "eval_data", "vocab", "output", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "save_every",
     "keep_checkpoints", "eval_every", "eval_batches", "precision", "compile", "masking", "attention", "objective",
-    "max_bad_steps", "device", "stop_at_step", "log_every", "threads",
+    "max_bad_steps", "device", "stop_at_step", "time_limit", "log_every", "threads",
 )
 
 

@@ -74,6 +74,7 @@ class PretrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads for torch (0: torch's default)
     stop_at_step: int | None = None  # stop early (after a checkpoint) at this step; the schedule still uses `steps`
+    time_limit: float | None = None  # seconds of training in this invocation; then checkpoint, evaluate and stop
     model: dict = field(default_factory=dict)  # ConvBertConfig overrides
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +100,8 @@ class PretrainConfig:
         need(0 < self.mask_prob < 1, "mask_prob", "a number in (0, 1)")
         need(0 <= self.mask_token_prob <= 1, "mask_token_prob", "a number in [0, 1]")
         need(self.temperature > 0, "temperature", "a number > 0")
+        if self.time_limit is not None:
+            need(self.time_limit > 0, "time_limit", "a number of seconds > 0")
         if self.stop_at_step is not None:
             need(isinstance(self.stop_at_step, int) and self.stop_at_step >= 1, "stop_at_step", "an integer >= 1")
         if not self.data:

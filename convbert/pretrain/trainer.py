@@ -251,7 +251,7 @@ class Trainer:
             )
         # Paths may move with the run; --stop-at-step is per invocation.
         return [k for k in new if k in old and old[k] != new[k]
-                and k not in ("stop_at_step", "output", "data", "eval_data", "vocab")]
+                and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab")]
 
     def maybe_resume(self) -> bool:
         latest = ckpt_io.latest_checkpoint(self.ckpt_dir)
@@ -478,9 +478,11 @@ class Trainer:
         last_eval = None
         stop_at = cfg.stop_at_step
         finished = False
+        timed_out = False
         try:
             if not resumed and cfg.eval_at_start:
                 last_eval = self.run_eval()
+            t_train = time.perf_counter()
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 if metrics is None:
@@ -490,19 +492,29 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not at_end:
                     last_eval = self.run_eval()
                 stopping = stop_at is not None and self.step >= stop_at
+                if cfg.time_limit is not None and not at_end:
+                    over = time.perf_counter() - t_train >= cfg.time_limit
+                    if self.dist.distributed:  # every rank must agree, or the collectives below would hang
+                        flag = torch.tensor([1.0 if over else 0.0], device=self.device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        over = bool(flag.item() > 0)
+                    if over:
+                        timed_out = stopping = True
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step in milestones or at_end or stopping:
                     self.save()
                 if stopping and not at_end:
-                    self.logger.message(f"stopped at step {self.step} (--stop-at-step); re-run to continue")
+                    why = "the time limit" if timed_out else "--stop-at-step"
+                    self.logger.message(f"stopped at step {self.step} of {cfg.steps} ({why}); re-run to continue")
+                    self.logger.event(self.step, "stopped", reason=why)
                     break
             else:
                 finished = True
-            if finished:
+            if finished or timed_out:
                 last_eval = self.run_eval()
         finally:
             self.logger.close(plot=True)
-        return {"step": self.step, "resumed": resumed, "finished": finished, "eval": last_eval,
-                "bad_steps": self.bad_total}
+        return {"step": self.step, "resumed": resumed, "finished": finished, "timed_out": timed_out,
+                "eval": last_eval, "bad_steps": self.bad_total}
 
     def close(self) -> None:
         if self.dist.initialized_here and dist.is_initialized():
