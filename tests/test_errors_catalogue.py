@@ -271,6 +271,31 @@ def glue_unknown_task(e, t):
 
 
 @case("command line")
+def glue_output_is_a_file(e, t):
+    f = t / "results.txt"
+    f.write_text("keep me")
+    return dict(argv=glue_argv(e.model, e.glue, f), expect=[f"--output {f}", "not a folder"], unchanged=[f])
+
+
+@case("command line")
+def finetune_output_is_a_file(e, t):
+    train = t / "train.csv"
+    train.write_text("q,y\nthe cat,yes\nthe dog,no\n")
+    f = t / "model.bin"
+    f.write_text("keep me")
+    return dict(argv=["finetune", "--model", str(e.model), "--train", str(train), "--text-columns", "q",
+                      "--label-column", "y", "--output", str(f), "--no-progress"],
+                expect=[f"--output {f}", "not a folder"], unchanged=[f])
+
+
+@case("command line")
+def glue_submission_seed_not_a_seed(e, t):
+    return dict(argv=glue_argv(e.model, e.glue, t / "o", "rte", "--predict", "--fill-missing", "--seeds", "2",
+                               "--submission-seed", "3"),
+                expect=["--submission-seed 3", "not one of --seeds (1, 2)"], absent=[t / "o"])
+
+
+@case("command line")
 def quickstart_no_time(e, t):
     return dict(argv=["quickstart", "--minutes", "0", "--output", str(t / "q")], expect=["--minutes", "positive"],
                 absent=[t / "q"])
@@ -486,6 +511,12 @@ def zip_member_dotdot(e, t):
 def zip_member_symlink(e, t):
     z, argv = _download_case(t, symlink=("CoLA/evil.tsv", "/etc/passwd"))
     return dict(argv=argv, expect=[str(z), "'CoLA/evil.tsv'", "links"], absent=[t / "glue"])
+
+
+@case("archive")
+def glue_download_from_missing_folder(e, t):
+    return dict(argv=["glue-download", "--output", str(t / "glue"), "--tasks", "cola", "--from-dir", str(t / "dl")],
+                expect=[f"--from-dir {t / 'dl'}", "no such folder"], absent=[t / "glue"])
 
 
 @case("archive")

@@ -240,6 +240,8 @@ def layout_glue(
     """Lay out a folder of downloaded GLUE files (the task zips, AX.tsv, the MRPC SentEval files and
     mrpc_dev_ids.tsv) into `output` — the offline half of `glue-download` (`--from-dir`)."""
     src, output = Path(src_dir), Path(output)
+    if not src.is_dir():
+        raise ConvBertError(f"--from-dir {src}: no such folder (expected the downloaded GLUE files)")
     tasks = list(tasks or list(GLUE_TASKS) + ["ax"])
     output.mkdir(parents=True, exist_ok=True)
     for task in tasks:

@@ -170,6 +170,8 @@ def finetune_own_task(
     from convbert.model.heads import ConvBertForSequenceClassification
 
     cfg.validate()
+    if output.exists() and not output.is_dir():
+        raise ConvBertError(f"--output {output}: exists and is not a folder")
     tokenizer = load_tokenizer(model_dir)
     cols, rows = read_table(train_file, file_format)
     if not rows:

@@ -175,6 +175,17 @@ def _eval_metrics(task: str, dev_outputs: dict[str, tuple[np.ndarray, np.ndarray
 
 
 def check_inputs(opts: GlueOptions) -> None:
+    if opts.output.exists() and not opts.output.is_dir():
+        raise ConvBertError(f"--output {opts.output}: exists and is not a folder")
+    if opts.predict and opts.submission_seed != "best":
+        try:
+            seed = int(opts.submission_seed)
+        except ValueError:
+            raise ConvBertError(
+                f"--submission-seed must be 'best' or a seed number, got {opts.submission_seed!r}"
+            ) from None
+        if seed not in opts.seeds:
+            raise ConvBertError(f"--submission-seed {seed}: not one of --seeds ({', '.join(map(str, opts.seeds))})")
     md = opts.model_dir
     if not (md / "config.json").is_file():
         raise ConvBertError(f"{md}: no config.json (expected an HF-layout ConvBERT folder with vocab.txt)")
