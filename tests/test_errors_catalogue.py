@@ -271,6 +271,29 @@ def glue_unknown_task(e, t):
 
 
 @case("command line")
+def pretrain_output_is_a_file(e, t):
+    f = t / "run.txt"
+    f.write_text("keep me")
+    return dict(argv=pretrain_argv(e.data, f), expect=[f"{f}", "not a folder"], unchanged=[f])
+
+
+@case("command line")
+def pretrain_fp16_on_cpu(e, t):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is available: fp16 is allowed")
+    return dict(argv=pretrain_argv(e.data, t / "run", "--precision", "fp16", "--device", "cpu"),
+                expect=["--precision fp16 needs a GPU", "bf16"], absent=[t / "run"])
+
+
+@case("command line")
+def train_vocab_output_is_a_folder(e, t):
+    d = t / "vocabs"
+    d.mkdir()
+    return dict(argv=["train-vocab", "--input", str(e.corpus), "--vocab-size", "100", "--output", str(d)],
+                expect=[f"--output {d}", "folder"], unchanged=[d])
+
+
+@case("command line")
 def glue_output_is_a_file(e, t):
     f = t / "results.txt"
     f.write_text("keep me")
@@ -954,6 +977,9 @@ _LEFTOVER = "build-data leaves manifest.json and parts/ in a new --output on a b
 _TOTAL = "the manifest's example total is not checked against its shards (data/dataset.py)"
 _FIELDS = "a missing or mistyped manifest field raises KeyError/ValueError/TypeError (data/dataset.py)"
 PENDING: dict[str, str] = {
+    "pretrain_output_is_a_file": "FileExistsError traceback (pretrain/config.py or trainer.py)",
+    "pretrain_fp16_on_cpu": "a GradScaler UserWarning precedes the error (pretrain/trainer.py)",
+    "train_vocab_output_is_a_folder": "IsADirectoryError traceback (data/vocab.py or cli/data.py)",
     **dict.fromkeys(["corpus_binary_only", "corpus_empty", "corpus_read_error", "corpus_jsonl_invalid_line",
                      "corpus_jsonl_missing_field", "corpus_corrupt_gzip", "tar_member_absolute_path", "tar_member_dotdot", "tar_member_symlink"],
                     _LEFTOVER),
