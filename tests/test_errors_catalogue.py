@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,11 +68,19 @@ def env(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+def _warn_to_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as exit:  # argparse usage errors
-        rc = exit.code
+    """`convbert ARGV` in-process; warnings reach stderr as they would in a terminal (pytest would collect them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _warn_to_stderr
+        try:
+            rc = main(argv)
+        except SystemExit as exit:  # argparse usage errors
+            rc = exit.code
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
