@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from convbert.model.config import PRESET_GENERATOR_FRACTION, ConvBertConfig
 
 MASK_FRACTION = 0.15  # generator logits are computed only at the masked slots
@@ -33,11 +35,12 @@ def pretraining_counts(config: ConvBertConfig, generator_fraction: float) -> dic
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    disc = ConvBertModel(config)
     gen_config = config.generator_config(generator_fraction)
-    gen = ConvBertModel(gen_config, embeddings=disc.embeddings)
-    gen_head = GeneratorHead(gen_config, config.embedding_size)
-    disc_head = DiscriminatorHead(config)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        disc = ConvBertModel(config)
+        gen = ConvBertModel(gen_config, embeddings=disc.embeddings)
+        gen_head = GeneratorHead(gen_config, config.embedding_size)
+        disc_head = DiscriminatorHead(config)
     disc_params = count(disc)
     gen_params = count(gen) - count(disc.embeddings) + count(gen_head)
     total = disc_params + count(disc_head) + gen_params
