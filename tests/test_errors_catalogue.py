@@ -98,7 +98,7 @@ def snapshot(path: Path) -> dict[str, str] | None:
 
 def temp_leftovers(root: Path) -> list[str]:
     return [str(p) for p in Path(root).rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name
-            or p.name.startswith(".download-") or p.name.endswith(".old")]
+            or p.name.startswith((".download-", ".unpack-")) or p.name.endswith(".old")]
 
 
 def copy(src: Path, dst: Path) -> Path:
