@@ -405,3 +405,37 @@ def test_non_finite_losses_in_a_row_stop_the_run_with_one_line(env, tmp_path, mo
     monkeypatch.undo()
     assert main(_pretrain_argv(data, out, steps=3)) == 0
     assert _steps_done(out / "checkpoints") == 3
+
+
+# ---------------------------------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_writes_sigkilled_leave_the_old_or_the_new_file(tmp_path):
+    """`write_json_atomic` (used for manifests, run records, results) in a tight loop, SIGKILLed at random moments:
+    the file always parses and holds one complete version; an exception inside the block leaves the old file."""
+    from convbert.utils import atomic_path, write_json_atomic
+
+    target = tmp_path / "state.json"
+    write_json_atomic(target, {"version": -1, "pad": ""})
+    code = ("import sys; from convbert.utils import write_json_atomic\n"
+            "for i in range(10**9):\n"
+            "    write_json_atomic(sys.argv[1], {'version': i, 'pad': 'x' * (1000 + 37 * (i % 5000))})\n")
+    rng = random.Random(3)
+    last = -1
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)])
+        time.sleep(0.3 + rng.uniform(0.0, 0.3))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        obj = json.loads(target.read_text())  # never torn
+        assert obj["version"] >= 0 and len(obj["pad"]) == 1000 + 37 * (obj["version"] % 5000)
+        last = obj["version"]
+    assert last >= 0
+    before = target.read_bytes()
+    temps = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))  # a SIGKILL may leave one each
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash inside the block")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == temps  # its own one is gone
