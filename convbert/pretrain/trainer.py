@@ -142,8 +142,12 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        out_path = Path(cfg.output)
+        if out_path.exists() and not out_path.is_dir():
+            raise ConvBertError(f"--output {out_path}: exists and is not a folder")
         self.dist = dist_info or setup_distributed(cfg.device)
         self.device = self.dist.device
+        self.autocast = _autocast_factory(cfg.precision, self.device)  # refuses fp16 without a GPU, early
         self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
                                       eval_examples=cfg.eval_batches * cfg.eval_batch_size)
         self.loader_factory = loader_factory or default_loader_factory
@@ -185,9 +189,8 @@ class Trainer:
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
         )
         self.scaler = None
-        if cfg.precision == "fp16":
+        if cfg.precision == "fp16" and self.device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
-        self.autocast = _autocast_factory(cfg.precision, self.device)
         if cfg.compile:
             # Compile the two encoders in place (parameter names, hence checkpoints, are unchanged).
             self.model.discriminator.compile()
