@@ -185,6 +185,9 @@ LoaderFactory = Callable[[Any, int, int, int, int], Any]
 
 
 def collate_examples(dataset, indices) -> dict[str, torch.Tensor]:
+    if hasattr(dataset, "batch"):
+        b = dataset.batch(np.asarray(list(indices), dtype=np.int64))
+        return {k: torch.from_numpy(np.asarray(b[k], dtype=np.int64)) for k in ("input_ids", "input_mask", "segment_ids")}
     rows = [dataset.example(int(i)) for i in indices]
     return {
         key: torch.from_numpy(np.stack([np.asarray(r[key], dtype=np.int64) for r in rows]))
