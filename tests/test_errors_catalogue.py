@@ -986,8 +986,6 @@ _LEFTOVER = "build-data leaves manifest.json and parts/ in a new --output on a b
 _TOTAL = "the manifest's example total is not checked against its shards (data/dataset.py)"
 _FIELDS = "a missing or mistyped manifest field raises KeyError/ValueError/TypeError (data/dataset.py)"
 PENDING: dict[str, str] = {
-    "pretrain_output_is_a_file": "FileExistsError traceback (pretrain/config.py or trainer.py)",
-    "pretrain_fp16_on_cpu": "a GradScaler UserWarning precedes the error (pretrain/trainer.py)",
     "train_vocab_output_is_a_folder": "IsADirectoryError traceback (data/vocab.py or cli/data.py)",
     **dict.fromkeys(["corpus_binary_only", "corpus_empty", "corpus_read_error", "corpus_jsonl_invalid_line",
                      "corpus_jsonl_missing_field", "corpus_corrupt_gzip", "tar_member_absolute_path", "tar_member_dotdot", "tar_member_symlink"],
