@@ -981,19 +981,8 @@ def resume_with_another_model(e, t):
 # ---------------------------------------------------------------------------------------------------- the tests
 
 
-# Cases whose fix is in an area still being edited by its owner (see docs/errors.md, "pending").
-_LEFTOVER = "build-data leaves manifest.json and parts/ in a new --output on a bad-input error (data/build.py)"
-_TOTAL = "the manifest's example total is not checked against its shards (data/dataset.py)"
-_FIELDS = "a missing or mistyped manifest field raises KeyError/ValueError/TypeError (data/dataset.py)"
-PENDING: dict[str, str] = {
-    "train_vocab_output_is_a_folder": "IsADirectoryError traceback (data/vocab.py or cli/data.py)",
-    **dict.fromkeys(["corpus_binary_only", "corpus_empty", "corpus_read_error", "corpus_jsonl_invalid_line",
-                     "corpus_jsonl_missing_field", "corpus_corrupt_gzip", "tar_member_absolute_path", "tar_member_dotdot", "tar_member_symlink"],
-                    _LEFTOVER),
-    "dataset_manifest_edited_total": _TOTAL,
-    **dict.fromkeys(["dataset_manifest_field_missing", "dataset_manifest_field_mistyped",
-                     "dataset_manifest_not_an_object"], _FIELDS),
-}
+# Cases whose fix has not landed yet (none at present; see docs/errors.md).
+PENDING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -38,11 +38,35 @@ class PretrainingDataset:
         except (OSError, ValueError) as err:
             raise ConvBertError(f"{mpath}: unreadable manifest ({err})")
         m = self.manifest
-        if m.get("format") != "convbert-pretraining-data":
+        if not isinstance(m, dict) or m.get("format") != "convbert-pretraining-data":
             raise ConvBertError(f"{mpath}: not a convbert pre-training dataset manifest")
         if not m.get("complete"):
             raise ConvBertError(f"{self.path}: the build is not complete; re-run the same `convbert build-data` "
                                 "command to finish it")
+        self._check_fields(m, mpath)
+        self._read_manifest(m, max_seq_length)
+
+    @staticmethod
+    def _check_fields(m: dict, mpath: Path) -> None:
+        """Name the first missing or mistyped field of an edited or damaged manifest."""
+
+        def need(obj, key: str, kind, label: str) -> None:
+            value = obj.get(key) if isinstance(obj, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConvBertError(f"{mpath}: field '{label}' is {value!r}: expected {kind.__name__}; "
+                                    "the manifest was edited or damaged (rebuild the dataset)")
+
+        need(m, "max_seq_length", int, "max_seq_length")
+        need(m, "vocab", dict, "vocab")
+        for key in ("size", "pad_id", "cls_id", "sep_id", "mask_id", "unk_id"):
+            need(m["vocab"], key, int, f"vocab.{key}")
+        need(m, "shards", list, "shards")
+        for i, shard in enumerate(m["shards"]):
+            need(shard, "file", str, f"shards[{i}].file")
+            need(shard, "examples", int, f"shards[{i}].examples")
+
+    def _read_manifest(self, m: dict, max_seq_length: int | None) -> None:
+        mpath = self.path / "manifest.json"
         built = int(m["max_seq_length"])
         if max_seq_length is None:
             max_seq_length = built
@@ -62,6 +86,8 @@ class PretrainingDataset:
             self.shards.append(r)
         self._starts = np.cumsum([0] + [r.n_examples for r in self.shards]).astype(np.int64)
         self._len = int(self._starts[-1])
+        if "examples" in m and int(m["examples"]) != self._len:
+            raise ConvBertError(f"{mpath}: field 'examples' says {m['examples']} but the shards hold {self._len}")
 
     def __len__(self) -> int:
         return self._len

@@ -35,6 +35,8 @@ def train_vocab(
         inputs = [str(inputs)]
     if int(vocab_size) < len(SPECIAL_TOKENS) + 1:
         raise ConvBertError(f"--vocab-size: expected at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+    if os.path.isdir(output):
+        raise ConvBertError(f"--output {output}: is a folder; expected a file path such as {output}/vocab.txt")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=200))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=bool(strip_accents) and bool(lower_case),
