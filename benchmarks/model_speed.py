@@ -91,10 +91,21 @@ def peak_memory_child(impl: str, size: str, batch: int, length: int, steps: int)
     ids, mask, types = inputs(batch, length)
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # ru_maxrss survives exec (it would report the parent's peak): use VmHWM, reset to the current RSS first.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     for _ in range(steps):
         train_step(model, optimizer, ids, mask, types, impl == "hf")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm()
     return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": peak - before}
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(impl: str, size: str, batch: int, length: int) -> dict:
