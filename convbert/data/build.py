@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -416,43 +417,26 @@ def _clean_temporaries(out: Path, committed: int) -> None:
     # Shard files not recorded in the manifest (written after its last update) are rebuilt.
 
 
+def _removes_new_output_on_bad_input(build):
+    """Bad input (a `ConvBertError`) leaves nothing behind in an --output folder the call created; a folder that
+    already held a partial build is kept, so the build can be resumed."""
+
+    @functools.wraps(build)
+    def wrapper(inputs, vocab, output, **options):
+        out = Path(output)
+        created = not out.exists()
+        try:
+            return build(inputs, vocab, output, **options)
+        except ConvBertError:
+            if created and out.is_dir():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    return wrapper
+
+
+@_removes_new_output_on_bad_input
 def build_dataset(
-    inputs: list[str],
-    vocab: str,
-    output: str,
-    *,
-    workers: int = 1,
-    seed: int = 0,
-    max_seq_length: int = 128,
-    docs: str = "blank-lines",
-    segment_rule: str = "electra",
-    text_field: str = "text",
-    lower_case: bool = True,
-    strip_accents: bool = True,
-    progress: bool = True,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> dict:
-    """Build (or finish building) a pre-training dataset folder; returns its manifest.
-
-    Bad input (a `ConvBertError`) leaves nothing behind in an --output folder this call created; a folder that
-    already held a partial build is kept, so the build can be resumed.
-    """
-    out = Path(output)
-    created = not out.exists()
-    try:
-        return _build_dataset(
-            inputs, vocab, output, workers=workers, seed=seed, max_seq_length=max_seq_length, docs=docs,
-            segment_rule=segment_rule, text_field=text_field, lower_case=lower_case, strip_accents=strip_accents,
-            progress=progress, shard_tokens=shard_tokens, chunk_bytes=chunk_bytes,
-        )
-    except ConvBertError:
-        if created and out.is_dir():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _build_dataset(
     inputs: list[str],
     vocab: str,
     output: str,
