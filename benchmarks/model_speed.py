@@ -42,7 +42,8 @@ def build_pair(size: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    ours = ConvBertModel(ConvBertConfig.from_preset(size))
+    checkpointing = os.environ.get("CONVBERT_BENCH_CHECKPOINTING") == "1"  # set by --gradient-checkpointing
+    ours = ConvBertModel(ConvBertConfig.from_preset(size, gradient_checkpointing=checkpointing))
     values = {k: v for k, v in ours.config.to_hf_dict().items()
               if k not in ("model_type", "architectures", "convbert_extra")}
     hf = transformers.ConvBertModel(transformers.ConvBertConfig(**values))
@@ -175,11 +176,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="our model recomputes each layer in backward (ConvBertConfig.gradient_checkpointing)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="time under glibc's default malloc settings instead of the tuned ones")
     parser.add_argument("--output", default="benchmarks/results/model_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gradient_checkpointing:
+        os.environ["CONVBERT_BENCH_CHECKPOINTING"] = "1"
 
     peak = matmul_flops()
     rows = [bench_size(s, args.batch, args.length, args.steps, args.warmup, not args.no_memory)
@@ -205,6 +210,7 @@ def main() -> None:
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": args.threads},
+        "ours_gradient_checkpointing": args.gradient_checkpointing,
         "allocator_env": {} if args.default_allocator else ALLOCATOR_ENV, "matmul_flops_per_s": matmul,
         "results": rows,
     }

@@ -198,3 +198,19 @@ def test_classifier_save_load_round_trip(tmp_path):
     again = ConvBertForSequenceClassification.from_pretrained(tmp_path)
     ids = torch.randint(0, 200, (2, 8))
     assert torch.equal(model(ids), again(ids))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = _tiny()
+    torch.manual_seed(0)
+    plain = ConvBertModel(config).train()
+    checkpointed = ConvBertModel(_tiny(gradient_checkpointing=True)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 200, (2, 12))
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(7)  # same dropout masks in both runs (and in the recomputation)
+        model(ids, torch.ones_like(ids)).last_hidden_state.pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name

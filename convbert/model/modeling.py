@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from convbert.model import kernels
 from convbert.model.config import ConvBertConfig
@@ -125,8 +126,12 @@ class ConvBertModel(nn.Module):
                 token_mask = mask[:, :, None]
 
         hidden_states = [x] if output_hidden_states else None
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layer:
-            x = layer(x, additive_mask, token_mask)
+            if recompute:  # the RNG state is replayed, so dropout masks are the same in the recomputation
+                x = checkpoint(layer, x, additive_mask, token_mask, use_reentrant=False)
+            else:
+                x = layer(x, additive_mask, token_mask)
             if hidden_states is not None:
                 hidden_states.append(x)
         return ConvBertOutput(x, tuple(hidden_states) if hidden_states is not None else None)
