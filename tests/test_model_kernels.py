@@ -81,15 +81,27 @@ def test_bf16_autocast_training_step_runs_and_is_close_to_fp32():
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("padded_shape,taps_shape", [
-    ((2, 8, 6), (6, 5)),  # depthwise: one K-tap filter per channel, shared over batch and time
-    ((2, 8, 3, 4), (2, 4, 3, 1, 5)),  # span conv: one K-tap kernel per (batch, time, head), shared over d
+def _padded_reference(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The definition: zero-pad the time axis by (K-1)/2 each side, then sum the K shifted slices."""
+    K, T = taps.shape[-1], x.shape[1]
+    pad = (K - 1) // 2
+    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (pad, pad))
+    out = 0
+    for k in range(K):
+        out = out + padded[:, k : k + T] * taps[..., k]
+    return out
+
+
+@pytest.mark.parametrize("x_shape,taps_shape", [
+    ((2, 7, 6), (6, 5)),  # depthwise: one K-tap filter per channel, shared over batch and time
+    ((2, 7, 3, 4), (2, 7, 3, 1, 5)),  # span conv: one K-tap kernel per (batch, time, head), shared over d
+    ((1, 3, 2), (2, 9)),  # kernel longer than the sequence
 ])
-def test_shifted_sum_gradcheck(padded_shape, taps_shape):
+def test_same_conv_matches_definition_and_gradcheck(x_shape, taps_shape):
     torch.manual_seed(0)
-    padded = torch.randn(padded_shape, dtype=torch.double, requires_grad=True)
+    x = torch.randn(x_shape, dtype=torch.double, requires_grad=True)
     taps = torch.randn(taps_shape, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda p, t: kernels._ShiftedSum.apply(p, t, 4), (padded, taps))
+    assert torch.allclose(kernels.same_conv(x, taps), _padded_reference(x, taps), atol=1e-12)
     with torch.no_grad():
-        plain = kernels.shifted_sum(padded, taps, 4)
-    assert torch.allclose(kernels._ShiftedSum.apply(padded, taps, 4), plain)
+        assert torch.allclose(kernels.same_conv(x, taps), _padded_reference(x, taps), atol=1e-12)
+    assert torch.autograd.gradcheck(kernels._SameConv.apply, (x, taps))

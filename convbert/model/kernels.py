@@ -6,8 +6,9 @@ Each saves the least it can for backward and recomputes what is cheap:
     probability, so the expectation is exact.
   * `attention`: scores, softmax, dropout and the weighted sum in one function that saves only the probabilities
     and the bool mask (PyTorch's math path saves ~4 tensors of [B, N, T, T]).
-  * `shifted_sum`: the K-tap shift-and-add behind both convolutions, with a backward that accumulates into one
-    gradient buffer in place (autograd's version zero-fills and adds a full-size buffer per tap);
+  * `same_conv`: the K-tap shift-and-add behind both convolutions, with implicit zero padding (no padded copy) and
+    a backward that accumulates into one gradient buffer in place (autograd's version zero-fills and adds a
+    full-size buffer per tap); it saves only tensors that other ops save anyway;
   * `gelu_linear`: GELU followed by a (grouped) linear layer that keeps only the GELU *input* and recomputes the
     GELU in backward (the largest activation of the layer is never stored).
 On CUDA, or without grad, the standard ops are used.
@@ -145,41 +146,65 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
     return _linear(F.gelu(x), weight, bias, groups)
 
 
-class _ShiftedSum(torch.autograd.Function):
-    """out = sum_k padded[:, k : k + length] * taps[..., k] (taps broadcast against the slices)."""
+def _same_conv_terms(length: int, kernel_size: int):
+    """(tap k, offset o, output rows lo:hi) for a 'same' K-tap correlation with implicit zero padding."""
+    center = (kernel_size - 1) // 2
+    for k in range(kernel_size):
+        offset = k - center
+        lo, hi = max(0, -offset), min(length, length - offset)
+        if lo < hi:
+            yield k, offset, lo, hi
+
+
+class _SameConv(torch.autograd.Function):
+    """out[:, t] = sum_k x[:, t + k - (K-1)/2] * taps[..., k], zero outside 0..T-1, without building a padded copy.
+
+    `taps` is either per-position, [B, T, ..., K] (the span convolution's dynamic kernels), or broadcast over batch
+    and time (the depthwise filters, [C, K]). Only `x` and `taps` are saved, and `x` is usually saved by another
+    op already (the projections read the same tensor), so the convolution stores nothing of its own.
+    """
 
     @staticmethod
-    def forward(ctx, padded: torch.Tensor, taps: torch.Tensor, length: int):
-        ctx.save_for_backward(padded, taps)
-        ctx.length = length
-        out = padded[:, 0:length] * taps[..., 0]
-        for k in range(1, taps.shape[-1]):
-            out.addcmul_(padded[:, k : k + length], taps[..., k])
-        return out
+    def forward(ctx, x: torch.Tensor, taps: torch.Tensor):
+        ctx.save_for_backward(x, taps)
+        return _same_conv_forward(x, taps)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        padded, taps = ctx.saved_tensors
-        length = ctx.length
-        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[0] else None
-        grad_taps = torch.empty_like(taps) if ctx.needs_input_grad[1] else None
-        for k in range(taps.shape[-1]):
-            tap = taps[..., k]
-            if grad_padded is not None:
-                grad_padded[:, k : k + length].addcmul_(grad, tap)
+        x, taps = ctx.saved_tensors
+        length, kernel_size = x.shape[1], taps.shape[-1]
+        per_position = taps.dim() == x.dim() + 1
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_taps = torch.zeros_like(taps) if ctx.needs_input_grad[1] else None
+        for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
+            tap = taps[:, lo:hi, ..., k] if per_position else taps[..., k]
+            g = grad[:, lo:hi]
+            if grad_x is not None:
+                grad_x[:, lo + offset : hi + offset].addcmul_(g, tap)
             if grad_taps is not None:
-                grad_taps[..., k] = (grad * padded[:, k : k + length]).sum_to_size(tap.shape)
-        return grad_padded, grad_taps, None
+                product = g * x[:, lo + offset : hi + offset]
+                if per_position:
+                    grad_taps[:, lo:hi, ..., k] = product.sum_to_size(tap.shape)
+                else:
+                    grad_taps[..., k] = product.sum_to_size(tap.shape)
+        return grad_x, grad_taps
 
 
-def shifted_sum(padded: torch.Tensor, taps: torch.Tensor, length: int) -> torch.Tensor:
-    """sum_k padded[:, k : k + length] * taps[..., k]: a 'same' 1-D cross-correlation along dim 1.
-
-    `padded` is [B, T + K - 1, ...]; `taps` broadcasts against [B, T, ...] once its last axis (K) is indexed.
-    """
-    if torch.is_grad_enabled() and (padded.requires_grad or taps.requires_grad):
-        return _ShiftedSum.apply(padded, taps, length)
-    out = padded[:, 0:length] * taps[..., 0]
-    for k in range(1, taps.shape[-1]):
-        out.addcmul_(padded[:, k : k + length], taps[..., k])
+def _same_conv_forward(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    length, kernel_size = x.shape[1], taps.shape[-1]
+    per_position = taps.dim() == x.dim() + 1
+    center = (kernel_size - 1) // 2
+    out = x * taps[..., center]
+    for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
+        if k == center:
+            continue
+        tap = taps[:, lo:hi, ..., k] if per_position else taps[..., k]
+        out[:, lo:hi].addcmul_(x[:, lo + offset : hi + offset], tap)
     return out
+
+
+def same_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """A 'same' zero-padded K-tap cross-correlation along dim 1 (odd K), taps per position or per channel."""
+    if torch.is_grad_enabled() and (x.requires_grad or taps.requires_grad):
+        return _SameConv.apply(x, taps)
+    return _same_conv_forward(x, taps)

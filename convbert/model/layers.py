@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convbert.model import kernels
-from convbert.model.kernels import shifted_sum
+from convbert.model.kernels import same_conv
 from convbert.model.config import ConvBertConfig
 
 
@@ -45,9 +45,7 @@ class SeparableConv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H] -> [B, T, A]
-        pad = (self.kernel_size - 1) // 2
-        padded = F.pad(x, (0, 0, pad, pad))  # zeros on the time axis
-        depthwise = shifted_sum(padded, self.depthwise.weight[:, 0, :], x.shape[1])
+        depthwise = same_conv(x, self.depthwise.weight[:, 0, :])  # "same" zero padding on the time axis
         return F.linear(depthwise, self.pointwise.weight[:, :, 0], self.bias[:, 0])
 
 
@@ -112,10 +110,8 @@ class MixedAttention(nn.Module):
             from convbert.model.triton_span_conv import span_conv
 
             conv = span_conv(conv_value.view(batch, length, heads, size), kernel)
-        else:
-            pad = (self.kernel_size - 1) // 2
-            padded = F.pad(conv_value, (0, 0, pad, pad)).view(batch, length + 2 * pad, heads, size)
-            conv = shifted_sum(padded, kernel.unsqueeze(-2), length)  # [B, T, Nr, d]
+        else:  # zero padding after the projection: outside the sequence the values are 0, not the bias
+            conv = same_conv(conv_value.view(batch, length, heads, size), kernel.unsqueeze(-2))  # [B, T, Nr, d]
 
         return torch.cat([context, conv], dim=2).reshape(batch, length, 2 * heads * size)
 
