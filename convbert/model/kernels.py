@@ -99,7 +99,8 @@ def attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p, scale=scale)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """nn.Linear's maths for groups == 1; otherwise G contiguous blocks with weight [G, in/G, out/G] (TF layout)."""
     if groups == 1:
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
@@ -113,7 +114,7 @@ class _GeluLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int):
         ctx.save_for_backward(x, weight)
         ctx.groups = groups
-        return _linear(F.gelu(x), weight.to(x.dtype), bias.to(x.dtype), groups)
+        return grouped_linear(F.gelu(x), weight.to(x.dtype), bias.to(x.dtype), groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -143,7 +144,7 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
     """linear(gelu(x)) where `weight` is nn.Linear's [out, in] (groups == 1) or the grouped [G, in/G, out/G]."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
         return _GeluLinear.apply(x, weight, bias, groups)
-    return _linear(F.gelu(x), weight, bias, groups)
+    return grouped_linear(F.gelu(x), weight, bias, groups)
 
 
 def _same_conv_terms(length: int, kernel_size: int):
