@@ -23,11 +23,15 @@ _KEEP_BITS = 1 << 16
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A bool mask, True with probability (1 - p) up to 1/65536, and 1 / (realised keep probability)."""
+    """A bool mask, True with probability (1 - p) up to 1/65536, and 1 / (realised keep probability).
+
+    The bits come from full-range 64-bit draws (`random_(min, None)`: raw generator output, no range reduction),
+    each split into four 16-bit lanes: about 2.5x cheaper than `randint` on int32 and 7x cheaper than `bernoulli_`.
+    """
     numel = 1
     for s in shape:
         numel *= s
-    words = torch.randint(-(2**31), 2**31 - 1, ((numel + 1) // 2,), dtype=torch.int32, device=device)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     bits = words.view(torch.int16)[:numel].view(shape)
     threshold = int(round(p * _KEEP_BITS))
     keep = bits >= threshold - (1 << 15)
@@ -99,11 +103,77 @@ def attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p, scale=scale)
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _grouped_addmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[M, G*in] -> [M, G*out]: one addmm per group, reading and writing column blocks in place.
+
+    BLAS takes the row stride of a column block as its leading dimension, so there is no permute copy on either
+    side and the bias is folded into the product (the batched-matmul formulation costs two extra full passes over
+    the [M, 4H] activation).
+    """
+    groups, in_g, out_g = weight.shape
+    out = x.new_empty(x.shape[0], groups * out_g)
+    for g in range(groups):
+        cols = slice(g * out_g, (g + 1) * out_g)
+        block = x[:, g * in_g : (g + 1) * in_g]
+        if bias is None:
+            torch.mm(block, weight[g], out=out[:, cols])
+        else:
+            torch.addmm(bias[cols], block, weight[g], out=out[:, cols])
+    return out
+
+
+def _grouped_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool):
+    """Gradients of `_grouped_addmm` w.r.t. its input [M, G*in] and weight [G, in/G, out/G], block by block."""
+    groups, in_g, out_g = weight.shape
+    grad_x = grad.new_empty(grad.shape[0], groups * in_g) if need_x else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    for g in range(groups):
+        g_out = grad[:, g * out_g : (g + 1) * out_g]
+        if need_x:
+            torch.mm(g_out, weight[g].t(), out=grad_x[:, g * in_g : (g + 1) * in_g])
+        if need_w:
+            torch.mm(x[:, g * in_g : (g + 1) * in_g].t(), g_out, out=grad_w[g])
+    return grad_x, grad_w
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return _grouped_addmm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x, grad_w = _grouped_backward(grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_x, grad_w, grad.sum(0) if ctx.needs_input_grad[2] else None
+
+
+def _lean_path(x: torch.Tensor) -> bool:
+    """The hand-written CPU functions apply to fp32/fp64 CPU tensors outside autocast."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _autocast_on("cpu")
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
     """nn.Linear's maths for groups == 1; otherwise G contiguous blocks with weight [G, in/G, out/G] (TF layout)."""
     if groups == 1:
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
+    if _lean_path(x):
+        x2d = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+            out = _GroupedLinear.apply(x2d, weight, bias)
+        else:
+            out = _grouped_addmm(x2d, weight, bias)
+        return out.view(*lead, bias.shape[0])
     chunks = x.reshape(-1, groups, weight.shape[1]).transpose(0, 1)  # [G, M, in/G]
     out = torch.bmm(chunks, weight).transpose(0, 1)  # [M, G, out/G]
     return out.reshape(*lead, bias.shape[0]) + bias
@@ -124,11 +194,15 @@ class _GeluLinear(torch.autograd.Function):
         dtype = x.dtype
         weight, grad_out = weight_param.to(dtype), grad_out.to(dtype)
         activated = F.gelu(x)
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_bias = g2.sum(0)
         if groups == 1:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
             grad_weight = g2.t().mm(activated.reshape(-1, activated.shape[-1]))
             grad_act = grad_out.matmul(weight)
+        elif _lean_path(x):
+            g2 = g2.contiguous()
+            grad_act, grad_weight = _grouped_backward(g2, activated.view(g2.shape[0], -1), weight, True, True)
+            grad_act = grad_act.view(x.shape)
         else:
             in_g, out_g = weight.shape[1], weight.shape[2]
             a = activated.reshape(-1, groups, in_g).transpose(0, 1)  # [G, M, in/G]
@@ -136,7 +210,10 @@ class _GeluLinear(torch.autograd.Function):
             grad_weight = torch.bmm(a.transpose(1, 2), g)  # [G, in/G, out/G]
             grad_act = torch.bmm(g, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
         del activated
-        grad_x = torch.ops.aten.gelu_backward(grad_act, x)
+        if grad_act.is_contiguous():  # in place: the [B, T, 4H] gradient is the largest tensor of the backward
+            grad_x = torch.ops.aten.gelu_backward.grad_input(grad_act, x, grad_input=grad_act)
+        else:
+            grad_x = torch.ops.aten.gelu_backward(grad_act, x)
         return grad_x, grad_weight.to(weight_param.dtype), grad_bias.to(weight_param.dtype), None
 
 
@@ -175,10 +252,12 @@ class _SameConv(torch.autograd.Function):
         x, taps = ctx.saved_tensors
         length, kernel_size = x.shape[1], taps.shape[-1]
         per_position = taps.dim() == x.dim() + 1
+        rows = taps if per_position else taps.t().contiguous()  # per-channel taps as contiguous [K, C] rows
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        grad_taps = torch.zeros_like(taps) if ctx.needs_input_grad[1] else None
+        grad_taps = torch.zeros_like(rows) if ctx.needs_input_grad[1] else None
+        reduce_dims = tuple(range(x.dim() - 1))
         for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
-            tap = taps[:, lo:hi, ..., k] if per_position else taps[..., k]
+            tap = rows[:, lo:hi, ..., k] if per_position else rows[k]
             g = grad[:, lo:hi]
             if grad_x is not None:
                 grad_x[:, lo + offset : hi + offset].addcmul_(g, tap)
@@ -187,19 +266,24 @@ class _SameConv(torch.autograd.Function):
                 if per_position:
                     grad_taps[:, lo:hi, ..., k] = product.sum_to_size(tap.shape)
                 else:
-                    grad_taps[..., k] = product.sum_to_size(tap.shape)
+                    torch.sum(product, dim=reduce_dims, out=grad_taps[k])
+        if grad_taps is not None and not per_position:
+            grad_taps = grad_taps.t()
         return grad_x, grad_taps
 
 
 def _same_conv_forward(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     length, kernel_size = x.shape[1], taps.shape[-1]
     per_position = taps.dim() == x.dim() + 1
+    # Per-channel taps are read as contiguous [K, C] rows: a stride-K tap vector makes every multiply-add take
+    # PyTorch's slow strided path (about 5x slower for the depthwise conv).
+    rows = taps if per_position else taps.t().contiguous()
     center = (kernel_size - 1) // 2
-    out = x * taps[..., center]
+    out = x * (rows[..., center] if per_position else rows[center])
     for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
         if k == center:
             continue
-        tap = taps[:, lo:hi, ..., k] if per_position else taps[..., k]
+        tap = rows[:, lo:hi, ..., k] if per_position else rows[k]
         out[:, lo:hi].addcmul_(x[:, lo + offset : hi + offset], tap)
     return out
 
