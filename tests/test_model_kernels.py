@@ -125,3 +125,38 @@ def test_same_conv_matches_definition_and_gradcheck(x_shape, taps_shape):
     with torch.no_grad():
         assert torch.allclose(kernels.same_conv(x, taps), _padded_reference(x, taps), atol=1e-12)
     assert torch.autograd.gradcheck(kernels._SameConv.apply, (x, taps))
+
+
+def test_span_kernel_logits_matches_module_chain_and_gradcheck():
+    torch.manual_seed(0)
+    B, T, H, A, N, K = 2, 6, 8, 4, 2, 3
+    double = dict(dtype=torch.double, requires_grad=True)
+    x, query = torch.randn(B, T, H, **double), torch.randn(B, T, A, **double)
+    taps, pw, pb = torch.randn(H, K, **double), torch.randn(A, H, **double), torch.randn(A, **double)
+    kw, kb = torch.randn(N * K, A, **double), torch.randn(N * K, **double)
+    args = (x, taps, pw, pb, query, kw, kb)
+    depthwise = F.conv1d(x.transpose(1, 2), taps.unsqueeze(1), padding=(K - 1) // 2, groups=H).transpose(1, 2)
+    reference = F.linear(F.linear(depthwise, pw, pb) * query, kw, kb)
+    assert torch.allclose(kernels.span_kernel_logits(*args), reference, atol=1e-12)
+    assert torch.autograd.gradcheck(kernels._SpanKernelLogits.apply, args)
+
+
+def test_layer_norm_saving_output_matches_layer_norm_and_gradcheck():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(6, eps=1e-12).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
+    grad = torch.randn(3, 4, 6, dtype=torch.double)
+    ours = torch.autograd.grad(kernels.layer_norm(x, norm), (x, norm.weight, norm.bias), grad)
+    theirs = torch.autograd.grad(norm(x), (x, norm.weight, norm.bias), grad)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-10)
+    fn = lambda x, w, b: kernels._LayerNorm.apply(x, w, b, 1e-12)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, norm.weight, norm.bias))
+    # A zero in the scale makes the output non-invertible: the plain LayerNorm runs instead.
+    with torch.no_grad():
+        norm.weight[2] = 0.0
+    out = kernels.layer_norm(x, norm)
+    assert out.grad_fn is not None and "NativeLayerNorm" in type(out.grad_fn).__name__

@@ -250,26 +250,31 @@ class _SameConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, taps = ctx.saved_tensors
-        length, kernel_size = x.shape[1], taps.shape[-1]
-        per_position = taps.dim() == x.dim() + 1
-        rows = taps if per_position else taps.t().contiguous()  # per-channel taps as contiguous [K, C] rows
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        grad_taps = torch.zeros_like(rows) if ctx.needs_input_grad[1] else None
-        reduce_dims = tuple(range(x.dim() - 1))
-        for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
-            tap = rows[:, lo:hi, ..., k] if per_position else rows[k]
-            g = grad[:, lo:hi]
-            if grad_x is not None:
-                grad_x[:, lo + offset : hi + offset].addcmul_(g, tap)
-            if grad_taps is not None:
-                product = g * x[:, lo + offset : hi + offset]
-                if per_position:
-                    grad_taps[:, lo:hi, ..., k] = product.sum_to_size(tap.shape)
-                else:
-                    torch.sum(product, dim=reduce_dims, out=grad_taps[k])
-        if grad_taps is not None and not per_position:
-            grad_taps = grad_taps.t()
-        return grad_x, grad_taps
+        return _same_conv_backward(grad, x, taps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+
+
+def _same_conv_backward(grad: torch.Tensor, x: torch.Tensor, taps: torch.Tensor, need_x: bool, need_taps: bool):
+    """Gradients of `_same_conv_forward` w.r.t. x and taps, accumulated tap by tap into one buffer each."""
+    length, kernel_size = x.shape[1], taps.shape[-1]
+    per_position = taps.dim() == x.dim() + 1
+    rows = taps if per_position else taps.t().contiguous()  # per-channel taps as contiguous [K, C] rows
+    grad_x = torch.zeros_like(x) if need_x else None
+    grad_taps = torch.zeros_like(rows) if need_taps else None
+    reduce_dims = tuple(range(x.dim() - 1))
+    for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
+        tap = rows[:, lo:hi, ..., k] if per_position else rows[k]
+        g = grad[:, lo:hi]
+        if grad_x is not None:
+            grad_x[:, lo + offset : hi + offset].addcmul_(g, tap)
+        if grad_taps is not None:
+            product = g * x[:, lo + offset : hi + offset]
+            if per_position:
+                grad_taps[:, lo:hi, ..., k] = product.sum_to_size(tap.shape)
+            else:
+                torch.sum(product, dim=reduce_dims, out=grad_taps[k])
+    if grad_taps is not None and not per_position:
+        grad_taps = grad_taps.t()
+    return grad_x, grad_taps
 
 
 def _same_conv_forward(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -293,3 +298,83 @@ def same_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or taps.requires_grad):
         return _SameConv.apply(x, taps)
     return _same_conv_forward(x, taps)
+
+
+class _SpanKernelLogits(torch.autograd.Function):
+    """linear(separable_conv(x) * query): the span-aware kernel generator's logits (spec §1.4 steps 2-3).
+
+    Saves only the separable conv's output (`span_key`, [B, T, A]); the depthwise output ([B, T, H]) and the
+    product with the query ([B, T, A]) are recomputed in backward (a 9-tap shift-and-add and one multiply),
+    which saves 3 of the 4 activations autograd would keep for this chain.
+    """
+
+    @staticmethod
+    def forward(ctx, x, depthwise_taps, pointwise_weight, pointwise_bias, query, kernel_weight, kernel_bias):
+        span_key = F.linear(_same_conv_forward(x, depthwise_taps), pointwise_weight, pointwise_bias)
+        ctx.save_for_backward(x, depthwise_taps, pointwise_weight, query, kernel_weight, span_key)
+        return F.linear(span_key * query, kernel_weight, kernel_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, depthwise_taps, pointwise_weight, query, kernel_weight, span_key = ctx.saved_tensors
+        width = span_key.shape[-1]
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_kernel_weight = g.t().mm((span_key * query).view(-1, width))
+        grad_kernel_bias = g.sum(0)
+        grad_product = g.mm(kernel_weight).view(span_key.shape)
+        grad_query = grad_product * span_key
+        grad_span = grad_product.mul_(query).view(-1, width)
+        grad_pointwise_bias = grad_span.sum(0)
+        depthwise = _same_conv_forward(x, depthwise_taps)
+        grad_pointwise_weight = grad_span.t().mm(depthwise.view(-1, depthwise.shape[-1]))
+        del depthwise
+        grad_depthwise = grad_span.mm(pointwise_weight).view(x.shape)
+        grad_x, grad_taps = _same_conv_backward(grad_depthwise, x, depthwise_taps,
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (grad_x, grad_taps, grad_pointwise_weight, grad_pointwise_bias, grad_query, grad_kernel_weight,
+                grad_kernel_bias)
+
+
+def span_kernel_logits(x, depthwise_taps, pointwise_weight, pointwise_bias, query, kernel_weight, kernel_bias):
+    """kernel logits = linear(pointwise(depthwise(x)) * query), storing one [B, T, A] tensor for backward."""
+    if _lean_path(x) and torch.is_grad_enabled():
+        return _SpanKernelLogits.apply(x, depthwise_taps, pointwise_weight, pointwise_bias, query, kernel_weight,
+                                       kernel_bias)
+    span_key = F.linear(same_conv(x, depthwise_taps), pointwise_weight, pointwise_bias)
+    return F.linear(span_key * query, kernel_weight, kernel_bias)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm that saves its *output* (which the next layer saves anyway) instead of its input.
+
+    Backward recovers x̂ = (y - b) / w from the output, then runs PyTorch's LayerNorm backward on x̂ with mean 0
+    and rstd 1 and scales the input gradient by the true rstd, so the pre-norm residual sum (one [B, T, H] tensor
+    per norm) is never stored. The same trick as apex's memory-efficient LayerNorm; only used when no element of
+    the scale is 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        y, _, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(y, weight, bias, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight, bias, rstd = ctx.saved_tensors
+        normalized = torch.addcdiv(-bias / weight, y, weight)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+            grad.contiguous(), normalized, [y.shape[-1]], torch.zeros_like(rstd), torch.ones_like(rstd),
+            weight, bias, list(ctx.needs_input_grad[:3]))
+        if grad_x is not None:
+            grad_x.mul_(rstd)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """`norm(x)`, storing its output rather than its input for backward on the CPU training path."""
+    weight, bias = norm.weight, norm.bias
+    if (_lean_path(x) and torch.is_grad_enabled() and weight is not None and bias is not None
+            and bool((weight != 0).all())):
+        return _LayerNorm.apply(x, weight, bias, norm.eps)
+    return norm(x)

@@ -99,8 +99,10 @@ class MixedAttention(nn.Module):
             return context.reshape(batch, length, heads * size)
 
         conv_input = x if token_mask is None else x * token_mask
-        span_key = self.key_conv_attn_layer(conv_input)  # [B, T, A]
-        kernel_logits = self.conv_kernel_layer(span_key * query)  # query is shared and unscaled
+        separable, kernel_layer = self.key_conv_attn_layer, self.conv_kernel_layer
+        kernel_logits = kernels.span_kernel_logits(  # linear(separable_conv(x) * query); query is unscaled
+            conv_input, separable.depthwise.weight[:, 0, :], separable.pointwise.weight[:, :, 0],
+            separable.bias[:, 0], query, kernel_layer.weight, kernel_layer.bias)
         kernel = kernel_logits.view(batch, length, heads, self.kernel_size).softmax(dim=-1)
 
         conv_value = projected[3]
@@ -175,7 +177,7 @@ class ConvBertLayer(nn.Module):
                 token_mask: torch.Tensor | None) -> torch.Tensor:
         attention, out = self.attention, self.attention.output
         mixed = attention.self(x, additive_mask, token_mask)
-        h = out.LayerNorm(kernels.dropout(out.dense(mixed), out.dropout.p, self.training) + x)
+        h = kernels.layer_norm(kernels.dropout(out.dense(mixed), out.dropout.p, self.training) + x, out.LayerNorm)
         dense = self.output.dense  # GELU then the output linear: the GELU output is recomputed, not stored
         f = kernels.gelu_linear(self.intermediate.dense(h), dense.weight, dense.bias, self.groups)
-        return self.output.LayerNorm(kernels.dropout(f, self.output.dropout.p, self.training) + h)
+        return kernels.layer_norm(kernels.dropout(f, self.output.dropout.p, self.training) + h, self.output.LayerNorm)
