@@ -9,23 +9,43 @@ from convbert.model import kernels
 
 def test_attention_gradcheck_without_dropout():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.double, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 7, 3, 5, dtype=torch.double, requires_grad=True) for _ in range(3))
     mask = torch.zeros(2, 1, 1, 7, dtype=torch.double)
     mask[1, ..., 5:] = -10000.0
     fn = lambda q, k, v: kernels._Attention.apply(q, k, v, mask, 0.3, 0.0)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    heads_first = lambda t: t.transpose(1, 2)  # noqa: E731
+    reference = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask,
+                                               scale=0.3).transpose(1, 2)
     assert torch.allclose(fn(q, k, v), reference, atol=1e-12)
+    assert torch.allclose(kernels.attention(q, k, v, mask, 0.3, 0.1, training=False), reference, atol=1e-12)
+
+
+def test_attention_reads_strided_projection_views():
+    torch.manual_seed(0)
+    fused = torch.randn(2, 7, 4 * 15, dtype=torch.double, requires_grad=True)
+    q, k, v = (fused[..., i * 15 : (i + 1) * 15].view(2, 7, 3, 5) for i in range(3))
+    assert not q.is_contiguous()
+    grad = torch.randn(2, 7, 3, 5, dtype=torch.double)
+    out = kernels.attention(q, k, v, None, 0.4, 0.0, training=True)
+    ours = torch.autograd.grad(out, fused, grad)[0]
+    heads_first = lambda t: t.transpose(1, 2)  # noqa: E731
+    reference = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=0.4)
+    assert torch.allclose(out, reference.transpose(1, 2), atol=1e-12)
+    theirs = torch.autograd.grad(reference.transpose(1, 2), fused, grad)[0]
+    assert torch.allclose(ours, theirs, atol=1e-10)
 
 
 def test_attention_with_dropout_matches_explicit_computation():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.double, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 7, 3, 5, dtype=torch.double, requires_grad=True) for _ in range(3))
     torch.manual_seed(5)
     out = kernels._Attention.apply(q, k, v, None, 0.3, 0.5)
     torch.manual_seed(5)
-    keep, scale = kernels._keep_mask(torch.Size([2, 3, 7, 7]), 0.5, torch.device("cpu"))
-    reference = ((q @ k.transpose(-1, -2)) * 0.3).softmax(-1) * keep * scale @ v
+    keep, scale = kernels._keep_mask(torch.Size([3, 2, 7, 7]), 0.5, torch.device("cpu"))  # [N, B, T, S]
+    heads_first = lambda t: t.transpose(1, 2)  # noqa: E731
+    probs = ((heads_first(q) @ heads_first(k).transpose(-1, -2)) * 0.3).softmax(-1)
+    reference = (probs * keep.transpose(0, 1) * scale @ heads_first(v)).transpose(1, 2)
     assert torch.allclose(out, reference, atol=1e-12)
     grad = torch.randn_like(out)
     ours = torch.autograd.grad(out, (q, k, v), grad)
@@ -160,3 +180,17 @@ def test_layer_norm_saving_output_matches_layer_norm_and_gradcheck():
         norm.weight[2] = 0.0
     out = kernels.layer_norm(x, norm)
     assert out.grad_fn is not None and "NativeLayerNorm" in type(out.grad_fn).__name__
+
+
+def test_dropout_add_equals_residual_plus_dropout():
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    r = torch.randn(4, 8, 16, requires_grad=True)
+    torch.manual_seed(7)
+    fused = kernels.dropout_add(x, r, 0.25, training=True)
+    torch.manual_seed(7)
+    separate = kernels.dropout(x, 0.25, training=True) + r
+    assert torch.allclose(fused, separate, atol=1e-6)
+    grad = torch.randn_like(fused)
+    for a, b in zip(torch.autograd.grad(fused, (x, r), grad), torch.autograd.grad(separate, (x, r), grad)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(kernels.dropout_add(x, r, 0.25, training=False), x + r)

@@ -60,47 +60,91 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return _Dropout.apply(x, p)
 
 
+class _DropoutAdd(torch.autograd.Function):
+    """residual + dropout(x) in one pass (`addcmul` with the bool mask); saves only the mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, p: float):
+        keep, scale = _keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.addcmul(residual, x, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, grad, None
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """residual + dropout(x), the residual connection of each sub-layer."""
+    if training and p > 0.0 and _lean_path(x) and torch.is_grad_enabled() and x.shape == residual.shape:
+        return _DropoutAdd.apply(x, residual, p)
+    return dropout(x, p, training) + residual
+
+
 class _Attention(torch.autograd.Function):
-    """softmax(q kᵀ · scale + mask) → dropout → · v, for q, k, v in [B, N, T, d]."""
+    """softmax(q kᵀ · scale + mask) → dropout → · v for q, k, v as [B, T, N, d] views, one head at a time.
+
+    Each head's q, k and v are [B, T, d] matrices inside the fused projection's output (row stride 4A), which
+    BLAS reads in place, so no head-first copies are made; each head's [B, T, T] scores stay in cache through the
+    softmax, dropout and backward. The mask is added by the score GEMM itself (`baddbmm`), and the softmax backward
+    is PyTorch's fused kernel. Saves only the probabilities and a bool mask per head.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, additive_mask, scale: float, p: float):
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-        if additive_mask is not None:
-            scores.add_(additive_mask)
-        probs = scores.softmax(dim=-1)
-        if p > 0.0:
-            keep, keep_scale = _keep_mask(probs.shape, p, probs.device)
-            dropped = probs * keep * keep_scale
-        else:
-            keep, keep_scale, dropped = None, 1.0, probs
-        out = torch.matmul(dropped, v)
-        ctx.save_for_backward(q, k, v, probs, keep)
+        batch, length, heads, size = q.shape
+        keys = k.shape[1]
+        keep, keep_scale = _keep_mask(torch.Size((heads, batch, length, keys)), p, q.device) if p > 0.0 else (None, 1.0)
+        mask = None if additive_mask is None else additive_mask.reshape(batch, -1, keys)  # [B, 1|T, S]
+        out = q.new_empty(heads, batch, length, size)
+        probs = []
+        for n in range(heads):
+            qn, kn = q[:, :, n], k[:, :, n]
+            if mask is None:
+                scores = torch.bmm(qn, kn.transpose(1, 2)).mul_(scale)
+            else:
+                scores = torch.baddbmm(mask, qn, kn.transpose(1, 2), alpha=scale)
+            pn = scores.softmax(dim=-1)
+            del scores
+            probs.append(pn)
+            torch.bmm(pn if keep is None else pn * keep[n], v[:, :, n], out=out[n])
+        if keep is not None:
+            out.mul_(keep_scale)
+        ctx.save_for_backward(q, k, v, keep, *probs)
         ctx.scale, ctx.keep_scale = scale, keep_scale
-        return out
+        return out.permute(1, 2, 0, 3)  # [B, T, N, d] view
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, keep = ctx.saved_tensors
-        dropped = probs if keep is None else probs * keep * ctx.keep_scale
-        grad_v = torch.matmul(dropped.transpose(-1, -2), grad_out)
-        del dropped
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
-        if keep is not None:
-            grad_probs.mul_(keep).mul_(ctx.keep_scale)
-        # softmax backward: p * (g - sum(g * p))
-        grad_scores = grad_probs.mul_(probs)
-        grad_scores.sub_(probs * grad_scores.sum(dim=-1, keepdim=True)).mul_(ctx.scale)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, None, None, None
+        q, k, v, keep, *probs = ctx.saved_tensors
+        grads = [torch.empty(q.shape[2], *q.shape[:2], q.shape[3], dtype=q.dtype) for _ in range(3)]  # [N, B, T, d]
+        grad_q, grad_k, grad_v = grads
+        for n, pn in enumerate(probs):
+            g = grad_out[:, :, n]
+            torch.bmm((pn if keep is None else pn * keep[n]).transpose(1, 2), g, out=grad_v[n])
+            grad_probs = torch.bmm(g, v[:, :, n].transpose(1, 2))
+            if keep is not None:
+                grad_probs.mul_(keep[n])
+            grad_scores = torch._softmax_backward_data(grad_probs, pn, -1, pn.dtype)
+            del grad_probs
+            torch.bmm(grad_scores, k[:, :, n], out=grad_q[n])
+            torch.bmm(grad_scores.transpose(1, 2), q[:, :, n], out=grad_k[n])
+        grad_v.mul_(ctx.keep_scale)
+        grad_q.mul_(ctx.scale * ctx.keep_scale)
+        grad_k.mul_(ctx.scale * ctx.keep_scale)
+        return grad_q.permute(1, 2, 0, 3), grad_k.permute(1, 2, 0, 3), grad_v.permute(1, 2, 0, 3), None, None, None
 
 
 def attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+    """Attention over q, k, v given as [B, T, N, d] (token-major, as the projection produces them) -> [B, T, N, d]."""
     p = dropout_p if training else 0.0
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if _lean_path(q) and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, additive_mask, scale, p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p, scale=scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=additive_mask, dropout_p=p, scale=scale)
+    return out.transpose(1, 2)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -88,13 +88,13 @@ class MixedAttention(nn.Module):
         projected = F.linear(x, weight, bias).split(self.width, dim=-1)
         query, key, value = projected[:3]
 
-        def heads_first(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, heads, size).transpose(1, 2)
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # [B, T, A] -> [B, T, Nr, d], a view: no copy
+            return t.view(batch, length, heads, size)
 
         context = kernels.attention(
-            heads_first(query), heads_first(key), heads_first(value), additive_mask,
+            per_head(query), per_head(key), per_head(value), additive_mask,
             scale=1.0 / math.sqrt(size), dropout_p=self.dropout_p, training=self.training,
-        ).transpose(1, 2)  # [B, T, Nr, d]
+        )  # [B, T, Nr, d]
         if self.plain:
             return context.reshape(batch, length, heads * size)
 
@@ -177,7 +177,8 @@ class ConvBertLayer(nn.Module):
                 token_mask: torch.Tensor | None) -> torch.Tensor:
         attention, out = self.attention, self.attention.output
         mixed = attention.self(x, additive_mask, token_mask)
-        h = kernels.layer_norm(kernels.dropout(out.dense(mixed), out.dropout.p, self.training) + x, out.LayerNorm)
+        h = kernels.layer_norm(kernels.dropout_add(out.dense(mixed), x, out.dropout.p, self.training), out.LayerNorm)
         dense = self.output.dense  # GELU then the output linear: the GELU output is recomputed, not stored
         f = kernels.gelu_linear(self.intermediate.dense(h), dense.weight, dense.bias, self.groups)
-        return kernels.layer_norm(kernels.dropout(f, self.output.dropout.p, self.training) + h, self.output.LayerNorm)
+        return kernels.layer_norm(kernels.dropout_add(f, h, self.output.dropout.p, self.training),
+                                  self.output.LayerNorm)
