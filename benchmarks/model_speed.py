@@ -3,7 +3,9 @@
 Measures, per size at batch x length (default 32 x 128):
   * training step (forward + backward + optimiser step) and inference (forward, no grad): median seconds;
   * the max |difference| of the two models' outputs in eval mode (faithful mode), checked while timing;
-  * peak training memory of each model (each in a fresh subprocess: peak RSS during the steps minus RSS before);
+  * peak training memory of each model, each in a fresh subprocess: peak RSS during two steps minus RSS before
+    (glibc's default allocator, so it includes freed pages glibc keeps), and the peak of live tensors during a
+    third step (the allocator-level figure, as `torch.cuda.max_memory_allocated` would report on a GPU);
   * achieved model FLOP/s against the fp32 matmul throughput measured on this machine in the same run.
 
 Usage:  python benchmarks/model_speed.py --sizes medium-small --steps 5 --output benchmarks/results/model_speed.json
@@ -99,7 +101,28 @@ def peak_memory_child(impl: str, size: str, batch: int, length: int, steps: int)
     for _ in range(steps):
         train_step(model, optimizer, ids, mask, types, impl == "hf")
     peak = _vm_hwm()
-    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": peak - before}
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": peak - before,
+            "live_tensor_peak_bytes": live_tensor_peak(lambda: train_step(model, optimizer, ids, mask, types,
+                                                                          impl == "hf"))}
+
+
+def live_tensor_peak(step) -> int:
+    """Peak bytes of live tensors allocated during `step()`, from the profiler's allocator events.
+
+    The CPU analogue of `torch.cuda.max_memory_allocated`: what the implementation needs, independent of how the C
+    allocator (glibc) happens to fragment or retain freed pages, which the RSS figure also counts.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _vm_hwm() -> int:
@@ -164,6 +187,7 @@ def bench_size(size: str, batch: int, length: int, steps: int, warmup: int, memo
         mem = {impl: measure_memory(impl, size, batch, length) for impl in ("ours", "hf")}
         result["memory"] = mem
         result["memory_ratio"] = mem["ours"]["step_peak_bytes"] / mem["hf"]["step_peak_bytes"]
+        result["live_memory_ratio"] = mem["ours"]["live_tensor_peak_bytes"] / mem["hf"]["live_tensor_peak_bytes"]
     return result
 
 
@@ -195,16 +219,17 @@ def main() -> None:
         r["train_fraction_of_matmul_peak"] = {k: v / matmul for k, v in r["train_model_flops_per_s"].items()}
 
     header = (f"{'size':<13}{'train ours':>11}{'train HF':>10}{'speedup':>9}{'infer ours':>11}{'infer HF':>10}"
-              f"{'speedup':>9}{'mem ours/HF':>13}{'MFU ours':>10}{'MFU HF':>8}{'max|diff|':>11}")
+              f"{'speedup':>9}{'RSS ours/HF':>13}{'live ours/HF':>14}{'MFU ours':>10}{'MFU HF':>8}{'max|diff|':>11}")
     print(f"threads={args.threads} batch={args.batch} length={args.length} matmul peak={matmul / 1e9:.1f} GFLOP/s "
           f"allocator (timing)={'glibc defaults' if args.default_allocator else ALLOCATOR_ENV}; "
-          "memory: glibc defaults, fresh process each")
+          "memory (fresh process each, glibc defaults): RSS growth over 2 steps, and the peak of live tensors")
     print(header)
     for r in rows:
         m = r["median_seconds"]
         mem = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-"
+        live = f"{r['live_memory_ratio']:.2f}" if "live_memory_ratio" in r else "-"
         print(f"{r['size']:<13}{m['ours_train']:>10.2f}s{m['hf_train']:>9.2f}s{r['train_speedup']:>8.2f}x"
-              f"{m['ours_infer']:>10.2f}s{m['hf_infer']:>9.2f}s{r['infer_speedup']:>8.2f}x{mem:>13}"
+              f"{m['ours_infer']:>10.2f}s{m['hf_infer']:>9.2f}s{r['infer_speedup']:>8.2f}x{mem:>13}{live:>14}"
               f"{r['train_fraction_of_matmul_peak']['ours']:>9.0%}{r['train_fraction_of_matmul_peak']['hf']:>8.0%}"
               f"{max(r['max_abs_diff_eval'], r['max_abs_diff_after_training']):>11.1e}")
     report = {
