@@ -14,9 +14,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-import torch
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                 "MALLOC_TOP_PAD_": "1073741824"}  # the same fixed glibc settings as model_speed.py
+if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from convbert.model import PRESET_GENERATOR_FRACTION, ConvBertConfig
@@ -74,7 +80,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", default="benchmarks/results/rtd_breakdown.json")
     args = parser.parse_args()
 
@@ -105,7 +111,7 @@ def main() -> None:
     with open(args.output, "w") as f:
         json.dump({"size": args.size, "batch": args.batch, "length": args.length, "threads": torch.get_num_threads(),
                    "median_seconds": median, "total_seconds": total, "tokens_per_s": tokens / total,
-                   "model_flops_per_s": flops / total, "all": runs}, f, indent=2)
+                   "model_flops_per_s": flops / total, "allocator_env": ALLOCATOR_ENV, "all": runs}, f, indent=2)
     print(f"wrote {args.output}")
 
 
