@@ -78,7 +78,23 @@ _STATE: dict = {}
 _LITTLE = np.little_endian
 
 
+def _exit_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the builder dies, so a SIGKILLed build leaves no orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # best effort: without it an orphaned worker idles until killed
+        pass
+
+
 def _init_worker(cfg: _WorkerConfig, single_threaded: bool) -> None:
+    _exit_with_parent()
     if single_threaded:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _STATE["cfg"] = cfg
