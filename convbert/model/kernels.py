@@ -304,18 +304,19 @@ def _same_conv_backward(grad: torch.Tensor, x: torch.Tensor, taps: torch.Tensor,
     rows = taps if per_position else taps.t().contiguous()  # per-channel taps as contiguous [K, C] rows
     grad_x = torch.zeros_like(x) if need_x else None
     grad_taps = torch.zeros_like(rows) if need_taps else None
-    reduce_dims = tuple(range(x.dim() - 1))
+    products = torch.empty_like(grad) if grad_taps is not None else None  # one buffer, reused by every tap
     for k, offset, lo, hi in _same_conv_terms(length, kernel_size):
         tap = rows[:, lo:hi, ..., k] if per_position else rows[k]
         g = grad[:, lo:hi]
         if grad_x is not None:
             grad_x[:, lo + offset : hi + offset].addcmul_(g, tap)
         if grad_taps is not None:
-            product = g * x[:, lo + offset : hi + offset]
+            product = torch.mul(g, x[:, lo + offset : hi + offset], out=products[:, lo:hi])
             if per_position:
                 grad_taps[:, lo:hi, ..., k] = product.sum_to_size(tap.shape)
-            else:
-                torch.sum(product, dim=reduce_dims, out=grad_taps[k])
+            else:  # time first, then batch: one reduction over two outer dims is ~2x slower
+                per_sequence = product.sum(dim=1)
+                torch.sum(per_sequence, dim=tuple(range(per_sequence.dim() - 1)), out=grad_taps[k])
     if grad_taps is not None and not per_position:
         grad_taps = grad_taps.t()
     return grad_x, grad_taps
