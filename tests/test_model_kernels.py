@@ -194,3 +194,14 @@ def test_dropout_add_equals_residual_plus_dropout():
     for a, b in zip(torch.autograd.grad(fused, (x, r), grad), torch.autograd.grad(separate, (x, r), grad)):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.equal(kernels.dropout_add(x, r, 0.25, training=False), x + r)
+
+
+def test_short_softmax_matches_softmax_and_gradcheck():
+    torch.manual_seed(0)
+    x = (5 * torch.randn(3, 4, 2, 9, dtype=torch.double)).requires_grad_()
+    assert torch.allclose(kernels.short_softmax(x), x.softmax(-1), atol=1e-14)
+    with torch.no_grad():
+        assert torch.allclose(kernels.short_softmax(x), x.softmax(-1), atol=1e-14)
+    assert torch.autograd.gradcheck(kernels._ShortSoftmax.apply, (x,))
+    big = torch.tensor([[1000.0, 0.0, -1000.0]])  # the max is subtracted first: no overflow
+    assert torch.allclose(kernels.short_softmax(big), big.softmax(-1))

@@ -389,6 +389,40 @@ def span_kernel_logits(x, depthwise_taps, pointwise_weight, pointwise_bias, quer
     return F.linear(span_key * query, kernel_weight, kernel_bias)
 
 
+def _short_softmax_forward(x: torch.Tensor) -> torch.Tensor:
+    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+class _ShortSoftmax(torch.autograd.Function):
+    """Softmax over a short last dimension (the K = 9 taps of each dynamic kernel).
+
+    PyTorch's softmax kernel vectorises along the softmax dimension, which a length of 9 starves; five whole-tensor
+    ops (max, subtract, exp, sum, divide) are ~5x faster here, and the backward likewise.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        y = _short_softmax_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        gy = grad * y
+        return gy.sub_(y * gy.sum(dim=-1, keepdim=True))
+
+
+def short_softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax(x, dim=-1) for a short last dimension (CPU fast path; elsewhere PyTorch's softmax)."""
+    if not (_lean_path(x) and x.shape[-1] <= 32):
+        return x.softmax(dim=-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ShortSoftmax.apply(x)
+    return _short_softmax_forward(x)
+
+
 class _LayerNorm(torch.autograd.Function):
     """LayerNorm that saves its *output* (which the next layer saves anyway) instead of its input.
 

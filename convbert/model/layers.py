@@ -103,7 +103,7 @@ class MixedAttention(nn.Module):
         kernel_logits = kernels.span_kernel_logits(  # linear(separable_conv(x) * query); query is unscaled
             conv_input, separable.depthwise.weight[:, 0, :], separable.pointwise.weight[:, :, 0],
             separable.bias[:, 0], query, kernel_layer.weight, kernel_layer.bias)
-        kernel = kernel_logits.view(batch, length, heads, self.kernel_size).softmax(dim=-1)
+        kernel = kernels.short_softmax(kernel_logits.view(batch, length, heads, self.kernel_size))
 
         conv_value = projected[3]
         if token_mask is not None:
