@@ -81,6 +81,14 @@ def test_gumbel_sample_matches_softmax():
     assert torch.allclose(freq, F.softmax(logits[0], -1), atol=0.01)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gumbel_sample_is_the_gumbel_max_expression(temperature):
+    logits = torch.randn(4, 19, 300)
+    ours = gumbel_sample(logits, temperature, torch.Generator().manual_seed(3))
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, torch.argmax(logits / temperature - torch.log(-torch.log(u + 1e-9) + 1e-9), dim=-1))
+
+
 def test_gather_positions():
     h = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
     pos = torch.tensor([[0, 4], [2, 2]])
