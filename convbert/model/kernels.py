@@ -201,9 +201,21 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad.sum(0) if ctx.needs_input_grad[2] else None
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
+
+
 def _lean_path(x: torch.Tensor) -> bool:
-    """The hand-written CPU functions apply to fp32/fp64 CPU tensors outside autocast."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _autocast_on("cpu")
+    """The hand-written CPU functions apply to fp32/fp64 CPU tensors in eager mode, outside autocast.
+
+    Under `torch.compile` the plain ops are traced instead: Inductor fuses them itself, and the Python loops and
+    `out=` calls here would only break its graphs.
+    """
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _autocast_on("cpu")
+            and not _compiling())
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
