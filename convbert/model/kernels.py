@@ -1,19 +1,21 @@
 """Memory- and time-lean autograd functions for CPU training (same maths as the plain PyTorch ops).
 
-Each saves the least it can for backward and recomputes what is cheap:
-  * `dropout`: the keep-mask is drawn from 16 random bits per element (half the cost of `bernoulli_`) and saved as
-    bool (1 byte, not 4). The keep probability is quantised to 1/65536 and the scale uses the realised keep
-    probability, so the expectation is exact.
-  * `attention`: scores, softmax, dropout and the weighted sum in one function that saves only the probabilities
-    and the bool mask (PyTorch's math path saves ~4 tensors of [B, N, T, T]).
-  * `same_conv`: the K-tap shift-and-add behind both convolutions, with implicit zero padding (no padded copy) and
-    a backward that accumulates into one gradient buffer in place (autograd's version zero-fills and adds a
-    full-size buffer per tap); it saves only tensors that other ops save anyway;
-  * `gelu_linear`: GELU followed by a (grouped) linear layer that keeps only the GELU *input* and recomputes the
-    GELU in backward (the largest activation of the layer is never stored).
-On CUDA, or without grad, the standard ops are used.
+Each saves the least it can for backward, recomputes what is cheap and avoids layout copies:
+  * `dropout` / `dropout_add`: the keep-mask comes from 16-bit lanes of raw 64-bit generator output and is saved as
+    bool; residual + dropout is one `addcmul`. The keep probability is quantised to 1/65536 and the scale uses the
+    realised keep probability, so the expectation is exact.
+  * `attention`: per head, on the fused projection's strided [B, T, N, d] views (no head-first copies); saves only
+    the probabilities and the bool mask (PyTorch's math path saves ~4 tensors of [B, N, T, T]).
+  * `grouped_linear`: one `addmm` per group on column blocks, no permute copies.
+  * `gelu_linear`: GELU then a (grouped) linear layer, keeping only the GELU *input* (the layer's largest
+    activation, [B, T, 4H], is never stored).
+  * `span_kernel_logits`: the dynamic-kernel generator, keeping one [B, T, A] tensor of its four.
+  * `layer_norm`: saves its output (which the next layer keeps anyway) instead of its input.
+  * `same_conv`: the K-tap shift-and-add behind both convolutions, with implicit zero padding and an in-place
+    accumulating backward; it saves only tensors that other ops save anyway.
+  * `short_softmax`: softmax over the 9 kernel taps as whole-tensor ops.
+On CUDA, under autocast or `torch.compile`, or without grad, the standard ops are used.
 """
-
 from __future__ import annotations
 
 import torch
