@@ -16,6 +16,7 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
   * `short_softmax`: softmax over the 9 kernel taps as whole-tensor ops.
 On CUDA, under autocast or `torch.compile`, or without grad, the standard ops are used.
 """
+
 from __future__ import annotations
 
 import torch
