@@ -57,6 +57,11 @@ def test_generator_config(size, fraction, hidden, heads, head_size, nr, concat):
     assert model.embeddings_project.weight.shape == (hidden, disc.embedding_size)
 
 
+def test_generator_fraction_too_small_names_the_fraction():
+    with pytest.raises(ConvBertError, match=r"generator fraction 0.013: .*hidden 5.*choose a larger fraction"):
+        ConvBertConfig.from_preset("medium-small").generator_config(0.013)
+
+
 @pytest.mark.parametrize("overrides,field", [
     (dict(hidden_size=100, num_attention_heads=3), "hidden_size"),
     (dict(conv_kernel_size=8), "conv_kernel_size"),

@@ -120,13 +120,17 @@ class ConvBertConfig:
         heads = max(1, int(round(self.num_attention_heads * fraction)))
         if hidden % heads:
             raise ConvBertError(f"generator of hidden {hidden} cannot have {heads} heads (fraction {fraction})")
-        return dataclasses.replace(
-            self,
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden,
-            extra={**self.extra, "generator_fraction": fraction},
-        )
+        try:
+            return dataclasses.replace(
+                self,
+                hidden_size=hidden,
+                num_attention_heads=heads,
+                intermediate_size=4 * hidden,
+                extra={**self.extra, "generator_fraction": fraction},
+            )
+        except ConvBertError as err:  # name the fraction, which is what the user chose, not the derived field
+            raise ConvBertError(f"generator fraction {fraction}: the generator (hidden {hidden}, {heads} head(s)) "
+                                f"is not a valid ConvBERT ({err}); choose a larger fraction") from None
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
