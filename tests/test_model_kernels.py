@@ -205,3 +205,37 @@ def test_short_softmax_matches_softmax_and_gradcheck():
     assert torch.autograd.gradcheck(kernels._ShortSoftmax.apply, (x,))
     big = torch.tensor([[1000.0, 0.0, -1000.0]])  # the max is subtracted first: no overflow
     assert torch.allclose(kernels.short_softmax(big), big.softmax(-1))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(mask_conv_padding=True),
+    dict(attention_type="plain"),
+    dict(num_groups=1),
+])
+def test_lean_cpu_path_gradients_equal_the_plain_ops(monkeypatch, overrides):
+    """The whole model with the hand-written CPU functions vs the same model on plain PyTorch ops."""
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, **overrides)
+    model = ConvBertModel(config).train()
+    ids = torch.randint(0, 100, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    target = torch.randn(3, 20, config.hidden_size)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, mask).last_hidden_state
+        (out * target).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lean_out, lean = grads()
+    monkeypatch.setattr(kernels, "_lean_path", lambda x: False)
+    plain_out, plain = grads()
+    assert torch.allclose(lean_out, plain_out, atol=1e-5)
+    for name in plain:
+        scale = plain[name].abs().max().item()
+        assert (lean[name] - plain[name]).abs().max().item() <= 1e-4 * scale + 1e-6, name
