@@ -239,3 +239,16 @@ def test_lean_cpu_path_gradients_equal_the_plain_ops(monkeypatch, overrides):
     for name in plain:
         scale = plain[name].abs().max().item()
         assert (lean[name] - plain[name]).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
+def test_grouped_feed_forward_gradcheck_and_definition():
+    torch.manual_seed(0)
+    double = dict(dtype=torch.double, requires_grad=True)
+    h = torch.randn(2, 3, 8, **double)
+    w1, b1 = torch.randn(2, 4, 6, **double), torch.randn(12, **double)
+    w2, b2 = torch.randn(2, 6, 4, **double), torch.randn(8, **double)
+    reference = kernels.grouped_linear(F.gelu(kernels.grouped_linear(h, w1, b1, 2)), w2, b2, 2)
+    assert torch.allclose(kernels.grouped_feed_forward(h, w1, b1, w2, b2, 2), reference, atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(kernels.grouped_feed_forward(h, w1, b1, w2, b2, 2), reference, atol=1e-12)
+    assert torch.autograd.gradcheck(kernels._GroupedFeedForward.apply, (h, w1, b1, w2, b2))

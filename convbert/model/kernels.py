@@ -283,6 +283,73 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
     return grouped_linear(F.gelu(x), weight, bias, groups)
 
 
+class _GroupedFeedForward(torch.autograd.Function):
+    """linear2(gelu(linear1(h))) with both linears grouped (G > 1), the [B, T, 4H] activation kept group-major.
+
+    The intermediate lives as G contiguous [M, 4H/G] blocks, so the two narrow-K products (h's groups → 4H/G, and
+    the gradient back through linear2) write contiguous outputs instead of column blocks of a [M, 4H] tensor
+    (~10 % faster each). Saves h (which the LayerNorm before it keeps anyway) and the GELU input; the GELU is
+    recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight1, bias1, weight2, bias2):
+        out, h2, inner = _grouped_ffn_forward(h, weight1, bias1, weight2, bias2)
+        ctx.save_for_backward(h2, weight1, weight2, inner)
+        ctx.input_shape = h.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h2, weight1, weight2, inner = ctx.saved_tensors
+        groups, in1, out1 = weight1.shape
+        out2 = weight2.shape[2]
+        g2 = grad.reshape(-1, groups * out2)
+        activated = F.gelu(inner)
+        grad_weight2 = torch.empty_like(weight2)
+        grad_inner = torch.empty_like(inner)
+        for g in range(groups):
+            block = g2[:, g * out2 : (g + 1) * out2]
+            torch.mm(activated[g].t(), block, out=grad_weight2[g])
+            torch.mm(block, weight2[g].t(), out=grad_inner[g])
+        del activated
+        grad_bias2 = g2.sum(0)
+        torch.ops.aten.gelu_backward.grad_input(grad_inner, inner, grad_input=grad_inner)
+        grad_bias1 = grad_inner.sum(1).view(-1)
+        grad_weight1 = torch.empty_like(weight1)
+        grad_h = torch.empty_like(h2)
+        for g in range(groups):
+            cols = slice(g * in1, (g + 1) * in1)
+            torch.mm(h2[:, cols].t(), grad_inner[g], out=grad_weight1[g])
+            torch.mm(grad_inner[g], weight1[g].t(), out=grad_h[:, cols])
+        return grad_h.view(ctx.input_shape), grad_weight1, grad_bias1, grad_weight2, grad_bias2
+
+
+def _grouped_ffn_forward(h, weight1, bias1, weight2, bias2):
+    """(output, h as [M, H], GELU input as [G, M, 4H/G])."""
+    groups, in1, out1 = weight1.shape
+    out2 = weight2.shape[2]
+    h2 = h.reshape(-1, groups * in1)
+    inner = h2.new_empty(groups, h2.shape[0], out1)
+    for g in range(groups):
+        torch.addmm(bias1[g * out1 : (g + 1) * out1], h2[:, g * in1 : (g + 1) * in1], weight1[g], out=inner[g])
+    activated = F.gelu(inner)
+    out = h2.new_empty(h2.shape[0], groups * out2)
+    for g in range(groups):
+        torch.addmm(bias2[g * out2 : (g + 1) * out2], activated[g], weight2[g], out=out[:, g * out2 : (g + 1) * out2])
+    return out.view(*h.shape[:-1], groups * out2), h2, inner
+
+
+def grouped_feed_forward(h: torch.Tensor, weight1, bias1, weight2, bias2, groups: int) -> torch.Tensor:
+    """linear2(gelu(linear1(h))), the FFN of a layer: both linears grouped (weights [G, in/G, out/G]) when
+    groups > 1, plain `nn.Linear` weights when groups == 1."""
+    if groups > 1 and _lean_path(h):
+        if torch.is_grad_enabled() and (h.requires_grad or weight1.requires_grad):
+            return _GroupedFeedForward.apply(h, weight1, bias1, weight2, bias2)
+        return _grouped_ffn_forward(h, weight1, bias1, weight2, bias2)[0]
+    return gelu_linear(grouped_linear(h, weight1, bias1, groups), weight2, bias2, groups)
+
+
 def _same_conv_terms(length: int, kernel_size: int):
     """(tap k, offset o, output rows lo:hi) for a 'same' K-tap correlation with implicit zero padding."""
     center = (kernel_size - 1) // 2

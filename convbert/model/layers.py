@@ -178,7 +178,8 @@ class ConvBertLayer(nn.Module):
         attention, out = self.attention, self.attention.output
         mixed = attention.self(x, additive_mask, token_mask)
         h = kernels.layer_norm(kernels.dropout_add(out.dense(mixed), x, out.dropout.p, self.training), out.LayerNorm)
-        dense = self.output.dense  # GELU then the output linear: the GELU output is recomputed, not stored
-        f = kernels.gelu_linear(self.intermediate.dense(h), dense.weight, dense.bias, self.groups)
+        # GELU between the two (grouped) linears: its output is recomputed in backward, not stored
+        inner, outer = self.intermediate.dense, self.output.dense
+        f = kernels.grouped_feed_forward(h, inner.weight, inner.bias, outer.weight, outer.bias, self.groups)
         return kernels.layer_norm(kernels.dropout_add(f, h, self.output.dropout.p, self.training),
                                   self.output.LayerNorm)
