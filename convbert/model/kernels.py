@@ -157,36 +157,41 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def _grouped_addmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[M, G*in] -> [M, G*out]: one addmm per group, reading and writing column blocks in place.
+def _columns(t: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """The G column blocks of a [M, G*k] matrix, as views (BLAS takes the row stride as the leading dimension)."""
+    width = t.shape[-1] // groups
+    return [t[:, g * width : (g + 1) * width] for g in range(groups)]
 
-    BLAS takes the row stride of a column block as its leading dimension, so there is no permute copy on either
-    side and the bias is folded into the product (the batched-matmul formulation costs two extra full passes over
-    the [M, 4H] activation).
-    """
-    groups, in_g, out_g = weight.shape
-    out = x.new_empty(x.shape[0], groups * out_g)
-    for g in range(groups):
-        cols = slice(g * out_g, (g + 1) * out_g)
-        block = x[:, g * in_g : (g + 1) * in_g]
+
+def _block_products(lhs, rhs, out, bias: torch.Tensor | None = None):
+    """out[g] = lhs[g] @ rhs[g] (+ bias row g) for every group, each written in place: no permute copies."""
+    for g, (a, b, o) in enumerate(zip(lhs, rhs, out)):
         if bias is None:
-            torch.mm(block, weight[g], out=out[:, cols])
+            torch.mm(a, b, out=o)
         else:
-            torch.addmm(bias[cols], block, weight[g], out=out[:, cols])
+            torch.addmm(bias[g], a, b, out=o)
+    return out
+
+
+def _grouped_addmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[M, G*in] -> [M, G*out]: one addmm per group on column blocks, the bias folded into the product."""
+    groups = weight.shape[0]
+    out = x.new_empty(x.shape[0], groups * weight.shape[2])
+    _block_products(_columns(x, groups), weight, _columns(out, groups),
+                    None if bias is None else bias.view(groups, -1))
     return out
 
 
 def _grouped_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool):
     """Gradients of `_grouped_addmm` w.r.t. its input [M, G*in] and weight [G, in/G, out/G], block by block."""
-    groups, in_g, out_g = weight.shape
-    grad_x = grad.new_empty(grad.shape[0], groups * in_g) if need_x else None
-    grad_w = torch.empty_like(weight) if need_w else None
-    for g in range(groups):
-        g_out = grad[:, g * out_g : (g + 1) * out_g]
-        if need_x:
-            torch.mm(g_out, weight[g].t(), out=grad_x[:, g * in_g : (g + 1) * in_g])
-        if need_w:
-            torch.mm(x[:, g * in_g : (g + 1) * in_g].t(), g_out, out=grad_w[g])
+    groups = weight.shape[0]
+    grad_blocks = _columns(grad, groups)
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = grad.new_empty(grad.shape[0], groups * weight.shape[1])
+        _block_products(grad_blocks, weight.transpose(1, 2), _columns(grad_x, groups))
+    if need_w:
+        grad_w = _block_products([c.t() for c in _columns(x, groups)], grad_blocks, torch.empty_like(weight))
     return grad_x, grad_w
 
 
@@ -302,42 +307,29 @@ class _GroupedFeedForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h2, weight1, weight2, inner = ctx.saved_tensors
-        groups, in1, out1 = weight1.shape
-        out2 = weight2.shape[2]
-        g2 = grad.reshape(-1, groups * out2)
+        groups = weight1.shape[0]
+        g2 = grad.reshape(h2.shape[0], -1)
+        grad_blocks = _columns(g2, groups)
         activated = F.gelu(inner)
-        grad_weight2 = torch.empty_like(weight2)
-        grad_inner = torch.empty_like(inner)
-        for g in range(groups):
-            block = g2[:, g * out2 : (g + 1) * out2]
-            torch.mm(activated[g].t(), block, out=grad_weight2[g])
-            torch.mm(block, weight2[g].t(), out=grad_inner[g])
+        grad_weight2 = _block_products([a.t() for a in activated], grad_blocks, torch.empty_like(weight2))
         del activated
-        grad_bias2 = g2.sum(0)
+        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), torch.empty_like(inner))
         torch.ops.aten.gelu_backward.grad_input(grad_inner, inner, grad_input=grad_inner)
-        grad_bias1 = grad_inner.sum(1).view(-1)
-        grad_weight1 = torch.empty_like(weight1)
+        grad_weight1 = _block_products([c.t() for c in _columns(h2, groups)], grad_inner, torch.empty_like(weight1))
         grad_h = torch.empty_like(h2)
-        for g in range(groups):
-            cols = slice(g * in1, (g + 1) * in1)
-            torch.mm(h2[:, cols].t(), grad_inner[g], out=grad_weight1[g])
-            torch.mm(grad_inner[g], weight1[g].t(), out=grad_h[:, cols])
-        return grad_h.view(ctx.input_shape), grad_weight1, grad_bias1, grad_weight2, grad_bias2
+        _block_products(grad_inner, weight1.transpose(1, 2), _columns(grad_h, groups))
+        return grad_h.view(ctx.input_shape), grad_weight1, grad_inner.sum(1).view(-1), grad_weight2, g2.sum(0)
 
 
 def _grouped_ffn_forward(h, weight1, bias1, weight2, bias2):
     """(output, h as [M, H], GELU input as [G, M, 4H/G])."""
-    groups, in1, out1 = weight1.shape
-    out2 = weight2.shape[2]
-    h2 = h.reshape(-1, groups * in1)
-    inner = h2.new_empty(groups, h2.shape[0], out1)
-    for g in range(groups):
-        torch.addmm(bias1[g * out1 : (g + 1) * out1], h2[:, g * in1 : (g + 1) * in1], weight1[g], out=inner[g])
-    activated = F.gelu(inner)
-    out = h2.new_empty(h2.shape[0], groups * out2)
-    for g in range(groups):
-        torch.addmm(bias2[g * out2 : (g + 1) * out2], activated[g], weight2[g], out=out[:, g * out2 : (g + 1) * out2])
-    return out.view(*h.shape[:-1], groups * out2), h2, inner
+    groups = weight1.shape[0]
+    h2 = h.reshape(-1, h.shape[-1])
+    inner = _block_products(_columns(h2, groups), weight1, h2.new_empty(groups, h2.shape[0], weight1.shape[2]),
+                            bias1.view(groups, -1))
+    out = h2.new_empty(h2.shape[0], bias2.shape[0])
+    _block_products(F.gelu(inner), weight2, _columns(out, groups), bias2.view(groups, -1))
+    return out.view(*h.shape[:-1], -1), h2, inner
 
 
 def grouped_feed_forward(h: torch.Tensor, weight1, bias1, weight2, bias2, groups: int) -> torch.Tensor:
