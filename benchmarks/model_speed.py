@@ -19,20 +19,16 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-                 "MALLOC_TOP_PAD_": "1073741824"}
+from _bench import ALLOCATOR_ENV, use_fixed_allocator, vm_hwm_bytes
 
 DEFAULT_ALLOCATOR = "--default-allocator" in sys.argv
 if __name__ == "__main__" and os.environ.get("_CONVBERT_BENCH_CHILD") is None and not DEFAULT_ALLOCATOR:
-    missing = {k: v for k, v in ALLOCATOR_ENV.items() if os.environ.get(k) != v}
-    if missing:  # re-exec with the fixed allocator settings (glibc reads them at start-up)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+    use_fixed_allocator()
 
 import torch  # noqa: E402
 
@@ -100,7 +96,7 @@ def peak_memory_child(impl: str, size: str, batch: int, length: int, steps: int)
         f.write("5")
     for _ in range(steps):
         train_step(model, optimizer, ids, mask, types, impl == "hf")
-    peak = _vm_hwm()
+    peak = vm_hwm_bytes()
     return {"rss_before_bytes": before, "peak_rss_bytes": peak, "step_peak_bytes": peak - before,
             "live_tensor_peak_bytes": live_tensor_peak(lambda: train_step(model, optimizer, ids, mask, types,
                                                                           impl == "hf"))}
@@ -123,14 +119,6 @@ def live_tensor_peak(step) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(impl: str, size: str, batch: int, length: int) -> dict:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,18 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _bench import vm_hwm_bytes
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class HFReplacedTokenDetection(nn.Module):
@@ -157,7 +150,7 @@ def child(args) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _vm_hwm_bytes() - rss0
+        peak = vm_hwm_bytes() - rss0
     return {"size": args.size, "impl": args.impl, "params": params, "times": times, "loss": loss,
             "peak_bytes": int(peak)}
 

@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-                 "MALLOC_TOP_PAD_": "1073741824"}  # the same fixed glibc settings as model_speed.py
-if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+from _bench import ALLOCATOR_ENV, use_fixed_allocator
+
+if __name__ == "__main__":
+    use_fixed_allocator()  # the same fixed glibc settings as model_speed.py
 
 import torch  # noqa: E402
 import torch.nn.functional as F

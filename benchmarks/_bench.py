@@ -1,0 +1,27 @@
+"""Shared by the benchmark scripts: fixed glibc allocator settings, and the process's peak resident set."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+# glibc's defaults let large activations page-fault on every step (docs/performance.md), which would time the
+# allocator rather than the model; these settings keep freed heap pages for reuse.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                 "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def use_fixed_allocator() -> None:
+    """Re-exec this script with ALLOCATOR_ENV set, unless it already is (glibc reads them only at start-up)."""
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set of this process (VmHWM; it can be reset with /proc/self/clear_refs, ru_maxrss cannot)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
