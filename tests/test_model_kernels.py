@@ -121,6 +121,67 @@ def test_bf16_autocast_training_step_runs_and_is_close_to_fp32():
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+def _graph_names(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("groups,padded", [(1, False), (2, True)])
+def test_cpu_bf16_autocast_runs_the_lean_functions_as_precisely_as_plain_autocast(groups, padded, monkeypatch):
+    """Under CPU bf16 autocast the layers run in bf16 on the lean functions (weights cast per use); their error
+    against an fp64 reference is that of plain autocast, and the fp32 parameters get fp32 gradients."""
+    import copy
+
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    torch.manual_seed(0)
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100, num_groups=groups)).eval()
+    ids = torch.randint(0, 100, (3, 24))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1:, 17:] = 0
+    probe = torch.randn(3, 24, model.config.hidden_size, dtype=torch.float64)
+
+    def run(m, autocast: bool):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(ids, mask).last_hidden_state
+        (out.double() * probe).sum().backward()
+        grads = torch.cat([p.grad.double().flatten() for p in m.parameters()])
+        return out, grads
+
+    reference, reference_grads = run(copy.deepcopy(model).double(), autocast=False)
+    lean, lean_grads = run(model, autocast=True)
+    assert lean.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    monkeypatch.setattr(kernels, "cpu_mixed_precision_dtype", lambda x: None)  # plain ops under autocast
+    plain, plain_grads = run(model, autocast=True)
+
+    def error(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert error(lean, reference) < 0.03 and error(lean_grads, reference_grads) < 0.05
+    assert error(lean, reference) < 1.5 * error(plain, reference) + 1e-3
+    assert error(lean_grads, reference_grads) < 1.5 * error(plain_grads, reference_grads) + 1e-3
+
+    # In training the lean functions are in the graph (dropout-add, attention), and the step is finite.
+    monkeypatch.undo()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, mask).last_hidden_state
+    names = _graph_names(out)
+    assert {"_DropoutAddBackward", "_AttentionBackward", "_SpanKernelLogitsBackward"} <= names, names
+    out.float().pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def _padded_reference(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """The definition: zero-pad the time axis by (K-1)/2 each side, then sum the K shifted slices."""
     K, T = taps.shape[-1], x.shape[1]

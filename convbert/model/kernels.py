@@ -14,7 +14,8 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
   * `same_conv`: the K-tap shift-and-add behind both convolutions, with implicit zero padding and an in-place
     accumulating backward; it saves only tensors that other ops save anyway.
   * `short_softmax`: softmax over the 9 kernel taps as whole-tensor ops.
-On CUDA, under autocast or `torch.compile`, or without grad, the standard ops are used.
+On CUDA, under `torch.compile`, or without grad, the standard ops are used; under CPU bf16 autocast the encoder
+runs these functions in bf16 (`cpu_mixed_precision_dtype`).
 """
 
 from __future__ import annotations
@@ -216,14 +217,32 @@ def _compiling() -> bool:
     return False
 
 
+_LEAN_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def _lean_path(x: torch.Tensor) -> bool:
-    """The hand-written CPU functions apply to fp32/fp64 CPU tensors in eager mode, outside autocast.
+    """The hand-written CPU functions apply to fp32/fp64/bf16 CPU tensors in eager mode, outside autocast.
 
     Under `torch.compile` the plain ops are traced instead: Inductor fuses them itself, and the Python loops and
-    `out=` calls here would only break its graphs.
+    `out=` calls here would only break its graphs. (Under CPU autocast the encoder runs its layers in bf16 with
+    autocast switched off, so they take this path too: see `cpu_mixed_precision_dtype`.)
     """
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _autocast_on("cpu")
-            and not _compiling())
+    return x.device.type == "cpu" and x.dtype in _LEAN_DTYPES and not _autocast_on("cpu") and not _compiling()
+
+
+def cpu_mixed_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bf16 when CPU autocast asks for it in eager mode, else None.
+
+    Then the encoder casts its activations to bf16 once, casts each weight as it uses it (a differentiable cast,
+    so gradients reach the fp32 parameters in fp32, as under autocast) and runs its layers with autocast off, on
+    the lean functions above. Autocast itself would cast around every op (one copy per operand) and route
+    attention, dropout and the FFN through the plain ops. fp16 is left to autocast: CPU fp16 GEMMs are slow.
+    """
+    if x.device.type != "cpu" or not _autocast_on("cpu") or _compiling():
+        return None
+    get_dtype = getattr(torch, "get_autocast_dtype", None)
+    dtype = get_dtype("cpu") if get_dtype is not None else torch.get_autocast_cpu_dtype()
+    return dtype if dtype == torch.bfloat16 else None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -527,7 +546,8 @@ class _LayerNorm(torch.autograd.Function):
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """`norm(x)`, storing its output rather than its input for backward on the CPU training path."""
     weight, bias = norm.weight, norm.bias
-    if (_lean_path(x) and torch.is_grad_enabled() and weight is not None and bias is not None
-            and bool((weight != 0).all())):
+    # bf16 keeps the plain LayerNorm: recovering x̂ from a bf16 output would lose too much precision.
+    if (_lean_path(x) and x.dtype != torch.bfloat16 and torch.is_grad_enabled() and weight is not None
+            and bias is not None and bool((weight != 0).all())):
         return _LayerNorm.apply(x, weight, bias, norm.eps)
     return norm(x)

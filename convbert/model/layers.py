@@ -83,8 +83,8 @@ class MixedAttention(nn.Module):
         heads, size = self.num_heads, self.head_size
         layers = self._projections()
         # One GEMM for query, key, value (and conv values): all read the same x.
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers])
+        weight = torch.cat([layer.weight for layer in layers]).to(x.dtype)  # casts: a no-op except in CPU bf16
+        bias = torch.cat([layer.bias for layer in layers]).to(x.dtype)
         projected = F.linear(x, weight, bias).split(self.width, dim=-1)
         query, key, value = projected[:3]
 
@@ -100,14 +100,18 @@ class MixedAttention(nn.Module):
 
         conv_input = x if token_mask is None else x * token_mask
         separable, kernel_layer = self.key_conv_attn_layer, self.conv_kernel_layer
+        dtype = x.dtype
         kernel_logits = kernels.span_kernel_logits(  # linear(separable_conv(x) * query); query is unscaled
-            conv_input, separable.depthwise.weight[:, 0, :], separable.pointwise.weight[:, :, 0],
-            separable.bias[:, 0], query, kernel_layer.weight, kernel_layer.bias)
-        kernel = kernels.short_softmax(kernel_logits.view(batch, length, heads, self.kernel_size))
-
+            conv_input, separable.depthwise.weight[:, 0, :].to(dtype), separable.pointwise.weight[:, :, 0].to(dtype),
+            separable.bias[:, 0].to(dtype), query, kernel_layer.weight.to(dtype), kernel_layer.bias.to(dtype))
         conv_value = projected[3]
         if token_mask is not None:
             conv_value = conv_value * token_mask
+        if dtype == torch.bfloat16 and x.device.type == "cpu":
+            # The kernel softmax and the span conv in fp32: the CPU's bf16 broadcasting multiply-adds are ~8x
+            # slower than fp32 ones (two casts cost less), and the 9 taps are summed without bf16 rounding.
+            kernel_logits, conv_value = kernel_logits.float(), conv_value.float()
+        kernel = kernels.short_softmax(kernel_logits.view(batch, length, heads, self.kernel_size))
         if conv_value.device.type == "cuda" and _triton_span_conv_enabled(conv_value):
             from convbert.model.triton_span_conv import span_conv
 
@@ -115,7 +119,7 @@ class MixedAttention(nn.Module):
         else:  # zero padding after the projection: outside the sequence the values are 0, not the bias
             conv = same_conv(conv_value.view(batch, length, heads, size), kernel.unsqueeze(-2))  # [B, T, Nr, d]
 
-        return torch.cat([context, conv], dim=2).reshape(batch, length, 2 * heads * size)
+        return torch.cat([context, conv.to(dtype)], dim=2).reshape(batch, length, 2 * heads * size)
 
 
 class GroupedLinear(nn.Module):
@@ -176,10 +180,13 @@ class ConvBertLayer(nn.Module):
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None,
                 token_mask: torch.Tensor | None) -> torch.Tensor:
         attention, out = self.attention, self.attention.output
+        dtype = x.dtype  # the weights are cast to it (a no-op except when the encoder runs in bf16 on the CPU)
         mixed = attention.self(x, additive_mask, token_mask)
-        h = kernels.layer_norm(kernels.dropout_add(out.dense(mixed), x, out.dropout.p, self.training), out.LayerNorm)
+        projected = F.linear(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype))
+        h = kernels.layer_norm(kernels.dropout_add(projected, x, out.dropout.p, self.training), out.LayerNorm)
         # GELU between the two (grouped) linears: its output is recomputed in backward, not stored
         inner, outer = self.intermediate.dense, self.output.dense
-        f = kernels.grouped_feed_forward(h, inner.weight, inner.bias, outer.weight, outer.bias, self.groups)
+        f = kernels.grouped_feed_forward(h, inner.weight.to(dtype), inner.bias.to(dtype), outer.weight.to(dtype),
+                                         outer.bias.to(dtype), self.groups)
         return kernels.layer_norm(kernels.dropout_add(f, h, self.output.dropout.p, self.training),
                                   self.output.LayerNorm)

@@ -116,7 +116,14 @@ class ConvBertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
+        low_precision = kernels.cpu_mixed_precision_dtype(x)
+        if low_precision is not None:  # CPU bf16 autocast: the layers run in bf16 directly (see kernels)
+            with torch.autocast("cpu", enabled=False):
+                return self._encode(x.to(low_precision), attention_mask, output_hidden_states)
+        return self._encode(x, attention_mask, output_hidden_states)
 
+    def _encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
+                output_hidden_states: bool) -> ConvBertOutput:
         additive_mask = token_mask = None
         if attention_mask is not None:
             mask = attention_mask.to(x.dtype)
