@@ -8,6 +8,10 @@ Measures, per size at batch x length (default 32 x 128):
     third step (the allocator-level figure, as `torch.cuda.max_memory_allocated` would report on a GPU);
   * achieved model FLOP/s against the fp32 matmul throughput measured on this machine in the same run.
 
+With `--precision bf16` both models run under CPU bf16 autocast (not the same maths: the outputs are compared
+with the fp32 model's instead), HF's fp32 step is timed in the same loop too, and MFU is against the bf16 matmul
+throughput.
+
 Usage:  python benchmarks/model_speed.py --sizes medium-small --steps 5 --output benchmarks/results/model_speed.json
 The allocator settings below are fixed (and reported) because glibc's defaults make large activations page-fault
 on every step (see docs/performance.md).
@@ -16,6 +20,7 @@ on every step (see docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -55,22 +60,33 @@ def inputs(batch: int, length: int, vocab: int = 30522):
     return ids, torch.ones_like(ids), torch.zeros_like(ids)
 
 
-def train_step(model, optimizer, ids, mask, types, hf: bool):
-    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types) if hf else model(ids, mask, types)
+PRECISION = os.environ.get("CONVBERT_BENCH_PRECISION", "fp32")  # set by --precision (children inherit it)
+
+
+def autocast(precision: str | None = None):
+    if (precision or PRECISION) == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, optimizer, ids, mask, types, hf: bool, precision: str | None = None):
+    with autocast(precision):
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types) if hf else model(ids, mask, types)
     loss = out.last_hidden_state.float().pow(2).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def infer(model, ids, mask, types, hf: bool):
-    with torch.inference_mode():
+def infer(model, ids, mask, types, hf: bool, precision: str | None = None):
+    with torch.inference_mode(), autocast(precision):
         out = model(input_ids=ids, attention_mask=mask, token_type_ids=types) if hf else model(ids, mask, types)
-    return out.last_hidden_state
+    return out.last_hidden_state.float()
 
 
 def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if PRECISION == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
@@ -136,41 +152,60 @@ def bench_size(size: str, batch: int, length: int, steps: int, warmup: int, memo
     ours, hf = build_pair(size)
     ids, mask, types = inputs(batch, length)
     ours.eval(), hf.eval()
-    max_diff = (infer(ours, ids, mask, types, False) - infer(hf, ids, mask, types, True)).abs().max().item()
+    low = PRECISION != "fp32"
+    # Timed side by side: ours and HF at --precision, and in bf16 also HF in fp32 (the port as it ships).
+    runs = [("ours", ours, False, None), ("hf", hf, True, None)] + ([("hf_fp32", hf, True, "fp32")] if low else [])
 
-    times = {"ours_infer": [], "hf_infer": [], "ours_train": [], "hf_train": []}
+    def output_diffs() -> dict:
+        outputs = {name: infer(model, ids, mask, types, is_hf, precision) for name, model, is_hf, precision in runs}
+        if not low:
+            return {"max_abs_diff": (outputs["ours"] - outputs["hf"]).abs().max().item()}
+        reference = outputs["hf_fp32"]
+
+        def relative(name: str) -> float:
+            return ((outputs[name] - reference).norm() / reference.norm()).item()
+
+        return {"ours_rel_error_vs_fp32": relative("ours"), "hf_rel_error_vs_fp32": relative("hf"),
+                "max_abs_diff": (outputs["ours"] - reference).abs().max().item()}
+
+    diffs_before = output_diffs()
+    times = {f"{name}_{kind}": [] for name, *_ in runs for kind in ("infer", "train")}
     for i in range(warmup + steps):  # interleaved: A B A B
-        for name, model, is_hf in (("ours", ours, False), ("hf", hf, True)):
+        for name, model, is_hf, precision in runs:
             t = time.perf_counter()
-            infer(model, ids, mask, types, is_hf)
+            infer(model, ids, mask, types, is_hf, precision)
             if i >= warmup:
                 times[f"{name}_infer"].append(time.perf_counter() - t)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=0.0)  # lr 0: weights stay equal
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=0.0)
     ours.train(), hf.train()
     for i in range(warmup + steps):
-        for name, model, opt, is_hf in (("ours", ours, opt_ours, False), ("hf", hf, opt_hf, True)):
+        for name, model, is_hf, precision in runs:
             t = time.perf_counter()
-            train_step(model, opt, ids, mask, types, is_hf)
+            train_step(model, opt_hf if is_hf else opt_ours, ids, mask, types, is_hf, precision)
             if i >= warmup:
                 times[f"{name}_train"].append(time.perf_counter() - t)
     # The outputs must still agree after identical optimiser steps on identical weights.
     ours.eval(), hf.eval()
-    max_diff_after = (infer(ours, ids, mask, types, False) - infer(hf, ids, mask, types, True)).abs().max().item()
+    diffs_after = output_diffs()
 
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = batch * length
     flops_train = 3 * encoder_forward_flops_per_token(ours.config, length) * tokens
     result = {
-        "size": size, "batch": batch, "length": length, "steps": steps,
+        "size": size, "batch": batch, "length": length, "steps": steps, "precision": PRECISION,
         "median_seconds": med, "all_seconds": times,
         "train_speedup": med["hf_train"] / med["ours_train"],
         "infer_speedup": med["hf_infer"] / med["ours_infer"],
         "train_tokens_per_s": {"ours": tokens / med["ours_train"], "hf": tokens / med["hf_train"]},
         "infer_tokens_per_s": {"ours": tokens / med["ours_infer"], "hf": tokens / med["hf_infer"]},
         "train_model_flops_per_s": {"ours": flops_train / med["ours_train"], "hf": flops_train / med["hf_train"]},
-        "max_abs_diff_eval": max_diff, "max_abs_diff_after_training": max_diff_after,
+        "max_abs_diff_eval": diffs_before["max_abs_diff"], "max_abs_diff_after_training": diffs_after["max_abs_diff"],
+        "output_diffs": {"before": diffs_before, "after": diffs_after},
     }
+    if low:
+        result["train_speedup_vs_hf_fp32"] = med["hf_fp32_train"] / med["ours_train"]
+        result["infer_speedup_vs_hf_fp32"] = med["hf_fp32_infer"] / med["ours_infer"]
     if memory:
         mem = {impl: measure_memory(impl, size, batch, length) for impl in ("ours", "hf")}
         result["memory"] = mem
@@ -192,8 +227,12 @@ def main() -> None:
                         help="our model recomputes each layer in backward (ConvBertConfig.gradient_checkpointing)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="time under glibc's default malloc settings instead of the tuned ones")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: both models under CPU bf16 autocast, HF's fp32 step timed alongside")
     parser.add_argument("--output", default="benchmarks/results/model_speed.json")
     args = parser.parse_args()
+    global PRECISION
+    PRECISION = os.environ["CONVBERT_BENCH_PRECISION"] = args.precision
     torch.set_num_threads(args.threads)
     if args.gradient_checkpointing:
         os.environ["CONVBERT_BENCH_CHECKPOINTING"] = "1"
@@ -208,7 +247,8 @@ def main() -> None:
 
     header = (f"{'size':<13}{'train ours':>11}{'train HF':>10}{'speedup':>9}{'infer ours':>11}{'infer HF':>10}"
               f"{'speedup':>9}{'RSS ours/HF':>13}{'live ours/HF':>14}{'MFU ours':>10}{'MFU HF':>8}{'max|diff|':>11}")
-    print(f"threads={args.threads} batch={args.batch} length={args.length} matmul peak={matmul / 1e9:.1f} GFLOP/s "
+    print(f"precision={args.precision} threads={args.threads} batch={args.batch} length={args.length} "
+          f"{'bf16' if args.precision == 'bf16' else 'fp32'} matmul peak={matmul / 1e9:.1f} GFLOP/s "
           f"allocator (timing)={'glibc defaults' if args.default_allocator else ALLOCATOR_ENV}; "
           "memory (fresh process each, glibc defaults): RSS growth over 2 steps, and the peak of live tensors")
     print(header)
@@ -220,10 +260,18 @@ def main() -> None:
               f"{m['ours_infer']:>10.2f}s{m['hf_infer']:>9.2f}s{r['infer_speedup']:>8.2f}x{mem:>13}{live:>14}"
               f"{r['train_fraction_of_matmul_peak']['ours']:>9.0%}{r['train_fraction_of_matmul_peak']['hf']:>8.0%}"
               f"{max(r['max_abs_diff_eval'], r['max_abs_diff_after_training']):>11.1e}")
+    if args.precision != "fp32":
+        print("against HF in fp32 (the same loop); output error relative to HF fp32 (after the timed steps):")
+        for r in rows:
+            m, d = r["median_seconds"], r["output_diffs"]["after"]
+            print(f"{r['size']:<13}train {m['ours_train']:.2f}s vs {m['hf_fp32_train']:.2f}s "
+                  f"({r['train_speedup_vs_hf_fp32']:.2f}x)  infer {m['ours_infer']:.2f}s vs {m['hf_fp32_infer']:.2f}s "
+                  f"({r['infer_speedup_vs_hf_fp32']:.2f}x)  rel. error ours {d['ours_rel_error_vs_fp32']:.1e}, "
+                  f"HF {d['hf_rel_error_vs_fp32']:.1e}")
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": args.threads},
-        "ours_gradient_checkpointing": args.gradient_checkpointing,
+        "ours_gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision,
         "allocator_env": {} if args.default_allocator else ALLOCATOR_ENV, "matmul_flops_per_s": matmul,
         "results": rows,
     }

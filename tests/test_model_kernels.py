@@ -135,8 +135,9 @@ def _graph_names(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("groups,padded", [(1, False), (2, True)])
 def test_cpu_bf16_autocast_runs_the_lean_functions_as_precisely_as_plain_autocast(groups, padded, monkeypatch):
-    """Under CPU bf16 autocast the layers run in bf16 on the lean functions (weights cast per use); their error
-    against an fp64 reference is that of plain autocast, and the fp32 parameters get fp32 gradients."""
+    """Under CPU bf16 autocast the layers run in bf16 on the lean functions (weights cast per use) around an fp32
+    residual stream; their error against an fp64 reference is below plain autocast's, and the fp32 parameters
+    get fp32 gradients."""
     import copy
 
     from convbert.model import ConvBertConfig, ConvBertModel
@@ -159,7 +160,7 @@ def test_cpu_bf16_autocast_runs_the_lean_functions_as_precisely_as_plain_autocas
 
     reference, reference_grads = run(copy.deepcopy(model).double(), autocast=False)
     lean, lean_grads = run(model, autocast=True)
-    assert lean.dtype == torch.bfloat16
+    assert lean.dtype == torch.float32  # the residual stream and the LayerNorms stay fp32
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
     monkeypatch.setattr(kernels, "cpu_mixed_precision_dtype", lambda x: None)  # plain ops under autocast
     plain, plain_grads = run(model, autocast=True)
@@ -167,9 +168,10 @@ def test_cpu_bf16_autocast_runs_the_lean_functions_as_precisely_as_plain_autocas
     def error(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    assert error(lean, reference) < 0.03 and error(lean_grads, reference_grads) < 0.05
-    assert error(lean, reference) < 1.5 * error(plain, reference) + 1e-3
-    assert error(lean_grads, reference_grads) < 1.5 * error(plain_grads, reference_grads) + 1e-3
+    assert error(lean, reference) < 0.01 and error(lean_grads, reference_grads) < 0.01
+    # The fp32 residual stream and LayerNorms make it more precise than plain CPU autocast (bf16 throughout).
+    assert error(lean, reference) < 0.8 * error(plain, reference)
+    assert error(lean_grads, reference_grads) < 0.8 * error(plain_grads, reference_grads)
 
     # In training the lean functions are in the graph (dropout-add, attention), and the step is finite.
     monkeypatch.undo()

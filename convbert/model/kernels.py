@@ -71,13 +71,14 @@ class _DropoutAdd(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor, p: float):
         keep, scale = _keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
-        ctx.scale = scale
+        ctx.scale, ctx.dtypes = scale, (x.dtype, residual.dtype)  # x may be bf16 on an fp32 residual stream
         return torch.addcmul(residual, x, keep, value=scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, grad, None
+        x_dtype, residual_dtype = ctx.dtypes
+        return (grad * keep * ctx.scale).to(x_dtype), grad.to(residual_dtype), None
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -233,10 +234,12 @@ def _lean_path(x: torch.Tensor) -> bool:
 def cpu_mixed_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
     """bf16 when CPU autocast asks for it in eager mode, else None.
 
-    Then the encoder casts its activations to bf16 once, casts each weight as it uses it (a differentiable cast,
-    so gradients reach the fp32 parameters in fp32, as under autocast) and runs its layers with autocast off, on
-    the lean functions above. Autocast itself would cast around every op (one copy per operand) and route
-    attention, dropout and the FFN through the plain ops. fp16 is left to autocast: CPU fp16 GEMMs are slow.
+    Then the encoder runs its layers with autocast off: each sub-layer (attention, FFN) gets its input cast to
+    bf16 once and its weights cast as it uses them (differentiable casts, so the fp32 parameters get fp32
+    gradients, as under autocast), and runs on the lean functions above; the residual stream and the LayerNorms
+    stay fp32, as CUDA autocast keeps them. CPU autocast itself would cast around every op (one copy per
+    operand), route attention, dropout and the FFN through the plain ops, and run the LayerNorms in bf16.
+    fp16 is left to autocast: CPU fp16 GEMMs are slow.
     """
     if x.device.type != "cpu" or not _autocast_on("cpu") or _compiling():
         return None

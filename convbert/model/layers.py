@@ -177,16 +177,18 @@ class ConvBertLayer(nn.Module):
         self.output.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.output.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None,
-                token_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, token_mask: torch.Tensor | None,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`compute_dtype` (bf16 under CPU autocast): the sub-layers and their weights are cast to it, while the
+        residual stream and the LayerNorms stay in x's dtype (fp32), as CUDA autocast keeps them."""
         attention, out = self.attention, self.attention.output
-        dtype = x.dtype  # the weights are cast to it (a no-op except when the encoder runs in bf16 on the CPU)
-        mixed = attention.self(x, additive_mask, token_mask)
+        dtype = compute_dtype or x.dtype  # the casts below are no-ops unless compute_dtype is given
+        mixed = attention.self(x.to(dtype), additive_mask, token_mask)
         projected = F.linear(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype))
         h = kernels.layer_norm(kernels.dropout_add(projected, x, out.dropout.p, self.training), out.LayerNorm)
         # GELU between the two (grouped) linears: its output is recomputed in backward, not stored
         inner, outer = self.intermediate.dense, self.output.dense
-        f = kernels.grouped_feed_forward(h, inner.weight.to(dtype), inner.bias.to(dtype), outer.weight.to(dtype),
-                                         outer.bias.to(dtype), self.groups)
+        f = kernels.grouped_feed_forward(h.to(dtype), inner.weight.to(dtype), inner.bias.to(dtype),
+                                         outer.weight.to(dtype), outer.bias.to(dtype), self.groups)
         return kernels.layer_norm(kernels.dropout_add(f, h, self.output.dropout.p, self.training),
                                   self.output.LayerNorm)

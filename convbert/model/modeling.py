@@ -116,17 +116,17 @@ class ConvBertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
-        low_precision = kernels.cpu_mixed_precision_dtype(x)
-        if low_precision is not None:  # CPU bf16 autocast: the layers run in bf16 directly (see kernels)
+        compute_dtype = kernels.cpu_mixed_precision_dtype(x)
+        if compute_dtype is not None:  # CPU bf16 autocast: fp32 residual stream, bf16 layers (see ConvBertLayer)
             with torch.autocast("cpu", enabled=False):
-                return self._encode(x.to(low_precision), attention_mask, output_hidden_states)
-        return self._encode(x, attention_mask, output_hidden_states)
+                return self._encode(x.float(), attention_mask, output_hidden_states, compute_dtype)
+        return self._encode(x, attention_mask, output_hidden_states, None)
 
-    def _encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
-                output_hidden_states: bool) -> ConvBertOutput:
+    def _encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None, output_hidden_states: bool,
+                compute_dtype: torch.dtype | None) -> ConvBertOutput:
         additive_mask = token_mask = None
         if attention_mask is not None:
-            mask = attention_mask.to(x.dtype)
+            mask = attention_mask.to(compute_dtype or x.dtype)
             # Only key positions are masked, and only in the self-attention branch (spec §1.2 point 5).
             additive_mask = ((1.0 - mask) * MASK_VALUE)[:, None, None, :]
             if self.config.mask_conv_padding:
@@ -136,9 +136,9 @@ class ConvBertModel(nn.Module):
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layer:
             if recompute:  # the RNG state is replayed, so dropout masks are the same in the recomputation
-                x = checkpoint(layer, x, additive_mask, token_mask, use_reentrant=False)
+                x = checkpoint(layer, x, additive_mask, token_mask, compute_dtype, use_reentrant=False)
             else:
-                x = layer(x, additive_mask, token_mask)
+                x = layer(x, additive_mask, token_mask, compute_dtype)
             if hidden_states is not None:
                 hidden_states.append(x)
         return ConvBertOutput(x, tuple(hidden_states) if hidden_states is not None else None)
