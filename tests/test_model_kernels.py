@@ -134,7 +134,7 @@ def _graph_names(tensor: torch.Tensor) -> set[str]:
 
 
 @pytest.mark.parametrize("groups,padded", [(1, False), (2, True)])
-def test_cpu_bf16_autocast_runs_the_lean_functions_as_precisely_as_plain_autocast(groups, padded, monkeypatch):
+def test_cpu_bf16_autocast_runs_the_lean_functions_more_precisely_than_plain_autocast(groups, padded, monkeypatch):
     """Under CPU bf16 autocast the layers run in bf16 on the lean functions (weights cast per use) around an fp32
     residual stream; their error against an fp64 reference is below plain autocast's, and the fp32 parameters
     get fp32 gradients."""
