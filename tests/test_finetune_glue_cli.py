@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -145,3 +146,42 @@ def test_bad_model_dir_is_a_one_line_error(env, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("convbert glue: error:") and "config.json" in err and "\n" not in err
+
+
+def test_bf16_fine_tuning_runs_and_is_recorded_fp16_needs_a_gpu(env, tmp_path, capsys):
+    _, model, glue = env
+    args = ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "stsb", "--seeds", "1", *QUICK]
+    assert main(args + ["--output", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    run = json.loads((tmp_path / "bf16" / "runs" / "sts-seed1.json").read_text())
+    assert run["settings"]["precision"] == "bf16"
+    assert all(math.isfinite(v) for v in run["train"]["loss_history"]) and run["train"]["loss_history"]
+    assert all(math.isfinite(v) for v in run["metrics"].values() if isinstance(v, float))
+    capsys.readouterr()
+    rc = main(args + ["--output", str(tmp_path / "fp16"), "--precision", "fp16", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "convbert glue: error: --precision fp16 needs a GPU (use bf16 on CPU)"
+    assert not (tmp_path / "fp16" / "runs").exists()
+
+
+def test_bf16_predictions_are_close_to_fp32(env):
+    import numpy as np
+    import torch
+
+    from convbert.finetune.features import featurize
+    from convbert.finetune.trainer import load_tokenizer, predict_logits
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    _, model_dir, _ = env
+    torch.manual_seed(0)
+    from convbert.model import ConvBertModel
+
+    encoder = ConvBertModel.from_pretrained(model_dir)
+    model = ConvBertForSequenceClassification(encoder.config, 3)
+    model.convbert = encoder
+    texts = ["the cat sat on the mat", "a dog ran in the park and barked", "numbers 1 2 3"] * 3
+    feats = featurize(texts, None, [None] * len(texts), load_tokenizer(model_dir), 32, ["a", "b", "c"])
+    fp32 = predict_logits(model, feats, 4)
+    bf16 = predict_logits(model, feats, 4, precision="bf16")
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape == (9, 3)
+    assert np.abs(bf16 - fp32).max() < 0.05 * max(1.0, np.abs(fp32).max())
+    assert not np.array_equal(bf16, fp32)  # it did run in bf16

@@ -31,6 +31,9 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
                    help="do not double MRPC/STS-B (or --symmetric own-task) training sets with swapped sentences")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default), bf16 autocast (GPU, or a CPU with native bf16: ~2x faster there), or fp16 "
+                        "autocast with loss scaling (GPU only); losses and reported logits are fp32")
 
 
 def _cfg(args, double_default=True):
@@ -59,6 +62,7 @@ def _cfg(args, double_default=True):
         loss_reduction=args.loss_reduction,
         pad_to_max=not args.dynamic_padding,
         max_train_examples=args.max_train_examples,
+        precision=args.precision,
     )
     cfg.validate()
     return cfg

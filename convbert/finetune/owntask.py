@@ -229,7 +229,7 @@ def finetune_own_task(
         "seconds": round(stats.seconds, 2),
     }
     if dev_file is not None:
-        out = predict_logits(model, dfeats, cfg.eval_batch_size, cfg.pad_to_max)
+        out = predict_logits(model, dfeats, cfg.eval_batch_size, cfg.pad_to_max, precision=cfg.precision)
         if regression:
             result["dev"] = M.regression_metrics(out.reshape(-1), np.asarray(dy, dtype=np.float64))
         else:

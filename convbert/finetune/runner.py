@@ -289,12 +289,13 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
 
     def predict(f, what):
         if bar is None:
-            return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max)
+            return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max, precision=cfg.precision)
         from tqdm import tqdm
 
         with tqdm(total=len(f), unit="ex", file=sys.stderr, leave=False, dynamic_ncols=True,
                   desc=f"{DISPLAY[task]} seed {seed}: predicting {what}") as pbar:
-            return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max, on_batch=pbar.update)
+            return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max, on_batch=pbar.update,
+                                  precision=cfg.precision)
 
     dev_outputs = {}
     dev_sizes = {}

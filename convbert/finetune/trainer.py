@@ -18,6 +18,7 @@ epoch with a generator seeded by the run's seed (the original shuffles once in P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,14 @@ from convbert.finetune.features import Features
 from convbert.optim import AdamWeightDecay, layerwise_lr_scale, linear_warmup_decay, param_groups
 
 SIZE_LR = {"small": 3e-4, "medium-small": 3e-4, "base": 1e-4}
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast context for `precision` (a no-op for fp32). Losses are taken in fp32 outside it."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @dataclass
@@ -54,6 +63,7 @@ class FinetuneConfig:
     max_train_examples: int | None = None
     regression_scale: float = 5.0
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ... (the CLI resolves "auto")
+    precision: str = "fp32"  # "fp32", "bf16" (autocast; CPU or GPU) or "fp16" (autocast + gradient scaler; GPU)
 
     def validate(self) -> None:
         def need(ok, what):
@@ -74,6 +84,9 @@ class FinetuneConfig:
             raise ConvBertError(f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConvBertError(f"--device {self.device}: CUDA is not available here (use --device cpu)")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
+        need(self.precision != "fp16" or self.device.startswith("cuda"),
+             "--precision fp16 needs a GPU (use bf16 on CPU)")
         need(
             self.max_train_examples is None or self.max_train_examples >= 1,
             f"--max-train-examples must be at least 1, got {self.max_train_examples}",
@@ -176,6 +189,8 @@ def train(
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     model.train()
+    # fp16 needs loss scaling (bf16 has fp32's range and does not)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     start = time.time()
     recent: list[float] = []
     history: list[float] = []
@@ -190,13 +205,22 @@ def train(
             factor = linear_warmup_decay(step, total, warmup)
             for g in opt.param_groups:
                 g["lr"] = peak_lr * factor
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            loss = loss_fn(logits, batch["labels"], regression, cfg.loss_reduction)
+            with autocast(cfg.precision, device):
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss = loss_fn(logits.float(), batch["labels"], regression, cfg.loss_reduction)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # clip the true gradients
+            else:
+                loss.backward()
             if cfg.clip_norm and cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
             per_ex = float(loss.detach()) / (len(idx) if cfg.loss_reduction == "sum" else 1)
             if not math.isfinite(per_ex):
                 raise ConvBertError(f"training diverged: loss is {per_ex} at step {step + 1}; lower --lr")
@@ -221,8 +245,9 @@ def train(
 
 
 @torch.no_grad()
-def predict_logits(model, feats: Features, batch_size: int, pad_to_max: bool = True, on_batch=None) -> np.ndarray:
-    """Logits [N, C] (classification) or raw scores [N, 1] (regression, on the training target scale)."""
+def predict_logits(model, feats: Features, batch_size: int, pad_to_max: bool = True, on_batch=None,
+                   precision: str = "fp32") -> np.ndarray:
+    """Logits [N, C] (classification) or raw scores [N, 1] (regression, on the training target scale), as fp32."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -231,7 +256,9 @@ def predict_logits(model, feats: Features, batch_size: int, pad_to_max: bool = T
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
         b = {k: v.to(device, non_blocking=True) for k, v in feats.batch(idx, pad_to_max).items()}
-        outs.append(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu().numpy())
+        with autocast(precision, device):
+            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        outs.append(logits.float().cpu().numpy())
         if on_batch is not None:
             on_batch(len(idx))
     if was_training:
