@@ -32,7 +32,7 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32 (default), bf16 autocast (GPU, or a CPU with native bf16: ~2x faster there), or fp16 "
+                   help="fp32 (default), bf16 autocast (GPU, or a CPU with native bf16: ~1.7x faster there), or fp16 "
                         "autocast with loss scaling (GPU only); losses and reported logits are fp32")
 
 
