@@ -285,11 +285,7 @@ class _GeluLinear(torch.autograd.Function):
         if groups == 1:
             grad_weight = g2.t().mm(activated.reshape(-1, activated.shape[-1]))
             grad_act = grad_out.matmul(weight)
-        elif _lean_path(x):
-            g2 = g2.contiguous()
-            grad_act, grad_weight = _grouped_backward(g2, activated.view(g2.shape[0], -1), weight, True, True)
-            grad_act = grad_act.view(x.shape)
-        else:
+        else:  # (grouped FFNs on the CPU path use _GroupedFeedForward instead)
             in_g, out_g = weight.shape[1], weight.shape[2]
             a = activated.reshape(-1, groups, in_g).transpose(0, 1)  # [G, M, in/G]
             g = grad_out.reshape(-1, groups, out_g).transpose(0, 1)  # [G, M, out/G]
