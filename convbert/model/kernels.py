@@ -2,10 +2,10 @@
 
 Each saves the least it can for backward, recomputes what is cheap and avoids layout copies:
   * `dropout` / `dropout_add`: the keep-mask comes from 16-bit lanes of raw 64-bit generator output and is saved as
-    bool; residual + dropout is one `addcmul`. The keep probability is quantised to 1/65536 and the scale uses the
+    one byte per element (uint8); residual + dropout is one `addcmul`. The keep probability is quantised to 1/65536 and the scale uses the
     realised keep probability, so the expectation is exact.
   * `attention`: per head, on the fused projection's strided [B, T, N, d] views (no head-first copies); saves only
-    the probabilities and the bool mask (PyTorch's math path saves ~4 tensors of [B, N, T, T]).
+    the probabilities and the byte mask (PyTorch's math path saves ~4 tensors of [B, N, T, T]).
   * `grouped_linear`: one `addmm` per group on column blocks, no permute copies.
   * `gelu_linear`: GELU then a (grouped) linear layer, keeping only the GELU *input* (the layer's largest
     activation, [B, T, 4H], is never stored).
@@ -27,10 +27,12 @@ _KEEP_BITS = 1 << 16
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A bool mask, True with probability (1 - p) up to 1/65536, and 1 / (realised keep probability).
+    """A 0/1 uint8 mask, 1 with probability (1 - p) up to 1/65536, and 1 / (realised keep probability).
 
     The bits come from full-range 64-bit draws (`random_(min, None)`: raw generator output, no range reduction),
     each split into four 16-bit lanes: about 2.5x cheaper than `randint` on int32 and 7x cheaper than `bernoulli_`.
+    The mask is uint8 rather than bool (same byte per element): on the CPU, comparing into a uint8 tensor and
+    multiplying floats by uint8 are 4-7x faster than the same ops with bool, whose casts are not vectorised.
     """
     numel = 1
     for s in shape:
@@ -38,7 +40,7 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     bits = words.view(torch.int16)[:numel].view(shape)
     threshold = int(round(p * _KEEP_BITS))
-    keep = bits >= threshold - (1 << 15)
+    keep = torch.ge(bits, threshold - (1 << 15), out=torch.empty(shape, dtype=torch.uint8, device=device))
     return keep, _KEEP_BITS / (_KEEP_BITS - threshold)
 
 
@@ -48,12 +50,12 @@ class _Dropout(torch.autograd.Function):
         keep, scale = _keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * keep * scale
+        return torch.mul(x, keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None
+        return torch.mul(grad, keep).mul_(ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -65,7 +67,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class _DropoutAdd(torch.autograd.Function):
-    """residual + dropout(x) in one pass (`addcmul` with the bool mask); saves only the mask."""
+    """residual + dropout(x) in one pass (`addcmul` with the 0/1 mask); saves only the mask."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor, p: float):
@@ -78,7 +80,7 @@ class _DropoutAdd(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
-        return (grad * keep * ctx.scale).to(x_dtype), grad.to(residual_dtype), None
+        return torch.mul(grad, keep).mul_(ctx.scale).to(x_dtype), grad.to(residual_dtype), None
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -94,7 +96,7 @@ class _Attention(torch.autograd.Function):
     Each head's q, k and v are [B, T, d] matrices inside the fused projection's output (row stride 4A), which
     BLAS reads in place, so no head-first copies are made; each head's [B, T, T] scores stay in cache through the
     softmax, dropout and backward. The mask is added by the score GEMM itself (`baddbmm`), and the softmax backward
-    is PyTorch's fused kernel. Saves only the probabilities and a bool mask per head.
+    is PyTorch's fused kernel. Saves only the probabilities and a byte mask per head.
     """
 
     @staticmethod
