@@ -96,6 +96,17 @@ def test_dropout_rate_scale_and_gradient():
     assert kernels.dropout(x, 0.1, training=False) is x
 
 
+def test_keep_mask_is_a_byte_mask_with_the_realised_scale():
+    torch.manual_seed(0)
+    keep, scale = kernels._keep_mask(torch.Size([512, 1024]), 0.1, torch.device("cpu"))
+    # uint8, not bool: float x uint8 products are vectorised on the CPU, float x bool ones are not
+    assert keep.dtype == torch.uint8 and keep.shape == (512, 1024)
+    assert set(keep.unique().tolist()) == {0, 1}
+    assert abs(keep.float().mean().item() - 0.9) < 0.002
+    threshold = round(0.1 * 65536)
+    assert scale == 65536 / (65536 - threshold)  # 1 / the keep probability actually used, not 1 / 0.9
+
+
 def test_dropout_is_seeded():
     x = torch.ones(64, 64, requires_grad=True)
     torch.manual_seed(3)
