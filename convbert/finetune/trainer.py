@@ -18,7 +18,6 @@ epoch with a generator seeded by the run's seed (the original shuffles once in P
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,16 +33,9 @@ import torch.nn.functional as F
 from convbert.errors import ConvBertError
 from convbert.finetune.features import Features
 from convbert.optim import AdamWeightDecay, layerwise_lr_scale, linear_warmup_decay, param_groups
+from convbert.precision import FP16_NEEDS_GPU, PRECISIONS, autocast
 
 SIZE_LR = {"small": 3e-4, "medium-small": 3e-4, "base": 1e-4}
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def autocast(precision: str, device: torch.device):
-    """The forward's autocast context for `precision` (a no-op for fp32). Losses are taken in fp32 outside it."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @dataclass
@@ -86,7 +78,7 @@ class FinetuneConfig:
             raise ConvBertError(f"--device {self.device}: CUDA is not available here (use --device cpu)")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
         need(self.precision != "fp16" or self.device.startswith("cuda"),
-             "--precision fp16 needs a GPU (use bf16 on CPU)")
+             FP16_NEEDS_GPU)
         need(
             self.max_train_examples is None or self.max_train_examples >= 1,
             f"--max-train-examples must be at least 1, got {self.max_train_examples}",

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from convbert.errors import ConvBertError
+from convbert.precision import PRECISIONS
 
 SIZES = ("tiny", "small", "medium-small", "base")
-PRECISIONS = ("fp32", "bf16", "fp16")
 MASKINGS = ("with-replacement", "without-replacement")
 ATTENTIONS = ("mixed", "plain")
 OBJECTIVES = ("electra", "mlm")

@@ -13,6 +13,7 @@ RNG states and data cursor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from convbert.errors import ConvBertError
+from convbert.precision import FP16_NEEDS_GPU, autocast
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.pretrain.config import PretrainConfig, config_from_dict, load_json, save_config
 from convbert.pretrain.data import (
@@ -90,10 +92,9 @@ def setup_distributed(device_pref: str = "auto") -> DistInfo:
 def _autocast_factory(precision: str, device: torch.device):
     if precision == "fp32":
         return None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if precision == "fp16" and device.type != "cuda":
-        raise ConvBertError("--precision fp16 needs a GPU (use bf16 on CPU)")
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+        raise ConvBertError(FP16_NEEDS_GPU)
+    return functools.partial(autocast, precision, device)
 
 
 def seed_everything(seed: int) -> None:
