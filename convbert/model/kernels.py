@@ -44,18 +44,23 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch
     return keep, _KEEP_BITS / (_KEEP_BITS - threshold)
 
 
+def _masked(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * keep * scale: the inverted-dropout product (a new tensor), used forward and backward."""
+    return torch.mul(x, keep).mul_(scale)
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float):
         keep, scale = _keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
+        return _masked(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None
+        return _masked(grad, keep, ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -80,7 +85,7 @@ class _DropoutAdd(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
-        return torch.mul(grad, keep).mul_(ctx.scale).to(x_dtype), grad.to(residual_dtype), None
+        return _masked(grad, keep, ctx.scale).to(x_dtype), grad.to(residual_dtype), None
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -186,13 +191,13 @@ def _grouped_addmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
-def _grouped_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool):
-    """Gradients of `_grouped_addmm` w.r.t. its input [M, G*in] and weight [G, in/G, out/G], block by block."""
+def _grouped_backward(grad_blocks, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool):
+    """Gradients of a grouped product w.r.t. its input [M, G*in] and weight [G, in/G, out/G], block by block,
+    given the output gradient as G [M, out/G] blocks (column blocks of [M, G*out], or a group-major [G, M, out/G])."""
     groups = weight.shape[0]
-    grad_blocks = _columns(grad, groups)
     grad_x = grad_w = None
     if need_x:
-        grad_x = grad.new_empty(grad.shape[0], groups * weight.shape[1])
+        grad_x = x.new_empty(x.shape)
         _block_products(grad_blocks, weight.transpose(1, 2), _columns(grad_x, groups))
     if need_w:
         grad_w = _block_products([c.t() for c in _columns(x, groups)], grad_blocks, torch.empty_like(weight))
@@ -209,7 +214,8 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x, grad_w = _grouped_backward(grad, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_x, grad_w = _grouped_backward(_columns(grad, weight.shape[0]), x, weight, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[1])
         return grad_x, grad_w, grad.sum(0) if ctx.needs_input_grad[2] else None
 
 
@@ -335,9 +341,7 @@ class _GroupedFeedForward(torch.autograd.Function):
         del activated
         grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), torch.empty_like(inner))
         torch.ops.aten.gelu_backward.grad_input(grad_inner, inner, grad_input=grad_inner)
-        grad_weight1 = _block_products([c.t() for c in _columns(h2, groups)], grad_inner, torch.empty_like(weight1))
-        grad_h = torch.empty_like(h2)
-        _block_products(grad_inner, weight1.transpose(1, 2), _columns(grad_h, groups))
+        grad_h, grad_weight1 = _grouped_backward(grad_inner, h2, weight1, True, True)
         return grad_h.view(ctx.input_shape), grad_weight1, grad_inner.sum(1).view(-1), grad_weight2, g2.sum(0)
 
 
