@@ -20,7 +20,6 @@ on every step (see docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 
 from convbert.model import ConvBertConfig, ConvBertModel  # noqa: E402
 from convbert.model.flops import encoder_forward_flops_per_token  # noqa: E402
+from convbert.precision import autocast as precision_autocast  # noqa: E402
 
 
 def build_pair(size: str, seed: int = 0):
@@ -64,9 +64,7 @@ PRECISION = os.environ.get("CONVBERT_BENCH_PRECISION", "fp32")  # set by --preci
 
 
 def autocast(precision: str | None = None):
-    if (precision or PRECISION) == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return precision_autocast(precision or PRECISION, torch.device("cpu"))
 
 
 def train_step(model, optimizer, ids, mask, types, hf: bool, precision: str | None = None):

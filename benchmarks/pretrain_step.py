@@ -94,6 +94,7 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from convbert.model.config import PRESET_GENERATOR_FRACTION, ConvBertConfig
     from convbert.optim import AdamWeightDecay, param_groups
+    from convbert.precision import autocast
     from convbert.pretrain.masking import mask_batch
     from convbert.pretrain.model import ElectraPretrainingModel
 
@@ -115,16 +116,10 @@ def child(args) -> dict:
     seg = torch.zeros_like(ids)
     mask_gen = torch.Generator().manual_seed(2)
     sample_gen = torch.Generator(device=device).manual_seed(3)
-    amp = None
-    if args.precision == "bf16":
-        amp = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
 
     def step():
         batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen).to(device)
-        if amp is not None:
-            with amp():
-                out = model(batch, sample_generator=sample_gen)
-        else:
+        with autocast(args.precision, device):
             out = model(batch, sample_generator=sample_gen)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
