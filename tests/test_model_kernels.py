@@ -347,3 +347,97 @@ def test_cpu_bf16_with_gradient_checkpointing_gives_the_same_gradients():
     plain, recomputed = grads(False), grads(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
     assert any(g.abs().sum() > 0 for g in plain)
+
+
+def test_set_cpu_gemm_names_the_choices():
+    with pytest.raises(ValueError, match="onednn.*blas.*'cublas'"):
+        kernels.set_cpu_gemm("cublas")
+    before = kernels.cpu_gemm()
+    try:
+        kernels.set_cpu_gemm("blas")
+        assert kernels.cpu_gemm() == "blas"
+    finally:
+        kernels.set_cpu_gemm(before)
+
+
+requires_onednn = pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    """Every fp32 CPU product on oneDNN however small (the default threshold would keep test shapes on BLAS);
+    yields the epilogue of each oneDNN call, so a test can tell that path really ran."""
+    real, epilogues = kernels._ONEDNN_LINEAR, []
+
+    def counted(x, weight, bias, attr, scalars, algorithm):
+        epilogues.append(attr)
+        return real(x, weight, bias, attr, scalars, algorithm)
+
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", counted)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "_cpu_gemm", "onednn")
+    return epilogues
+
+
+@requires_onednn
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("into_columns", [False, True])
+def test_mm_nt_on_onednn_and_blas_matches_the_definition(onednn_everywhere, monkeypatch, gelu, into_columns):
+    torch.manual_seed(0)
+    x = torch.randn(40, 24)[:, 4:20]  # a strided column block, as the grouped FFN passes
+    weight, bias = torch.randn(12, 16).t().contiguous().t(), torch.randn(12)  # a transposed view, as backward passes
+    reference = F.linear(x.double(), weight.double(), bias.double())
+    reference = F.gelu(reference) if gelu else reference
+    for gemm in ("onednn", "blas"):
+        monkeypatch.setattr(kernels, "_cpu_gemm", gemm)
+        target = torch.full((40, 30), 7.0)
+        out = target[:, 6:18] if into_columns else None
+        result = kernels._mm_nt(x, weight, bias, out=out, gelu=gelu)
+        assert torch.allclose(result.double(), reference, atol=1e-5), gemm
+        if into_columns:
+            assert torch.equal(target[:, 6:18], result) and (target[:, :6] == 7).all() and (target[:, 18:] == 7).all()
+    assert onednn_everywhere.count("gelu" if gelu else "none") == 1
+
+
+@requires_onednn
+@pytest.mark.parametrize("groups", [1, 2])
+def test_onednn_products_give_the_blas_model(onednn_everywhere, monkeypatch, groups):
+    """The whole model, trained one step and run for inference, with its products on oneDNN and on BLAS."""
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, num_groups=groups)
+    model = ConvBertModel(config)
+    ids = torch.randint(0, 100, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    target = torch.randn(3, 20, config.hidden_size)
+
+    def run(gemm: str):
+        monkeypatch.setattr(kernels, "_cpu_gemm", gemm)
+        model.train().zero_grad(set_to_none=True)
+        out = model(ids, mask).last_hidden_state
+        (out * target).sum().backward()
+        with torch.no_grad():
+            inference = model.eval()(ids, mask).last_hidden_state
+        return out.detach(), inference, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    onednn_out, onednn_inference, onednn_grads = run("onednn")
+    assert {"none", "gelu"} <= set(onednn_everywhere)  # training products, and the inference FFN's fused GELU
+    blas_out, blas_inference, blas_grads = run("blas")
+    assert torch.allclose(onednn_out, blas_out, atol=1e-5)
+    assert torch.allclose(onednn_inference, blas_inference, atol=1e-5)
+    assert torch.allclose(onednn_inference, onednn_out, atol=1e-5)  # the fused-GELU path computes the same FFN
+    for name, grad in blas_grads.items():
+        assert (onednn_grads[name] - grad).abs().max().item() <= 1e-4 * grad.abs().max().item() + 1e-6, name
+
+
+def test_ungrouped_feed_forward_without_grad_matches_the_definition():
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 8, dtype=torch.double)
+    w1, b1 = torch.randn(12, 8, dtype=torch.double), torch.randn(12, dtype=torch.double)
+    w2, b2 = torch.randn(8, 12, dtype=torch.double), torch.randn(8, dtype=torch.double)
+    reference = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+    with torch.no_grad():
+        assert torch.allclose(kernels.grouped_feed_forward(h, w1, b1, w2, b2, 1), reference, atol=1e-12)

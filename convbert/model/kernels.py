@@ -14,16 +14,111 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
   * `same_conv`: the K-tap shift-and-add behind both convolutions, with implicit zero padding and an in-place
     accumulating backward; it saves only tensors that other ops save anyway.
   * `short_softmax`: softmax over the 9 kernel taps as whole-tensor ops.
+  * `linear` and the grouped products: large fp32 products of activations with weights (forward and input
+    gradient) run on oneDNN, whose kernels are ~10 % faster than MKL's on our benchmark CPU; the inference FFN
+    applies its GELU as the GEMM's epilogue. Weight gradients stay on BLAS (`set_cpu_gemm` picks the library).
 On CUDA, under `torch.compile`, or without grad, the standard ops are used; under CPU bf16 autocast the encoder
 runs these functions in bf16 (`cpu_mixed_precision_dtype`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 _KEEP_BITS = 1 << 16
+
+
+# ---- the GEMM behind the linear layers ----------------------------------------------------------------------------
+def _find_onednn_linear():
+    """oneDNN's fp32 linear (the op Inductor lowers CPU linears to), or None where this PyTorch build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+_ONEDNN_MIN_MACS = 1 << 22  # smaller products: the call overhead outweighs the faster kernel
+CPU_GEMMS = ("onednn", "blas")
+_cpu_gemm = "onednn" if _ONEDNN_LINEAR is not None else "blas"
+
+
+def set_cpu_gemm(name: str) -> None:
+    """Which library runs the large fp32 CPU products of activations with weights: "onednn" (the default where
+    available) or "blas" (MKL/OpenBLAS, what `F.linear` uses). Same maths; they differ in rounding order only.
+    The environment variable CONVBERT_CPU_GEMM sets it at import."""
+    global _cpu_gemm
+    if name not in CPU_GEMMS:
+        raise ValueError(f"cpu gemm must be one of {CPU_GEMMS}, got {name!r}")
+    if name == "onednn" and _ONEDNN_LINEAR is None:
+        raise RuntimeError("this PyTorch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    _cpu_gemm = name
+
+
+def cpu_gemm() -> str:
+    """The library `set_cpu_gemm` chose: "onednn" or "blas"."""
+    return _cpu_gemm
+
+
+if os.environ.get("CONVBERT_CPU_GEMM"):
+    set_cpu_gemm(os.environ["CONVBERT_CPU_GEMM"])
+
+
+def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight.T (+ bias) for weight [N, K] with any strides, into `out` if given; `gelu` applies the
+    exact (erf) GELU to the result, on oneDNN as the GEMM's epilogue (no pass of its own over the output).
+
+    Large fp32 CPU products go to oneDNN: on the AMD Zen 4 of our benchmarks its kernels reach ~210-218 GFLOP/s at
+    the encoder's shapes where MKL's reach ~185-195 (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY)
+    stay on BLAS, which is the faster of the two at that transposed shape.
+    """
+    if (_cpu_gemm == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS):
+        attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the erf GELU, not the tanh one
+        y = _ONEDNN_LINEAR(x, weight, bias, attr, [], algorithm)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        y = F.linear(x, weight, bias)
+    elif bias is None:
+        y = torch.mm(x, weight.t(), out=out)
+    else:
+        y = torch.addmm(bias, x, weight.t(), out=out)
+    return torch.ops.aten.gelu_(y) if gelu else y
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear with its forward and input-gradient products on `_mm_nt`, the weight gradient on BLAS."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm_nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = _mm_nt(g, weight.t()).view(x.shape) if need_x else None
+        grad_w = g.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_b = g.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, with the large fp32 CPU products on oneDNN in eager mode (see `_mm_nt`)."""
+    if _cpu_gemm != "onednn" or x.dtype != torch.float32 or not _lean_path(x):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias)
+    return _mm_nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -172,13 +267,19 @@ def _columns(t: torch.Tensor, groups: int) -> list[torch.Tensor]:
     return [t[:, g * width : (g + 1) * width] for g in range(groups)]
 
 
-def _block_products(lhs, rhs, out, bias: torch.Tensor | None = None):
-    """out[g] = lhs[g] @ rhs[g] (+ bias row g) for every group, each written in place: no permute copies."""
-    for g, (a, b, o) in enumerate(zip(lhs, rhs, out)):
-        if bias is None:
-            torch.mm(a, b, out=o)
-        else:
-            torch.addmm(bias[g], a, b, out=o)
+def _block_products(lhs, rhs, out=None, bias: torch.Tensor | None = None, gelu: bool = False):
+    """out[g] = lhs[g] @ rhs[g] (+ bias row g) for every group, each written in place (no permute copies), or
+    returned as G new tensors when `out` is None. rhs[g] is a weight block (forward, input gradient): the products
+    may run on oneDNN (`_mm_nt`)."""
+    out = [None] * len(lhs) if out is None else out
+    return [_mm_nt(a, b.t(), None if bias is None else bias[g], out=o, gelu=gelu)
+            for g, (a, b, o) in enumerate(zip(lhs, rhs, out))]
+
+
+def _weight_gradient_blocks(lhs, rhs, out):
+    """out[g] = lhs[g] @ rhs[g], in place, on BLAS: the X^T dY products of weight gradients."""
+    for a, b, o in zip(lhs, rhs, out):
+        torch.mm(a, b, out=o)
     return out
 
 
@@ -193,14 +294,15 @@ def _grouped_addmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _grouped_backward(grad_blocks, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool):
     """Gradients of a grouped product w.r.t. its input [M, G*in] and weight [G, in/G, out/G], block by block,
-    given the output gradient as G [M, out/G] blocks (column blocks of [M, G*out], or a group-major [G, M, out/G])."""
+    given the output gradient as G [M, out/G] blocks (column blocks of [M, G*out], or G separate tensors)."""
     groups = weight.shape[0]
     grad_x = grad_w = None
     if need_x:
         grad_x = x.new_empty(x.shape)
         _block_products(grad_blocks, weight.transpose(1, 2), _columns(grad_x, groups))
     if need_w:
-        grad_w = _block_products([c.t() for c in _columns(x, groups)], grad_blocks, torch.empty_like(weight))
+        grad_w = _weight_gradient_blocks([c.t() for c in _columns(x, groups)], grad_blocks,
+                                         torch.empty_like(weight))
     return grad_x, grad_w
 
 
@@ -259,7 +361,7 @@ def cpu_mixed_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
     """nn.Linear's maths for groups == 1; otherwise G contiguous blocks with weight [G, in/G, out/G] (TF layout)."""
     if groups == 1:
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
     lead = x.shape[:-1]
     if _lean_path(x):
         x2d = x.reshape(-1, x.shape[-1])
@@ -292,7 +394,7 @@ class _GeluLinear(torch.autograd.Function):
         grad_bias = g2.sum(0)
         if groups == 1:
             grad_weight = g2.t().mm(activated.reshape(-1, activated.shape[-1]))
-            grad_act = grad_out.matmul(weight)
+            grad_act = _mm_nt(g2, weight.t()).view(*grad_out.shape[:-1], weight.shape[1])
         else:  # (grouped FFNs on the CPU path use _GroupedFeedForward instead)
             in_g, out_g = weight.shape[1], weight.shape[2]
             a = activated.reshape(-1, groups, in_g).transpose(0, 1)  # [G, M, in/G]
@@ -317,52 +419,60 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
 class _GroupedFeedForward(torch.autograd.Function):
     """linear2(gelu(linear1(h))) with both linears grouped (G > 1), the [B, T, 4H] activation kept group-major.
 
-    The intermediate lives as G contiguous [M, 4H/G] blocks, so the two narrow-K products (h's groups → 4H/G, and
+    The intermediate lives as G separate [M, 4H/G] tensors, so the two narrow-K products (h's groups → 4H/G, and
     the gradient back through linear2) write contiguous outputs instead of column blocks of a [M, 4H] tensor
-    (~10 % faster each). Saves h (which the LayerNorm before it keeps anyway) and the GELU input; the GELU is
-    recomputed in backward.
+    (~10 % faster each, and no copy out of oneDNN's result). Saves h (which the LayerNorm before it keeps anyway)
+    and the GELU input; the GELU is recomputed in backward.
     """
 
     @staticmethod
     def forward(ctx, h, weight1, bias1, weight2, bias2):
         out, h2, inner = _grouped_ffn_forward(h, weight1, bias1, weight2, bias2)
-        ctx.save_for_backward(h2, weight1, weight2, inner)
+        ctx.save_for_backward(h2, weight1, weight2, *inner)
         ctx.input_shape = h.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h2, weight1, weight2, inner = ctx.saved_tensors
+        h2, weight1, weight2, *inner = ctx.saved_tensors
         groups = weight1.shape[0]
         g2 = grad.reshape(h2.shape[0], -1)
         grad_blocks = _columns(g2, groups)
-        activated = F.gelu(inner)
-        grad_weight2 = _block_products([a.t() for a in activated], grad_blocks, torch.empty_like(weight2))
+        activated = [F.gelu(block) for block in inner]
+        grad_weight2 = _weight_gradient_blocks([a.t() for a in activated], grad_blocks, torch.empty_like(weight2))
         del activated
-        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), torch.empty_like(inner))
-        torch.ops.aten.gelu_backward.grad_input(grad_inner, inner, grad_input=grad_inner)
+        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2))
+        for grad_block, block in zip(grad_inner, inner):
+            torch.ops.aten.gelu_backward.grad_input(grad_block, block, grad_input=grad_block)
         grad_h, grad_weight1 = _grouped_backward(grad_inner, h2, weight1, True, True)
-        return grad_h.view(ctx.input_shape), grad_weight1, grad_inner.sum(1).view(-1), grad_weight2, g2.sum(0)
+        grad_bias1 = torch.cat([grad_block.sum(0) for grad_block in grad_inner])
+        return grad_h.view(ctx.input_shape), grad_weight1, grad_bias1, grad_weight2, g2.sum(0)
 
 
-def _grouped_ffn_forward(h, weight1, bias1, weight2, bias2):
-    """(output, h as [M, H], GELU input as [G, M, 4H/G])."""
+def _grouped_ffn_forward(h, weight1, bias1, weight2, bias2, for_backward: bool = True):
+    """(output, h as [M, H], the GELU input as G [M, 4H/G] tensors). Without `for_backward` the GELU input is not
+    kept: the GELU runs as the first product's epilogue (and the third element is its output)."""
     groups = weight1.shape[0]
     h2 = h.reshape(-1, h.shape[-1])
-    inner = _block_products(_columns(h2, groups), weight1, h2.new_empty(groups, h2.shape[0], weight1.shape[2]),
-                            bias1.view(groups, -1))
+    inner = _block_products(_columns(h2, groups), weight1, bias=bias1.view(groups, -1), gelu=not for_backward)
+    activated = [F.gelu(block) for block in inner] if for_backward else inner
     out = h2.new_empty(h2.shape[0], bias2.shape[0])
-    _block_products(F.gelu(inner), weight2, _columns(out, groups), bias2.view(groups, -1))
+    _block_products(activated, weight2, _columns(out, groups), bias2.view(groups, -1))
     return out.view(*h.shape[:-1], -1), h2, inner
 
 
 def grouped_feed_forward(h: torch.Tensor, weight1, bias1, weight2, bias2, groups: int) -> torch.Tensor:
     """linear2(gelu(linear1(h))), the FFN of a layer: both linears grouped (weights [G, in/G, out/G]) when
     groups > 1, plain `nn.Linear` weights when groups == 1."""
-    if groups > 1 and _lean_path(h):
-        if torch.is_grad_enabled() and (h.requires_grad or weight1.requires_grad):
-            return _GroupedFeedForward.apply(h, weight1, bias1, weight2, bias2)
-        return _grouped_ffn_forward(h, weight1, bias1, weight2, bias2)[0]
+    if _lean_path(h):
+        training = torch.is_grad_enabled() and (h.requires_grad or weight1.requires_grad)
+        if groups > 1:
+            if training:
+                return _GroupedFeedForward.apply(h, weight1, bias1, weight2, bias2)
+            return _grouped_ffn_forward(h, weight1, bias1, weight2, bias2, for_backward=False)[0]
+        if not training:  # the GELU as the first product's epilogue
+            h2 = h.reshape(-1, h.shape[-1])
+            return _mm_nt(_mm_nt(h2, weight1, bias1, gelu=True), weight2, bias2).view(*h.shape[:-1], -1)
     return gelu_linear(grouped_linear(h, weight1, bias1, groups), weight2, bias2, groups)
 
 
@@ -453,9 +563,12 @@ class _SpanKernelLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, depthwise_taps, pointwise_weight, pointwise_bias, query, kernel_weight, kernel_bias):
-        span_key = F.linear(_same_conv_forward(x, depthwise_taps), pointwise_weight, pointwise_bias)
+        depthwise = _same_conv_forward(x, depthwise_taps)
+        span_key = _mm_nt(depthwise.view(-1, x.shape[-1]), pointwise_weight, pointwise_bias)
+        span_key = span_key.view(*x.shape[:-1], -1)
         ctx.save_for_backward(x, depthwise_taps, pointwise_weight, query, kernel_weight, span_key)
-        return F.linear(span_key * query, kernel_weight, kernel_bias)
+        logits = _mm_nt((span_key * query).view(-1, span_key.shape[-1]), kernel_weight, kernel_bias)
+        return logits.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -464,14 +577,14 @@ class _SpanKernelLogits(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_kernel_weight = g.t().mm((span_key * query).view(-1, width))
         grad_kernel_bias = g.sum(0)
-        grad_product = g.mm(kernel_weight).view(span_key.shape)
+        grad_product = _mm_nt(g, kernel_weight.t()).view(span_key.shape)
         grad_query = grad_product * span_key
         grad_span = grad_product.mul_(query).view(-1, width)
         grad_pointwise_bias = grad_span.sum(0)
         depthwise = _same_conv_forward(x, depthwise_taps)
         grad_pointwise_weight = grad_span.t().mm(depthwise.view(-1, depthwise.shape[-1]))
         del depthwise
-        grad_depthwise = grad_span.mm(pointwise_weight).view(x.shape)
+        grad_depthwise = _mm_nt(grad_span, pointwise_weight.t()).view(x.shape)
         grad_x, grad_taps = _same_conv_backward(grad_depthwise, x, depthwise_taps,
                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return (grad_x, grad_taps, grad_pointwise_weight, grad_pointwise_bias, grad_query, grad_kernel_weight,
@@ -483,8 +596,8 @@ def span_kernel_logits(x, depthwise_taps, pointwise_weight, pointwise_bias, quer
     if _lean_path(x) and torch.is_grad_enabled():
         return _SpanKernelLogits.apply(x, depthwise_taps, pointwise_weight, pointwise_bias, query, kernel_weight,
                                        kernel_bias)
-    span_key = F.linear(same_conv(x, depthwise_taps), pointwise_weight, pointwise_bias)
-    return F.linear(span_key * query, kernel_weight, kernel_bias)
+    span_key = linear(same_conv(x, depthwise_taps), pointwise_weight, pointwise_bias)
+    return linear(span_key * query, kernel_weight, kernel_bias)
 
 
 def _short_softmax_forward(x: torch.Tensor) -> torch.Tensor:

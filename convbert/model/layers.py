@@ -46,7 +46,7 @@ class SeparableConv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H] -> [B, T, A]
         depthwise = same_conv(x, self.depthwise.weight[:, 0, :])  # "same" zero padding on the time axis
-        return F.linear(depthwise, self.pointwise.weight[:, :, 0], self.bias[:, 0])
+        return kernels.linear(depthwise, self.pointwise.weight[:, :, 0], self.bias[:, 0])
 
 
 class MixedAttention(nn.Module):
@@ -85,7 +85,7 @@ class MixedAttention(nn.Module):
         # One GEMM for query, key, value (and conv values): all read the same x.
         weight = torch.cat([layer.weight for layer in layers]).to(x.dtype)  # casts: a no-op except in CPU bf16
         bias = torch.cat([layer.bias for layer in layers]).to(x.dtype)
-        projected = F.linear(x, weight, bias).split(self.width, dim=-1)
+        projected = kernels.linear(x, weight, bias).split(self.width, dim=-1)
         query, key, value = projected[:3]
 
         def per_head(t: torch.Tensor) -> torch.Tensor:  # [B, T, A] -> [B, T, Nr, d], a view: no copy
@@ -184,7 +184,7 @@ class ConvBertLayer(nn.Module):
         attention, out = self.attention, self.attention.output
         dtype = compute_dtype or x.dtype  # the casts below are no-ops unless compute_dtype is given
         mixed = attention.self(x.to(dtype), additive_mask, token_mask)
-        projected = F.linear(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype))
+        projected = kernels.linear(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype))
         h = kernels.layer_norm(kernels.dropout_add(projected, x, out.dropout.p, self.training), out.LayerNorm)
         # GELU between the two (grouped) linears: its output is recomputed in backward, not stored
         inner, outer = self.intermediate.dense, self.output.dense
