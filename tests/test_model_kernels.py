@@ -375,6 +375,7 @@ def onednn_everywhere(monkeypatch):
 
     monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", counted)
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_WIDTH", 0)
     monkeypatch.setattr(kernels, "_cpu_gemm", "onednn")
     return epilogues
 

@@ -44,6 +44,7 @@ def _find_onednn_linear():
 
 _ONEDNN_LINEAR = _find_onednn_linear()
 _ONEDNN_MIN_MACS = 1 << 22  # smaller products: the call overhead outweighs the faster kernel
+_ONEDNN_MIN_WIDTH = 64  # narrower outputs (the 36 kernel logits): BLAS is the faster
 CPU_GEMMS = ("onednn", "blas")
 _cpu_gemm = "onednn" if _ONEDNN_LINEAR is not None else "blas"
 
@@ -74,12 +75,13 @@ def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [M, K] @ weight.T (+ bias) for weight [N, K] with any strides, into `out` if given; `gelu` applies the
     exact (erf) GELU to the result, on oneDNN as the GEMM's epilogue (no pass of its own over the output).
 
-    Large fp32 CPU products go to oneDNN: on the AMD Zen 4 of our benchmarks its kernels reach ~210-218 GFLOP/s at
-    the encoder's shapes where MKL's reach ~185-195 (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY)
+    Large fp32 CPU products go to oneDNN: on the AMD Zen 4 of our benchmarks its kernels reach ~195-212 GFLOP/s at
+    the encoder's shapes where MKL's reach ~175-190 (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY)
     stay on BLAS, which is the faster of the two at that transposed shape.
     """
+    rows, (width, depth) = x.shape[0], weight.shape
     if (_cpu_gemm == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.shape[0] * weight.shape[0] * weight.shape[1] >= _ONEDNN_MIN_MACS):
+            and width >= _ONEDNN_MIN_WIDTH and rows * width * depth >= _ONEDNN_MIN_MACS):
         attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the erf GELU, not the tanh one
         y = _ONEDNN_LINEAR(x, weight, bias, attr, [], algorithm)
         return y if out is None else out.copy_(y)
