@@ -360,13 +360,12 @@ def test_set_cpu_gemm_names_the_choices():
         kernels.set_cpu_gemm(before)
 
 
-requires_onednn = pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
-
-
 @pytest.fixture
 def onednn_everywhere(monkeypatch):
     """Every fp32 CPU product on oneDNN however small (the default threshold would keep test shapes on BLAS);
     yields the epilogue of each oneDNN call, so a test can tell that path really ran."""
+    if kernels._ONEDNN_LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
     real, epilogues = kernels._ONEDNN_LINEAR, []
 
     def counted(x, weight, bias, attr, scalars, algorithm):
@@ -380,7 +379,6 @@ def onednn_everywhere(monkeypatch):
     return epilogues
 
 
-@requires_onednn
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("into_columns", [False, True])
 def test_mm_nt_on_onednn_and_blas_matches_the_definition(onednn_everywhere, monkeypatch, gelu, into_columns):
@@ -400,7 +398,6 @@ def test_mm_nt_on_onednn_and_blas_matches_the_definition(onednn_everywhere, monk
     assert onednn_everywhere.count("gelu" if gelu else "none") == 1
 
 
-@requires_onednn
 @pytest.mark.parametrize("groups", [1, 2])
 def test_onednn_products_give_the_blas_model(onednn_everywhere, monkeypatch, groups):
     """The whole model, trained one step and run for inference, with its products on oneDNN and on BLAS."""
@@ -442,3 +439,22 @@ def test_ungrouped_feed_forward_without_grad_matches_the_definition():
     reference = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
     with torch.no_grad():
         assert torch.allclose(kernels.grouped_feed_forward(h, w1, b1, w2, b2, 1), reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_feed_forward_trains_its_second_linear_when_the_rest_is_frozen(onednn_everywhere, groups):
+    """Only the output linear trainable (a partly frozen fine-tune): it still gets its exact gradient."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 8)
+    if groups == 1:
+        w1, w2 = torch.randn(12, 8), torch.randn(8, 12).requires_grad_()
+    else:
+        w1, w2 = torch.randn(2, 4, 6), torch.randn(2, 6, 4).requires_grad_()
+    b1, b2 = torch.randn(12), torch.randn(8).requires_grad_()
+    grad = torch.randn(2, 3, 8)
+    ours = torch.autograd.grad(kernels.grouped_feed_forward(h, w1, b1, w2, b2, groups), (w2, b2), grad)
+    activated = F.gelu(kernels.grouped_linear(h.double(), w1.double(), b1.double(), groups))
+    w2d, b2d = w2.detach().double().requires_grad_(), b2.detach().double().requires_grad_()
+    reference = torch.autograd.grad(kernels.grouped_linear(activated, w2d, b2d, groups), (w2d, b2d), grad.double())
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a.double(), b, atol=1e-4)

@@ -114,11 +114,15 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, with the large fp32 CPU products on oneDNN in eager mode (see `_mm_nt`)."""
     if _cpu_gemm != "onednn" or x.dtype != torch.float32 or not _lean_path(x):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if _needs_grad(x, weight, bias):
         return _Linear.apply(x, weight, bias)
     return _mm_nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
@@ -367,7 +371,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     lead = x.shape[:-1]
     if _lean_path(x):
         x2d = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        if _needs_grad(x, weight, bias):
             out = _GroupedLinear.apply(x2d, weight, bias)
         else:
             out = _grouped_addmm(x2d, weight, bias)
@@ -467,7 +471,7 @@ def grouped_feed_forward(h: torch.Tensor, weight1, bias1, weight2, bias2, groups
     """linear2(gelu(linear1(h))), the FFN of a layer: both linears grouped (weights [G, in/G, out/G]) when
     groups > 1, plain `nn.Linear` weights when groups == 1."""
     if _lean_path(h):
-        training = torch.is_grad_enabled() and (h.requires_grad or weight1.requires_grad)
+        training = _needs_grad(h, weight1, bias1, weight2, bias2)
         if groups > 1:
             if training:
                 return _GroupedFeedForward.apply(h, weight1, bias1, weight2, bias2)
