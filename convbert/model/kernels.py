@@ -569,9 +569,9 @@ class _SpanKernelLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, depthwise_taps, pointwise_weight, pointwise_bias, query, kernel_weight, kernel_bias):
-        depthwise = _same_conv_forward(x, depthwise_taps)
-        span_key = _mm_nt(depthwise.view(-1, x.shape[-1]), pointwise_weight, pointwise_bias)
-        span_key = span_key.view(*x.shape[:-1], -1)
+        depthwise = _same_conv_forward(x, depthwise_taps).view(-1, x.shape[-1])
+        span_key = _mm_nt(depthwise, pointwise_weight, pointwise_bias).view(*x.shape[:-1], -1)
+        del depthwise  # recomputed in backward
         ctx.save_for_backward(x, depthwise_taps, pointwise_weight, query, kernel_weight, span_key)
         logits = _mm_nt((span_key * query).view(-1, span_key.shape[-1]), kernel_weight, kernel_bias)
         return logits.view(*x.shape[:-1], -1)
