@@ -458,3 +458,11 @@ def test_feed_forward_trains_its_second_linear_when_the_rest_is_frozen(onednn_ev
     reference = torch.autograd.grad(kernels.grouped_linear(activated, w2d, b2d, groups), (w2d, b2d), grad.double())
     for a, b in zip(ours, reference):
         assert torch.allclose(a.double(), b, atol=1e-4)
+
+
+def test_without_onednn_the_products_fall_back_to_blas(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert kernels._find_onednn_linear() is None
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", None)
+    with pytest.raises(RuntimeError, match="no oneDNN linear"):
+        kernels.set_cpu_gemm("onednn")

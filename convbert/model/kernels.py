@@ -33,12 +33,23 @@ _KEEP_BITS = 1 << 16
 
 # ---- the GEMM behind the linear layers ----------------------------------------------------------------------------
 def _find_onednn_linear():
-    """oneDNN's fp32 linear (the op Inductor lowers CPU linears to), or None where this PyTorch build lacks it."""
+    """oneDNN's fp32 linear (the op Inductor lowers CPU linears to), or None where this PyTorch build lacks it or
+    it fails a small probe: strided operands as our callers pass them, with and without the GELU epilogue. (It is
+    a private op; the probe keeps another PyTorch version from changing our results, and uses no random numbers.)"""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
+        op = torch.ops.mkldnn._linear_pointwise.default
+        x = (torch.arange(48.0).view(6, 8).sin())[:, 2:7]  # a column block
+        weight = torch.arange(20.0).view(5, 4).cos().t()  # a transposed view: [4, 5]
+        bias = torch.tensor([0.1, -0.2, 0.3, 0.0])
+        reference = F.linear(x, weight, bias)
+        if not torch.allclose(op(x, weight, bias, "none", [], ""), reference, atol=1e-5):
+            return None
+        if not torch.allclose(op(x, weight, bias, "gelu", [], "none"), F.gelu(reference), atol=1e-5):
+            return None
+        return op
+    except (AttributeError, RuntimeError, TypeError):
         return None
 
 
