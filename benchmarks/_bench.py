@@ -1,8 +1,11 @@
-"""Shared by the benchmark scripts: fixed glibc allocator settings, and the process's peak resident set."""
+"""Shared by the benchmark scripts: fixed glibc allocator settings, the process's peak resident set, the machine
+description and the atomic JSON report."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import resource
 import sys
 
@@ -25,3 +28,21 @@ def vm_hwm_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine_info(threads: int) -> dict:
+    """What a result was measured on (stored in every report)."""
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": threads}
+
+
+def write_report(path: str, report: dict) -> None:
+    """Write the JSON report atomically (temp file + rename), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

@@ -14,14 +14,12 @@ Usage:  python benchmarks/gemm_backends.py --output benchmarks/results/gemm_back
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-from _bench import ALLOCATOR_ENV, use_fixed_allocator
+from _bench import ALLOCATOR_ENV, machine_info, use_fixed_allocator, write_report
 
 if __name__ == "__main__" and not os.environ.get("_CONVBERT_BENCH_CHILD"):
     use_fixed_allocator()
@@ -131,13 +129,8 @@ def main() -> None:
     print(f"{args.size} step, BLAS vs oneDNN products: train {m['blas_train']:.3f}s vs {m['onednn_train']:.3f}s "
           f"({step['train_speedup']:.3f}x), inference {m['blas_infer']:.3f}s vs {m['onednn_infer']:.3f}s "
           f"({step['infer_speedup']:.3f}x)")
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
-              "allocator_env": ALLOCATOR_ENV, "gemms": rows, "step": step}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_report(args.output, {"machine": machine_info(args.threads), "allocator_env": ALLOCATOR_ENV, "gemms": rows,
+                               "step": step})
 
 
 if __name__ == "__main__":

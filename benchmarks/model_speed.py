@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-from _bench import ALLOCATOR_ENV, use_fixed_allocator, vm_hwm_bytes
+from _bench import ALLOCATOR_ENV, machine_info, use_fixed_allocator, vm_hwm_bytes, write_report
 
 DEFAULT_ALLOCATOR = "--default-allocator" in sys.argv
 if __name__ == "__main__" and os.environ.get("_CONVBERT_BENCH_CHILD") is None and not DEFAULT_ALLOCATOR:
@@ -288,17 +287,13 @@ def main() -> None:
                   f"({r['infer_speedup_vs_hf_fp32']:.2f}x)  rel. error ours {d['ours_rel_error_vs_fp32']:.1e}, "
                   f"HF {d['hf_rel_error_vs_fp32']:.1e}")
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": args.threads},
+        "machine": machine_info(args.threads),
         "ours_gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision,
         "allocator_env": {} if args.default_allocator else ALLOCATOR_ENV, "matmul_flops_per_s": matmul,
         "ours_cpu_gemm": kernels.cpu_gemm(),
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _bench import vm_hwm_bytes
+from _bench import machine_info, vm_hwm_bytes, write_report
 
 
 def _rss_bytes() -> int:
@@ -219,15 +218,9 @@ def main() -> None:
     print(text)
     out = {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
                                                        "threads", "vocab", "device", "precision")},
-           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                       "python": platform.python_version()},
+           "machine": machine_info(args.threads),
            "results": results, "table": text}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.output)
-    print(f"wrote {args.output}")
+    write_report(args.output, out)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ Usage: python benchmarks/rtd_breakdown.py --size medium-small --batch 32 --lengt
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
-from _bench import ALLOCATOR_ENV, use_fixed_allocator
+from _bench import ALLOCATOR_ENV, machine_info, use_fixed_allocator, write_report
 
 if __name__ == "__main__":
     use_fixed_allocator()  # the same fixed glibc settings as model_speed.py
@@ -106,12 +104,11 @@ def main() -> None:
     for p in PHASES:
         print(f"{p:<16}{median[p]:>9.3f}{median[p] / total:>8.0%}")
     print(f"{'total':<16}{total:>9.3f}   {tokens / total:,.0f} tokens/s, {flops / total / 1e9:.1f} model GFLOP/s")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump({"size": args.size, "batch": args.batch, "length": args.length, "threads": torch.get_num_threads(),
-                   "median_seconds": median, "total_seconds": total, "tokens_per_s": tokens / total,
-                   "model_flops_per_s": flops / total, "allocator_env": ALLOCATOR_ENV, "all": runs}, f, indent=2)
-    print(f"wrote {args.output}")
+    write_report(args.output, {"size": args.size, "batch": args.batch, "length": args.length,
+                               "threads": torch.get_num_threads(), "median_seconds": median, "total_seconds": total,
+                               "tokens_per_s": tokens / total, "model_flops_per_s": flops / total,
+                               "allocator_env": ALLOCATOR_ENV, "machine": machine_info(torch.get_num_threads()),
+                               "all": runs})
 
 
 if __name__ == "__main__":
