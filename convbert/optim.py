@@ -38,6 +38,7 @@ class AdamWeightDecay(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.01,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ConvBertError(f"learning rate must be >= 0, got {lr}")
@@ -49,6 +50,14 @@ class AdamWeightDecay(torch.optim.Optimizer):
             raise ConvBertError(f"weight decay must be >= 0, got {weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lr_scale=1.0)
         super().__init__(params, defaults)
+        self.foreach = foreach
+
+    def _use_foreach(self, params: list[torch.Tensor]) -> bool:
+        """Multi-tensor kernels by default on GPUs, where a per-parameter loop is ~7 kernel launches per tensor
+        (thousands per step for the generator + discriminator); on the CPU the loop is as fast."""
+        if self.foreach is not None:
+            return self.foreach
+        return bool(params) and all(p.device.type == "cuda" for p in params)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -61,11 +70,11 @@ class AdamWeightDecay(torch.optim.Optimizer):
             eps = group["eps"]
             wd = group["weight_decay"]
             step_size = group["lr"] * group.get("lr_scale", 1.0)
+            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise ConvBertError("AdamWeightDecay does not support sparse gradients")
                 state = self.state[p]
                 if not state:
@@ -73,14 +82,37 @@ class AdamWeightDecay(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                update = m / (v.sqrt() + eps)
-                if wd > 0.0:
-                    update.add_(p, alpha=wd)
-                p.add_(update, alpha=-step_size)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+            update = _foreach_update if self._use_foreach(params) else _update
+            update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size)
         return loss
+
+
+def _update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:
+    for p, grad, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        update = m / (v.sqrt() + eps)
+        if wd > 0.0:
+            update.add_(p, alpha=wd)
+        p.add_(update, alpha=-step_size)
+
+
+def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:
+    """`_update` with multi-tensor kernels: the same operations in the same order, so the same bits."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    if wd > 0.0:
+        torch._foreach_add_(updates, params, alpha=wd)
+    torch._foreach_add_(params, updates, alpha=-step_size)
 
 
 def _decays(name: str) -> bool:

@@ -134,3 +134,31 @@ def test_param_groups_exclusions_and_scales():
     loss.backward()
     opt.step()
     assert "state" in opt.state_dict()
+
+
+def test_foreach_update_is_bit_identical_to_the_per_parameter_loop():
+    """The multi-tensor path (default on GPUs) must give the same bits as the loop, step after step."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes[:3]] for _ in range(4)]  # the last parameter never gets a gradient
+    results = []
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = AdamWeightDecay([{"params": params[:2], "weight_decay": 0.01},
+                               {"params": params[2:], "weight_decay": 0.0, "lr_scale": 0.3}], lr=1e-2,
+                              foreach=foreach)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(([p.detach().clone() for p in params], opt.state_dict()))
+    (loop_params, loop_state), (fe_params, fe_state) = results
+    for a, b in zip(loop_params, fe_params):
+        assert torch.equal(a, b)
+    assert not torch.equal(loop_params[0], start[0]) and torch.equal(loop_params[3], start[3])
+    assert loop_state["state"].keys() == fe_state["state"].keys() and len(loop_state["state"]) == 3
+    for k, st in loop_state["state"].items():
+        assert st["step"] == fe_state["state"][k]["step"] == 4
+        assert torch.equal(st["exp_avg"], fe_state["state"][k]["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], fe_state["state"][k]["exp_avg_sq"])
