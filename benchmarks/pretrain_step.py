@@ -12,8 +12,13 @@ and peak memory of the step (CPU: peak RSS during the steps minus RSS before the
 CUDA: `torch.cuda.max_memory_allocated`). Note: transformers cannot represent a one-head generator (spec §1.6; the
 small and tiny generators), so there its generator is slightly smaller than ours.
 
+`--compile MODE` compiles our two encoders (as `convbert pretrain --compile` does; the transformers side stays
+eager). `--project-steps N` (default 1M, the recipe's length) prints the projected time of N steps at the measured
+median.
+
 Usage: python benchmarks/pretrain_step.py --sizes tiny small medium-small --batch 32 --length 128 --steps 6
-       [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--output benchmarks/results/pretrain_step.json]
+       [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--compile none|default|reduce-overhead]
+       [--impls ours transformers] [--output benchmarks/results/pretrain_step.json]
 """
 
 from __future__ import annotations
@@ -106,6 +111,9 @@ def child(args) -> dict:
     else:
         model = HFReplacedTokenDetection(config, fraction)
     model.to(device).train()
+    if args.impl == "ours" and args.compile != "none":
+        model.discriminator.compile(mode=args.compile)
+        model.generator.compile(mode=args.compile)
     params = sum(p.numel() for p in model.parameters())
     opt = AdamWeightDecay(param_groups(model, 0.01), lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -161,6 +169,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=30522)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile", default="none",
+                    choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile our two encoders with this mode")
+    ap.add_argument("--impls", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    ap.add_argument("--project-steps", type=int, default=1_000_000)
     ap.add_argument("--output", default="benchmarks/results/pretrain_step.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
@@ -169,12 +182,12 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
+    impls = list(args.impls)
     try:
         import transformers  # noqa: F401
-        impls = ["ours", "transformers"]
     except ImportError:
         print("transformers is not installed: measuring ours only", file=sys.stderr)
-        impls = ["ours"]
+        impls = [i for i in impls if i != "transformers"]
     results = []
     for size in args.sizes:
         per = {impl: {"times": [], "peaks": []} for impl in impls}
@@ -183,7 +196,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", "--size", size, "--impl", impl, "--batch", str(args.batch),
                        "--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--threads", str(args.threads), "--vocab", str(args.vocab), "--device", args.device,
-                       "--precision", args.precision]
+                       "--precision", args.precision, "--compile", args.compile]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
@@ -202,13 +215,17 @@ def main() -> None:
                 "tokens_per_s": args.batch * args.length / med, "peak_mb": max(per[impl]["peaks"]) / 2**20,
                 "steps_timed": len(per[impl]["times"]),
             })
+    where = args.device
+    if args.device == "cuda":
+        where += f" ({torch.cuda.get_device_name(0)})"
     header = (f"replaced-token-detection step, batch {args.batch} x {args.length}, {args.precision}, "
-              f"{args.threads} thread(s), {args.device}")
-    lines = [header, "", "| size | implementation | params | ms/step (median) | tokens/s | peak memory MB |",
-             "|---|---|---:|---:|---:|---:|"]
+              f"{args.threads} thread(s), {where}, ours compiled: {args.compile}")
+    lines = [header, "", f"| size | implementation | params | ms/step (median) | tokens/s | peak memory MB | "
+             f"{args.project_steps:,} steps |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['size']} | {r['impl']} | {r['params']:,} | {r['median_step_s'] * 1000:.0f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_mb']:.0f} |")
+        r["projected_hours"] = args.project_steps * r["median_step_s"] / 3600
+        lines.append(f"| {r['size']} | {r['impl']} | {r['params']:,} | {r['median_step_s'] * 1000:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_mb']:.0f} | {r['projected_hours']:.1f} h |")
     for size in args.sizes:
         pair = {r["impl"]: r for r in results if r["size"] == size}
         if "ours" in pair and "transformers" in pair:
@@ -217,7 +234,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     out = {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
-                                                       "threads", "vocab", "device", "precision")},
+                                                       "threads", "vocab", "device", "precision", "compile",
+                                                       "impls", "project_steps")},
            "machine": machine_info(args.threads),
            "results": results, "table": text}
     write_report(args.output, out)
