@@ -112,7 +112,9 @@ class MixedAttention(nn.Module):
             # slower than fp32 ones (two casts cost less), and the 9 taps are summed without bf16 rounding.
             kernel_logits, conv_value = kernel_logits.float(), conv_value.float()
         kernel = kernels.short_softmax(kernel_logits.view(batch, length, heads, self.kernel_size))
-        if conv_value.device.type == "cuda" and _triton_span_conv_enabled(conv_value):
+        if conv_value.device.type == "cuda" and not kernels._compiling() and _triton_span_conv_enabled(conv_value):
+            # eager CUDA: the fused kernel; under torch.compile the plain shift-and-add below, which Inductor
+            # fuses itself (Dynamo cannot trace the kernel's autograd.Function under autocast: torch 2.11)
             from convbert.model.triton_span_conv import span_conv
 
             conv = span_conv(conv_value.view(batch, length, heads, size), kernel)
