@@ -466,3 +466,15 @@ def test_without_onednn_the_products_fall_back_to_blas(monkeypatch):
     monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", None)
     with pytest.raises(RuntimeError, match="no oneDNN linear"):
         kernels.set_cpu_gemm("onednn")
+
+
+def test_contiguous_gradient_identity():
+    """The identity used after CUDA attention: same values forward, a contiguous gradient backward."""
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    y = kernels._ContiguousGradient.apply(x)
+    assert torch.equal(y, x)
+    seen = {}
+    x.register_hook(lambda g: seen.update(contiguous=g.is_contiguous()))
+    upstream = torch.randn(2, 5, 6, 4)
+    torch.cat([y, torch.zeros(2, 5, 3, 4)], dim=2).backward(upstream)  # y's gradient: a strided slice
+    assert seen["contiguous"] and torch.equal(x.grad, upstream[:, :, :3])

@@ -261,14 +261,32 @@ class _Attention(torch.autograd.Function):
         return grad_q.permute(1, 2, 0, 3), grad_k.permute(1, 2, 0, 3), grad_v.permute(1, 2, 0, 3), None, None, None
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: bool) -> torch.Tensor:
     """Attention over q, k, v given as [B, T, N, d] (token-major, as the projection produces them) -> [B, T, N, d]."""
     p = dropout_p if training else 0.0
     if _lean_path(q) and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, additive_mask, scale, p)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=additive_mask, dropout_p=p, scale=scale)
-    return out.transpose(1, 2)
+                                         attn_mask=additive_mask, dropout_p=p, scale=scale).transpose(1, 2)
+    if q.device.type == "cuda" and out.requires_grad:
+        # The caller concatenates this output with the conv heads, so its gradient arrives as a strided slice of
+        # the concatenation's. On an H200 (torch 2.11, bf16) the CUDA attention backward returned wrong q/k/v
+        # gradients for such a slice (>100 % off, in the one layer where no dtype cast had made it contiguous);
+        # a contiguous [B, T, N, d] gradient, the layout the other layers gave it, came out right.
+        out = _ContiguousGradient.apply(out)
+    return out
 
 
 def _autocast_on(device_type: str) -> bool:
