@@ -478,3 +478,45 @@ def test_contiguous_gradient_identity():
     upstream = torch.randn(2, 5, 6, 4)
     torch.cat([y, torch.zeros(2, 5, 3, 4)], dim=2).backward(upstream)  # y's gradient: a strided slice
     assert seen["contiguous"] and torch.equal(x.grad, upstream[:, :, :3])
+
+
+def test_depthwise_conv1d_matches_the_shift_and_add():
+    """The GPU's depthwise conv (one grouped conv1d) against the shift-and-add, forward and both gradients."""
+    torch.manual_seed(0)
+    for length, channels, k in [(17, 6, 9), (5, 3, 7), (3, 4, 9)]:  # incl. a kernel longer than the sequence
+        x = torch.randn(2, length, channels, dtype=torch.float64, requires_grad=True)
+        taps = torch.randn(channels, k, dtype=torch.float64, requires_grad=True)
+        ours = kernels._depthwise_conv1d(x, taps)
+        ref = kernels._SameConv.apply(x, taps)
+        assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-12)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(ours, (x, taps), g), torch.autograd.grad(ref, (x, taps), g)):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_model_with_the_gpu_depthwise_conv_matches(monkeypatch):
+    """The model on the GPU's ops, with and without the conv1d depthwise branch (on the CPU): same outputs and
+    gradients."""
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    torch.manual_seed(0)
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0)).double()
+    ids = torch.randint(0, 100, (2, 24))
+    direction = torch.randn(2, 24, model.config.hidden_size, dtype=torch.float64)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(ids).last_hidden_state
+        (out * direction).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(kernels, "_lean_path", lambda x: False)  # the ops a GPU runs
+    out, grads = run()
+    calls = []
+    monkeypatch.setattr(kernels, "_use_conv1d", lambda x: calls.append(1) or True)
+    out_conv1d, grads_conv1d = run()
+    assert len(calls) == model.config.num_hidden_layers  # every layer's depthwise conv took the branch
+    assert torch.allclose(out, out_conv1d, atol=1e-10)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_conv1d[name], atol=1e-9), name

@@ -581,8 +581,24 @@ def _same_conv_forward(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _depthwise_conv1d(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """`same_conv` with per-channel taps ([B, T, C] x [C, K]) as one grouped `F.conv1d`.
+
+    Used on GPUs, where the eager step is bound by the number of ops launched: the shift-and-add is ~18 ops
+    forward and ~50 backward per call (a third of all the ops of a pre-training step), this is a few."""
+    channels, kernel_size = taps.shape
+    out = F.conv1d(x.transpose(1, 2), taps.unsqueeze(1), padding=(kernel_size - 1) // 2, groups=channels)
+    return out.transpose(1, 2)
+
+
+def _use_conv1d(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
 def same_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """A 'same' zero-padded K-tap cross-correlation along dim 1 (odd K), taps per position or per channel."""
+    if taps.dim() == 2 and x.dim() == 3 and _use_conv1d(x):
+        return _depthwise_conv1d(x, taps)
     if torch.is_grad_enabled() and (x.requires_grad or taps.requires_grad):
         return _SameConv.apply(x, taps)
     return _same_conv_forward(x, taps)
