@@ -8,7 +8,8 @@ shares the discriminator's `ConvBertEmbeddings` module, as in the original), `Co
 two-layer discriminator head; the sampling, losses and optimiser are the same code as ours.
 
 Reported per size and implementation: parameters, median seconds per step, tokens/s (batch × length / median),
-and peak memory of the step (CPU: peak RSS during the steps minus RSS before them, each run in a fresh subprocess;
+model FLOP/s (`convbert.model.flops.pretraining_counts`: 3 × the forward FLOPs of both networks and heads), and peak
+memory of the step (CPU: peak RSS during the steps minus RSS before them, each run in a fresh subprocess;
 CUDA: `torch.cuda.max_memory_allocated`). Note: transformers cannot represent a one-head generator (spec §1.6; the
 small and tiny generators), so there its generator is slightly smaller than ours.
 
@@ -115,6 +116,9 @@ def child(args) -> dict:
         model.discriminator.compile(mode=args.compile)
         model.generator.compile(mode=args.compile)
     params = sum(p.numel() for p in model.parameters())
+    from convbert.model.flops import pretraining_counts
+
+    flops_per_token = pretraining_counts(config, fraction)["pretrain_train_flops_per_token"]
     opt = AdamWeightDecay(param_groups(model, 0.01), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, args.vocab, (args.batch, args.length), generator=g)
@@ -154,7 +158,7 @@ def child(args) -> dict:
     else:
         peak = vm_hwm_bytes() - rss0
     return {"size": args.size, "impl": args.impl, "params": params, "times": times, "loss": loss,
-            "peak_bytes": int(peak)}
+            "peak_bytes": int(peak), "flops_per_token": flops_per_token}
 
 
 def main() -> None:
@@ -206,6 +210,7 @@ def main() -> None:
                 per[impl]["times"] += r["times"]
                 per[impl]["peaks"].append(r["peak_bytes"])
                 per[impl]["params"] = r["params"]
+                per[impl]["flops_per_token"] = r["flops_per_token"]
         for impl in impls:
             if not per[impl]["times"]:
                 continue
@@ -213,6 +218,7 @@ def main() -> None:
             results.append({
                 "size": size, "impl": impl, "params": per[impl]["params"], "median_step_s": med,
                 "tokens_per_s": args.batch * args.length / med, "peak_mb": max(per[impl]["peaks"]) / 2**20,
+                "model_tflops": per[impl]["flops_per_token"] * args.batch * args.length / med / 1e12,
                 "steps_timed": len(per[impl]["times"]),
             })
     where = args.device
@@ -220,12 +226,13 @@ def main() -> None:
         where += f" ({torch.cuda.get_device_name(0)})"
     header = (f"replaced-token-detection step, batch {args.batch} x {args.length}, {args.precision}, "
               f"{args.threads} thread(s), {where}, ours compiled: {args.compile}")
-    lines = [header, "", f"| size | implementation | params | ms/step (median) | tokens/s | peak memory MB | "
-             f"{args.project_steps:,} steps |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [header, "", f"| size | implementation | params | ms/step (median) | tokens/s | model TFLOP/s | "
+             f"peak memory MB | {args.project_steps:,} steps |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         r["projected_hours"] = args.project_steps * r["median_step_s"] / 3600
         lines.append(f"| {r['size']} | {r['impl']} | {r['params']:,} | {r['median_step_s'] * 1000:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_mb']:.0f} | {r['projected_hours']:.1f} h |")
+                     f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.2f} | {r['peak_mb']:.0f} | "
+                     f"{r['projected_hours']:.1f} h |")
     for size in args.sizes:
         pair = {r["impl"]: r for r in results if r["size"] == size}
         if "ours" in pair and "transformers" in pair:

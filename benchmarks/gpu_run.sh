@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks and figures in one go (docs/performance.md, "GPU"): the GPU tests, then the encoder benchmark
+# against transformers, then the full replaced-token-detection step eager and compiled. Each part has its own
+# time limit and the script goes on when one fails. Logs and JSON go to $OUT (default benchmarks/results/gpu).
+# PARTS picks parts (default: tests encoder rtd_eager rtd_compiled); COMPILE_MODES the torch.compile modes.
+#   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
+set -o pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, report the exit status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+}
+want() { [[ " ${PARTS:-tests encoder rtd_eager rtd_compiled} " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >> "$OUT/summary.txt" 2>&1
+python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__,
+transformers.__version__)" >> "$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+want tests && part tests ${TESTS_S:-130} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
+want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --output "$OUT/gpu_speed.json"
+want rtd_eager && part rtd_eager ${RTD_S:-130} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+  --sizes small medium-small base --batch 128 --steps 20 --warmup 5 --rounds 1 --output "$OUT/rtd_eager.json"
+if want rtd_compiled; then
+  for mode in ${COMPILE_MODES:-default reduce-overhead}; do
+    part "rtd_compiled_$mode" ${COMPILED_S:-150} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+      --sizes medium-small --impls ours --compile "$mode" --batch 128 --steps 20 --warmup 5 --rounds 1 \
+      --output "$OUT/rtd_compiled_$mode.json"
+  done
+fi
+echo; [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
+for f in "$OUT"/encoder.log "$OUT"/rtd_*.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
+cat "$OUT/summary.txt"
