@@ -8,7 +8,8 @@ the model forced onto the ops it uses on CUDA (the plain-PyTorch path, not the C
 op with a dispatch mode, split into forward, backward and optimiser. The span convolution, which CUDA runs as
 two Triton kernels (forward, backward), is counted as its Triton launches (1 + 1 per layer) plus their copies.
 
-Columns: the shift-and-add depthwise conv (as before) and the grouped conv1d that CUDA now uses.
+Rows: the GPU path before and after its two GPU-only choices (`kernels._gpu_path`): the depthwise conv as one
+grouped conv1d instead of the shift-and-add, and a contiguous gradient for the attention (one copy per layer).
 
 Usage: python benchmarks/gpu_op_count.py --sizes small medium-small base --output benchmarks/results/gpu_op_count.json
 """
@@ -51,7 +52,7 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
     from convbert.pretrain.model import ElectraPretrainingModel
 
     counter = OpCounter()
-    saved = kernels._lean_path, kernels._use_conv1d, kernels._same_conv_forward, kernels._same_conv_backward
+    saved = kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward
     span_launches = collections.Counter()
 
     def as_triton(name, fn):  # per-position taps (the span conv): CUDA runs one Triton kernel instead
@@ -68,7 +69,7 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
         return run
 
     kernels._lean_path = lambda x: False
-    kernels._use_conv1d = lambda x: conv1d
+    kernels._gpu_path = lambda x: conv1d
     kernels._same_conv_forward = as_triton("forward", kernels._same_conv_forward)
     kernels._same_conv_backward = as_triton("backward", kernels._same_conv_backward)
     try:
@@ -103,11 +104,11 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
 
         step(count=False)  # the optimiser's state is created on the first step
         step(count=True)
-        return {"size": size, "depthwise": "conv1d" if conv1d else "shift-and-add", "phases": phases,
+        return {"size": size, "depthwise": "conv1d (now)" if conv1d else "shift-and-add (before)", "phases": phases,
                 "ops": sum(p["ops"] for p in phases.values()),
                 "non_view_ops": sum(p["non_view_ops"] for p in phases.values())}
     finally:
-        kernels._lean_path, kernels._use_conv1d, kernels._same_conv_forward, kernels._same_conv_backward = saved
+        kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward = saved
 
 
 class _null:

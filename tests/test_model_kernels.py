@@ -514,9 +514,9 @@ def test_model_with_the_gpu_depthwise_conv_matches(monkeypatch):
     monkeypatch.setattr(kernels, "_lean_path", lambda x: False)  # the ops a GPU runs
     out, grads = run()
     calls = []
-    monkeypatch.setattr(kernels, "_use_conv1d", lambda x: calls.append(1) or True)
+    monkeypatch.setattr(kernels, "_gpu_path", lambda x: calls.append(1) or True)
     out_conv1d, grads_conv1d = run()
-    assert len(calls) == model.config.num_hidden_layers  # every layer's depthwise conv took the branch
+    assert len(calls) == 2 * model.config.num_hidden_layers  # each layer's depthwise conv and attention
     assert torch.allclose(out, out_conv1d, atol=1e-10)
     for name in grads:
         assert torch.allclose(grads[name], grads_conv1d[name], atol=1e-9), name

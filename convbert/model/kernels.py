@@ -178,8 +178,8 @@ class _Dropout(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not torch.is_grad_enabled():
-        return F.dropout(x, p, True)
+    if x.device.type != "cpu" or not torch.is_grad_enabled() or _compiling():
+        return F.dropout(x, p, True)  # (Dynamo cannot trace the in-place random_ of the CPU mask)
     return _Dropout.apply(x, p)
 
 
@@ -280,7 +280,7 @@ def attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: 
         return _Attention.apply(q, k, v, additive_mask, scale, p)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=additive_mask, dropout_p=p, scale=scale).transpose(1, 2)
-    if q.device.type == "cuda" and out.requires_grad:
+    if _gpu_path(q) and out.requires_grad:
         # The caller concatenates this output with the conv heads, so its gradient arrives as a strided slice of
         # the concatenation's. On an H200 (torch 2.11, bf16) the CUDA attention backward returned wrong q/k/v
         # gradients for such a slice (>100 % off, in the one layer where no dtype cast had made it contiguous);
@@ -591,14 +591,30 @@ def _depthwise_conv1d(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _use_conv1d(x: torch.Tensor) -> bool:
+def _gpu_path(x: torch.Tensor) -> bool:
+    """Whether the GPU's choices apply (the conv1d depthwise conv, the contiguous attention gradient); tests
+    force them on the CPU."""
     return x.device.type == "cuda"
+
+
+def _same_conv_plain(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """`same_conv` as plain out-of-place ops over a zero-padded copy, for `torch.compile` to fuse (Dynamo cannot
+    trace the `out=` views of `_same_conv_backward`)."""
+    kernel_size = taps.shape[-1]
+    center = (kernel_size - 1) // 2
+    length = x.shape[1]
+    per_position = taps.dim() == x.dim() + 1
+    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (center, center))
+    terms = [padded[:, k : k + length] * (taps[..., k] if per_position else taps[:, k]) for k in range(kernel_size)]
+    return torch.stack(terms).sum(0)
 
 
 def same_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """A 'same' zero-padded K-tap cross-correlation along dim 1 (odd K), taps per position or per channel."""
-    if taps.dim() == 2 and x.dim() == 3 and _use_conv1d(x):
+    if taps.dim() == 2 and x.dim() == 3 and _gpu_path(x):
         return _depthwise_conv1d(x, taps)
+    if _compiling():
+        return _same_conv_plain(x, taps)
     if torch.is_grad_enabled() and (x.requires_grad or taps.requires_grad):
         return _SameConv.apply(x, taps)
     return _same_conv_forward(x, taps)
