@@ -18,7 +18,9 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
     gradient) run on oneDNN, whose kernels are ~10 % faster than MKL's on our benchmark CPU; the inference FFN
     applies its GELU as the GEMM's epilogue. Weight gradients stay on BLAS (`set_cpu_gemm` picks the library).
 On CUDA, under `torch.compile`, or without grad, the standard ops are used; under CPU bf16 autocast the encoder
-runs these functions in bf16 (`cpu_mixed_precision_dtype`).
+runs these functions in bf16 (`cpu_mixed_precision_dtype`). On CUDA (`_gpu_path`), where an eager step is bound by
+the number of ops launched, the depthwise conv is one grouped `conv1d` and the attention gets a contiguous output
+gradient; under `torch.compile` the convolutions are out-of-place ops, so the encoder traces as one graph.
 """
 
 from __future__ import annotations
