@@ -61,6 +61,7 @@ def inputs(batch: int, length: int, vocab: int = 30522):
 
 
 PRECISION = os.environ.get("CONVBERT_BENCH_PRECISION", "fp32")  # set by --precision (children inherit it)
+COMPILE = False  # set by --compile
 
 
 def autocast(precision: str | None = None):
@@ -160,7 +161,8 @@ def bench_size(size: str, batch: int, length: int, steps: int, warmup: int, memo
     ours.eval(), hf.eval()
     low = PRECISION != "fp32"
     # Timed side by side: ours and HF at --precision, and in bf16 also HF in fp32 (the port as it ships).
-    runs = [("ours", ours, False, None), ("hf", hf, True, None)] + ([("hf_fp32", hf, True, "fp32")] if low else [])
+    ours_call = torch.compile(ours) if COMPILE else ours  # --compile: compiled in the warm-up steps
+    runs = [("ours", ours_call, False, None), ("hf", hf, True, None)] + ([("hf_fp32", hf, True, "fp32")] if low else [])
 
     def output_diffs() -> dict:
         outputs = {name: infer(model, ids, mask, types, is_hf, precision) for name, model, is_hf, precision in runs}
@@ -239,9 +241,13 @@ def main() -> None:
                         help="time under glibc's default malloc settings instead of the tuned ones")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: both models under CPU bf16 autocast, HF's fp32 step timed alongside")
+    parser.add_argument("--compile", action="store_true",
+                        help="time our model under torch.compile (Inductor); implies --no-memory")
     parser.add_argument("--output", default="benchmarks/results/model_speed.json")
     args = parser.parse_args()
-    global PRECISION
+    global PRECISION, COMPILE
+    COMPILE = args.compile
+    args.no_memory = args.no_memory or args.compile
     PRECISION = os.environ["CONVBERT_BENCH_PRECISION"] = args.precision
     torch.set_num_threads(args.threads)
     if args.gradient_checkpointing:
@@ -263,7 +269,7 @@ def main() -> None:
     between = ", ".join(f"{r['size']} {r['matmul_flops_per_s'] / 1e9:.1f}" for r in rows)
     header = (f"{'size':<13}{'train ours':>11}{'train HF':>10}{'speedup':>9}{'infer ours':>11}{'infer HF':>10}"
               f"{'speedup':>9}{'RSS ours/HF':>13}{'live ours/HF':>14}{'MFU ours':>10}{'MFU HF':>8}{'max|diff|':>11}")
-    print(f"precision={args.precision} threads={args.threads} batch={args.batch} length={args.length} "
+    print(f"precision={args.precision} ours_compiled={args.compile} threads={args.threads} batch={args.batch} length={args.length} "
           f"{'bf16' if args.precision == 'bf16' else 'fp32'} matmul peak={matmul / 1e9:.1f} GFLOP/s at start/end "
           f"(MFU uses the median measured between the timed steps: {between}) "
           f"allocator (timing)={'glibc defaults' if args.default_allocator else ALLOCATOR_ENV}; "
@@ -288,7 +294,8 @@ def main() -> None:
                   f"HF {d['hf_rel_error_vs_fp32']:.1e}")
     report = {
         "machine": machine_info(args.threads),
-        "ours_gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision,
+        "ours_gradient_checkpointing": args.gradient_checkpointing, "ours_compiled": args.compile,
+        "precision": args.precision,
         "allocator_env": {} if args.default_allocator else ALLOCATOR_ENV, "matmul_flops_per_s": matmul,
         "ours_cpu_gemm": kernels.cpu_gemm(),
         "results": rows,
