@@ -1,7 +1,7 @@
 """Our ConvBERT vs transformers' ConvBERT on a CUDA GPU: same config, weights, inputs; interleaved A B A B.
 
-Per size and precision (bf16 autocast, and fp32 with TF32 off), at batch x length (default 128 x 128, the
-pre-training batch):
+Per size and precision (bf16 autocast, and fp32 with TF32 off for matmuls and cuDNN), at batch x length
+(default 128 x 128, the pre-training batch):
   * training step (forward + backward + AdamW step, lr 0 so the weights stay equal) and inference: median
     milliseconds over CUDA-event-timed steps after warm-up, tokens/s, model FLOP/s and their fraction of the
     matmul throughput measured on the same GPU in the same run (an 8192^3 product of random data, per dtype);
@@ -108,7 +108,8 @@ def bench_size(size: str, args, ceilings: dict) -> list[dict]:
     ids = torch.randint(5, 30522, (args.batch, args.length), generator=g).cuda()
     mask, types = torch.ones_like(ids), torch.zeros_like(ids)
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # fp32 means fp32: TF32 off for the products and for cuDNN's convolutions (our depthwise conv runs there on CUDA)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ours.eval(), hf.eval()
     with torch.no_grad():
         diff = (ours(ids, mask, types).last_hidden_state
