@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
+import time
 
 # glibc's defaults let large activations page-fault on every step (docs/performance.md), which would time the
 # allocator rather than the model; these settings keep freed heap pages for reuse.
@@ -46,3 +48,15 @@ def write_report(path: str, report: dict) -> None:
         json.dump(report, f, indent=2)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from _bench import ALLOCATOR_ENV, machine_info, use_fixed_allocator, write_report
+from _bench import ALLOCATOR_ENV, machine_info, median_seconds, use_fixed_allocator, write_report
 
 if __name__ == "__main__" and not os.environ.get("_CONVBERT_BENCH_CHILD"):
     use_fixed_allocator()
@@ -37,17 +37,6 @@ SHAPES = [
     ("FFN group out 768->192", 4096, 768, 192),
     ("kernel logits 192->36", 4096, 192, 36),
 ]
-
-
-def median_seconds(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def gemm_table(repeats: int) -> list[dict]:

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from _bench import ALLOCATOR_ENV, machine_info, use_fixed_allocator, vm_hwm_bytes, write_report
+from _bench import (ALLOCATOR_ENV, machine_info, median_seconds, use_fixed_allocator, vm_hwm_bytes,
+                    write_report)
 
 DEFAULT_ALLOCATOR = "--default-allocator" in sys.argv
 if __name__ == "__main__" and os.environ.get("_CONVBERT_BENCH_CHILD") is None and not DEFAULT_ALLOCATOR:
@@ -91,17 +92,7 @@ def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
     products = [lambda: a @ b]
     if dtype == torch.float32 and kernels._ONEDNN_LINEAR is not None:
         products.append(lambda: kernels._ONEDNN_LINEAR(a, b.t(), None, "none", [], ""))
-    best = 0.0
-    for product in products:
-        for _ in range(3):
-            product()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - t)
-        best = max(best, 2 * n**3 / statistics.median(times))
-    return best
+    return max(2 * n**3 / median_seconds(product, repeats, warmup=3) for product in products)
 
 
 def peak_memory_child(impl: str, size: str, batch: int, length: int, steps: int) -> dict:
