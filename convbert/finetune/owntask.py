@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
