@@ -59,6 +59,27 @@ class AdamWeightDecay(torch.optim.Optimizer):
             return self.foreach
         return bool(params) and all(p.device.type == "cuda" for p in params)
 
+    def _gather(self, group: dict, count: bool) -> tuple[list, list, list, list]:
+        """The group's parameters that have a gradient, with their moments (created at zero on first use)."""
+        params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ConvBertError("AdamWeightDecay does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if count:
+                state["step"] += 1
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+        return params, grads, exp_avgs, exp_avg_sqs
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -67,28 +88,31 @@ class AdamWeightDecay(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            eps = group["eps"]
-            wd = group["weight_decay"]
-            step_size = group["lr"] * group.get("lr_scale", 1.0)
-            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ConvBertError("AdamWeightDecay does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-            update = _foreach_update if self._use_foreach(params) else _update
-            update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size)
+            tensors = self._gather(group, count=True)
+            update = _foreach_update if self._use_foreach(tensors[0]) else _update
+            update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], group["lr"] * group.get("lr_scale", 1.0))
         return loss
+
+    @torch.no_grad()
+    def capturable_step(self, lr: torch.Tensor) -> None:
+        """`step()` with the learning rate read from a 0-dim tensor on the parameters' device, for a CUDA graph.
+
+        A graph replays its kernels with the scalars they were captured with, so the scheduled rate must live in
+        device memory (`lr.fill_(value)` before each replay). Multi-tensor kernels only, and no host-side effect
+        that a replay would skip except the step counters, which `count_steps()` advances instead.
+        """
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            tensors = self._gather(group, count=False)
+            step_size = lr * group.get("lr_scale", 1.0)
+            _foreach_update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], step_size)
+
+    def count_steps(self) -> None:
+        """Advance the per-parameter step counters as `step()` does (they are saved in checkpoints)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self.state[p]:
+                    self.state[p]["step"] += 1
 
 
 def _update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:
@@ -102,7 +126,8 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_si
 
 
 def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:
-    """`_update` with multi-tensor kernels: the same operations in the same order, so the same bits."""
+    """`_update` with multi-tensor kernels: the same operations in the same order, so the same bits (for a float
+    `step_size`; a tensor one multiplies first, then adds: within an ulp of the update)."""
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -112,7 +137,11 @@ def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd,
     updates = torch._foreach_div(exp_avgs, denom)
     if wd > 0.0:
         torch._foreach_add_(updates, params, alpha=wd)
-    torch._foreach_add_(params, updates, alpha=-step_size)
+    if isinstance(step_size, torch.Tensor):  # a device-resident rate (`capturable_step`)
+        torch._foreach_mul_(updates, -step_size)
+        torch._foreach_add_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-step_size)
 
 
 def _decays(name: str) -> bool:

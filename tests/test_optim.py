@@ -162,3 +162,36 @@ def test_foreach_update_is_bit_identical_to_the_per_parameter_loop():
         assert st["step"] == fe_state["state"][k]["step"] == 4
         assert torch.equal(st["exp_avg"], fe_state["state"][k]["exp_avg"])
         assert torch.equal(st["exp_avg_sq"], fe_state["state"][k]["exp_avg_sq"])
+
+
+def test_capturable_step_reads_the_lr_from_a_tensor_and_matches_step():
+    """The CUDA-graph update: lr from a 0-dim tensor (changed between calls without re-tracing Python), step counters
+    advanced by `count_steps`; within an ulp or two of `step()`."""
+    torch.manual_seed(0)
+    shapes = [(6, 4), (4,), (3,)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes[:2]] for _ in range(3)]  # the last parameter never gets a gradient
+    rates = [1e-2, 5e-3, 0.0]
+    runs = []
+    for capturable in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = AdamWeightDecay([{"params": params[:1], "weight_decay": 0.01},
+                               {"params": params[1:], "weight_decay": 0.0, "lr_scale": 0.5}], lr=1.0)
+        lr = torch.zeros(())
+        for rate, step_grads in zip(rates, grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            if capturable:
+                lr.fill_(rate)
+                opt.capturable_step(lr)
+                opt.count_steps()
+            else:
+                for group in opt.param_groups:
+                    group["lr"] = rate
+                opt.step()
+        runs.append((params, opt.state_dict()["state"]))
+    (ref, ref_state), (got, got_state) = runs
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(got[0], start[0]) and torch.equal(got[2], start[2])
+    assert {k: v["step"] for k, v in got_state.items()} == {k: v["step"] for k, v in ref_state.items()} == {0: 3, 1: 3}
