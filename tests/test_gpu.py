@@ -1,5 +1,6 @@
 """The GPU path: the fused Triton span convolution on CUDA, the model on CUDA against the CPU model and against
-transformers, bf16 autocast, `torch.compile`, and pre-training (bf16, fp16 with a scaler, torchrun + NCCL).
+transformers, bf16 autocast, `torch.compile`, and pre-training (bf16, fp16 with a scaler, CUDA graphs, torchrun +
+NCCL).
 
 Every test here skips without a CUDA device: CI and the 2-core machines never run them. They were run on a lent
 GPU (see docs/performance.md, "GPU"). `CONVBERT_GPU_TEST_DEVICE=cpu` runs the device-independent ones on the CPU,
@@ -289,6 +290,23 @@ def test_pretraining_on_device_trains_and_resumes(tiny_data, tmp_path, precision
     # the data order, masks and samples are the same after the resume; on a GPU the sums of atomically
     # accumulated gradients (embedding and scatter backward) may round differently, so: equal to 1e-4
     assert torch.allclose(torch.tensor(resumed_losses), torch.tensor(losses), rtol=1e-4, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_pretraining_matches_eager_and_resumes(tiny_data, tmp_path, precision):
+    """`--cuda-graphs`: the same losses as the eager step (same data, masks, dropout and samples), and a resumed
+    graphed run (captured afresh in a new trainer) the same as one that did not stop."""
+    _, eager = _pretrain(tiny_data, tmp_path / "eager", precision=precision)
+    full, graphed = _pretrain(tiny_data, tmp_path / "graphed", precision=precision, cuda_graphs=True)
+    assert full["finished"] and len(graphed) == 8
+    # atomically accumulated gradients may round differently run to run; bf16 carries that further
+    assert torch.allclose(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4 if precision == "fp32" else 2e-3)
+    part = tmp_path / "part"
+    _pretrain(tiny_data, part, precision=precision, cuda_graphs=True, stop_at_step=4)
+    resumed, resumed_losses = _pretrain(tiny_data, part, precision=precision, cuda_graphs=True)
+    assert resumed["resumed"] and resumed["step"] == 8
+    assert torch.allclose(torch.tensor(resumed_losses), torch.tensor(graphed), rtol=1e-4, atol=0)
 
 
 @needs_cuda

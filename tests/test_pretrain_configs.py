@@ -23,3 +23,24 @@ def test_recipe_resolves_to_the_preset(path):
         d = SIZE_DEFAULTS[cfg.size]
         assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.warmup_steps) == (d["lr"], d["batch_size"], 10**6, 10**4)
         assert abs(cfg.generator_fraction - d["generator_fraction"]) < 1e-9
+
+
+def test_compile_mode_and_cuda_graph_flags():
+    import argparse
+
+    from convbert.cli import pretrain as cli
+    from convbert.errors import ConvBertError
+    from convbert.pretrain.config import COMPILE_MODES, resolve_config
+
+    assert cli.COMPILE_MODES == COMPILE_MODES  # the CLI keeps its own copy so that --help does not load torch
+    parser = argparse.ArgumentParser()
+    cli._add_pretrain(parser.add_subparsers())
+    args = parser.parse_args(["pretrain", "--compile-mode", "reduce-overhead", "--cuda-graphs"])
+    assert args.compile_mode == "reduce-overhead" and args.cuda_graphs is True
+    flags = cli.pretrain_flags(args)
+    assert flags["compile"] is True and flags["cuda_graphs"] is True  # --compile-mode implies --compile
+    base = dict(data="d", output="o", compile_mode="max-autotune", cuda_graphs=True)
+    cfg = resolve_config("tiny", None, base, [])
+    assert cfg.compile_mode == "max-autotune" and cfg.cuda_graphs is True and cfg.compile is False
+    with pytest.raises(ConvBertError, match="compile_mode = 'fast': expected one of default, reduce-overhead"):
+        resolve_config("tiny", None, dict(data="d", output="o"), ["compile_mode=fast"])

@@ -6,6 +6,9 @@ import argparse
 
 from convbert.errors import ConvBertError
 
+# = convbert.pretrain.config.COMPILE_MODES (not imported: that module loads torch, and --help should not)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -40,6 +43,11 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="continue from the latest checkpoint (also what re-running the command does); error if none")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the encoders")
+    p.add_argument("--compile-mode", choices=list(COMPILE_MODES),
+                   help="torch.compile mode (implies --compile; reduce-overhead adds CUDA graphs per encoder)")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="capture the whole training step as CUDA graphs (one GPU, --grad-accum 1, fp32 or bf16): "
+                        "removes the kernel-launch overhead that bounds the eager step of these small models")
     p.add_argument("--masking", choices=["with-replacement", "without-replacement"],
                    help="masked positions drawn with replacement (original) or without")
     p.add_argument("--attention", choices=["mixed", "plain"],
@@ -60,17 +68,24 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 FLAG_KEYS = (
     "data", "eval_data", "vocab", "output", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "save_every",
-    "keep_checkpoints", "eval_every", "eval_batches", "precision", "compile", "masking", "attention", "objective",
-    "max_bad_steps", "device", "stop_at_step", "time_limit", "log_every", "threads",
+    "keep_checkpoints", "eval_every", "eval_batches", "precision", "compile", "compile_mode", "cuda_graphs", "masking",
+    "attention", "objective", "max_bad_steps", "device", "stop_at_step", "time_limit", "log_every", "threads",
 )
+
+
+def pretrain_flags(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (None: not given)."""
+    flags = {k: getattr(args, k, None) for k in FLAG_KEYS}
+    if flags["compile_mode"] is not None:
+        flags["compile"] = True
+    return flags
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from convbert.pretrain.config import resolve_config
     from convbert.pretrain.trainer import run_pretraining
 
-    flags = {k: getattr(args, k, None) for k in FLAG_KEYS}
-    cfg = resolve_config(args.size, args.config, flags, args.set)
+    cfg = resolve_config(args.size, args.config, pretrain_flags(args), args.set)
     result = run_pretraining(cfg, resume=True if args.resume else None, progress=not args.no_progress)
     ev = result.get("eval") or {}
     if result.get("finished") and ev:

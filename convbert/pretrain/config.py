@@ -32,6 +32,8 @@ SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
                  generator_fraction=1 / 3),
 }
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class PretrainConfig:
@@ -60,6 +62,8 @@ class PretrainConfig:
     log_every: int = 1
     precision: str = "fp32"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode when compile is on (reduce-overhead: CUDA graphs per encoder)
+    cuda_graphs: bool = False  # capture the whole step as CUDA graphs (one GPU, grad_accum 1, fp32/bf16)
     masking: str = "with-replacement"
     attention: str = "mixed"
     objective: str = "electra"
@@ -91,6 +95,7 @@ class PretrainConfig:
         need(self.attention in ATTENTIONS, "attention", "one of " + ", ".join(ATTENTIONS))
         need(self.objective in OBJECTIVES, "objective", "one of " + ", ".join(OBJECTIVES))
         need(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        need(self.compile_mode in COMPILE_MODES, "compile_mode", "one of " + ", ".join(COMPILE_MODES))
         for key in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_bad_steps", "log_every"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
         for key in ("warmup_steps", "save_every", "eval_every", "eval_batches", "keep_checkpoints", "threads"):

@@ -139,6 +139,7 @@ class Trainer:
         resume: bool | None = None,
         progress: bool = True,
         log: Any = None,
+        graph_type: type | None = None,
     ) -> None:
         self.cfg = cfg
         if cfg.threads:
@@ -194,9 +195,10 @@ class Trainer:
             self.scaler = torch.amp.GradScaler("cuda")
         if cfg.compile:
             # Compile the two encoders in place (parameter names, hence checkpoints, are unchanged).
-            self.model.discriminator.compile()
+            self.model.discriminator.compile(mode=cfg.compile_mode)
             if self.model.generator is not None:
-                self.model.generator.compile()
+                self.model.generator.compile(mode=cfg.compile_mode)
+        self.graphed = self._graphed_step(graph_type) if cfg.cuda_graphs else None
         self.train_model: torch.nn.Module = self.model
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -211,6 +213,28 @@ class Trainer:
         self.bad_total = 0
         self.tokens_seen = 0
         self.logger = NullLogger()
+
+    def _graphed_step(self, graph_type: type | None):
+        """`--cuda-graphs`: the step as two CUDA graphs (`graph_type` lets the tests use the CPU stand-in)."""
+        from convbert.pretrain.cuda_graph import CudaGraph, GraphedTrainStep
+
+        cfg = self.cfg
+        refusals = [
+            (self.device.type != "cuda" and graph_type is None, "needs a GPU (--device cuda)"),
+            (self.dist.distributed, "runs on one GPU, not under torchrun with several processes"),
+            (cfg.grad_accum != 1, "needs --grad-accum 1 (one micro-batch per step)"),
+            (cfg.precision == "fp16", "supports --precision fp32 or bf16 (fp16's loss scaling reads values on the host)"),
+            (cfg.compile and cfg.compile_mode == "reduce-overhead",
+             "already captures the step: use --compile with the default mode, or --compile-mode reduce-overhead alone"),
+            (self.model_config.gradient_checkpointing, "cannot capture gradient checkpointing's recomputation"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ConvBertError(f"--cuda-graphs {why}")
+        return GraphedTrainStep(
+            self.model, self.optimizer, precision=cfg.precision, max_grad_norm=cfg.max_grad_norm,
+            sample_generator=self.sample_gen, graph_type=graph_type or CudaGraph,
+        )
 
     # ---- masking -------------------------------------------------------------------------------------------------
     def mask(self, raw: dict, generator: torch.Generator) -> MaskedBatch:
@@ -376,15 +400,19 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def train_step(self) -> dict | None:
+        """One optimisation step; None when it was skipped for a non-finite loss."""
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the encoders' graphs may overwrite last step's outputs
+        if self.graphed is not None:
+            return self._graphed_train_step()
         cfg = self.cfg
         model = self.train_model
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, gen, disc, tokens
         for micro in range(cfg.grad_accum):
-            raw = self.loader.next()
-            batch = self.mask(raw, self.mask_gen)
+            batch = self._next_batch()
             if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
+                batch = batch.to(self.device, non_blocking=True)
             sync = contextlib.nullcontext()
             if self.dist.distributed and micro < cfg.grad_accum - 1:
                 sync = model.no_sync()
@@ -410,31 +438,14 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
             sums, finite = packed, flags
         stats = sums.cpu()
-        finite = finite.cpu()
-        n_avg = cfg.grad_accum * self.dist.world_size
-        tokens = int(stats[3])
-        if float(finite[0]) < 1.0:
+        if float(finite.cpu()[0]) < 1.0:
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_in_row += 1
-            self.bad_total += 1
-            self.logger.event(self.step, "non_finite_loss", in_a_row=self.bad_in_row, total=self.bad_total)
-            self.logger.message(
-                f"step {self.step + 1}: non-finite loss, step skipped ({self.bad_in_row} in a row, "
-                f"{self.bad_total} in all)"
-            )
-            if self.bad_in_row >= cfg.max_bad_steps:
-                raise ConvBertError(
-                    f"{self.bad_in_row} steps in a row had a non-finite loss (at step {self.step + 1}); stopping. "
-                    "Lower --lr, use --precision fp32/bf16, or check the data"
-                )
-            return None
+            return self._skip_non_finite()
         self.bad_in_row = 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        from convbert.optim import linear_warmup_decay
-
-        lr = cfg.lr * linear_warmup_decay(self.step, cfg.steps, cfg.warmup_steps)
+        lr = self._scheduled_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:
@@ -443,6 +454,47 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self._finish_step(stats, cfg.grad_accum * self.dist.world_size, lr, grad_norm)
+
+    def _graphed_train_step(self) -> dict | None:
+        """`train_step` replaying the captured graphs (one GPU, one micro-batch: `_graphed_step` checked)."""
+        self.model.train()
+        stats = self.graphed.compute(self._next_batch()).cpu()
+        if not math.isfinite(float(stats[0])):
+            return self._skip_non_finite()  # the next replay overwrites the gradients: nothing to zero
+        self.bad_in_row = 0
+        lr = self._scheduled_lr()
+        for group in self.optimizer.param_groups:  # for the checkpoint; the graph reads the device copy
+            group["lr"] = lr
+        grad_norm = self.graphed.update(lr)
+        return self._finish_step(stats, 1, lr, grad_norm)
+
+    def _next_batch(self) -> MaskedBatch:
+        batch = self.mask(self.loader.next(), self.mask_gen)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def _scheduled_lr(self) -> float:
+        from convbert.optim import linear_warmup_decay
+
+        return self.cfg.lr * linear_warmup_decay(self.step, self.cfg.steps, self.cfg.warmup_steps)
+
+    def _skip_non_finite(self) -> None:
+        self.bad_in_row += 1
+        self.bad_total += 1
+        self.logger.event(self.step, "non_finite_loss", in_a_row=self.bad_in_row, total=self.bad_total)
+        self.logger.message(
+            f"step {self.step + 1}: non-finite loss, step skipped ({self.bad_in_row} in a row, "
+            f"{self.bad_total} in all)"
+        )
+        if self.bad_in_row >= self.cfg.max_bad_steps:
+            raise ConvBertError(
+                f"{self.bad_in_row} steps in a row had a non-finite loss (at step {self.step + 1}); stopping. "
+                "Lower --lr, use --precision fp32/bf16, or check the data"
+            )
+        return None
+
+    def _finish_step(self, stats: torch.Tensor, n_avg: int, lr: float, grad_norm: torch.Tensor) -> dict:
+        tokens = int(stats[3])
         self.step += 1
         self.tokens_seen += tokens
         return {
