@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks and figures in one go (docs/performance.md, "GPU"): the GPU tests, then the encoder benchmark
-# against transformers, then the full replaced-token-detection step eager and compiled. Each part has its own
-# time limit and the script goes on when one fails. Logs and JSON go to $OUT (default benchmarks/results/gpu).
-# PARTS picks parts (default: tests encoder rtd_eager rtd_compiled); COMPILE_MODES the torch.compile modes
-# (default: default). The default limits add up to 560 s, inside one 600 s device call; run other compile modes
-# in a second call, e.g. PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
+# The GPU checks and figures in one go (docs/performance.md, "GPU"): the GPU tests, then the full
+# replaced-token-detection step at three sizes (ours eager, ours as CUDA graphs, transformers-built), then the
+# compiled medium-small step (eager and as CUDA graphs), optionally the encoder benchmark against transformers. Each
+# part has its own time limit and the script goes on when one fails. Logs and JSON go to $OUT (default
+# benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder); COMPILE_MODES the
+# torch.compile modes (default: default). The default limits add up to 520 s, inside one 600 s device call; run
+# the rest in a second call, e.g. PARTS=encoder or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
 #   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu}
@@ -17,22 +18,24 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
 }
-want() { [[ " ${PARTS:-tests encoder rtd_eager rtd_compiled} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-tests rtd rtd_compiled} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >> "$OUT/summary.txt" 2>&1
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__,
 transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 want tests && part tests ${TESTS_S:-150} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
-want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --output "$OUT/gpu_speed.json"
-want rtd_eager && part rtd_eager ${RTD_S:-120} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-  --sizes small medium-small base --batch 128 --steps 20 --warmup 5 --rounds 1 --output "$OUT/rtd_eager.json"
+want rtd && part rtd ${RTD_S:-150} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+  --sizes small medium-small base --impls ours ours-graphed transformers --batch 128 --steps 20 --warmup 5 \
+  --rounds 1 --output "$OUT/rtd.json"
 if want rtd_compiled; then
   for mode in ${COMPILE_MODES:-default}; do
-    part "rtd_compiled_$mode" ${COMPILED_S:-200} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-      --sizes medium-small --impls ours --compile "$mode" --batch 128 --steps 20 --warmup 5 --rounds 1 \
+    impls="ours ours-graphed"; [ "$mode" = reduce-overhead ] && impls=ours  # that mode captures graphs itself
+    part "rtd_compiled_$mode" ${COMPILED_S:-220} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+      --sizes medium-small --impls $impls --compile "$mode" --batch 128 --steps 20 --warmup 5 --rounds 1 \
       --output "$OUT/rtd_compiled_$mode.json"
   done
 fi
+want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --output "$OUT/gpu_speed.json"
 echo; [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
-for f in "$OUT"/encoder.log "$OUT"/rtd_*.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
+for f in "$OUT"/rtd*.log "$OUT"/encoder.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
 cat "$OUT/summary.txt"

@@ -14,12 +14,14 @@ CUDA: `torch.cuda.max_memory_allocated`). Note: transformers cannot represent a 
 small and tiny generators), so there its generator is slightly smaller than ours.
 
 `--compile MODE` compiles our two encoders (as `convbert pretrain --compile` does; the transformers side stays
-eager). `--project-steps N` (default 1M, the recipe's length) prints the projected time of N steps at the measured
+eager). The implementation `ours-graphed` is ours with the whole step captured as CUDA graphs (as `convbert pretrain
+--cuda-graphs` does: `convbert.pretrain.cuda_graph.GraphedTrainStep`; CUDA only; composes with `--compile`).
+`--project-steps N` (default 1M, the recipe's length) prints the projected time of N steps at the measured
 median.
 
 Usage: python benchmarks/pretrain_step.py --sizes tiny small medium-small --batch 32 --length 128 --steps 6
        [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--compile none|default|reduce-overhead]
-       [--impls ours transformers] [--output benchmarks/results/pretrain_step.json]
+       [--impls ours ours-graphed transformers] [--output benchmarks/results/pretrain_step.json]
 """
 
 from __future__ import annotations
@@ -107,12 +109,12 @@ def child(args) -> dict:
     torch.manual_seed(0)
     config = ConvBertConfig.from_preset(args.size, vocab_size=args.vocab, max_position_embeddings=max(512, args.length))
     fraction = PRESET_GENERATOR_FRACTION[args.size]
-    if args.impl == "ours":
+    if args.impl.startswith("ours"):
         model = ElectraPretrainingModel(config, fraction)
     else:
         model = HFReplacedTokenDetection(config, fraction)
     model.to(device).train()
-    if args.impl == "ours" and args.compile != "none":
+    if args.impl.startswith("ours") and args.compile != "none":
         model.discriminator.compile(mode=args.compile)
         model.generator.compile(mode=args.compile)
     params = sum(p.numel() for p in model.parameters())
@@ -128,15 +130,27 @@ def child(args) -> dict:
     mask_gen = torch.Generator().manual_seed(2)
     sample_gen = torch.Generator(device=device).manual_seed(3)
 
-    def step():
-        batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen).to(device)
-        with autocast(args.precision, device):
-            out = model(batch, sample_generator=sample_gen)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+    if args.impl == "ours-graphed":
+        from convbert.pretrain.cuda_graph import GraphedTrainStep
+
+        graphed = GraphedTrainStep(model, opt, precision=args.precision, max_grad_norm=1.0, sample_generator=sample_gen)
+
+        def step():  # what `convbert pretrain --cuda-graphs` does per step: host masking, two replays, two reads
+            batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen)
+            batch = batch.pin_memory() if device.type == "cuda" else batch
+            loss = float(graphed.compute(batch).cpu()[0])
+            float(graphed.update(1e-4))
+            return loss
+    else:
+        def step():
+            batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen).to(device)
+            with autocast(args.precision, device):
+                out = model(batch, sample_generator=sample_gen)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(out.loss.detach())
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -176,7 +190,8 @@ def main() -> None:
     ap.add_argument("--compile", default="none",
                     choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile our two encoders with this mode")
-    ap.add_argument("--impls", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    ap.add_argument("--impls", nargs="+", default=["ours", "transformers"],
+                    choices=["ours", "ours-graphed", "transformers"], help="ours-graphed: CUDA graphs, CUDA only")
     ap.add_argument("--project-steps", type=int, default=1_000_000)
     ap.add_argument("--output", default="benchmarks/results/pretrain_step.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -192,6 +207,9 @@ def main() -> None:
     except ImportError:
         print("transformers is not installed: measuring ours only", file=sys.stderr)
         impls = [i for i in impls if i != "transformers"]
+    if "ours-graphed" in impls and args.device != "cuda":
+        print("ours-graphed needs a CUDA device: left out", file=sys.stderr)
+        impls = [i for i in impls if i != "ours-graphed"]
     results = []
     for size in args.sizes:
         per = {impl: {"times": [], "peaks": []} for impl in impls}
@@ -233,11 +251,13 @@ def main() -> None:
         lines.append(f"| {r['size']} | {r['impl']} | {r['params']:,} | {r['median_step_s'] * 1000:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.2f} | {r['peak_mb']:.0f} | "
                      f"{r['projected_hours']:.1f} h |")
+    lines.append("")
     for size in args.sizes:
-        pair = {r["impl"]: r for r in results if r["size"] == size}
-        if "ours" in pair and "transformers" in pair:
-            lines.append(f"\n{size}: ours is {pair['transformers']['median_step_s'] / pair['ours']['median_step_s']:.2f}x "
-                         "the speed of the transformers-built step")
+        by = {r["impl"]: r for r in results if r["size"] == size}
+        for impl, ref in (("ours", "transformers"), ("ours-graphed", "transformers"), ("ours-graphed", "ours")):
+            if impl in by and ref in by:
+                lines.append(f"{size}: {impl} is {by[ref]['median_step_s'] / by[impl]['median_step_s']:.2f}x "
+                             f"the speed of {'the transformers-built step' if ref == 'transformers' else 'ours eager'}")
     text = "\n".join(lines)
     print(text)
     out = {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
