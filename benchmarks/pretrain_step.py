@@ -171,7 +171,17 @@ def child(args) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = vm_hwm_bytes() - rss0
+    replay_times = []  # the two graphs back to back, no host work between steps: what the GPU itself takes
+    if args.impl == "ours-graphed":
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            for graph in graphed.graphs:
+                graph.replay()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            replay_times.append(time.perf_counter() - t0)
     return {"size": args.size, "impl": args.impl, "params": params, "times": times, "loss": loss,
+            "replay_times": replay_times,
             "peak_bytes": int(peak), "flops_per_token": flops_per_token}
 
 
@@ -212,7 +222,7 @@ def main() -> None:
         impls = [i for i in impls if i != "ours-graphed"]
     results = []
     for size in args.sizes:
-        per = {impl: {"times": [], "peaks": []} for impl in impls}
+        per = {impl: {"times": [], "peaks": [], "replay_times": []} for impl in impls}
         for _ in range(args.rounds):
             for impl in impls:
                 cmd = [sys.executable, __file__, "--child", "--size", size, "--impl", impl, "--batch", str(args.batch),
@@ -226,6 +236,7 @@ def main() -> None:
                     break
                 r = json.loads(line[len("RESULT "):])
                 per[impl]["times"] += r["times"]
+                per[impl]["replay_times"] += r["replay_times"]
                 per[impl]["peaks"].append(r["peak_bytes"])
                 per[impl]["params"] = r["params"]
                 per[impl]["flops_per_token"] = r["flops_per_token"]
@@ -238,6 +249,7 @@ def main() -> None:
                 "tokens_per_s": args.batch * args.length / med, "peak_mb": max(per[impl]["peaks"]) / 2**20,
                 "model_tflops": per[impl]["flops_per_token"] * args.batch * args.length / med / 1e12,
                 "steps_timed": len(per[impl]["times"]),
+                "median_replay_s": statistics.median(per[impl]["replay_times"]) if per[impl]["replay_times"] else None,
             })
     where = args.device
     if args.device == "cuda":
@@ -252,6 +264,11 @@ def main() -> None:
                      f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.2f} | {r['peak_mb']:.0f} | "
                      f"{r['projected_hours']:.1f} h |")
     lines.append("")
+    for r in results:
+        if r["median_replay_s"] is not None:
+            lines.append(f"{r['size']}: {r['impl']}: the two graphs alone take {r['median_replay_s'] * 1000:.1f} ms; "
+                         f"host work between steps (masking, copies, reads) "
+                         f"{(r['median_step_s'] - r['median_replay_s']) * 1000:.1f} ms")
     for size in args.sizes:
         by = {r["impl"]: r for r in results if r["size"] == size}
         for impl, ref in (("ours", "transformers"), ("ours-graphed", "transformers"), ("ours-graphed", "ours")):
