@@ -104,8 +104,9 @@ class AdamWeightDecay(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             tensors = self._gather(group, count=False)
-            step_size = lr * group.get("lr_scale", 1.0)
-            _foreach_update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], step_size)
+            if tensors[0]:  # multi-tensor ops refuse empty lists
+                step_size = lr * group.get("lr_scale", 1.0)
+                _foreach_update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], step_size)
 
     def count_steps(self) -> None:
         """Advance the per-parameter step counters as `step()` does (they are saved in checkpoints)."""

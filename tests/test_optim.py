@@ -176,7 +176,8 @@ def test_capturable_step_reads_the_lr_from_a_tensor_and_matches_step():
     for capturable in (False, True):
         params = [torch.nn.Parameter(t.clone()) for t in start]
         opt = AdamWeightDecay([{"params": params[:1], "weight_decay": 0.01},
-                               {"params": params[1:], "weight_decay": 0.0, "lr_scale": 0.5}], lr=1.0)
+                               {"params": params[1:2], "weight_decay": 0.0, "lr_scale": 0.5},
+                               {"params": params[2:], "weight_decay": 0.0}], lr=1.0)  # a group without gradients
         lr = torch.zeros(())
         for rate, step_grads in zip(rates, grads):
             for p, g in zip(params, step_grads):
