@@ -134,6 +134,9 @@ def test_a_host_read_inside_the_capture_is_refused():
                             max_grad_norm=1.0, sample_generator=None, graph_type=RecordedOps, warmup=1)
     with pytest.raises(ConvBertError, match="reads a tensor's value on the host"):
         step.compute(batch)
+    graph = RecordedOps()
+    with pytest.raises(ConvBertError, match="nonzero"), graph.capture():
+        torch.arange(4).nonzero()  # a data-dependent shape
 
 
 def test_recorded_ops_replay_into_the_same_tensors_and_draw_new_random_numbers():

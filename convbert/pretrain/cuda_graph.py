@@ -86,6 +86,11 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.stride() == b.stride())
 
 
+# Ops that need a tensor's values on the host: a value read (.item(), float(t), bool(t)) or an output whose shape
+# depends on the data. A CUDA graph can do neither.
+_HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, ops: list) -> None:
         super().__init__()
@@ -93,10 +98,10 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func.overloadpacket.__name__ in _HOST_READS:
             raise ConvBertError(
-                "the captured step reads a tensor's value on the host (.item(), float(t), bool(t)); a CUDA graph "
-                "cannot: keep that value on the device"
+                f"the captured step reads a tensor's value on the host ({func.overloadpacket.__name__}: .item(), "
+                "float(t), bool(t) or a data-dependent shape); a CUDA graph cannot: keep that value on the device"
             )
         result = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, pytree.tree_leaves(result)))
