@@ -99,6 +99,7 @@ def test_graphed_run_skips_non_finite_losses(tiny_data, tmp_path, monkeypatch):
     ({}, None, "needs a GPU"),
     ({"grad_accum": 2}, RecordedOps, "needs --grad-accum 1"),
     ({"compile": True, "compile_mode": "reduce-overhead"}, RecordedOps, "already captures the step"),
+    ({"compile": True}, RecordedOps, "cannot replay torch.compile'd modules"),  # the stand-in's limit, not CUDA's
 ])
 def test_graphed_run_refuses_what_it_cannot_capture(tiny_data, tmp_path, flags, graph_type, message):
     with pytest.raises(ConvBertError, match=message):

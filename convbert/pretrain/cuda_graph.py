@@ -62,7 +62,9 @@ class CudaGraph:
 class RecordedOps:
     """A CPU stand-in for a CUDA graph: records the ATen ops run under `capture()` and replays them into the same
     tensors, as a graph replays its kernels into the same memory. Random ops draw anew from their generators on each
-    replay, as a graph's do. Reading a tensor on the host during capture raises, as it does under a real capture."""
+    replay, as a graph's do. Reading a tensor on the host during capture raises, as it does under a real capture.
+    It cannot replay torch.compile'd code (Inductor's CPU kernels are C++, not ATen ops): `GraphedTrainStep` refuses
+    that combination."""
 
     def __init__(self, pool=None) -> None:
         self.ops: list[tuple] = []
@@ -125,6 +127,8 @@ class GraphedTrainStep:
     ) -> None:
         if not hasattr(optimizer, "capturable_step"):
             raise ConvBertError("--cuda-graphs needs the AdamWeightDecay optimiser (its capturable_step)")
+        if graph_type is RecordedOps and any(getattr(m, "_compiled_call_impl", None) for m in model.modules()):
+            raise ConvBertError("RecordedOps cannot replay torch.compile'd modules (their CPU kernels are not ATen ops)")
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
