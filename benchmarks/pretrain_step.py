@@ -135,10 +135,16 @@ def child(args) -> dict:
 
         graphed = GraphedTrainStep(model, opt, precision=args.precision, max_grad_norm=1.0, sample_generator=sample_gen)
 
-        def step():  # what `convbert pretrain --cuda-graphs` does per step: host masking, two replays, two reads
+        def next_batch():
             batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen)
-            batch = batch.pin_memory() if device.type == "cuda" else batch
-            loss = float(graphed.compute(batch).cpu()[0])
+            return batch.pin_memory() if device.type == "cuda" else batch
+
+        prefetched = [next_batch()]
+
+        def step():  # as `convbert pretrain --cuda-graphs`: replay, mask the next batch meanwhile, read, replay, read
+            stats = graphed.compute(prefetched[0])
+            prefetched[0] = next_batch()
+            loss = float(stats.cpu()[0])
             float(graphed.update(1e-4))
             return loss
     else:

@@ -199,6 +199,7 @@ class Trainer:
             if self.model.generator is not None:
                 self.model.generator.compile(mode=cfg.compile_mode)
         self.graphed = self._graphed_step(graph_type) if cfg.cuda_graphs else None
+        self._prefetched: tuple | None = None  # (batch, loader state and masking state before it): --cuda-graphs
         self.train_model: torch.nn.Module = self.model
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -356,6 +357,7 @@ class Trainer:
         return out
 
     def save(self) -> None:
+        self._unfetch()
         rng = ckpt_io.capture_rng(self.mask_gen, self.sample_gen, self.device)
         rng_all = self._gather(rng)
         loaders = self._gather(self.loader.state_dict())
@@ -457,9 +459,14 @@ class Trainer:
         return self._finish_step(stats, cfg.grad_accum * self.dist.world_size, lr, grad_norm)
 
     def _graphed_train_step(self) -> dict | None:
-        """`train_step` replaying the captured graphs (one GPU, one micro-batch: `_graphed_step` checked)."""
+        """`train_step` replaying the captured graphs (one GPU, one micro-batch: `_graphed_step` checked). While the
+        GPU runs the forward and backward, the host masks the next batch (`save` puts it back)."""
         self.model.train()
-        stats = self.graphed.compute(self._next_batch()).cpu()
+        batch = self._prefetched[0] if self._prefetched is not None else self._next_batch()
+        stats = self.graphed.compute(batch)
+        before = self.loader.state_dict(), self.mask_gen.get_state()
+        self._prefetched = (self._next_batch(), *before)
+        stats = stats.cpu()
         if not math.isfinite(float(stats[0])):
             return self._skip_non_finite()  # the next replay overwrites the gradients: nothing to zero
         self.bad_in_row = 0
@@ -468,6 +475,15 @@ class Trainer:
             group["lr"] = lr
         grad_norm = self.graphed.update(lr)
         return self._finish_step(stats, 1, lr, grad_norm)
+
+    def _unfetch(self) -> None:
+        """Rewind the data cursor and the masking generator past a prefetched batch, so that a checkpoint written
+        now resumes with it."""
+        if self._prefetched is not None:
+            _, loader_state, mask_state = self._prefetched
+            self.loader.load_state_dict(loader_state)
+            self.mask_gen.set_state(mask_state)
+            self._prefetched = None
 
     def _next_batch(self) -> MaskedBatch:
         batch = self.mask(self.loader.next(), self.mask_gen)
