@@ -5,6 +5,7 @@ Only rank 0 creates a `RunLogger`; other ranks use `NullLogger`.
 * `<run>/log.jsonl`: one JSON object per line, `{"kind": "train"|"eval"|"event", "step": …, …}`. On resume, lines
   past the resumed step are dropped first, so the log of a resumed run matches an uninterrupted one.
 * `<run>/tensorboard/`: event files (`torch.utils.tensorboard`), skipped with a note if tensorboard is missing.
+  Written from a background thread: building the events costs ~0.6 ms a step, host time a GPU would sit idle for.
 * `<run>/curves.png`: training losses, learning rate and evaluation metrics (matplotlib, Agg backend).
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,38 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+class _TensorBoardThread:
+    """`SummaryWriter.add_scalar` off the training thread, in order; `close()` writes everything queued first."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="convbert-tensorboard", daemon=True)
+        self._thread.start()
+
+    def add_scalars(self, scalars: list[tuple[str, float, int]]) -> None:
+        """(tag, value, step) triples."""
+        if scalars:
+            self._queue.put(scalars)
+
+    def _run(self) -> None:
+        while (scalars := self._queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                for tag, value, step in scalars:
+                    self.writer.add_scalar(tag, value, step)
+            except Exception as err:  # e.g. disk full: stop writing events, say so at close
+                self.error = err
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.writer.flush()
+        self.writer.close()
+
+
 class NullLogger:
     def start(self, *a, **k) -> None: ...
     def train(self, *a, **k) -> None: ...
@@ -100,7 +135,8 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step drops events past the resumed step, like the JSONL truncation.
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step if step else None)
+                self._tb = _TensorBoardThread(
+                    SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step if step else None))
             except Exception as err:  # tensorboard not installed or broken
                 self.message(f"TensorBoard logging disabled ({type(err).__name__}: {err})")
                 self._tb = None
@@ -115,8 +151,9 @@ class RunLogger:
             self._bar.close()
             self._bar = None
         if self._tb is not None:
-            self._tb.flush()
             self._tb.close()
+            if self._tb.error is not None:
+                self.message(f"TensorBoard events stopped early ({type(self._tb.error).__name__}: {self._tb.error})")
             self._tb = None
         if self._f is not None:
             self._f.close()
@@ -157,11 +194,7 @@ class RunLogger:
         if step % self.log_every == 0 or step == self.total_steps:
             self._write(record)
             if self._tb is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and math.isfinite(value):
-                        self._tb.add_scalar(f"train/{key}", value, step)
-                if math.isfinite(tps):
-                    self._tb.add_scalar("train/tokens_per_s", tps, step)
+                self._tb.add_scalars(_scalars("train", {**metrics, "tokens_per_s": tps}, step))
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             post = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
@@ -172,15 +205,18 @@ class RunLogger:
     def eval(self, step: int, metrics: dict) -> None:
         self._write({"kind": "eval", "step": step, **metrics})
         if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"eval/{key}", value, step)
+            self._tb.add_scalars(_scalars("eval", metrics, step))
         shown = ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items()
             if k in ("masked_lm_loss", "masked_lm_accuracy", "disc_loss", "disc_auc", "disc_accuracy")
             and isinstance(v, float)
         )
         self.message(f"[eval step {step}] {shown}")
+
+
+def _scalars(prefix: str, metrics: dict, step: int) -> list[tuple[str, float, int]]:
+    return [(f"{prefix}/{key}", value, step) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
 
 
 def plot_curves(log_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:
