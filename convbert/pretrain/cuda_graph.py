@@ -53,7 +53,9 @@ class CudaGraph:
         self.graph.register_generator_state(generator)
 
     def capture(self):
-        return torch.cuda.graph(self.graph, pool=self.pool)
+        # thread_local: only this thread's CUDA calls are checked, so other threads' (a monitor's, say) cannot
+        # break the capture
+        return torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local")
 
     def replay(self) -> None:
         self.graph.replay()
