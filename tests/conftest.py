@@ -15,3 +15,18 @@ def pytest_configure(config):
 def transformers_module():
     """The parity oracle; tests that need it skip with a clear reason when it is not installed."""
     return pytest.importorskip("transformers", reason="transformers is the parity oracle: pip install -e '.[test]'")
+
+
+@pytest.fixture
+def nan_loss(monkeypatch):
+    """Every pre-training forward returns a NaN loss: for the non-finite step handling."""
+    from convbert.pretrain.model import ElectraPretrainingModel
+
+    forward = ElectraPretrainingModel.forward
+
+    def nan_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ElectraPretrainingModel, "forward", nan_forward)
