@@ -5,8 +5,10 @@ encoder training step took 49, 54 and 58 ms for small, medium-small and base (16
 step 92-102 ms for all three (`benchmarks/gpu_speed.py`, `benchmarks/pretrain_step.py`). So the number of ops per
 step is the figure to bring down, and it can be counted without a GPU: this script runs the step on the CPU with
 the model forced onto the ops it uses on CUDA (the plain-PyTorch path, not the CPU kernels) and counts every ATen
-op with a dispatch mode, split into forward, backward and optimiser. The span convolution, which CUDA runs as
-two Triton kernels (forward, backward), is counted as its Triton launches (1 + 1 per layer) plus their copies.
+op with a dispatch mode, split into forward, backward and optimiser. Where CUDA runs one fused kernel for what the
+CPU decomposes, the kernel is counted, not the CPU's ops: the span convolution (Triton, 1 + 1 launches a layer, plus
+their buffers), the attention (flash attention: 1 kernel forward, 3 backward, plus buffers) and dropout (one
+`native_dropout`, as `kernels.dropout` runs on CUDA, not the CPU's byte-mask ops).
 
 Rows: the GPU path before and after its two GPU-only choices (`kernels._gpu_path`): the depthwise conv as one
 grouped conv1d instead of the shift-and-add, and a contiguous gradient for the attention (one copy per layer).
@@ -22,6 +24,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +55,8 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
     from convbert.pretrain.model import ElectraPretrainingModel
 
     counter = OpCounter()
-    saved = kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward
+    saved = (kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward,
+             kernels.dropout)
     span_launches = collections.Counter()
 
     def as_triton(name, fn):  # per-position taps (the span conv): CUDA runs one Triton kernel instead
@@ -68,10 +72,46 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
                 span_launches[name] += 1
         return run
 
+    sdpa = F.scaled_dot_product_attention
+
+    class FlashAttention(torch.autograd.Function):  # CUDA's fused attention: one kernel forward, three backward
+        @staticmethod
+        def forward(ctx, q, k, v, mask, p, scale):
+            ctx.save_for_backward(q, k, v, mask)
+            ctx.p, ctx.scale = p, scale
+            counter.in_span_conv += 1
+            try:
+                return sdpa(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+            finally:
+                counter.in_span_conv -= 1
+                span_launches["attention"] += 1
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, mask = ctx.saved_tensors
+            counter.in_span_conv += 1
+            try:
+                with torch.enable_grad():
+                    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+                    out = sdpa(*inputs, attn_mask=mask, dropout_p=ctx.p, scale=ctx.scale)
+                    grads = torch.autograd.grad(out, inputs, grad)
+            finally:
+                counter.in_span_conv -= 1
+                span_launches["attention_backward"] += 1
+            return (*grads, None, None, None)
+
+    def fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None):
+        return FlashAttention.apply(q, k, v, attn_mask, dropout_p, scale)
+
+    def cuda_dropout(x, p, training):  # what `kernels.dropout` runs on CUDA: one fused dropout op
+        return F.dropout(x, p, True) if training and p > 0.0 else x
+
     kernels._lean_path = lambda x: False
     kernels._gpu_path = lambda x: conv1d
     kernels._same_conv_forward = as_triton("forward", kernels._same_conv_forward)
     kernels._same_conv_backward = as_triton("backward", kernels._same_conv_backward)
+    kernels.dropout = cuda_dropout
+    F.scaled_dot_product_attention = fused_attention
     try:
         torch.manual_seed(0)
         model = ElectraPretrainingModel(ConvBertConfig.from_preset(size), PRESET_GENERATOR_FRACTION[size]).train()
@@ -97,8 +137,10 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                 # a Triton forward: an output buffer and the launch; a backward: a contiguous copy of the
-                # gradient, two buffers and the launch
-                triton = span_launches["forward"] * 2 + span_launches["backward"] * 4
+                # gradient, two buffers and the launch; flash attention: output and log-sum-exp buffers and the
+                # kernel forward, three kernels and three gradient buffers backward
+                triton = (span_launches["forward"] * 2 + span_launches["backward"] * 4
+                          + span_launches["attention"] * 3 + span_launches["attention_backward"] * 6)
                 phases[phase] = {"ops": sum(counter.counts.values()) + triton,
                                  "non_view_ops": sum(v for k, v in counter.counts.items() if k not in VIEWS) + triton}
 
@@ -108,7 +150,9 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
                 "ops": sum(p["ops"] for p in phases.values()),
                 "non_view_ops": sum(p["non_view_ops"] for p in phases.values())}
     finally:
-        kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward = saved
+        (kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward,
+         kernels.dropout) = saved
+        F.scaled_dot_product_attention = sdpa
 
 
 class _null:

@@ -45,8 +45,9 @@ class SeparableConv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H] -> [B, T, A]
-        depthwise = same_conv(x, self.depthwise.weight[:, 0, :])  # "same" zero padding on the time axis
-        return kernels.linear(depthwise, self.pointwise.weight[:, :, 0], self.bias[:, 0])
+        # squeeze, not [:, 0]: a view both ways (indexing's backward writes a zero tensor and copies into it)
+        depthwise = same_conv(x, self.depthwise.weight.squeeze(1))  # "same" zero padding on the time axis
+        return kernels.linear(depthwise, self.pointwise.weight.squeeze(2), self.bias.squeeze(1))
 
 
 class MixedAttention(nn.Module):
@@ -102,8 +103,8 @@ class MixedAttention(nn.Module):
         separable, kernel_layer = self.key_conv_attn_layer, self.conv_kernel_layer
         dtype = x.dtype
         kernel_logits = kernels.span_kernel_logits(  # linear(separable_conv(x) * query); query is unscaled
-            conv_input, separable.depthwise.weight[:, 0, :].to(dtype), separable.pointwise.weight[:, :, 0].to(dtype),
-            separable.bias[:, 0].to(dtype), query, kernel_layer.weight.to(dtype), kernel_layer.bias.to(dtype))
+            conv_input, separable.depthwise.weight.squeeze(1).to(dtype), separable.pointwise.weight.squeeze(2).to(dtype),
+            separable.bias.squeeze(1).to(dtype), query, kernel_layer.weight.to(dtype), kernel_layer.bias.to(dtype))
         conv_value = projected[3]
         if token_mask is not None:
             conv_value = conv_value * token_mask
