@@ -69,6 +69,14 @@ def test_graphed_steps_replay_the_eager_steps(tiny_data, tmp_path, monkeypatch):
     assert steps == {6}
 
 
+@pytest.mark.parametrize("flags", [{"objective": "mlm"}, {"attention": "plain"}, {"precision": "bf16"}],
+                         ids=["mlm", "plain-attention", "bf16"])
+def test_graphed_variants_match_eager(tiny_data, tmp_path, flags):
+    _, _, eager = _run(_cfg(tiny_data, tmp_path / "eager", steps=3, **flags), graphed=False)
+    _, _, graphed = _run(_cfg(tiny_data, tmp_path / "graphed", steps=3, cuda_graphs=True, **flags), graphed=True)
+    assert [g["loss"] for g in graphed] == pytest.approx([e["loss"] for e in eager], rel=1e-5)
+
+
 def test_graphed_run_resumes_exactly(tiny_data, tmp_path):
     _, _, full = _run(_cfg(tiny_data, tmp_path / "full", cuda_graphs=True), graphed=True)
     part = tmp_path / "part"
