@@ -113,31 +113,47 @@ def test_graphed_run_refuses_gradient_checkpointing(tiny_data, tmp_path):
         Trainer(cfg, progress=False, graph_type=RecordedOps)
 
 
-def test_a_host_read_inside_the_capture_is_refused():
-    model = torch.nn.Linear(3, 1)
+class _ToyStep(torch.nn.Module):
+    """A one-linear stand-in for the pre-training model whose forward runs `body(loss)` before returning."""
 
-    class ReadsLoss(torch.nn.Module):  # a step that branches on a value, as a CUDA graph cannot
-        def __init__(self):
-            super().__init__()
-            self.net = model
+    def __init__(self, body):
+        super().__init__()
+        self.net = torch.nn.Linear(3, 1)
+        self.body = body
 
-        def forward(self, batch, sample_generator=None):
-            loss = self.net(batch.input_ids.float()).sum()
-            if loss.item() > 0:
-                loss = loss * 2
-            return type("Out", (), {"loss": loss, "gen_loss": loss, "disc_loss": loss})()
+    def forward(self, batch, sample_generator=None):
+        loss = self.body(self.net(batch.input_ids.float()).sum())
+        return type("Out", (), {"loss": loss, "gen_loss": loss, "disc_loss": loss})()
 
+
+def _compute_toy_step(body):
     from convbert.pretrain.masking import MaskedBatch
 
+    model = _ToyStep(body)
     ids = torch.ones(2, 3, dtype=torch.long)
     batch = MaskedBatch(ids, ids, ids, ids, ids[:, :1], ids[:, :1], ids[:, :1].float())
-    step = GraphedTrainStep(ReadsLoss(), AdamWeightDecay(model.parameters(), lr=0.1), precision="fp32",
-                            max_grad_norm=1.0, sample_generator=None, graph_type=RecordedOps, warmup=1)
+    step = GraphedTrainStep(model, AdamWeightDecay(model.parameters(), lr=0.1), precision="fp32", max_grad_norm=1.0,
+                            sample_generator=None, graph_type=RecordedOps, warmup=1)
+    return step.compute(batch)
+
+
+def test_a_host_read_inside_the_capture_is_refused():
+    def branches_on_a_value(loss):  # as a CUDA graph cannot
+        return loss * 2 if loss.item() > 0 else loss
+
     with pytest.raises(ConvBertError, match="reads a tensor's value on the host"):
-        step.compute(batch)
+        _compute_toy_step(branches_on_a_value)
     graph = RecordedOps()
     with pytest.raises(ConvBertError, match="nonzero"), graph.capture():
         torch.arange(4).nonzero()  # a data-dependent shape
+
+
+def test_a_failed_capture_says_what_to_do():
+    def fails(loss):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(ConvBertError, match="capturing the training step failed .*run without --cuda-graphs"):
+        _compute_toy_step(fails)
 
 
 def test_recorded_ops_replay_into_the_same_tensors_and_draw_new_random_numbers():

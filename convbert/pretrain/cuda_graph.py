@@ -150,7 +150,13 @@ class GraphedTrainStep:
     def compute(self, batch: MaskedBatch) -> torch.Tensor:
         """Forward and backward on `batch` (host or device tensors); returns [loss, gen, disc, tokens] (float64)."""
         if self.graphs is None:
-            self._capture(batch)
+            try:
+                self._capture(batch)
+            except RuntimeError as err:  # an op that cannot be captured, or a CUDA error during capture
+                raise ConvBertError(
+                    f"--cuda-graphs: capturing the training step failed ({type(err).__name__}: {err}); run without "
+                    "--cuda-graphs (eager), and please report it with your torch and CUDA versions"
+                ) from err
         for name, value in batch.__dict__.items():
             getattr(self.batch, name).copy_(value, non_blocking=True)
         self.graphs[0].replay()
