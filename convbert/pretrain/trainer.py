@@ -409,7 +409,8 @@ class Trainer:
             return self._graphed_train_step()
         cfg = self.cfg
         model = self.train_model
-        model.train()
+        if not model.training:  # .train() walks all ~500 modules: ~1 ms of host time a step, were it called each step
+            model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, gen, disc, tokens
         for micro in range(cfg.grad_accum):
             batch = self._next_batch()
@@ -461,7 +462,8 @@ class Trainer:
     def _graphed_train_step(self) -> dict | None:
         """`train_step` replaying the captured graphs (one GPU, one micro-batch: `_graphed_step` checked). While the
         GPU runs the forward and backward, the host masks the next batch (`save` puts it back)."""
-        self.model.train()
+        if not self.model.training:  # (the replays ignore it; the capture, in the first call, needs it)
+            self.model.train()
         batch = self._prefetched[0] if self._prefetched is not None else self._next_batch()
         stats = self.graphed.compute(batch)
         before = self.loader.state_dict(), self.mask_gen.get_state()
