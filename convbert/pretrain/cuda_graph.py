@@ -1,7 +1,7 @@
 """The whole pre-training step as two CUDA graphs (`convbert pretrain --cuda-graphs`).
 
 Why: on a GPU the eager step of these small models is bound by launching kernels, not by arithmetic. An H200 spent
-~92 ms on a medium-small step that dispatches ~6,700 ATen ops, for ~2 ms of maths (docs/performance.md). A CUDA
+~92 ms on a medium-small step of ~8,000 ATen ops (~5,300 now), for ~2 ms of maths (docs/performance.md). A CUDA
 graph replays every kernel of a step with one call from the host.
 
 Two graphs, so that the host can still skip a step whose loss is not finite (the eager trainer's rule):
