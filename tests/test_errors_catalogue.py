@@ -295,6 +295,14 @@ def pretrain_fp16_on_cpu(e, t):
 
 
 @case("command line")
+def pretrain_cuda_graphs_without_a_gpu(e, t):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is available: --cuda-graphs is allowed")
+    return dict(argv=pretrain_argv(e.data, t / "run", "--cuda-graphs"), expect=["--cuda-graphs needs a GPU"],
+                absent=[t / "run"])
+
+
+@case("command line")
 def train_vocab_output_is_a_folder(e, t):
     d = t / "vocabs"
     d.mkdir()
