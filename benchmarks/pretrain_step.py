@@ -181,7 +181,7 @@ def child(args) -> dict:
     if args.impl == "ours-graphed":
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            for graph in graphed.graphs:
+            for graph in graphed.graphs.values():
                 graph.replay()
             if device.type == "cuda":
                 torch.cuda.synchronize()

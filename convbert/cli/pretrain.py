@@ -46,7 +46,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile-mode", choices=list(COMPILE_MODES),
                    help="torch.compile mode (implies --compile; reduce-overhead adds CUDA graphs per encoder)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="capture the whole training step as CUDA graphs (one GPU, --grad-accum 1, fp32 or bf16): "
+                   help="capture the whole training step as CUDA graphs (one GPU, fp32 or bf16): "
                         "removes the kernel-launch overhead that bounds the eager step of these small models")
     p.add_argument("--masking", choices=["with-replacement", "without-replacement"],
                    help="masked positions drawn with replacement (original) or without")

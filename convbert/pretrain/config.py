@@ -63,7 +63,7 @@ class PretrainConfig:
     precision: str = "fp32"
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode when compile is on (reduce-overhead: CUDA graphs per encoder)
-    cuda_graphs: bool = False  # capture the whole step as CUDA graphs (one GPU, grad_accum 1, fp32/bf16)
+    cuda_graphs: bool = False  # capture the whole step as CUDA graphs (one GPU, fp32/bf16)
     masking: str = "with-replacement"
     attention: str = "mixed"
     objective: str = "electra"

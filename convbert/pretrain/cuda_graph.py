@@ -7,11 +7,14 @@ graph replays every kernel of a step with one call from the host.
 Two graphs, so that the host can still skip a step whose loss is not finite (the eager trainer's rule):
 
 * `compute`: generator, sampling and discriminator under autocast, the losses, backward into the gradients (the
-  capture allocates them, so each replay overwrites them: nothing to zero), and the step's statistics
+  capture allocates them, so each replay overwrites them: nothing to zero), and the micro-batch's statistics
   [loss, generator loss, discriminator loss, tokens] into one static tensor;
 * `update`: global-norm clipping and `AdamWeightDecay.capturable_step`, the learning rate read from a device tensor.
 
-Between the two the host reads the statistics (one synchronisation, as in the eager step). Each batch is copied into
+With gradient accumulation over n micro-batches, three small graphs sum the gradients in the order the eager
+backward does (g1, then + g2, ...): `keep` copies the first micro-batch's into a buffer, `add` adds the middle ones,
+`finish` adds the buffer to the last one's. Between compute and update the host reads the statistics (one
+synchronisation per micro-batch, as in the eager step). Each batch is copied into
 static buffers before the replay. Capture needs warm-up runs first (cuBLAS workspaces, cuDNN plans, Triton
 compilation, the optimiser's moments); their effect on the weights, the moments and the random generators is undone,
 so a graphed run starts from the same state as an eager one and resumes exactly.
@@ -124,6 +127,7 @@ class GraphedTrainStep:
         precision: str,
         max_grad_norm: float,
         sample_generator: torch.Generator | None,
+        accumulation: int = 1,
         graph_type: type = CudaGraph,
         warmup: int = 2,
     ) -> None:
@@ -136,6 +140,7 @@ class GraphedTrainStep:
         self.precision = precision
         self.max_grad_norm = max_grad_norm
         self.sample_generator = sample_generator
+        self.accumulation = accumulation
         self.graph_type = graph_type
         self.warmup = warmup
         self.device = next(model.parameters()).device
@@ -144,11 +149,13 @@ class GraphedTrainStep:
         self.stats = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.grad_norm = torch.zeros((), device=self.device)
         self.batch: MaskedBatch | None = None
-        self.graphs: tuple | None = None
+        self.graphs: dict | None = None
+        self.summed: list[torch.Tensor] = []  # the accumulated gradients (accumulation > 1)
 
     # -- what the host calls each step ------------------------------------------------------------------------------
-    def compute(self, batch: MaskedBatch) -> torch.Tensor:
-        """Forward and backward on `batch` (host or device tensors); returns [loss, gen, disc, tokens] (float64)."""
+    def compute(self, batch: MaskedBatch, micro: int = 0) -> torch.Tensor:
+        """Forward and backward on micro-batch `micro` of the step (host or device tensors); returns its
+        [loss, gen, disc, tokens] (float64, the loss not divided by the accumulation)."""
         if self.graphs is None:
             try:
                 self._capture(batch)
@@ -159,13 +166,15 @@ class GraphedTrainStep:
                 ) from err
         for name, value in batch.__dict__.items():
             getattr(self.batch, name).copy_(value, non_blocking=True)
-        self.graphs[0].replay()
+        self.graphs["compute"].replay()
+        if self.accumulation > 1:
+            self.graphs[self._summing(micro)].replay()
         return self.stats
 
     def update(self, lr: float) -> torch.Tensor:
         """Clip the gradients of the last `compute` and take the optimiser step at `lr`; returns the global norm."""
         self.lr.fill_(lr)
-        self.graphs[1].replay()
+        self.graphs["update"].replay()
         self.optimizer.count_steps()
         return self.grad_norm
 
@@ -174,9 +183,21 @@ class GraphedTrainStep:
         batch = self.batch
         with autocast(self.precision, self.device, cache=False):
             out = self.model(batch, sample_generator=self.sample_generator)
-        out.loss.backward()
+        (out.loss / self.accumulation if self.accumulation > 1 else out.loss).backward()
         parts = [out.loss.detach(), out.gen_loss.detach(), out.disc_loss.detach(), batch.input_mask.sum()]
         self.stats.copy_(torch.stack([t.to(torch.float64) for t in parts]))
+
+    def _summing(self, micro: int) -> str:
+        return "keep" if micro == 0 else "finish" if micro == self.accumulation - 1 else "add"
+
+    def _sum_gradients(self, which: str) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if which == "keep":
+            torch._foreach_copy_(self.summed, grads)
+        elif which == "add":
+            torch._foreach_add_(self.summed, grads)
+        else:
+            torch._foreach_add_(grads, self.summed)
 
     def _clip_and_step(self) -> None:
         self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
@@ -186,21 +207,31 @@ class GraphedTrainStep:
     def _capture(self, batch: MaskedBatch) -> None:
         self.batch = MaskedBatch(**{k: v.to(self.device, copy=True) for k, v in batch.__dict__.items()})
         saved = self._save_state()
+        summing = [self._summing(micro) for micro in range(self.accumulation)] if self.accumulation > 1 else []
         with self._side_stream():
             for _ in range(self.warmup):  # at lr 0; the moments and generators are restored below
-                self._forward_backward()
+                for which in summing or [None]:
+                    self._forward_backward()
+                    if which is not None:
+                        if not self.summed:
+                            self.summed = [torch.empty_like(p) for p in self.model.parameters() if p.grad is not None]
+                        self._sum_gradients(which)
                 self._clip_and_step()
                 self.model.zero_grad(set_to_none=True)
         pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-        compute, update = self.graph_type(pool), self.graph_type(pool)
+        graphs = {name: self.graph_type(pool) for name in ("compute", *dict.fromkeys(summing), "update")}
         if self.sample_generator is not None and self.sample_generator.device.type == "cuda":
-            compute.register_generator(self.sample_generator)
-        with compute.capture():
-            self._forward_backward()
-        with update.capture():
-            self._clip_and_step()
+            graphs["compute"].register_generator(self.sample_generator)
+        for name, graph in graphs.items():
+            with graph.capture():
+                if name == "compute":
+                    self._forward_backward()
+                elif name == "update":
+                    self._clip_and_step()
+                else:
+                    self._sum_gradients(name)
         self._restore_state(saved)
-        self.graphs = (compute, update)
+        self.graphs = graphs
 
     def _optimizer_state(self) -> Iterator[dict]:
         for group in self.optimizer.param_groups:

@@ -223,7 +223,6 @@ class Trainer:
         refusals = [
             (self.device.type != "cuda" and graph_type is None, "needs a GPU (--device cuda)"),
             (self.dist.distributed, "runs on one GPU, not under torchrun with several processes"),
-            (cfg.grad_accum != 1, "needs --grad-accum 1 (one micro-batch per step)"),
             (cfg.precision == "fp16", "supports --precision fp32 or bf16 (fp16's loss scaling reads values on the host)"),
             (cfg.compile and cfg.compile_mode == "reduce-overhead",
              "already captures the step: use --compile with the default mode, or --compile-mode reduce-overhead alone"),
@@ -234,7 +233,7 @@ class Trainer:
                 raise ConvBertError(f"--cuda-graphs {why}")
         return GraphedTrainStep(
             self.model, self.optimizer, precision=cfg.precision, max_grad_norm=cfg.max_grad_norm,
-            sample_generator=self.sample_gen, graph_type=graph_type or CudaGraph,
+            sample_generator=self.sample_gen, accumulation=cfg.grad_accum, graph_type=graph_type or CudaGraph,
         )
 
     # ---- masking -------------------------------------------------------------------------------------------------
@@ -460,15 +459,17 @@ class Trainer:
         return self._finish_step(stats, cfg.grad_accum * self.dist.world_size, lr, grad_norm)
 
     def _graphed_train_step(self) -> dict | None:
-        """`train_step` replaying the captured graphs (one GPU, one micro-batch: `_graphed_step` checked). While the
-        GPU runs the forward and backward, the host masks the next batch (`save` puts it back)."""
+        """`train_step` replaying the captured graphs (one GPU: `_graphed_step` checked). While the GPU runs a
+        micro-batch's forward and backward, the host masks the next batch (`save` puts it back)."""
         if not self.model.training:  # (the replays ignore it; the capture, in the first call, needs it)
             self.model.train()
-        batch = self._prefetched[0] if self._prefetched is not None else self._next_batch()
-        stats = self.graphed.compute(batch)
-        before = self.loader.state_dict(), self.mask_gen.get_state()
-        self._prefetched = (self._next_batch(), *before)
-        stats = stats.cpu()
+        stats = torch.zeros(4, dtype=torch.float64)  # loss, gen, disc, tokens
+        for micro in range(self.cfg.grad_accum):
+            batch = self._prefetched[0] if self._prefetched is not None else self._next_batch()
+            micro_stats = self.graphed.compute(batch, micro)
+            before = self.loader.state_dict(), self.mask_gen.get_state()
+            self._prefetched = (self._next_batch(), *before)
+            stats += micro_stats.cpu()
         if not math.isfinite(float(stats[0])):
             return self._skip_non_finite()  # the next replay overwrites the gradients: nothing to zero
         self.bad_in_row = 0
@@ -476,7 +477,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # for the checkpoint; the graph reads the device copy
             group["lr"] = lr
         grad_norm = self.graphed.update(lr)
-        return self._finish_step(stats, 1, lr, grad_norm)
+        return self._finish_step(stats, self.cfg.grad_accum, lr, grad_norm)
 
     def _unfetch(self) -> None:
         """Rewind the data cursor and the masking generator past a prefetched batch, so that a checkpoint written
