@@ -4,7 +4,7 @@
 # compiled medium-small step (eager and as CUDA graphs), optionally the encoder benchmark against transformers. Each
 # part has its own time limit and the script goes on when one fails. Logs and JSON go to $OUT (default
 # benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder); COMPILE_MODES the
-# torch.compile modes (default: default). The default limits add up to 550 s, inside one 600 s device call; run
+# torch.compile modes (default: default). The default limits add up to 570 s, inside one 600 s device call; run
 # the rest in a second call, e.g. PARTS=encoder or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
 #   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
 set -o pipefail
@@ -23,14 +23,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__,
 transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-want tests && part tests ${TESTS_S:-180} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
+want tests && part tests ${TESTS_S:-240} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
 want rtd && part rtd ${RTD_S:-150} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
   --sizes small medium-small base --impls ours ours-graphed transformers --batch 128 --steps 20 --warmup 5 \
   --rounds 1 --output "$OUT/rtd.json"
 if want rtd_compiled; then
   for mode in ${COMPILE_MODES:-default}; do
     impls="ours ours-graphed"; [ "$mode" = reduce-overhead ] && impls=ours  # that mode captures graphs itself
-    part "rtd_compiled_$mode" ${COMPILED_S:-220} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+    part "rtd_compiled_$mode" ${COMPILED_S:-180} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
       --sizes medium-small --impls $impls --compile "$mode" --batch 128 --steps 20 --warmup 5 --rounds 1 \
       --output "$OUT/rtd_compiled_$mode.json"
   done
