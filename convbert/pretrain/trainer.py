@@ -4,7 +4,8 @@ One optimisation step = `grad_accum` micro-batches on every rank; the global bat
 ranks and micro-steps. Per micro-batch: dynamic masking on the host with a dedicated generator (checkpointed),
 forward under autocast (sampling and losses in fp32), backward (DDP all-reduces on the last micro-step). Then: skip
 the step if the loss is not finite on any rank, unscale (fp16), clip the global norm, set the scheduled learning rate
-(linear decay from step 0 × linear warmup, spec §3.7) and step `AdamWeightDecay`.
+(linear decay from step 0 × linear warmup, spec §3.7) and step `AdamWeightDecay`. With `--cuda-graphs` (one GPU) the
+same step replays CUDA graphs captured at the first step (`convbert/pretrain/cuda_graph.py`).
 
 Only rank 0 writes (checkpoints, logs, evaluation); every rank reads the checkpoint on resume and restores its own
 RNG states and data cursor.
@@ -216,7 +217,7 @@ class Trainer:
         self.logger = NullLogger()
 
     def _graphed_step(self, graph_type: type | None):
-        """`--cuda-graphs`: the step as two CUDA graphs (`graph_type` lets the tests use the CPU stand-in)."""
+        """`--cuda-graphs`: the step as CUDA graphs (`graph_type` lets the tests use the CPU stand-in)."""
         from convbert.pretrain.cuda_graph import CudaGraph, GraphedTrainStep
 
         cfg = self.cfg
