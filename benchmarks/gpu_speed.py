@@ -15,7 +15,6 @@ Usage:  python benchmarks/gpu_speed.py --sizes small medium-small base --output 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ from _bench import write_report  # noqa: E402
 from model_speed import build_pair  # noqa: E402
 
 from convbert.model.flops import encoder_forward_flops_per_token  # noqa: E402
+from convbert.precision import autocast  # noqa: E402
 
 
 def gpu_info() -> dict:
@@ -65,17 +65,11 @@ def matmul_flops(dtype: torch.dtype, n: int = 8192) -> float:
     return 2 * n**3 / statistics.median(timed(lambda: a @ b, repeats=10, warmup=3))
 
 
-def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def make_steps(model, hf: bool, ids, mask, types, precision: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, foreach=True)
 
     def forward():
-        with autocast(precision):
+        with autocast(precision, torch.device("cuda")):
             if hf:
                 return model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
             return model(ids, mask, types).last_hidden_state
