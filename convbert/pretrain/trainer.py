@@ -448,9 +448,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        lr = self._scheduled_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self._set_scheduled_lr()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -474,9 +472,7 @@ class Trainer:
         if not math.isfinite(float(stats[0])):
             return self._skip_non_finite()  # the next replay overwrites the gradients: nothing to zero
         self.bad_in_row = 0
-        lr = self._scheduled_lr()
-        for group in self.optimizer.param_groups:  # for the checkpoint; the graph reads the device copy
-            group["lr"] = lr
+        lr = self._set_scheduled_lr()  # (the graph reads its device copy; the groups keep it for the checkpoint)
         grad_norm = self.graphed.update(lr)
         return self._finish_step(stats, self.cfg.grad_accum, lr, grad_norm)
 
@@ -493,10 +489,14 @@ class Trainer:
         batch = self.mask(self.loader.next(), self.mask_gen)
         return batch.pin_memory() if self.device.type == "cuda" else batch
 
-    def _scheduled_lr(self) -> float:
+    def _set_scheduled_lr(self) -> float:
+        """This step's learning rate (spec §3.7), written into the optimiser's groups."""
         from convbert.optim import linear_warmup_decay
 
-        return self.cfg.lr * linear_warmup_decay(self.step, self.cfg.steps, self.cfg.warmup_steps)
+        lr = self.cfg.lr * linear_warmup_decay(self.step, self.cfg.steps, self.cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _skip_non_finite(self) -> None:
         self.bad_in_row += 1
