@@ -17,8 +17,9 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
   * `linear` and the grouped products: large fp32 products of activations with weights (forward and input
     gradient) run on oneDNN, whose kernels are ~10 % faster than MKL's on our benchmark CPU; the inference FFN
     applies its GELU as the GEMM's epilogue. Weight gradients stay on BLAS (`set_cpu_gemm` picks the library).
-On CUDA, under `torch.compile`, or without grad, the standard ops are used; under CPU bf16 autocast the encoder
-runs these functions in bf16 (`cpu_mixed_precision_dtype`). On CUDA (`_gpu_path`), where an eager step is bound by
+On CUDA, under `torch.compile`, or without grad, the standard ops are used (but for the attention, whose per-head
+function is also the faster in CPU inference); under CPU bf16 autocast the encoder runs these functions in bf16
+(`cpu_mixed_precision_dtype`). On CUDA (`_gpu_path`), where an eager step is bound by
 the number of ops launched, the depthwise conv is one grouped `conv1d` and the attention gets a contiguous output
 gradient; under `torch.compile` the convolutions are out-of-place ops, so the encoder traces as one graph.
 """
@@ -219,7 +220,7 @@ class _Attention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, additive_mask, scale: float, p: float):
+    def forward(ctx, q, k, v, additive_mask, scale: float, p: float, for_backward: bool = True):
         batch, length, heads, size = q.shape
         keys = k.shape[1]
         keep, keep_scale = _keep_mask(torch.Size((heads, batch, length, keys)), p, q.device) if p > 0.0 else (None, 1.0)
@@ -234,7 +235,8 @@ class _Attention(torch.autograd.Function):
                 scores = torch.baddbmm(mask, qn, kn.transpose(1, 2), alpha=scale)
             pn = scores.softmax(dim=-1)
             del scores
-            probs.append(pn)
+            if for_backward:  # (in inference each head's block is dropped after use)
+                probs.append(pn)
             torch.bmm(pn if keep is None else pn * keep[n], v[:, :, n], out=out[n])
         if keep is not None:
             out.mul_(keep_scale)
@@ -260,7 +262,8 @@ class _Attention(torch.autograd.Function):
         grad_v.mul_(ctx.keep_scale)
         grad_q.mul_(ctx.scale * ctx.keep_scale)
         grad_k.mul_(ctx.scale * ctx.keep_scale)
-        return grad_q.permute(1, 2, 0, 3), grad_k.permute(1, 2, 0, 3), grad_v.permute(1, 2, 0, 3), None, None, None
+        return (grad_q.permute(1, 2, 0, 3), grad_k.permute(1, 2, 0, 3), grad_v.permute(1, 2, 0, 3),
+                None, None, None, None)
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -281,7 +284,8 @@ def attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: 
     if _lean_path(q):
         # In inference too: one head at a time on BLAS beats the CPU's fused attention at these shapes (medium-small,
         # batch 32: 6.2 vs 7.9 ms a layer).
-        return _Attention.apply(q, k, v, additive_mask, scale, p)
+        for_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return _Attention.apply(q, k, v, additive_mask, scale, p, for_backward)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=additive_mask, dropout_p=p, scale=scale).transpose(1, 2)
     if _gpu_path(q) and out.requires_grad:
