@@ -103,7 +103,7 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
     def fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None):
         return FlashAttention.apply(q, k, v, attn_mask, dropout_p, scale)
 
-    def cuda_dropout(x, p, training):  # what `kernels.dropout` runs on CUDA: F.dropout, one native_dropout kernel
+    def cuda_dropout(x, p, training):  # `kernels.dropout` runs F.dropout here too; CUDA's is one native_dropout
         return torch.ops.aten.native_dropout(x, p, True)[0] if training and p > 0.0 else x
 
     kernels._lean_path = lambda x: False

@@ -181,9 +181,9 @@ class _Dropout(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not torch.is_grad_enabled() or _compiling():
-        return F.dropout(x, p, True)  # (Dynamo cannot trace the in-place random_ of the CPU mask)
-    return _Dropout.apply(x, p)
+    if _lean_path(x) and torch.is_grad_enabled():
+        return _Dropout.apply(x, p)
+    return F.dropout(x, p, True)  # GPUs, torch.compile (it cannot trace the CPU mask's in-place random_), no grad
 
 
 class _DropoutAdd(torch.autograd.Function):
