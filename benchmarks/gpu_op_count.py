@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 
@@ -127,7 +128,7 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
             for phase, run in (("forward", lambda: model(b)), ("backward", None), ("optimiser", None)):
                 counter.counts = collections.Counter()
                 span_launches.clear()
-                with (counter if count else _null()):
+                with (counter if count else contextlib.nullcontext()):
                     if phase == "forward":
                         out = run()
                     elif phase == "backward":
@@ -153,14 +154,6 @@ def count_step(size: str, conv1d: bool, batch: int, length: int) -> dict:
         (kernels._lean_path, kernels._gpu_path, kernels._same_conv_forward, kernels._same_conv_backward,
          kernels.dropout) = saved
         F.scaled_dot_product_attention = sdpa
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:
