@@ -40,14 +40,15 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "threads": threads}
 
 
-def write_report(path: str, report: dict) -> None:
+def write_report(path: str, report: dict, quiet: bool = False) -> None:
     """Write the JSON report atomically (temp file + rename), creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)
     os.replace(tmp, path)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks and figures in one go (docs/performance.md, "GPU"): the GPU tests, then the full
 # replaced-token-detection step at three sizes (ours eager, ours as CUDA graphs, transformers-built), then the
-# compiled medium-small step (eager and as CUDA graphs), optionally the encoder benchmark against transformers. Each
-# part has its own time limit and the script goes on when one fails. Logs and JSON go to $OUT (default
-# benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder); COMPILE_MODES the
-# torch.compile modes (default: default). The default limits add up to 570 s, inside one 600 s device call; run
+# compiled medium-small step (as CUDA graphs and eager, then graphed with the depthwise conv as conv1d), optionally
+# the encoder benchmark against transformers. Each part has its own time limit and the script goes on when one fails
+# (the benchmarks write their JSON after every measurement, so a part cut short keeps what it finished). Logs and JSON
+# go to $OUT (default benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder);
+# COMPILE_MODES the torch.compile modes (default: default). The default limits add up to 560 s, inside one 600 s
+# device call (on an H200 the tests took 122 s, an eager child ~12 s, a compiled one ~50 s); run
 # the rest in a second call, e.g. PARTS=encoder or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
 #   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
 set -o pipefail
@@ -23,19 +25,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__,
 transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-want tests && part tests ${TESTS_S:-240} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
-want rtd && part rtd ${RTD_S:-150} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-  --sizes small medium-small base --impls ours ours-graphed transformers --batch 128 --steps 20 --warmup 5 \
-  --rounds 1 --output "$OUT/rtd.json"
+want tests && part tests ${TESTS_S:-150} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
+steps="--batch 128 --steps 10 --warmup 3 --rounds 1"
+want rtd && part rtd ${RTD_S:-200} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+  --sizes small medium-small base --impls ours ours-graphed transformers $steps --output "$OUT/rtd.json"
 if want rtd_compiled; then
   for mode in ${COMPILE_MODES:-default}; do
-    impls="ours ours-graphed"; [ "$mode" = reduce-overhead ] && impls=ours  # that mode captures graphs itself
-    part "rtd_compiled_$mode" ${COMPILED_S:-180} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-      --sizes medium-small --impls $impls --compile "$mode" --batch 128 --steps 20 --warmup 5 --rounds 1 \
-      --output "$OUT/rtd_compiled_$mode.json"
+    impls="ours-graphed ours"; [ "$mode" = reduce-overhead ] && impls=ours  # that mode captures graphs itself
+    part "rtd_compiled_$mode" ${COMPILED_S:-130} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+      --sizes medium-small --impls $impls --compile "$mode" $steps --output "$OUT/rtd_compiled_$mode.json"
   done
+  # The same compiled, graphed step with the depthwise conv as CUDA's grouped conv1d instead of the shift-and-add
+  part depthwise_conv1d ${DEPTHWISE_S:-80} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
+    --sizes medium-small --impls ours-graphed --compile default --compiled-depthwise conv1d $steps \
+    --output "$OUT/depthwise_conv1d.json"
 fi
 want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --output "$OUT/gpu_speed.json"
 echo; [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
-for f in "$OUT"/rtd*.log "$OUT"/encoder.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
+for f in "$OUT"/rtd*.log "$OUT"/depthwise*.log "$OUT"/encoder.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
 cat "$OUT/summary.txt"

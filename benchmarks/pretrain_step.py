@@ -115,6 +115,9 @@ def child(args) -> dict:
         model = HFReplacedTokenDetection(config, fraction)
     model.to(device).train()
     if args.impl.startswith("ours") and args.compile != "none":
+        from convbert.model import kernels
+
+        kernels.compiled_depthwise_as_conv1d = args.compiled_depthwise == "conv1d"
         model.discriminator.compile(mode=args.compile)
         model.generator.compile(mode=args.compile)
     params = sum(p.numel() for p in model.parameters())
@@ -186,6 +189,15 @@ def child(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             replay_times.append(time.perf_counter() - t0)
+    if args.profile and device.type == "cuda":  # which kernels the GPU time goes to (eager or graph replay alike)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile, max_name_column_width=60),
+              file=sys.stderr, flush=True)
     return {"size": args.size, "impl": args.impl, "params": params, "times": times, "loss": loss,
             "replay_times": replay_times,
             "peak_bytes": int(peak), "flops_per_token": flops_per_token}
@@ -206,10 +218,15 @@ def main() -> None:
     ap.add_argument("--compile", default="none",
                     choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile our two encoders with this mode")
+    ap.add_argument("--compiled-depthwise", default="shift", choices=["shift", "conv1d"],
+                    help="with --compile on CUDA: the depthwise conv as Inductor's fused shift-and-add (the library's "
+                         "choice) or as the grouped conv1d (kernels.compiled_depthwise_as_conv1d), to compare")
     ap.add_argument("--impls", nargs="+", default=["ours", "transformers"],
                     choices=["ours", "ours-graphed", "transformers"], help="ours-graphed: CUDA graphs, CUDA only")
     ap.add_argument("--project-steps", type=int, default=1_000_000)
     ap.add_argument("--output", default="benchmarks/results/pretrain_step.json")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="CUDA: print the N kernels with the most GPU time over 3 more steps (child runs only)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
@@ -226,15 +243,16 @@ def main() -> None:
     if "ours-graphed" in impls and args.device != "cuda":
         print("ours-graphed needs a CUDA device: left out", file=sys.stderr)
         impls = [i for i in impls if i != "ours-graphed"]
-    results = []
+    measured = {}  # size -> impl -> the children's raw numbers
     for size in args.sizes:
-        per = {impl: {"times": [], "peaks": [], "replay_times": []} for impl in impls}
+        per = measured.setdefault(size, {impl: {"times": [], "peaks": [], "replay_times": []} for impl in impls})
         for _ in range(args.rounds):
             for impl in impls:
                 cmd = [sys.executable, __file__, "--child", "--size", size, "--impl", impl, "--batch", str(args.batch),
                        "--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--threads", str(args.threads), "--vocab", str(args.vocab), "--device", args.device,
-                       "--precision", args.precision, "--compile", args.compile]
+                       "--precision", args.precision, "--compile", args.compile,
+                       "--compiled-depthwise", args.compiled_depthwise]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
@@ -246,26 +264,39 @@ def main() -> None:
                 per[impl]["peaks"].append(r["peak_bytes"])
                 per[impl]["params"] = r["params"]
                 per[impl]["flops_per_token"] = r["flops_per_token"]
-        for impl in impls:
-            if not per[impl]["times"]:
+                # Progress, and the report so far: a run stopped by a time limit keeps what it measured.
+                print(f"{size}/{impl}: median {statistics.median(r['times']) * 1000:.1f} ms/step", flush=True)
+                write_report(args.output, report(args, measured), quiet=True)
+    final = report(args, measured)
+    print(final["table"])
+    write_report(args.output, final)
+
+
+def report(args, measured: dict) -> dict:
+    """The table and JSON report of what has been measured so far."""
+    results = []
+    for size, per in measured.items():
+        for impl, m in per.items():
+            if not m["times"]:
                 continue
-            med = statistics.median(per[impl]["times"])
+            med = statistics.median(m["times"])
             results.append({
-                "size": size, "impl": impl, "params": per[impl]["params"], "median_step_s": med,
-                "tokens_per_s": args.batch * args.length / med, "peak_mb": max(per[impl]["peaks"]) / 2**20,
-                "model_tflops": per[impl]["flops_per_token"] * args.batch * args.length / med / 1e12,
-                "steps_timed": len(per[impl]["times"]),
-                "median_replay_s": statistics.median(per[impl]["replay_times"]) if per[impl]["replay_times"] else None,
+                "size": size, "impl": impl, "params": m["params"], "median_step_s": med,
+                "tokens_per_s": args.batch * args.length / med, "peak_mb": max(m["peaks"]) / 2**20,
+                "model_tflops": m["flops_per_token"] * args.batch * args.length / med / 1e12,
+                "steps_timed": len(m["times"]),
+                "median_replay_s": statistics.median(m["replay_times"]) if m["replay_times"] else None,
+                "projected_hours": args.project_steps * med / 3600,
             })
     where = args.device
     if args.device == "cuda":
         where += f" ({torch.cuda.get_device_name(0)})"
+    compiled = args.compile if args.compile == "none" else f"{args.compile}, depthwise conv: {args.compiled_depthwise}"
     header = (f"replaced-token-detection step, batch {args.batch} x {args.length}, {args.precision}, "
-              f"{args.threads} thread(s), {where}, ours compiled: {args.compile}")
+              f"{args.threads} thread(s), {where}, ours compiled: {compiled}")
     lines = [header, "", f"| size | implementation | params | ms/step (median) | tokens/s | model TFLOP/s | "
              f"peak memory MB | {args.project_steps:,} steps |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        r["projected_hours"] = args.project_steps * r["median_step_s"] / 3600
         lines.append(f"| {r['size']} | {r['impl']} | {r['params']:,} | {r['median_step_s'] * 1000:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.2f} | {r['peak_mb']:.0f} | "
                      f"{r['projected_hours']:.1f} h |")
@@ -275,20 +306,18 @@ def main() -> None:
             lines.append(f"{r['size']}: {r['impl']}: the two graphs alone take {r['median_replay_s'] * 1000:.1f} ms; "
                          f"host work between steps (masking, copies, reads) "
                          f"{(r['median_step_s'] - r['median_replay_s']) * 1000:.1f} ms")
-    for size in args.sizes:
+    for size in measured:
         by = {r["impl"]: r for r in results if r["size"] == size}
         for impl, ref in (("ours", "transformers"), ("ours-graphed", "transformers"), ("ours-graphed", "ours")):
             if impl in by and ref in by:
                 lines.append(f"{size}: {impl} is {by[ref]['median_step_s'] / by[impl]['median_step_s']:.2f}x "
                              f"the speed of {'the transformers-built step' if ref == 'transformers' else 'ours eager'}")
     text = "\n".join(lines)
-    print(text)
-    out = {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
-                                                       "threads", "vocab", "device", "precision", "compile",
-                                                       "impls", "project_steps")},
-           "machine": machine_info(args.threads),
-           "results": results, "table": text}
-    write_report(args.output, out)
+    return {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
+                                                        "threads", "vocab", "device", "precision", "compile",
+                                                        "compiled_depthwise", "impls", "project_steps")},
+            "machine": machine_info(args.threads),
+            "results": results, "table": text}
 
 
 if __name__ == "__main__":

@@ -46,3 +46,28 @@ def test_compiled_encoder_with_dropout_is_one_graph():
     second = compiled(ids).last_hidden_state
     assert torch.isfinite(first).all() and not torch.equal(first, second)  # fresh masks each call
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("as_conv1d", [False, True])
+def test_compiled_gpu_path_depthwise_conv_is_a_shift_and_add(as_conv1d, monkeypatch):
+    """Under torch.compile the GPU path's depthwise conv is traced as the shift-and-add (Inductor fuses it; the
+    CUDA grouped conv1d kernels cost ~14 % of a compiled step's GPU time); the conv1d stays available to compare."""
+    monkeypatch.setattr(kernels, "_gpu_path", lambda x: True)
+    monkeypatch.setattr(kernels, "compiled_depthwise_as_conv1d", as_conv1d)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=200, hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0)).train()
+    ids = torch.randint(0, 200, (2, 16))
+    traced = []
+
+    def record(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    out = torch.compile(model, backend=record, fullgraph=True)(ids).last_hidden_state
+    eager = model(ids).last_hidden_state
+    assert traced, "the backend saw no graph"
+    convs = [t for t in traced if "conv1d" in t]
+    assert len(convs) == (model.config.num_hidden_layers if as_conv1d else 0), convs
+    assert (out - eager).abs().max().item() < 1e-5

@@ -592,8 +592,9 @@ def _same_conv_forward(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 def _depthwise_conv1d(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """`same_conv` with per-channel taps ([B, T, C] x [C, K]) as one grouped `F.conv1d`.
 
-    Used on GPUs, where the eager step is bound by the number of ops launched: the shift-and-add is ~18 ops
-    forward and ~50 backward per call (a third of all the ops of a pre-training step), this is a few."""
+    Used on GPUs in eager mode, where the step is bound by the number of ops launched: the shift-and-add is ~18
+    ops forward and ~50 backward per call (a third of all the ops of a pre-training step), this is a few. Under
+    torch.compile the shift-and-add is used instead (see `compiled_depthwise_as_conv1d`)."""
     channels, kernel_size = taps.shape
     out = F.conv1d(x.transpose(1, 2), taps.unsqueeze(1), padding=(kernel_size - 1) // 2, groups=channels)
     return out.transpose(1, 2)
@@ -617,12 +618,20 @@ def _same_conv_plain(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).sum(0)
 
 
+# Under torch.compile the depthwise conv is the plain shift-and-add, which Inductor fuses with its neighbours. The
+# alternative, True, keeps the grouped conv1d there too: on an H200 its CUDA kernels took 4.3 ms of the 31 ms of GPU
+# time of a compiled medium-small RTD step (benchmarks/results/gpu/profile_compiled.txt). Benchmarks flip this to
+# compare the two (benchmarks/pretrain_step.py --compiled-depthwise).
+compiled_depthwise_as_conv1d = False
+
+
 def same_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """A 'same' zero-padded K-tap cross-correlation along dim 1 (odd K), taps per position or per channel."""
-    if taps.dim() == 2 and x.dim() == 3 and _gpu_path(x):
-        return _depthwise_conv1d(x, taps)
-    if _compiling():
+    depthwise = taps.dim() == 2 and x.dim() == 3
+    if _compiling() and not (depthwise and compiled_depthwise_as_conv1d and _gpu_path(x)):
         return _same_conv_plain(x, taps)
+    if depthwise and _gpu_path(x):
+        return _depthwise_conv1d(x, taps)
     if torch.is_grad_enabled() and (x.requires_grad or taps.requires_grad):
         return _SameConv.apply(x, taps)
     return _same_conv_forward(x, taps)
