@@ -4,10 +4,10 @@
 # compiled medium-small step (as CUDA graphs and eager, then graphed with the depthwise conv as conv1d), optionally
 # the encoder benchmark against transformers. Each part has its own time limit and the script goes on when one fails
 # (the benchmarks write their JSON after every measurement, so a part cut short keeps what it finished). Logs and JSON
-# go to $OUT (default benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder);
-# COMPILE_MODES the torch.compile modes (default: default). The default limits add up to 560 s, inside one 600 s
-# device call (on an H200 the tests took 122 s, an eager child ~12 s, a compiled one ~50 s); run
-# the rest in a second call, e.g. PARTS=encoder or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
+# go to $OUT (default benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder,
+# profile); COMPILE_MODES the torch.compile modes (default: default). The default limits add up to 560 s, inside one
+# 600 s device call (on an H200 the tests took 122 s, an eager child ~12 s, a compiled one ~50 s); run the rest in a
+# second call, e.g. PARTS="encoder profile" or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
 #   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu}
@@ -40,6 +40,10 @@ if want rtd_compiled; then
     --sizes medium-small --impls ours-graphed --compile default --compiled-depthwise conv1d $steps \
     --output "$OUT/depthwise_conv1d.json"
 fi
+# Where the compiled step's GPU time goes: the 60 kernels with the most time over 3 steps (PARTS=profile)
+want profile && part profile ${PROFILE_S:-90} python3 benchmarks/pretrain_step.py --child --size medium-small \
+  --impl ours --compile default --batch 128 --length 128 --steps 3 --warmup 3 --threads 16 --vocab 30522 \
+  --device cuda --precision bf16 --profile 60
 want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --output "$OUT/gpu_speed.json"
 echo; [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
 for f in "$OUT"/rtd*.log "$OUT"/depthwise*.log "$OUT"/encoder.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
