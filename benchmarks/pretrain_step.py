@@ -21,7 +21,10 @@ median.
 
 Usage: python benchmarks/pretrain_step.py --sizes tiny small medium-small --batch 32 --length 128 --steps 6
        [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--compile none|default|reduce-overhead]
-       [--impls ours ours-graphed transformers] [--output benchmarks/results/pretrain_step.json]
+       [--impls ours ours-graphed transformers] [--compiled-depthwise shift|conv1d]
+       [--output benchmarks/results/pretrain_step.json]
+Profile one configuration's GPU kernels: add --child --size SIZE --impl IMPL --profile N (prints the N kernels with
+the most GPU time over 3 more steps, e.g. benchmarks/results/gpu/profile_compiled.txt).
 """
 
 from __future__ import annotations
@@ -196,8 +199,9 @@ def child(args) -> dict:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile, max_name_column_width=60),
-              file=sys.stderr, flush=True)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.profile,
+                                          max_name_column_width=120)
+        print(table, file=sys.stderr, flush=True)
     return {"size": args.size, "impl": args.impl, "params": params, "times": times, "loss": loss,
             "replay_times": replay_times,
             "peak_bytes": int(peak), "flops_per_token": flops_per_token}
