@@ -9,6 +9,7 @@
 # 600 s device call (on an H200 the tests took 122 s, an eager child ~12 s, a compiled one ~50 s); run the rest in a
 # second call, e.g. PARTS="encoder profile" or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
 #   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
+#   OUT=$OUT PACK=1 bash benchmarks/gpu_run.sh   # logs and JSON packed into $OUT/gpu_run.tar.gz
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -48,3 +49,7 @@ want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --
 echo; [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
 for f in "$OUT"/rtd*.log "$OUT"/depthwise*.log "$OUT"/encoder.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
 cat "$OUT/summary.txt"
+if [ -n "${PACK:-}" ]; then  # PACK=1: everything but summary.txt in one archive (a lent machine returns few files)
+  (cd "$OUT" && files=$(ls | grep -v -x -e summary.txt -e gpu_run.tar.gz) && [ -n "$files" ] \
+    && tar czf gpu_run.tar.gz $files && rm -f $files && echo "packed into $OUT/gpu_run.tar.gz: $files")
+fi
