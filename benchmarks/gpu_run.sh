@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks and figures in one go (docs/performance.md, "GPU"): the GPU tests, then the full
-# replaced-token-detection step at three sizes (ours eager, ours as CUDA graphs, transformers-built), then the
-# compiled medium-small step (as CUDA graphs and eager, then graphed with the depthwise conv as conv1d), optionally
-# the encoder benchmark against transformers. Each part has its own time limit and the script goes on when one fails
-# (the benchmarks write their JSON after every measurement, so a part cut short keeps what it finished). Logs and JSON
-# go to $OUT (default benchmarks/results/gpu). PARTS picks parts (default: tests rtd rtd_compiled; also: encoder,
-# profile); COMPILE_MODES the torch.compile modes (default: default). The default limits add up to 560 s, inside one
-# 600 s device call (on an H200 the tests took 122 s, an eager child ~12 s, a compiled one ~50 s); run the rest in a
-# second call, e.g. PARTS="encoder profile" or PARTS=rtd_compiled COMPILE_MODES=reduce-overhead.
-#   bash benchmarks/gpu_run.sh            # on a machine with a CUDA GPU, from the repository root
-#   OUT=$OUT PACK=1 bash benchmarks/gpu_run.sh   # logs and JSON packed into $OUT/gpu_run.tar.gz
+# The GPU checks and figures in one go (docs/performance.md, "GPU"). Parts, each with its own time limit (the script
+# goes on when one fails, and the benchmarks write their JSON after every measurement, so a part cut short keeps
+# what it finished):
+#   tests             the GPU tests (tests/test_gpu.py, tests/test_optim.py)                            150 s
+#   rtd_compiled      the full replaced-token-detection step at three sizes, ours compiled and as CUDA
+#                     graphs (the recommended --precision bf16 --compile --cuda-graphs) against the
+#                     transformers-built step                                                           240 s
+#   depthwise_conv1d  the compiled, graphed medium-small step with the depthwise conv as CUDA's grouped
+#                     conv1d instead of the shift-and-add (the A/B of that choice)                       90 s
+#   rtd               the step eager: ours, ours as CUDA graphs, transformers-built, three sizes         200 s
+#   profile           the compiled medium-small step's 60 kernels with the most GPU time                  90 s
+#   encoder           the encoder alone against transformers (gpu_speed.py)                              90 s
+# PARTS picks them (default: tests rtd_compiled depthwise_conv1d, 480 s, inside one 600 s device call; on an H200
+# the tests took 122 s, an eager benchmark child ~12 s, a compiled one ~50 s); COMPILE_MODES the torch.compile modes
+# of rtd_compiled (default: default). Logs and JSON go to $OUT (default benchmarks/results/gpu); PACK=1 packs all but
+# summary.txt into $OUT/gpu_run.tar.gz (a lent machine returns only a few files).
+#   bash benchmarks/gpu_run.sh                         # on a machine with a CUDA GPU, from the repository root
+#   OUT=$OUT PACK=1 PARTS="rtd profile" bash benchmarks/gpu_run.sh
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -21,27 +28,24 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
 }
-want() { [[ " ${PARTS:-tests rtd rtd_compiled} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-tests rtd_compiled depthwise_conv1d} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >> "$OUT/summary.txt" 2>&1
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__,
 transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 want tests && part tests ${TESTS_S:-150} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
 steps="--batch 128 --steps 10 --warmup 3 --rounds 1"
+for mode in ${COMPILE_MODES:-default}; do
+  impls="ours-graphed transformers"; [ "$mode" = reduce-overhead ] && impls="ours transformers"  # graphs itself
+  want rtd_compiled && part "rtd_compiled_$mode" ${COMPILED_S:-240} python3 benchmarks/pretrain_step.py --device cuda \
+    --precision bf16 --sizes medium-small small base --impls $impls --compile "$mode" $steps \
+    --output "$OUT/rtd_compiled_$mode.json"
+done
+want depthwise_conv1d && part depthwise_conv1d ${DEPTHWISE_S:-90} python3 benchmarks/pretrain_step.py --device cuda \
+  --precision bf16 --sizes medium-small --impls ours-graphed --compile default --compiled-depthwise conv1d $steps \
+  --output "$OUT/depthwise_conv1d.json"
 want rtd && part rtd ${RTD_S:-200} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-  --sizes small medium-small base --impls ours ours-graphed transformers $steps --output "$OUT/rtd.json"
-if want rtd_compiled; then
-  for mode in ${COMPILE_MODES:-default}; do
-    impls="ours-graphed ours"; [ "$mode" = reduce-overhead ] && impls=ours  # that mode captures graphs itself
-    part "rtd_compiled_$mode" ${COMPILED_S:-130} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-      --sizes medium-small --impls $impls --compile "$mode" $steps --output "$OUT/rtd_compiled_$mode.json"
-  done
-  # The same compiled, graphed step with the depthwise conv as CUDA's grouped conv1d instead of the shift-and-add
-  part depthwise_conv1d ${DEPTHWISE_S:-80} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
-    --sizes medium-small --impls ours-graphed --compile default --compiled-depthwise conv1d $steps \
-    --output "$OUT/depthwise_conv1d.json"
-fi
-# Where the compiled step's GPU time goes: the 60 kernels with the most time over 3 steps (PARTS=profile)
+  --sizes medium-small small base --impls ours ours-graphed transformers $steps --output "$OUT/rtd.json"
 want profile && part profile ${PROFILE_S:-90} python3 benchmarks/pretrain_step.py --child --size medium-small \
   --impl ours --compile default --batch 128 --length 128 --steps 3 --warmup 3 --threads 16 --vocab 30522 \
   --device cuda --precision bf16 --profile 60
