@@ -99,7 +99,8 @@ def test_graphed_run_skips_non_finite_losses(tiny_data, tmp_path, nan_loss):
 
 @pytest.mark.parametrize("flags, graph_type, message", [
     ({}, None, "needs a GPU"),
-    ({"compile": True, "compile_mode": "reduce-overhead"}, RecordedOps, "already captures the step"),
+    ({"compile": True, "compile_mode": "reduce-overhead"}, RecordedOps, "reduce-overhead, which captures CUDA graphs"),
+    ({"compile": True, "compile_mode": "max-autotune"}, RecordedOps, "max-autotune, which captures CUDA graphs"),
     ({"compile": True}, RecordedOps, "cannot replay torch.compile'd modules"),  # the stand-in's limit, not CUDA's
 ])
 def test_graphed_run_refuses_what_it_cannot_capture(tiny_data, tmp_path, flags, graph_type, message):

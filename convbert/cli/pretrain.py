@@ -44,7 +44,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the encoders")
     p.add_argument("--compile-mode", choices=list(COMPILE_MODES),
-                   help="torch.compile mode (implies --compile; reduce-overhead adds CUDA graphs per encoder)")
+                   help="torch.compile mode (implies --compile; reduce-overhead and max-autotune add "
+                        "CUDA graphs per encoder)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="capture the whole training step as CUDA graphs (one GPU, fp32 or bf16): "
                         "removes the kernel-launch overhead that bounds the eager step of these small models")

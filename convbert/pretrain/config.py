@@ -33,6 +33,8 @@ SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes in which Inductor captures CUDA graphs of its own (its "triton.cudagraphs" option)
+COMPILE_MODES_WITH_CUDA_GRAPHS = ("reduce-overhead", "max-autotune")
 
 
 @dataclass

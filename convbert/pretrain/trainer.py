@@ -32,7 +32,9 @@ import torch.distributed as dist
 from convbert.errors import ConvBertError
 from convbert.precision import FP16_NEEDS_GPU, autocast
 from convbert.pretrain import checkpoint as ckpt_io
-from convbert.pretrain.config import PretrainConfig, config_from_dict, load_json, save_config
+from convbert.pretrain.config import (
+    COMPILE_MODES_WITH_CUDA_GRAPHS, PretrainConfig, config_from_dict, load_json, save_config,
+)
 from convbert.pretrain.data import (
     DataBundle,
     InfiniteLoader,
@@ -225,8 +227,10 @@ class Trainer:
             (self.device.type != "cuda" and graph_type is None, "needs a GPU (--device cuda)"),
             (self.dist.distributed, "runs on one GPU, not under torchrun with several processes"),
             (cfg.precision == "fp16", "supports --precision fp32 or bf16 (fp16's loss scaling reads values on the host)"),
-            (cfg.compile and cfg.compile_mode == "reduce-overhead",
-             "already captures the step: use --compile with the default mode, or --compile-mode reduce-overhead alone"),
+            (cfg.compile and cfg.compile_mode in COMPILE_MODES_WITH_CUDA_GRAPHS,
+             f"cannot be combined with --compile-mode {cfg.compile_mode}, which captures CUDA graphs of its own: "
+             f"use --compile-mode default or max-autotune-no-cudagraphs with --cuda-graphs, or leave --cuda-graphs "
+             f"out"),
             (self.model_config.gradient_checkpointing, "cannot capture gradient checkpointing's recomputation"),
         ]
         for refused, why in refusals:
@@ -403,7 +407,7 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """One optimisation step; None when it was skipped for a non-finite loss."""
-        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+        if self.cfg.compile and self.cfg.compile_mode in COMPILE_MODES_WITH_CUDA_GRAPHS:
             torch.compiler.cudagraph_mark_step_begin()  # the encoders' graphs may overwrite last step's outputs
         if self.graphed is not None:
             return self._graphed_train_step()
