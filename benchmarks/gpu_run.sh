@@ -36,7 +36,8 @@ cat "$OUT/summary.txt"
 want tests && part tests ${TESTS_S:-150} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
 steps="--batch 128 --steps 10 --warmup 3 --rounds 1"
 for mode in ${COMPILE_MODES:-default}; do
-  impls="ours-graphed transformers"; [ "$mode" = reduce-overhead ] && impls="ours transformers"  # graphs itself
+  impls="ours-graphed transformers"  # modes with Inductor's own CUDA graphs cannot be captured again:
+  case $mode in reduce-overhead|max-autotune) impls="ours transformers" ;; esac
   want rtd_compiled && part "rtd_compiled_$mode" ${COMPILED_S:-240} python3 benchmarks/pretrain_step.py --device cuda \
     --precision bf16 --sizes medium-small small base --impls $impls --compile "$mode" $steps \
     --output "$OUT/rtd_compiled_$mode.json"
