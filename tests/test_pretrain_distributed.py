@@ -25,7 +25,7 @@ def tiny_data(tmp_path_factory):
     return prepare_data(root, max_chars=80_000, vocab_size=500, max_seq_length=32, progress=False)
 
 
-def _worker(rank, world, port, data, out, dump):
+def _worker(rank, world, port, data, out, dump, compile_encoders=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -33,7 +33,7 @@ def _worker(rank, world, port, data, out, dump):
     from convbert.pretrain.trainer import Trainer
 
     cfg = resolve_config("tiny", None, dict(data=data, output=out, steps=3, batch_size=8, eval_batches=1,
-                                            save_every=3, threads=1, device="cpu"), None)
+                                            save_every=3, threads=1, device="cpu", compile=compile_encoders), None)
     trainer = Trainer(cfg, progress=False)
     try:
         assert trainer.micro_batch == 4
@@ -44,12 +44,16 @@ def _worker(rank, world, port, data, out, dump):
         trainer.close()
 
 
-def test_two_ranks_gloo_identical_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("compile_encoders", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
+def test_two_ranks_gloo_identical_weights(tiny_data, tmp_path, compile_encoders):
+    """DDP over the pre-training model, eager and with torch.compile'd encoders (what a multi-GPU run uses)."""
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
-    mp.spawn(_worker, args=(2, free_port(), str(tiny_data["data"]), str(out), str(dump)), nprocs=2, join=True)
-    r0 = torch.load(dump / "rank0.pt", weights_only=False)
-    r1 = torch.load(dump / "rank1.pt", weights_only=False)
+    mp.spawn(_worker, args=(2, free_port(), str(tiny_data["data"]), str(out), str(dump), compile_encoders), nprocs=2,
+             join=True)
+    r0 = torch.load(dump / "rank0.pt", weights_only=True)
+    r1 = torch.load(dump / "rank1.pt", weights_only=True)
     assert r0["result"]["step"] == r1["result"]["step"] == 3
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k

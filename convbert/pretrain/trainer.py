@@ -207,7 +207,7 @@ class Trainer:
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.train_model = DDP(self.model, device_ids=None, broadcast_buffers=False)
+            self.train_model = DDP(self.model, device_ids=None)  # the model has no buffers to sync
 
         self.loader = InfiniteLoader(
             self.loader_factory(self.data.train, self.micro_batch, cfg.seed, self.dist.rank, world)
