@@ -244,8 +244,14 @@ def main() -> None:
     except ImportError:
         print("transformers is not installed: measuring ours only", file=sys.stderr)
         impls = [i for i in impls if i != "transformers"]
+    from convbert.pretrain.config import COMPILE_MODES_WITH_CUDA_GRAPHS
+
     if "ours-graphed" in impls and args.device != "cuda":
         print("ours-graphed needs a CUDA device: left out", file=sys.stderr)
+        impls = [i for i in impls if i != "ours-graphed"]
+    if "ours-graphed" in impls and args.compile in COMPILE_MODES_WITH_CUDA_GRAPHS:
+        print(f"ours-graphed: --compile {args.compile} captures CUDA graphs of its own (as `convbert pretrain` "
+              "refuses to combine them): left out", file=sys.stderr)
         impls = [i for i in impls if i != "ours-graphed"]
     measured = {}  # size -> impl -> the children's raw numbers
     for size in args.sizes:
