@@ -104,11 +104,12 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from convbert.model.config import PRESET_GENERATOR_FRACTION, ConvBertConfig
     from convbert.optim import AdamWeightDecay, param_groups
-    from convbert.precision import autocast
+    from convbert.precision import allow_tf32_under_autocast, autocast
     from convbert.pretrain.masking import mask_batch
     from convbert.pretrain.model import ElectraPretrainingModel
 
     device = torch.device(args.device)
+    allow_tf32_under_autocast(args.precision, device)  # as the trainer does (both implementations)
     torch.manual_seed(0)
     config = ConvBertConfig.from_preset(args.size, vocab_size=args.vocab, max_position_embeddings=max(512, args.length))
     fraction = PRESET_GENERATOR_FRACTION[args.size]

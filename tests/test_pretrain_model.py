@@ -114,3 +114,19 @@ def test_bf16_autocast_keeps_sampling_and_losses_fp32():
         out = m(batch())
     assert out.loss.dtype == torch.float32 and out.mlm_logits.dtype == torch.float32
     assert math.isfinite(out.loss.item())
+
+
+@pytest.mark.parametrize(("precision", "device", "switched"), [
+    ("fp32", "cuda", False), ("bf16", "cpu", False), ("bf16", "cuda", True), ("fp16", "cuda", True),
+])
+def test_tf32_is_switched_on_only_for_cuda_autocast(precision, device, switched):
+    """The fp32 MLM head may use TF32 when the rest of the step is bf16/fp16 on CUDA; fp32 runs stay exact."""
+    from convbert.precision import allow_tf32_under_autocast
+
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert allow_tf32_under_autocast(precision, torch.device(device)) is switched
+        assert torch.backends.cuda.matmul.allow_tf32 is switched
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from convbert.errors import ConvBertError
-from convbert.precision import FP16_NEEDS_GPU, autocast
+from convbert.precision import FP16_NEEDS_GPU, allow_tf32_under_autocast, autocast
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.pretrain.config import (
     COMPILE_MODES_WITH_CUDA_GRAPHS, PretrainConfig, config_from_dict, load_json, save_config,
@@ -153,6 +153,7 @@ class Trainer:
         self.dist = dist_info or setup_distributed(cfg.device)
         self.device = self.dist.device
         self.autocast = _autocast_factory(cfg.precision, self.device)  # refuses fp16 without a GPU, early
+        allow_tf32_under_autocast(cfg.precision, self.device)  # the fp32 MLM head on tensor cores
         self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
                                       eval_examples=cfg.eval_batches * cfg.eval_batch_size)
         self.loader_factory = loader_factory or default_loader_factory
