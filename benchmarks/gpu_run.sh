@@ -9,10 +9,9 @@
 #   depthwise_conv1d  the compiled, graphed medium-small step with the depthwise conv as CUDA's grouped
 #                     conv1d instead of the shift-and-add (the A/B of that choice)                       90 s
 #   rtd               the step eager: ours, ours as CUDA graphs, transformers-built, three sizes         200 s
-#   profile           the compiled medium-small step's 60 kernels with the most GPU time                  90 s
+#   profile           the compiled medium-small step's 60 kernels with the most GPU time, and Inductor's
+#                     generated code that names them (TORCH_LOGS=output_code), in profile.log          90 s
 #   encoder           the encoder alone against transformers (gpu_speed.py)                              90 s
-#   kernels           each Inductor kernel of the compiled medium-small step timed alone, with its bytes and
-#                     GB/s (TORCHINDUCTOR_PROFILE; kernels.txt) and the generated code (kernels.log)     120 s
 # PARTS picks them (default: tests rtd_compiled depthwise_conv1d, 480 s, inside one 600 s device call; on an H200
 # the tests took 122 s, an eager benchmark child ~12 s, a compiled one ~50 s); COMPILE_MODES the torch.compile modes
 # of rtd_compiled (default: default), SIZES its sizes (default: medium-small small base). Logs and JSON go to $OUT
@@ -49,12 +48,9 @@ want depthwise_conv1d && part depthwise_conv1d ${DEPTHWISE_S:-90} python3 benchm
   --output "$OUT/depthwise_conv1d.json"
 want rtd && part rtd ${RTD_S:-200} python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
   --sizes medium-small small base --impls ours ours-graphed transformers $steps --output "$OUT/rtd.json"
-want profile && part profile ${PROFILE_S:-90} python3 benchmarks/pretrain_step.py --child --size medium-small \
+want profile && part profile ${PROFILE_S:-90} env TORCH_LOGS=output_code python3 benchmarks/pretrain_step.py --child --size medium-small \
   --impl ours --compile default --batch 128 --length 128 --steps 3 --warmup 3 --threads 16 --vocab 30522 \
   --device cuda --precision bf16 --profile 60
-want kernels && part kernels ${KERNELS_S:-120} env TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT="$OUT/kernels.txt" \
-  TORCH_LOGS=output_code python3 benchmarks/pretrain_step.py --child --size medium-small --impl ours --compile default \
-  --batch 128 --length 128 --steps 1 --warmup 1 --threads 16 --vocab 30522 --device cuda --precision bf16
 want encoder && part encoder ${ENCODER_S:-90} python3 benchmarks/gpu_speed.py --output "$OUT/gpu_speed.json"
 echo; [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
 for f in "$OUT"/rtd*.log "$OUT"/depthwise*.log "$OUT"/encoder.log; do [ -f "$f" ] && { echo; echo "## $f"; tail -n 25 "$f"; }; done
