@@ -21,7 +21,7 @@ median.
 
 Usage: python benchmarks/pretrain_step.py --sizes tiny small medium-small --batch 32 --length 128 --steps 6
        [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--compile none|default|reduce-overhead]
-       [--impls ours ours-graphed transformers] [--compiled-depthwise shift|conv1d]
+       [--impls ours ours-graphed transformers] [--compiled-depthwise shift|conv1d] [--inductor KEY=VALUE ...]
        [--output benchmarks/results/pretrain_step.json]
 Profile one configuration's GPU kernels: add --child --size SIZE --impl IMPL --profile N (prints the N kernels with
 the most GPU time over 3 more steps, e.g. benchmarks/results/gpu/profile_compiled.txt).
@@ -100,6 +100,22 @@ class HFReplacedTokenDetection(nn.Module):
         return out
 
 
+def inductor_options(pairs: list[str]) -> dict:
+    """`--inductor combo_kernels=True` → {"combo_kernels": True}: values are Python literals, else strings."""
+    import ast
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE, e.g. combo_kernels=True")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from convbert.model.config import PRESET_GENERATOR_FRACTION, ConvBertConfig
@@ -122,8 +138,10 @@ def child(args) -> dict:
         from convbert.model import kernels
 
         kernels.compiled_depthwise_as_conv1d = args.compiled_depthwise == "conv1d"
-        model.discriminator.compile(mode=args.compile)
-        model.generator.compile(mode=args.compile)
+        # torch.compile takes a mode or Inductor options, not both (options imply the default mode)
+        how = {"options": inductor_options(args.inductor)} if args.inductor else {"mode": args.compile}
+        model.discriminator.compile(**how)
+        model.generator.compile(**how)
     params = sum(p.numel() for p in model.parameters())
     from convbert.model.flops import pretraining_counts
 
@@ -226,6 +244,9 @@ def main() -> None:
     ap.add_argument("--compiled-depthwise", default="shift", choices=["shift", "conv1d"],
                     help="with --compile on CUDA: the depthwise conv as Inductor's fused shift-and-add (the library's "
                          "choice) or as the grouped conv1d (kernels.compiled_depthwise_as_conv1d), to compare")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --compile default: an Inductor config option for our encoders (repeatable), e.g. "
+                         "combo_kernels=True; torch.compile takes these instead of a mode")
     ap.add_argument("--impls", nargs="+", default=["ours", "transformers"],
                     choices=["ours", "ours-graphed", "transformers"], help="ours-graphed: CUDA graphs, CUDA only")
     ap.add_argument("--project-steps", type=int, default=1_000_000)
@@ -236,6 +257,9 @@ def main() -> None:
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.inductor and args.compile != "default":
+        ap.error("--inductor needs --compile default (torch.compile takes a mode or options, not both)")
+    inductor_options(args.inductor)  # a malformed pair fails here, before any child runs
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
@@ -264,6 +288,7 @@ def main() -> None:
                        "--threads", str(args.threads), "--vocab", str(args.vocab), "--device", args.device,
                        "--precision", args.precision, "--compile", args.compile,
                        "--compiled-depthwise", args.compiled_depthwise]
+                cmd += [f"--inductor={pair}" for pair in args.inductor]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
@@ -303,6 +328,9 @@ def report(args, measured: dict) -> dict:
     if args.device == "cuda":
         where += f" ({torch.cuda.get_device_name(0)})"
     compiled = args.compile if args.compile == "none" else f"{args.compile}, depthwise conv: {args.compiled_depthwise}"
+    tuned = args.inductor + [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")]
+    if args.compile != "none" and tuned:
+        compiled += f", Inductor: {' '.join(tuned)}"
     header = (f"replaced-token-detection step, batch {args.batch} x {args.length}, {args.precision}, "
               f"{args.threads} thread(s), {where}, ours compiled: {compiled}")
     lines = [header, "", f"| size | implementation | params | ms/step (median) | tokens/s | model TFLOP/s | "
@@ -326,7 +354,7 @@ def report(args, measured: dict) -> dict:
     text = "\n".join(lines)
     return {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
                                                         "threads", "vocab", "device", "precision", "compile",
-                                                        "compiled_depthwise", "impls", "project_steps")},
+                                                        "compiled_depthwise", "inductor", "impls", "project_steps")},
             "machine": machine_info(args.threads),
             "results": results, "table": text}
 
