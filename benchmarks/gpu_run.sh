@@ -12,10 +12,12 @@
 #   profile           the compiled medium-small step's 60 kernels with the most GPU time, and Inductor's
 #                     generated code that names them (TORCH_LOGS=output_code), in profile.log          90 s
 #   encoder           the encoder alone against transformers (gpu_speed.py)                              90 s
-#   inductor_ab       the compiled, graphed medium-small step with one Inductor setting changed at a time:
-#                     programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1), no mix-order reductions
+#   inductor_ab       the compiled, graphed medium-small step with one thing changed at a time: the encoders
+#                     compiled alone (--compiled-pieces encoders: heads, losses and sampler eager, as
+#                     before this session's change), programmatic dependent launch
+#                     (TORCHINDUCTOR_ENABLE_PDL=1), no mix-order reductions
 #                     (TORCHINDUCTOR_MIX_ORDER_REDUCTION=0), combo kernels (--inductor combo_kernels=True);
-#                     each child compiles cold (~120 s), so 3 x 150 s                                    450 s
+#                     each child compiles cold (~120 s), so 4 x 150 s (two device calls; AB picks some)  600 s
 # PARTS picks them (default: tests rtd_compiled, 570 s, inside one 600 s device call; on an H200
 # the tests took 86-122 s, an eager benchmark child ~12 s, a compiled one ~120 s on a fresh machine (Inductor's cache
 # is cold) and ~50 s after a child that compiled the same graphs); COMPILE_MODES the torch.compile modes
@@ -58,9 +60,10 @@ want profile && part profile ${PROFILE_S:-90} env TORCH_LOGS=output_code python3
   --impl ours --compile default --batch 128 --length 128 --steps 3 --warmup 3 --threads 16 --vocab 30522 \
   --device cuda --precision bf16 --profile 60
 if want inductor_ab; then  # one variant per child: NAME ENV-ASSIGNMENT-OR-FLAG
-  for variant in "pdl TORCHINDUCTOR_ENABLE_PDL=1" "no_mix_order TORCHINDUCTOR_MIX_ORDER_REDUCTION=0" \
-                 "combo --inductor=combo_kernels=True"; do
+  for variant in "encoders_only --compiled-pieces=encoders" "pdl TORCHINDUCTOR_ENABLE_PDL=1" \
+                 "no_mix_order TORCHINDUCTOR_MIX_ORDER_REDUCTION=0" "combo --inductor=combo_kernels=True"; do
     set -- $variant
+    [[ -z "${AB:-}" || " $AB " == *" $1 "* ]] || continue  # AB="pdl combo": only those
     case $2 in --*) envs=(); flags=("$2") ;; *) envs=("$2"); flags=() ;; esac
     part "inductor_$1" ${AB_S:-150} env "${envs[@]}" python3 benchmarks/pretrain_step.py --device cuda --precision bf16 \
       --sizes medium-small --impls ours-graphed --compile default "${flags[@]}" $steps --output "$OUT/inductor_$1.json"

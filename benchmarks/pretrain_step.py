@@ -13,7 +13,8 @@ memory of the step (CPU: peak RSS during the steps minus RSS before them, each r
 CUDA: `torch.cuda.max_memory_allocated`). Note: transformers cannot represent a one-head generator (spec §1.6; the
 small and tiny generators), so there its generator is slightly smaller than ours.
 
-`--compile MODE` compiles our two encoders (as `convbert pretrain --compile` does; the transformers side stays
+`--compile MODE` compiles our step's pieces (as `convbert pretrain --compile` does: the encoders, heads, losses and
+the sampler's arithmetic; `--compiled-pieces encoders` compiles the encoders only; the transformers side stays
 eager). The implementation `ours-graphed` is ours with the whole step captured as CUDA graphs (as `convbert pretrain
 --cuda-graphs` does: `convbert.pretrain.cuda_graph.GraphedTrainStep`; CUDA only; composes with `--compile`).
 `--project-steps N` (default 1M, the recipe's length) prints the projected time of N steps at the measured
@@ -22,6 +23,7 @@ median.
 Usage: python benchmarks/pretrain_step.py --sizes tiny small medium-small --batch 32 --length 128 --steps 6
        [--threads 2] [--device cpu|cuda] [--precision fp32|bf16] [--compile none|default|reduce-overhead]
        [--impls ours ours-graphed transformers] [--compiled-depthwise shift|conv1d] [--inductor KEY=VALUE ...]
+       [--compiled-pieces all|encoders]
        [--output benchmarks/results/pretrain_step.json]
 Profile one configuration's GPU kernels: add --child --size SIZE --impl IMPL --profile N (prints the N kernels with
 the most GPU time over 3 more steps, e.g. benchmarks/results/gpu/profile_compiled.txt).
@@ -140,8 +142,7 @@ def child(args) -> dict:
         kernels.compiled_depthwise_as_conv1d = args.compiled_depthwise == "conv1d"
         # torch.compile takes a mode or Inductor options, not both (options imply the default mode)
         how = {"options": inductor_options(args.inductor)} if args.inductor else {"mode": args.compile}
-        model.discriminator.compile(**how)
-        model.generator.compile(**how)
+        model.compile_pieces(encoders_only=args.compiled_pieces == "encoders", **how)
     params = sum(p.numel() for p in model.parameters())
     from convbert.model.flops import pretraining_counts
 
@@ -240,10 +241,13 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--compile", default="none",
                     choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                    help="torch.compile our two encoders with this mode")
+                    help="torch.compile our step's pieces with this mode")
     ap.add_argument("--compiled-depthwise", default="shift", choices=["shift", "conv1d"],
                     help="with --compile on CUDA: the depthwise conv as Inductor's fused shift-and-add (the library's "
                          "choice) or as the grouped conv1d (kernels.compiled_depthwise_as_conv1d), to compare")
+    ap.add_argument("--compiled-pieces", default="all", choices=["all", "encoders"],
+                    help="with --compile: what of ours is compiled: all (as `convbert pretrain --compile`: encoders, "
+                         "heads, losses, sampler) or the encoders only, to compare")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="with --compile default: an Inductor config option for our encoders (repeatable), e.g. "
                          "combo_kernels=True; torch.compile takes these instead of a mode")
@@ -287,7 +291,7 @@ def main() -> None:
                        "--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--threads", str(args.threads), "--vocab", str(args.vocab), "--device", args.device,
                        "--precision", args.precision, "--compile", args.compile,
-                       "--compiled-depthwise", args.compiled_depthwise]
+                       "--compiled-depthwise", args.compiled_depthwise, "--compiled-pieces", args.compiled_pieces]
                 cmd += [f"--inductor={pair}" for pair in args.inductor]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -327,7 +331,8 @@ def report(args, measured: dict) -> dict:
     where = args.device
     if args.device == "cuda":
         where += f" ({torch.cuda.get_device_name(0)})"
-    compiled = args.compile if args.compile == "none" else f"{args.compile}, depthwise conv: {args.compiled_depthwise}"
+    compiled = args.compile if args.compile == "none" else (f"{args.compile} ({args.compiled_pieces}), depthwise "
+                                                            f"conv: {args.compiled_depthwise}")
     tuned = args.inductor + [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")]
     if args.compile != "none" and tuned:
         compiled += f", Inductor: {' '.join(tuned)}"
@@ -354,7 +359,8 @@ def report(args, measured: dict) -> dict:
     text = "\n".join(lines)
     return {"settings": {k: getattr(args, k) for k in ("sizes", "batch", "length", "steps", "warmup", "rounds",
                                                         "threads", "vocab", "device", "precision", "compile",
-                                                        "compiled_depthwise", "inductor", "impls", "project_steps")},
+                                                        "compiled_depthwise", "compiled_pieces", "inductor", "impls",
+                                                        "project_steps")},
             "machine": machine_info(args.threads),
             "results": results, "table": text}
 

@@ -41,16 +41,47 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return torch.gather(hidden, 1, index)
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exact categorical sample via Gumbel-max, in fp32 and without gradient (spec §3.4)."""
+def gumbel_sample(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+                  argmax_of_noise=None) -> torch.Tensor:
+    """Exact categorical sample via Gumbel-max, in fp32 and without gradient (spec §3.4).
+
+    `argmax_of_noise(logits, uniform_noise, temperature)` does the arithmetic (default `gumbel_argmax_in_place`;
+    the trainer's `--compile` passes a compiled `gumbel_argmax`). The uniform noise is drawn here, eagerly, from
+    `generator`, so the samples are the same either way."""
     with torch.no_grad():
         logits = logits.detach().float()
-        # -log(-log(u + 1e-9) + 1e-9), computed in place: one [B, S, V] buffer instead of eight (each a fresh,
-        # page-faulting allocation at this size); the values are bit-identical to the out-of-place expression.
         noise = torch.rand(logits.shape, dtype=torch.float32, device=logits.device, generator=generator)
-        noise.add_(1e-9).log_().neg_().add_(1e-9).log_().neg_()
-        noise.add_(logits if temperature == 1.0 else logits / temperature)
-        return torch.argmax(noise, dim=-1)
+        return (argmax_of_noise or gumbel_argmax_in_place)(logits, noise, temperature)
+
+
+def gumbel_argmax_in_place(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+    """argmax(logits / T - log(-log(u + 1e-9) + 1e-9)), overwriting the uniform `noise`: one [B, S, V] buffer
+    instead of eight (each a fresh, page-faulting allocation at this size); the values are bit-identical to
+    `gumbel_argmax`'s out-of-place expression."""
+    noise.add_(1e-9).log_().neg_().add_(1e-9).log_().neg_()
+    noise.add_(logits if temperature == 1.0 else logits / temperature)
+    return torch.argmax(noise, dim=-1)
+
+
+def gumbel_argmax(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The same as `gumbel_argmax_in_place`, out of place, for `torch.compile` to fuse into one pass (eager, it
+    is 7 passes over a ~300 MB buffer at medium-small's batch 128)."""
+    gumbel = -torch.log(-torch.log(noise + 1e-9) + 1e-9)
+    return torch.argmax(gumbel + (logits if temperature == 1.0 else logits / temperature), dim=-1)
+
+
+def mlm_loss(logits: torch.Tensor, target_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean cross-entropy over the masked slots (fp32)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids.reshape(-1), reduction="none")
+    weights = weights.float().reshape(-1)
+    return (ce * weights).sum() / (weights.sum() + 1e-6)
+
+
+def rtd_loss(disc_logits: torch.Tensor, labels: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of replaced-token detection over the real tokens (fp32)."""
+    mask = input_mask.float()
+    bce = F.binary_cross_entropy_with_logits(disc_logits, labels.float(), reduction="none")
+    return (bce * mask).sum() / (mask.sum() + 1e-6)
 
 
 def word_embedding_weight(embeddings: nn.Module) -> torch.Tensor:
@@ -97,6 +128,27 @@ class ElectraPretrainingModel(nn.Module):
             self.generator = None
             self.generator_head = GeneratorHead(config, embedding_size)
             self.discriminator_head = None
+        # The step's small pieces outside the encoders; `compile_pieces` swaps in compiled versions.
+        self._mlm_loss, self._rtd_loss, self._argmax_of_noise = mlm_loss, rtd_loss, gumbel_argmax_in_place
+
+    def compile_pieces(self, encoders_only: bool = False, **compile_kwargs) -> None:
+        """`torch.compile` the step's pieces in place (`compile_kwargs` go to `torch.compile`: mode, options):
+        the encoders, and unless `encoders_only` the heads, the losses and the sampler's arithmetic (its random draw
+        stays eager, from the sampling generator). Parameter names, hence checkpoints, are unchanged.
+
+        Not the whole forward as one graph: the sampler's `torch.Generator` and the host-side checks would break it.
+        """
+        for module in (self.discriminator, self.generator):
+            if module is not None:
+                module.compile(**compile_kwargs)
+        if encoders_only:
+            return
+        for module in (self.generator_head, self.discriminator_head):
+            if module is not None:
+                module.compile(**compile_kwargs)
+        self._mlm_loss = torch.compile(mlm_loss, **compile_kwargs)
+        self._rtd_loss = torch.compile(rtd_loss, **compile_kwargs)
+        self._argmax_of_noise = torch.compile(gumbel_argmax, **compile_kwargs)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     @property
@@ -126,9 +178,7 @@ class ElectraPretrainingModel(nn.Module):
             logits = self.generator_head(
                 gathered.float(), word_embedding_weight(self.discriminator.embeddings).float()
             ).float()
-        weights = batch.weights.float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.target_ids.reshape(-1), reduction="none")
-        gen_loss = (ce * weights.reshape(-1)).sum() / (weights.sum() + 1e-6)
+        gen_loss = self._mlm_loss(logits, batch.target_ids, batch.weights)
 
         if self.objective == "mlm":
             zero = gen_loss.new_zeros(())
@@ -137,14 +187,12 @@ class ElectraPretrainingModel(nn.Module):
                 sampled_ids=None, disc_logits=None, disc_labels=None,
             )
 
-        sampled = gumbel_sample(logits, self.temperature, sample_generator)
+        sampled = gumbel_sample(logits, self.temperature, sample_generator, self._argmax_of_noise)
         fake_ids, updated = scatter_update(batch.original_ids, sampled, batch.positions)
         labels = (updated.bool() & (fake_ids != batch.original_ids)).to(torch.int64)
         disc_hidden = self.discriminator(fake_ids, attention_mask=attn, token_type_ids=seg).last_hidden_state
         disc_logits = self.discriminator_head(disc_hidden).float()
-        mask = attn.float()
-        bce = F.binary_cross_entropy_with_logits(disc_logits, labels.float(), reduction="none")
-        disc_loss = (bce * mask).sum() / (mask.sum() + 1e-6)
+        disc_loss = self._rtd_loss(disc_logits, labels, attn)
         loss = self.gen_weight * gen_loss + self.disc_weight * disc_loss
         return PretrainingOutput(
             loss=loss, gen_loss=gen_loss, disc_loss=disc_loss, mlm_logits=logits, sampled_ids=sampled,

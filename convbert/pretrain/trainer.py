@@ -197,11 +197,8 @@ class Trainer:
         self.scaler = None
         if cfg.precision == "fp16" and self.device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
-        if cfg.compile:
-            # Compile the two encoders in place (parameter names, hence checkpoints, are unchanged).
-            self.model.discriminator.compile(mode=cfg.compile_mode)
-            if self.model.generator is not None:
-                self.model.generator.compile(mode=cfg.compile_mode)
+        if cfg.compile:  # the encoders, heads, losses and sampler, in place (parameter names unchanged)
+            self.model.compile_pieces(mode=cfg.compile_mode)
         self.graphed = self._graphed_step(graph_type) if cfg.cuda_graphs else None
         self._prefetched: tuple | None = None  # (batch, loader state and masking state before it): --cuda-graphs
         self.train_model: torch.nn.Module = self.model
