@@ -13,9 +13,9 @@ memory of the step (CPU: peak RSS during the steps minus RSS before them, each r
 CUDA: `torch.cuda.max_memory_allocated`). Note: transformers cannot represent a one-head generator (spec §1.6; the
 small and tiny generators), so there its generator is slightly smaller than ours.
 
-`--compile MODE` compiles our step's pieces (as `convbert pretrain --compile` does: the encoders, heads, losses and
-the sampler's arithmetic; `--compiled-pieces encoders` compiles the encoders only; the transformers side stays
-eager). The implementation `ours-graphed` is ours with the whole step captured as CUDA graphs (as `convbert pretrain
+`--compile MODE` compiles our step's pieces (as `convbert pretrain --compile` does: the encoders, heads, losses, the
+sampler's arithmetic and the optimiser's update; `--compiled-pieces encoders` compiles the encoders only; the
+transformers side stays eager). The implementation `ours-graphed` is ours with the whole step captured as CUDA graphs (as `convbert pretrain
 --cuda-graphs` does: `convbert.pretrain.cuda_graph.GraphedTrainStep`; CUDA only; composes with `--compile`).
 `--project-steps N` (default 1M, the recipe's length) prints the projected time of N steps at the measured
 median.
@@ -148,6 +148,8 @@ def child(args) -> dict:
 
     flops_per_token = pretraining_counts(config, fraction)["pretrain_train_flops_per_token"]
     opt = AdamWeightDecay(param_groups(model, 0.01), lr=1e-4)
+    if args.impl.startswith("ours") and args.compile != "none" and args.compiled_pieces == "all":
+        opt.compile_update()  # as `convbert pretrain --compile`
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, args.vocab, (args.batch, args.length), generator=g)
     ids[:, 0], ids[:, -1] = 2, 3
@@ -247,7 +249,7 @@ def main() -> None:
                          "choice) or as the grouped conv1d (kernels.compiled_depthwise_as_conv1d), to compare")
     ap.add_argument("--compiled-pieces", default="all", choices=["all", "encoders"],
                     help="with --compile: what of ours is compiled: all (as `convbert pretrain --compile`: encoders, "
-                         "heads, losses, sampler) or the encoders only, to compare")
+                         "heads, losses, sampler, optimiser update) or the encoders only, to compare")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="with --compile default: an Inductor config option for our encoders (repeatable), e.g. "
                          "combo_kernels=True; torch.compile takes these instead of a mode")

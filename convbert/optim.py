@@ -51,6 +51,13 @@ class AdamWeightDecay(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lr_scale=1.0)
         super().__init__(params, defaults)
         self.foreach = foreach
+        self._multi_tensor_update = _foreach_update
+
+    def compile_update(self) -> None:
+        """Run the multi-tensor update through `torch.compile` (what `convbert pretrain --compile` does on GPUs):
+        Inductor fuses its ~9 multi-tensor ops, each a full pass over every parameter and moment, into a few
+        kernels. One graph per parameter group; within an ulp or so of the eager update (fused multiply-adds)."""
+        self._multi_tensor_update = torch.compile(_foreach_update)
 
     def _use_foreach(self, params: list[torch.Tensor]) -> bool:
         """Multi-tensor kernels by default on GPUs, where a per-parameter loop is ~7 kernel launches per tensor
@@ -89,7 +96,7 @@ class AdamWeightDecay(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             tensors = self._gather(group, count=True)
-            update = _foreach_update if self._use_foreach(tensors[0]) else _update
+            update = self._multi_tensor_update if self._use_foreach(tensors[0]) else _update
             update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], group["lr"] * group.get("lr_scale", 1.0))
         return loss
 
@@ -106,7 +113,7 @@ class AdamWeightDecay(torch.optim.Optimizer):
             tensors = self._gather(group, count=False)
             if tensors[0]:  # multi-tensor ops refuse empty lists
                 step_size = lr * group.get("lr_scale", 1.0)
-                _foreach_update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], step_size)
+                self._multi_tensor_update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], step_size)
 
     def count_steps(self) -> None:
         """Advance the per-parameter step counters as `step()` does (they are saved in checkpoints)."""

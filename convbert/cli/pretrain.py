@@ -43,8 +43,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="continue from the latest checkpoint (also what re-running the command does); error if none")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the encoders, heads, losses and the sampler's arithmetic (for GPUs; on "
-                        "CPUs our eager kernels are faster)")
+                   help="torch.compile the encoders, heads, losses, the sampler's arithmetic and the optimiser's "
+                        "update (for GPUs; on CPUs our eager kernels are faster)")
     p.add_argument("--compile-mode", choices=list(COMPILE_MODES),
                    help="torch.compile mode (implies --compile; reduce-overhead and max-autotune add "
                         "CUDA graphs per encoder)")

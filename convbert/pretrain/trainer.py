@@ -199,6 +199,7 @@ class Trainer:
             self.scaler = torch.amp.GradScaler("cuda")
         if cfg.compile:  # the encoders, heads, losses and sampler, in place (parameter names unchanged)
             self.model.compile_pieces(mode=cfg.compile_mode)
+            self.optimizer.compile_update()  # the multi-tensor update (GPUs; the CPU runs the per-tensor loop)
         self.graphed = self._graphed_step(graph_type) if cfg.cuda_graphs else None
         self._prefetched: tuple | None = None  # (batch, loader state and masking state before it): --cuda-graphs
         self.train_model: torch.nn.Module = self.model
