@@ -2,10 +2,12 @@
 # The GPU checks and figures in one go (docs/performance.md, "GPU"). Parts, each with its own time limit (the script
 # goes on when one fails, and the benchmarks write their JSON after every measurement, so a part cut short keeps
 # what it finished):
-#   tests             the GPU tests (tests/test_gpu.py, tests/test_optim.py)                            150 s
+#   tests             the GPU tests (tests/test_gpu.py, tests/test_optim.py; 78-122 s before the two
+#                     compiled-and-graphed pretraining tests were added)                               240 s
 #   rtd_compiled      the full replaced-token-detection step at three sizes, ours compiled and as CUDA
 #                     graphs (the recommended --precision bf16 --compile --cuda-graphs) against the
-#                     transformers-built step (this session: medium-small 140 s, small 136 s, cold)    420 s
+#                     transformers-built step (third lease: medium-small 140 s, small 136 s, cold;
+#                     base, last, may be cut: each size's result is written as soon as it is measured)  340 s
 #   depthwise_conv1d  the compiled, graphed medium-small step with the depthwise conv as CUDA's grouped
 #                     conv1d instead of the shift-and-add (the A/B of that choice)                      150 s
 #   rtd               the step eager: ours, ours as CUDA graphs, transformers-built, three sizes         200 s
@@ -18,7 +20,7 @@
 #                     (TORCHINDUCTOR_ENABLE_PDL=1), no mix-order reductions
 #                     (TORCHINDUCTOR_MIX_ORDER_REDUCTION=0), combo kernels (--inductor combo_kernels=True);
 #                     each child compiles cold (~120 s), so 4 x 150 s (two device calls; AB picks some)  600 s
-# PARTS picks them (default: tests rtd_compiled, 570 s, inside one 600 s device call; on an H200
+# PARTS picks them (default: tests rtd_compiled, 580 s, inside one 600 s device call; on an H200
 # the tests took 86-122 s, an eager benchmark child ~12 s, a compiled one ~120 s on a fresh machine (Inductor's cache
 # is cold) and ~50 s after a child that compiled the same graphs); COMPILE_MODES the torch.compile modes
 # of rtd_compiled (default: default), SIZES its sizes (default: medium-small small base). Logs and JSON go to $OUT
@@ -42,12 +44,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__,
 transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-want tests && part tests ${TESTS_S:-150} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
+want tests && part tests ${TESTS_S:-240} python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_optim.py
 steps="--batch 128 --steps 10 --warmup 3 --rounds 1"
 for mode in ${COMPILE_MODES:-default}; do
   impls="ours-graphed transformers"  # modes with Inductor's own CUDA graphs cannot be captured again:
   case $mode in reduce-overhead|max-autotune) impls="ours transformers" ;; esac
-  want rtd_compiled && part "rtd_compiled_$mode" ${COMPILED_S:-420} python3 benchmarks/pretrain_step.py --device cuda \
+  want rtd_compiled && part "rtd_compiled_$mode" ${COMPILED_S:-340} python3 benchmarks/pretrain_step.py --device cuda \
     --precision bf16 --sizes ${SIZES:-medium-small small base} --impls $impls --compile "$mode" $steps \
     --output "$OUT/rtd_compiled_$mode.json"
 done
