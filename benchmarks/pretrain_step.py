@@ -15,8 +15,9 @@ small and tiny generators), so there its generator is slightly smaller than ours
 
 `--compile MODE` compiles our step's pieces (as `convbert pretrain --compile` does: the encoders, heads, losses, the
 sampler's arithmetic and the optimiser's update; `--compiled-pieces encoders` compiles the encoders only; the
-transformers side stays eager). The implementation `ours-graphed` is ours with the whole step captured as CUDA graphs (as `convbert pretrain
---cuda-graphs` does: `convbert.pretrain.cuda_graph.GraphedTrainStep`; CUDA only; composes with `--compile`).
+transformers side stays eager). The implementation `ours-graphed` is ours with the whole step captured as CUDA
+graphs (as `convbert pretrain --cuda-graphs` does: `convbert.pretrain.cuda_graph.GraphedTrainStep`; CUDA only;
+composes with `--compile`).
 `--project-steps N` (default 1M, the recipe's length) prints the projected time of N steps at the measured
 median.
 
@@ -136,20 +137,20 @@ def child(args) -> dict:
     else:
         model = HFReplacedTokenDetection(config, fraction)
     model.to(device).train()
-    if args.impl.startswith("ours") and args.compile != "none":
+    opt = AdamWeightDecay(param_groups(model, 0.01), lr=1e-4)
+    if args.impl.startswith("ours") and args.compile != "none":  # as `convbert pretrain --compile`
         from convbert.model import kernels
 
         kernels.compiled_depthwise_as_conv1d = args.compiled_depthwise == "conv1d"
         # torch.compile takes a mode or Inductor options, not both (options imply the default mode)
         how = {"options": inductor_options(args.inductor)} if args.inductor else {"mode": args.compile}
         model.compile_pieces(encoders_only=args.compiled_pieces == "encoders", **how)
+        if args.compiled_pieces == "all":
+            opt.compile_update()
     params = sum(p.numel() for p in model.parameters())
     from convbert.model.flops import pretraining_counts
 
     flops_per_token = pretraining_counts(config, fraction)["pretrain_train_flops_per_token"]
-    opt = AdamWeightDecay(param_groups(model, 0.01), lr=1e-4)
-    if args.impl.startswith("ours") and args.compile != "none" and args.compiled_pieces == "all":
-        opt.compile_update()  # as `convbert pretrain --compile`
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, args.vocab, (args.batch, args.length), generator=g)
     ids[:, 0], ids[:, -1] = 2, 3
@@ -158,15 +159,14 @@ def child(args) -> dict:
     mask_gen = torch.Generator().manual_seed(2)
     sample_gen = torch.Generator(device=device).manual_seed(3)
 
+    def next_batch():
+        batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen)
+        return batch.pin_memory() if device.type == "cuda" else batch
+
     if args.impl == "ours-graphed":
         from convbert.pretrain.cuda_graph import GraphedTrainStep
 
         graphed = GraphedTrainStep(model, opt, precision=args.precision, max_grad_norm=1.0, sample_generator=sample_gen)
-
-        def next_batch():
-            batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen)
-            return batch.pin_memory() if device.type == "cuda" else batch
-
         prefetched = [next_batch()]
 
         def step():  # as `convbert pretrain --cuda-graphs`: replay, mask the next batch meanwhile, read, replay, read
@@ -177,7 +177,7 @@ def child(args) -> dict:
             return loss
     else:
         def step():
-            batch = mask_batch(ids, mask, seg, cls_id=2, sep_id=3, mask_id=4, generator=mask_gen).to(device)
+            batch = next_batch().to(device, non_blocking=True)
             with autocast(args.precision, device):
                 out = model(batch, sample_generator=sample_gen)
             out.loss.backward()

@@ -627,7 +627,7 @@ def _same_conv_plain(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 # Under torch.compile the depthwise conv is the plain shift-and-add, which Inductor fuses with its neighbours. The
 # alternative, True, keeps the grouped conv1d there too: on an H200 its CUDA kernels took 4.3 ms of the 31 ms of GPU
-# time of a compiled medium-small RTD step (benchmarks/results/gpu/profile_compiled.txt). Benchmarks flip this to
+# time of a compiled medium-small RTD step (benchmarks/results/gpu/profile_compiled_conv1d.txt). Benchmarks flip this to
 # compare the two (benchmarks/pretrain_step.py --compiled-depthwise).
 compiled_depthwise_as_conv1d = False
 
