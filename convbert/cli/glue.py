@@ -71,15 +71,13 @@ def _cfg(args, double_default=True):
 def _parse_seeds(text: str) -> list[int]:
     text = str(text).strip()
     try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        else:
-            n = int(text)
-            if n < 1:
-                raise ConvBertError(f"--seeds must be at least 1, got {n}")
-            seeds = list(range(1, n + 1))
+        listed = [int(s) for s in text.split(",") if s.strip()] if "," in text else None
+        count = None if listed is not None else int(text)
     except ValueError:
         raise ConvBertError(f"--seeds must be a count N (seeds 1..N) or a comma list of seeds, got {text!r}")
+    if count is not None and count < 1:
+        raise ConvBertError(f"--seeds must be at least 1, got {count}")
+    seeds = listed if listed is not None else list(range(1, count + 1))
     if len(set(seeds)) != len(seeds):
         raise ConvBertError(f"--seeds lists a seed twice: {text}")
     return seeds
