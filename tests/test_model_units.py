@@ -2,6 +2,8 @@
 
 import json
 
+import re
+
 import pytest
 import torch
 
@@ -73,6 +75,35 @@ def test_generator_fraction_too_small_names_the_fraction():
 def test_validation_names_the_field(overrides, field):
     with pytest.raises(ConvBertError, match=field):
         ConvBertConfig.from_preset("small", **overrides)
+
+
+def test_generator_head_count_is_truncated_as_in_the_original():
+    # max(1, N * f) cast to int: 8 * 0.35 = 2.8 -> 2 heads (rounding would give 3)
+    gen = ConvBertConfig.from_preset("medium-small").generator_config(0.35)
+    assert (gen.hidden_size, gen.num_attention_heads) == (134, 2)
+
+
+def test_config_numbers_written_as_text_are_converted_and_wrong_types_name_the_field():
+    # YAML reads 1e-12 (no decimal point) as a string; --set values arrive as text
+    cfg = ConvBertConfig.from_preset("small", layer_norm_eps="1e-12", initializer_range="2e-2", hidden_size="256",
+                                     mask_conv_padding="true")
+    assert (cfg.layer_norm_eps, cfg.initializer_range, cfg.hidden_size, cfg.mask_conv_padding) == (
+        1e-12, 0.02, 256, True)
+    assert type(cfg.layer_norm_eps) is float and type(cfg.hidden_size) is int
+    for overrides, message in [
+        (dict(layer_norm_eps="x"), "'layer_norm_eps' = 'x': expected a number"),
+        (dict(hidden_size=256.5), "'hidden_size' = 256.5: expected an integer"),
+        (dict(num_groups=True), "'num_groups' = True: expected an integer"),
+        (dict(mask_conv_padding=1), "'mask_conv_padding' = 1: expected true or false"),
+        (dict(initializer_range=-0.1), "'initializer_range' = -0.1: expected a standard deviation"),
+    ]:
+        with pytest.raises(ConvBertError, match=re.escape(message)):
+            ConvBertConfig.from_preset("small", **overrides)
+
+
+def test_errors_are_value_errors():
+    with pytest.raises(ValueError, match="hidden_size"):
+        ConvBertConfig(hidden_size=100, num_attention_heads=3)
 
 
 def test_unknown_preset():

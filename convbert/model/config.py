@@ -19,6 +19,35 @@ HF_FIELDS = (
 )
 
 
+_WRONG_TYPE = object()
+
+
+def _as_type(value: Any, kind: str) -> Any:
+    """`value` as a field of type `kind` ("int", "float", "bool", "str", "dict"), or _WRONG_TYPE."""
+    if kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        return value if isinstance(value, bool) else _WRONG_TYPE
+    if kind in ("int", "float"):
+        if isinstance(value, bool):
+            return _WRONG_TYPE
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind == "float" or any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                return _WRONG_TYPE
+        if kind == "float":
+            return float(value) if isinstance(value, (int, float)) else _WRONG_TYPE
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) else _WRONG_TYPE
+    if kind == "str":
+        return value if isinstance(value, str) else _WRONG_TYPE
+    if kind == "dict":
+        return value if isinstance(value, dict) else _WRONG_TYPE
+    return value
+
+
 @dataclass
 class ConvBertConfig:
     """Hyper-parameters of one ConvBERT encoder (spec §2.1). Defaults are the `base` discriminator."""
@@ -51,7 +80,23 @@ class ConvBertConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._coerce_types()
         self.validate()
+
+    def _coerce_types(self) -> None:
+        """Bring each field to its declared type, or fail naming it.
+
+        YAML reads `1e-12` (no decimal point) as a string and `--set` values arrive as text, so a number written as
+        text is converted; anything else of the wrong type is an error that names the field, not a crash later.
+        """
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            converted = _as_type(value, kind)
+            if converted is _WRONG_TYPE:
+                expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                            "dict": "a mapping"}[kind]
+                raise ConvBertError(f"config field '{f.name}' = {value!r}: expected {expected}")
+            setattr(self, f.name, converted)
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -100,6 +145,7 @@ class ConvBertConfig:
         need(self.attention_type in ("mixed", "plain"), "attention_type", "'mixed' or 'plain'")
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", f"an id in [0, {self.vocab_size})")
         need(self.layer_norm_eps > 0, "layer_norm_eps", "a positive number")
+        need(self.initializer_range >= 0, "initializer_range", "a standard deviation >= 0")
 
     # ---- presets -------------------------------------------------------------------------------------------
     @classmethod
@@ -118,7 +164,9 @@ class ConvBertConfig:
         if not 0 < fraction <= 1:
             raise ConvBertError(f"generator fraction {fraction!r}: expected a number in (0, 1]")
         hidden = int(round(self.hidden_size * fraction))
-        heads = max(1, int(round(self.num_attention_heads * fraction)))
+        # max(1, N * f), then cast to int as the original does (truncation; the epsilon absorbs float noise in
+        # fractions such as 1/3, where 12 * f is 4 in exact arithmetic).
+        heads = int(max(1.0, self.num_attention_heads * fraction) + 1e-9)
         if hidden % heads:
             raise ConvBertError(f"generator of hidden {hidden} cannot have {heads} heads (fraction {fraction})")
         try:

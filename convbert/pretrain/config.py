@@ -154,10 +154,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
-def _model_fields() -> set[str]:
+def _model_fields() -> dict[str, str]:
+    """ConvBertConfig's settable fields and their types."""
     from convbert.model.config import ConvBertConfig
 
-    return {f.name for f in dataclasses.fields(ConvBertConfig)} - {"extra"}
+    return {f.name: str(f.type) for f in dataclasses.fields(ConvBertConfig) if f.name != "extra"}
 
 
 def apply_mapping(cfg: PretrainConfig, values: dict, source: str) -> None:
@@ -175,7 +176,12 @@ def apply_mapping(cfg: PretrainConfig, values: dict, source: str) -> None:
             model_fields = model_fields or _model_fields()
             if name not in model_fields:
                 raise ConvBertError(f"{source}: unknown key {key!r} (model keys: {', '.join(sorted(model_fields))})")
-            cfg.model[name] = value
+            from convbert.model.config import _WRONG_TYPE, _as_type
+
+            typed = _as_type(value, model_fields[name])
+            if typed is _WRONG_TYPE:
+                raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {model_fields[name]}")
+            cfg.model[name] = typed
             continue
         if key not in FIELDS:
             raise ConvBertError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(FIELDS))}, model.<field>)")
