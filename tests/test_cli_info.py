@@ -24,3 +24,16 @@ def test_bad_size_is_a_usage_error(capsys):
     except SystemExit as exit:
         assert exit.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_reported_by_the_subcommand_on_one_line(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit:
+        main(["info", "--size", "small", "--bogus", "3"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convbert info: error: unrecognized arguments: --bogus 3") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit:
+        main(["--bogus"])
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith("convbert: error: unrecognized arguments")
