@@ -230,6 +230,9 @@ def test_schedule_linear_decay_from_step_zero_times_warmup(tiny_data, tmp_path):
     expected = [1e-3 * (1 - t / 6) * min(1.0, t / 3) for t in range(6)]
     assert lrs == pytest.approx(expected, abs=1e-12)
     assert lrs[0] == 0.0
+    # one step gives no rate yet: null, not a string; later records have a number
+    rates = [r["tokens_per_s"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"]
+    assert rates[0] is None and all(isinstance(r, float) and r > 0 for r in rates[1:])
 
 
 def test_time_limit_stops_with_checkpoint_and_eval_then_continues(tiny_data, tmp_path):

@@ -186,9 +186,9 @@ class RunLogger:
         if len(self._window) >= 2:
             dt = self._window[-1][0] - self._window[0][0]
             tok = sum(t for _, t in self._window[1:])
-            tps = tok / dt if dt > 0 else float("nan")
+            tps = tok / dt if dt > 0 else None
         else:
-            tps = float("nan")
+            tps = None  # one step gives no rate yet: null in the log, not a made-up number
         record = {"kind": "train", "step": step, **metrics, "tokens_per_s": tps,
                   "elapsed_s": now - self._t0}
         if step % self.log_every == 0 or step == self.total_steps:
@@ -198,7 +198,7 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             post = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
-            if math.isfinite(tps):
+            if tps is not None:
                 post["tok/s"] = f"{tps:,.0f}"
             self._bar.set_postfix(post, refresh=False)
 
