@@ -218,6 +218,14 @@ def test_options_bf16_accumulation_plain_attention_without_replacement(tiny_data
     # 2 steps x 2 micro-batches x 4 examples
     assert st["loader"][0]["position"] == 16 and st["run_config"]["micro_batch_size"] == 4
     assert st["run_config"]["model_config"]["attention_type"] == "plain"
+    from convbert.pretrain.export import export_checkpoint
+
+    # transformers has no plain-attention ConvBERT: the export says so instead of leaving it to fail there
+    info = export_checkpoint(out, tmp_path / "export", generator=True)
+    assert [n.split(":")[0] for n in info["notes"]] == [
+        "the discriminator uses plain self-attention (the --attention plain baseline)",
+        "the generator uses plain self-attention (the --attention plain baseline)"]
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["notes"] == info["notes"]
     with pytest.raises(ConvBertError, match="does not split"):
         run_pretraining(cfg_for(tiny_data, tmp_path / "x", batch_size=6, grad_accum=4), progress=False)
 

@@ -42,6 +42,18 @@ def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
     )
 
 
+def _transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
+    """Why `transformers` cannot load an exported model that convbert loads, if it cannot."""
+    if config.attention_type == "plain":
+        return [f"the {which} uses plain self-attention (the --attention plain baseline): transformers' ConvBERT has "
+                f"no such layer, so load it with convbert (ConvBertModel.from_pretrained), not transformers"]
+    if config.num_attention_heads < config.head_ratio:
+        # Spec §1.6: with fewer heads than head_ratio the concatenation is 2H wide, which HF's port cannot represent.
+        return [f"the {which} has {config.num_attention_heads} attention head(s) < head_ratio {config.head_ratio}: "
+                f"convbert loads it, transformers cannot (spec §1.6)"]
+    return []
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
     from convbert.interop.hf import copy_vocab
     from convbert.model.config import ConvBertConfig
@@ -110,12 +122,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         write_json_atomic(gdir / "config.json", hf)
         copy_vocab(vocab, gdir)
         written["generator"] = str(gdir)
-        if gconfig.num_attention_heads < gconfig.head_ratio:
-            # Spec §1.6: a one-head generator has a 2H-wide concatenation that HF's port cannot represent.
-            notes.append(
-                f"the generator has {gconfig.num_attention_heads} attention head(s) < head_ratio "
-                f"{gconfig.head_ratio}: convbert loads it, transformers cannot (spec §1.6)"
-            )
+    for which, cfg in (("discriminator", config), ("generator", gconfig)):
+        if cfg is not None:
+            notes += _transformers_limits(which, cfg)
 
     info = {
         "checkpoint": str(ck),
