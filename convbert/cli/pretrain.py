@@ -32,10 +32,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (multiplied into the linear decay)")
     p.add_argument("--seed", type=int, help="random seed (default 42)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (plus milestones and the last step)")
-    p.add_argument("--keep-checkpoints", type=int, help="keep the last N regular checkpoints (milestones are kept)")
+    p.add_argument("--save-every", type=int,
+                   help="checkpoint every N steps (plus milestones and the last step; 0: only those)")
+    p.add_argument("--keep-checkpoints", type=int,
+                   help="keep the last N regular checkpoints (milestones are kept; 0: keep all)")
     p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: only at start and end)")
-    p.add_argument("--eval-batches", type=int, help="batches per held-out evaluation")
+    p.add_argument("--eval-batches", type=int, help="batches per held-out evaluation (0: no held-out evaluation)")
     p.add_argument("--config", help="YAML recipe file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting (repeatable), e.g. --set model.hidden_dropout_prob=0.0")
@@ -59,7 +61,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="electra = replaced-token detection; mlm = BERT-style masked LM on one network")
     p.add_argument("--max-bad-steps", type=int, help="stop after N non-finite losses in a row (default 10)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default: the GPU if there is one)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default or 0: torch's choice)")
     p.add_argument("--stop-at-step", type=int,
                    help="checkpoint and stop at this step (the schedule still spans --steps); re-run to continue")
     p.add_argument("--time-limit", type=float,
