@@ -107,6 +107,30 @@ def test_keep_mask_is_a_byte_mask_with_the_realised_scale():
     assert scale == 65536 / (65536 - threshold)  # 1 / the keep probability actually used, not 1 / 0.9
 
 
+def test_keep_mask_bits_come_from_an_aten_op_under_a_dispatch_mode():
+    # Outside a dispatch mode the bits come from numpy (seeded from torch's generator); the CUDA-graph stand-in
+    # (RecordedOps) replays ATen ops, so there they must be drawn by one, or every replay would reuse one mask.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RandomOps(TorchDispatchMode):
+        drawn: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.random_ and out.numel() > 1:
+                self.drawn.append(out.numel())
+            return out
+
+    with RandomOps() as mode:
+        kernels._keep_mask(torch.Size([8, 64]), 0.1, torch.device("cpu"))
+    assert mode.drawn == [8 * 64 // 4]  # four 16-bit lanes per 64-bit word
+    torch.manual_seed(5)
+    a = kernels._random_words(1000, torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(a, kernels._random_words(1000, torch.device("cpu")))
+    assert not torch.equal(a, kernels._random_words(1000, torch.device("cpu")))
+
+
 def test_dropout_is_seeded():
     x = torch.ones(64, 64, requires_grad=True)
     torch.manual_seed(3)
