@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -17,6 +18,9 @@ from safetensors.torch import save_file
 from convbert.errors import ConvBertError
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.utils import atomic_path, write_json_atomic
+
+if TYPE_CHECKING:
+    from convbert.model.config import ConvBertConfig
 
 RUN_VOCAB = "vocab.txt"
 
