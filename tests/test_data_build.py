@@ -95,6 +95,9 @@ def test_no_tokens_lost_without_truncation(corpus, vocab, tmp_path):
     want = np.concatenate([np.asarray(tok.encode(p.read_text()), dtype=np.int64)
                            for p in sorted(corpus.iterdir())])
     assert np.array_equal(np.sort(got), np.sort(want))
+    # one path may be given as such (a str or a Path), not only as a list
+    build_dataset(corpus, vocab, str(tmp_path / "one"), max_seq_length=4096, docs="files", progress=False)
+    assert (tmp_path / "one" / "manifest.json").read_bytes() == (tmp_path / "d" / "manifest.json").read_bytes()
 
 
 def test_resume_after_failure_is_identical(corpus, vocab, tmp_path, monkeypatch):

@@ -255,8 +255,8 @@ def _settings(inputs, vocab_sha, vocab_size, *, seed, max_seq_length, docs, segm
 
 
 def _check_args(inputs, workers, max_seq_length, docs, segment_rule) -> None:
-    if isinstance(inputs, (str, os.PathLike)):
-        raise ConvBertError("inputs: expected a list of paths, got a single string")
+    if not inputs:
+        raise ConvBertError("inputs: expected at least one path")
     if int(workers) < 1:
         raise ConvBertError(f"--workers: expected at least 1, got {workers}")
     if not 5 <= int(max_seq_length) <= 65535:
@@ -453,7 +453,7 @@ def _removes_new_output_on_bad_input(build):
 
 @_removes_new_output_on_bad_input
 def build_dataset(
-    inputs: list[str],
+    inputs: list[str | os.PathLike] | str | os.PathLike,
     vocab: str,
     output: str,
     *,
@@ -469,7 +469,10 @@ def build_dataset(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict:
-    """Build (or finish building) a pre-training dataset folder; returns its manifest."""
+    """Build (or finish building) a pre-training dataset folder; returns its manifest. `inputs` is a list of
+    paths (files, folders, globs), or one path."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     _check_args(inputs, workers, max_seq_length, docs, segment_rule)
     workers = int(workers)
     inputs = [str(p) for p in inputs]
