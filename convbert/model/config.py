@@ -19,32 +19,36 @@ HF_FIELDS = (
 )
 
 
-_WRONG_TYPE = object()
+WRONG_TYPE = object()
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "dict": "a mapping"}
 
 
-def _as_type(value: Any, kind: str) -> Any:
-    """`value` as a field of type `kind` ("int", "float", "bool", "str", "dict"), or _WRONG_TYPE."""
+def as_field_type(value: Any, kind: str) -> Any:
+    """`value` as a config field of type `kind` ("int", "float", "bool", "str", "dict"), or WRONG_TYPE.
+
+    Numbers written as text are converted (YAML reads `1e-12`, with no decimal point, as a string; `--set` values
+    arrive as text); integral floats become ints; bools are never numbers."""
     if kind == "bool":
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
-        return value if isinstance(value, bool) else _WRONG_TYPE
+        return value if isinstance(value, bool) else WRONG_TYPE
     if kind in ("int", "float"):
         if isinstance(value, bool):
-            return _WRONG_TYPE
+            return WRONG_TYPE
         if isinstance(value, str):
             try:
                 value = float(value) if kind == "float" or any(c in value for c in ".eE") else int(value)
             except ValueError:
-                return _WRONG_TYPE
+                return WRONG_TYPE
         if kind == "float":
-            return float(value) if isinstance(value, (int, float)) else _WRONG_TYPE
+            return float(value) if isinstance(value, (int, float)) else WRONG_TYPE
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        return value if isinstance(value, int) else _WRONG_TYPE
+        return value if isinstance(value, int) else WRONG_TYPE
     if kind == "str":
-        return value if isinstance(value, str) else _WRONG_TYPE
+        return value if isinstance(value, str) else WRONG_TYPE
     if kind == "dict":
-        return value if isinstance(value, dict) else _WRONG_TYPE
+        return value if isinstance(value, dict) else WRONG_TYPE
     return value
 
 
@@ -84,18 +88,12 @@ class ConvBertConfig:
         self.validate()
 
     def _coerce_types(self) -> None:
-        """Bring each field to its declared type, or fail naming it.
-
-        YAML reads `1e-12` (no decimal point) as a string and `--set` values arrive as text, so a number written as
-        text is converted; anything else of the wrong type is an error that names the field, not a crash later.
-        """
+        """Bring each field to its declared type (`as_field_type`), or fail naming it, not crash later."""
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), str(f.type)
-            converted = _as_type(value, kind)
-            if converted is _WRONG_TYPE:
-                expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                            "dict": "a mapping"}[kind]
-                raise ConvBertError(f"config field '{f.name}' = {value!r}: expected {expected}")
+            converted = as_field_type(value, kind)
+            if converted is WRONG_TYPE:
+                raise ConvBertError(f"config field '{f.name}' = {value!r}: expected {TYPE_NAMES[kind]}")
             setattr(self, f.name, converted)
 
     # ---- derived sizes -------------------------------------------------------------------------------------

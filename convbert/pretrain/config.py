@@ -176,11 +176,11 @@ def apply_mapping(cfg: PretrainConfig, values: dict, source: str) -> None:
             model_fields = model_fields or _model_fields()
             if name not in model_fields:
                 raise ConvBertError(f"{source}: unknown key {key!r} (model keys: {', '.join(sorted(model_fields))})")
-            from convbert.model.config import _WRONG_TYPE, _as_type
+            from convbert.model.config import TYPE_NAMES, WRONG_TYPE, as_field_type
 
-            typed = _as_type(value, model_fields[name])
-            if typed is _WRONG_TYPE:
-                raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {model_fields[name]}")
+            typed = as_field_type(value, model_fields[name])
+            if typed is WRONG_TYPE:
+                raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {TYPE_NAMES[model_fields[name]]}")
             cfg.model[name] = typed
             continue
         if key not in FIELDS:
