@@ -1,0 +1,125 @@
+"""Where the encoder's training step and inference spend their time, ours against transformers', by kind of op.
+
+Same config, weights, inputs and threads as `model_speed.py` (batch 32 x 128 by default, fixed allocator settings).
+Each model's step is timed (interleaved, median) and then profiled once; the profiler's self CPU time is split into
+  * matrix products: every GEMM (`mm`, `addmm`, `bmm`, `baddbmm`, oneDNN's linear), whichever library runs it;
+  * convolutions: ATen convolution ops (transformers' ConvBERT runs its separable conv through `conv1d`);
+  * the rest, with its largest ops listed.
+The bound it prints answers "how fast could our step be if everything but its matrix products were free?": our
+wall time scaled by the products' share of the profile, and HF's step over that. Products run at the rate the
+libraries reach on these shapes, so no implementation of the same maths on this machine beats that bound.
+
+Usage:  python benchmarks/step_breakdown.py --size medium-small --output benchmarks/results/step_breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+from _bench import ALLOCATOR_ENV, machine_info, use_fixed_allocator, write_report
+
+if __name__ == "__main__":
+    use_fixed_allocator()
+
+import torch  # noqa: E402
+
+from model_speed import build_pair, infer, inputs, train_step  # noqa: E402
+
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+            "mkldnn::_linear_pointwise"}
+CONVOLUTIONS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::convolution_backward",
+                "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::thnn_conv2d"}
+
+
+def kind_of(op: str) -> str:
+    if op in PRODUCTS:
+        return "matrix products"
+    if op in CONVOLUTIONS:
+        return "convolutions"
+    return "rest"
+
+
+def profile_split(step) -> dict:
+    """Self CPU seconds by kind of op over one call of `step`, and the rest's largest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    by_kind: dict[str, float] = defaultdict(float)
+    rest: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        kind = kind_of(event.key)
+        by_kind[kind] += seconds
+        if kind == "rest":
+            rest[event.key] += seconds
+    total = sum(by_kind.values())
+    top = sorted(rest.items(), key=lambda kv: -kv[1])[:12]
+    return {"profiled_seconds": total, "seconds_by_kind": dict(by_kind),
+            "share_by_kind": {k: v / total for k, v in by_kind.items()}, "largest_other_ops": dict(top)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="medium-small")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model (median), after 2 warm-ups")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="benchmarks/results/step_breakdown.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours, hf = build_pair(args.size)
+    ids, mask, types = inputs(args.batch, args.length)
+    optimizers = {"ours": torch.optim.AdamW(ours.parameters(), lr=0.0), "hf": torch.optim.AdamW(hf.parameters(), lr=0.0)}
+    models = {"ours": ours, "hf": hf}
+
+    def step(name: str, phase: str):
+        model, is_hf = models[name], name == "hf"
+        if phase == "train":
+            model.train()
+            return lambda: train_step(model, optimizers[name], ids, mask, types, is_hf)
+        model.eval()
+        return lambda: infer(model, ids, mask, types, is_hf)
+
+    report = {"machine": machine_info(args.threads), "allocator": ALLOCATOR_ENV, "size": args.size,
+              "batch": args.batch, "length": args.length, "phases": {}}
+    for phase in ("train", "inference"):
+        wall = {"ours": [], "hf": []}
+        for i in range(2 + args.steps):  # interleaved: A B A B
+            for name in ("ours", "hf"):
+                fn = step(name, phase)
+                t = time.perf_counter()
+                fn()
+                if i >= 2:
+                    wall[name].append(time.perf_counter() - t)
+        result = {}
+        for name in ("ours", "hf"):
+            split = profile_split(step(name, phase))
+            result[name] = {"wall_seconds": statistics.median(wall[name]), **split}
+        products_only = result["ours"]["wall_seconds"] * result["ours"]["share_by_kind"].get("matrix products", 0.0)
+        result["speedup"] = result["hf"]["wall_seconds"] / result["ours"]["wall_seconds"]
+        result["ours_products_only_seconds"] = products_only
+        result["speedup_bound_if_only_products_cost"] = result["hf"]["wall_seconds"] / products_only
+        report["phases"][phase] = result
+
+    print(f"{args.size}, batch {args.batch} x {args.length}, {args.threads} threads, torch {torch.__version__}")
+    print(f"{'phase':10s} {'model':5s} {'wall s':>7s} {'products':>9s} {'convs':>6s} {'rest':>6s}  largest other ops")
+    for phase, result in report["phases"].items():
+        for name in ("ours", "hf"):
+            r = result[name]
+            share = r["share_by_kind"]
+            others = ", ".join(f"{op.split('::')[-1]} {s * 1e3:.0f}ms" for op, s in list(r["largest_other_ops"].items())[:5])
+            print(f"{phase:10s} {name:5s} {r['wall_seconds']:7.3f} {share.get('matrix products', 0):9.0%} "
+                  f"{share.get('convolutions', 0):6.0%} {share.get('rest', 0):6.0%}  {others}")
+        print(f"{phase:10s} speed-up {result['speedup']:.2f}x; if only our matrix products cost time: "
+              f"{result['ours_products_only_seconds']:.3f} s, {result['speedup_bound_if_only_products_cost']:.2f}x")
+    write_report(args.output, report)
+
+
+if __name__ == "__main__":
+    main()
