@@ -293,8 +293,9 @@ def test_unsafe_archive_members_are_refused(vocab, tmp_path, member, match, wher
     else:
         path = tmp_path / "sub.xz"
         _tar_xz([good, member], path)
-    with pytest.raises(ConvBertError, match=match):
+    with pytest.raises(ConvBertError, match=match) as err:
         build_dataset([str(path)], vocab, str(tmp_path / "out"), docs="files", progress=False)
+    assert "not a readable tar archive" not in str(err.value)  # the member's own error, not re-wrapped
 
 
 def test_jsonl_plain_and_gzip(corpus, vocab, tmp_path):

@@ -322,6 +322,8 @@ class UnitEnumerator:
                             yield flush()
                 if group:
                     yield flush()
+        except ConvBertError:  # an unsafe or unreadable member, already named (and itself a ValueError)
+            raise
         except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as err:
             if isinstance(err, OSError) and not isinstance(err, (tarfile.TarError,)) and err.errno is not None:
                 raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
