@@ -167,7 +167,7 @@ def test_config_resolution_and_errors(tiny_data, tmp_path):
     # model fields get their types: YAML/--set read 1e-12 as text
     cfg = resolve_config("tiny", None, {"data": "d", "output": "o"}, ["model.layer_norm_eps=1e-12"])
     assert cfg.model == {"layer_norm_eps": 1e-12} and type(cfg.model["layer_norm_eps"]) is float
-    with pytest.raises(ConvBertError, match=r"--set: key 'model.hidden_dropout_prob' = 'abc': expected a number"):
+    with pytest.raises(ConvBertError, match=r"--set: key 'model.hidden_dropout_prob' = 'abc': expected float"):
         resolve_config("tiny", None, {"data": "d", "output": "o"}, ["model.hidden_dropout_prob=abc"])
     with pytest.raises(ConvBertError, match="steps"):
         resolve_config("tiny", None, {"data": "d", "output": "o"}, ["steps=abc"])

@@ -27,10 +27,11 @@ def as_field_type(value: Any, kind: str) -> Any:
     """`value` as a config field of type `kind` ("int", "float", "bool", "str", "dict"), or WRONG_TYPE.
 
     Numbers written as text are converted (YAML reads `1e-12`, with no decimal point, as a string; `--set` values
-    arrive as text); integral floats become ints; bools are never numbers."""
+    arrive as text); integral floats become ints; bools are never numbers; bools may be written true/false,
+    yes/no or 1/0; numbers are accepted as strings (names). Any other kind is returned unchanged."""
     if kind == "bool":
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
         return value if isinstance(value, bool) else WRONG_TYPE
     if kind in ("int", "float"):
         if isinstance(value, bool):
@@ -45,7 +46,9 @@ def as_field_type(value: Any, kind: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         return value if isinstance(value, int) else WRONG_TYPE
-    if kind == "str":
+    if kind == "str":  # a YAML scalar such as `output: 2024` is a name
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
         return value if isinstance(value, str) else WRONG_TYPE
     if kind == "dict":
         return value if isinstance(value, dict) else WRONG_TYPE

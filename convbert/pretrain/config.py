@@ -120,38 +120,20 @@ class PretrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Convert a YAML/--set value to the field's type (ints stay ints, '1e-3' becomes a float)."""
-    f = FIELDS[key]
-    typ = str(f.type)
+def _coerce(key: str, value: Any, source: str, typ: str | None = None) -> Any:
+    """Convert a YAML/--set value to the field's type (`typ`, default the PretrainConfig field's): ints stay ints,
+    '1e-3' becomes a float (the rules of `ConvBertConfig`'s fields, `as_field_type`)."""
+    from convbert.model.config import WRONG_TYPE, as_field_type
+
+    typ = typ or str(FIELDS[key].type)
     if value is None:
         if "None" in typ:
             return None
         raise ConvBertError(f"{source}: key {key!r} cannot be null")
-    try:
-        if typ.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError
-        if typ.startswith("str"):
-            return str(value)
-        if typ == "dict":
-            if not isinstance(value, dict):
-                raise ValueError
-            return dict(value)
-    except (TypeError, ValueError):
-        raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {typ}") from None
-    return value
+    typed = as_field_type(value, typ.split(" | ")[0])
+    if typed is WRONG_TYPE:
+        raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {typ}")
+    return typed
 
 
 def _model_fields() -> dict[str, str]:
@@ -176,12 +158,7 @@ def apply_mapping(cfg: PretrainConfig, values: dict, source: str) -> None:
             model_fields = model_fields or _model_fields()
             if name not in model_fields:
                 raise ConvBertError(f"{source}: unknown key {key!r} (model keys: {', '.join(sorted(model_fields))})")
-            from convbert.model.config import TYPE_NAMES, WRONG_TYPE, as_field_type
-
-            typed = as_field_type(value, model_fields[name])
-            if typed is WRONG_TYPE:
-                raise ConvBertError(f"{source}: key {key!r} = {value!r}: expected {TYPE_NAMES[model_fields[name]]}")
-            cfg.model[name] = typed
+            cfg.model[name] = _coerce(key, value, source, typ=model_fields[name])
             continue
         if key not in FIELDS:
             raise ConvBertError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(FIELDS))}, model.<field>)")
