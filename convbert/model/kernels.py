@@ -31,7 +31,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils import _python_dispatch
 
 _KEEP_BITS = 1 << 16
 
@@ -151,7 +150,7 @@ def _random_words(count: int, device: torch.device) -> torch.Tensor:
     checkpointing's RNG replay fix these words as they fix torch's own draws. Under a dispatch mode (the CUDA-graph
     stand-in records ATen ops to replay them) the words must come from an ATen op, so torch draws them there.
     """
-    if device.type == "cpu" and not _python_dispatch.is_in_torch_dispatch_mode():
+    if device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0:  # (no dispatch mode; torch >= 2.0)
         seed = int(torch.empty((), dtype=torch.int64).random_())
         return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
     return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
