@@ -64,6 +64,23 @@ def test_vocab_starts_with_specials(vocab):
     assert len(lines) <= 800 and len(set(lines)) == len(lines)
 
 
+
+def test_train_vocab_gives_the_same_file_in_every_process(corpus, vocab, tmp_path):
+    """`tokenizers`' trainer alone numbers the ## forms in per-process hash order (a different file on nearly every
+    run); train_vocab must not. Separate processes, since the hash seed is drawn per process."""
+    code = "import sys; from convbert.data import train_vocab; train_vocab([sys.argv[1]], 800, sys.argv[2])"
+    outputs = []
+    for k in range(3):
+        out = tmp_path / f"vocab{k}.txt"
+        subprocess.run([sys.executable, "-c", code, str(corpus), str(out)], check=True, timeout=120)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2] == Path(vocab).read_bytes()
+    lines = outputs[0].decode().splitlines()
+    singles = [t for t in lines[5:] if len(t) == 1]
+    continuations = [t for t in lines[5:] if t.startswith("##") and len(t) == 3]
+    assert singles == sorted(singles) and continuations == sorted(continuations)
+    assert lines[5:5 + len(singles) + len(continuations)] == singles + continuations  # then the learned pieces
+
 @pytest.mark.parametrize("rule", ["electra", "convbert-release"])
 def test_same_output_for_1_and_2_workers(corpus, vocab, tmp_path, rule):
     m1 = build_dataset([str(corpus)], vocab, str(tmp_path / "w1"), workers=1, seed=3, segment_rule=rule, **SMALL)

@@ -1,9 +1,15 @@
 """`train_vocab`: a BERT-style WordPiece vocabulary trained with HF `tokenizers`' WordPiece trainer.
 
-The file lists, one per line: ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0–4), then the initial alphabet (single
-characters and their ``##`` continuation forms, as the trainer produces them), then the learned pieces in the
-order they were learned. Text is normalised exactly as `WordPieceTokenizer` does (lower-casing and accent
-stripping unless switched off), so the vocabulary matches what the builder will look up.
+The file lists, one per line: ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0–4), then the alphabet (single characters,
+by code point), their ``##`` continuation forms (by code point), then the learned pieces in the order they were
+learned. Text is normalised exactly as `WordPieceTokenizer` does (lower-casing and accent stripping unless switched
+off), so the vocabulary matches what the builder will look up.
+
+Deterministic: the same corpus gives the same file, byte for byte. `tokenizers`' trainer alone does not: it numbers
+the ``##`` forms in hash-map order, a different order in every process, and breaks ties between equally frequent
+merges by those numbers, so two runs can learn different pieces (huggingface/tokenizers#1794). A first, cheap pass
+of the trainer (no merges) finds the ``##`` forms; the real pass gets them, sorted, right after the special tokens,
+so every number and every tie-break is fixed. The cost is one more read of the corpus.
 """
 
 from __future__ import annotations
@@ -37,20 +43,6 @@ def train_vocab(
         raise ConvBertError(f"--vocab-size: expected at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
     if os.path.isdir(output):
         raise ConvBertError(f"--output {output}: is a folder; expected a file path such as {output}/vocab.txt")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=200))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=bool(strip_accents) and bool(lower_case),
-        lowercase=bool(lower_case),
-    )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=int(vocab_size),
-        min_frequency=int(min_frequency),
-        special_tokens=list(SPECIAL_TOKENS),
-        limit_alphabet=int(limit_alphabet),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
     counted = {"lines": 0}
 
     def lines():
@@ -58,14 +50,44 @@ def train_vocab(
             counted["lines"] += 1
             yield line
 
-    tok.train_from_iterator(lines(), trainer=trainer)
+    def trained(size: int, specials: list[str]) -> Tokenizer:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=200))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=bool(strip_accents) and bool(lower_case),
+            lowercase=bool(lower_case),
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=size,
+            min_frequency=int(min_frequency),
+            special_tokens=specials,
+            limit_alphabet=int(limit_alphabet),
+            continuing_subword_prefix="##",
+            show_progress=False,
+        )
+        tok.train_from_iterator(lines(), trainer=trainer)
+        return tok
+
+    # Pass 1 (no merges: the vocabulary is full from the start) gives the alphabet's ## forms, which pass 2 numbers
+    # in sorted order ahead of everything it creates.
+    first = trained(len(SPECIAL_TOKENS), list(SPECIAL_TOKENS))
     if counted["lines"] == 0:
         raise ConvBertError(f"empty corpus: no text in {', '.join(map(str, inputs))}; expected UTF-8 text")
+    continuations = sorted(t for t in first.get_vocab() if _is_continuation_char(t))
+    tok = trained(int(vocab_size), list(SPECIAL_TOKENS) + continuations)
     vocab = tok.get_vocab()
-    ordered = sorted(vocab.items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in ordered]
-    if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):  # pragma: no cover - trainer contract
+    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if ordered[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):  # pragma: no cover - trainer contract
         raise ConvBertError("internal: the WordPiece trainer did not put the special tokens first")
+    learned = ordered[len(SPECIAL_TOKENS):]
+    alphabet = sorted(t for t in learned if len(t) == 1)
+    continuations = sorted(t for t in learned if _is_continuation_char(t))
+    rest = [t for t in learned if len(t) != 1 and not _is_continuation_char(t)]
+    tokens = list(SPECIAL_TOKENS) + alphabet + continuations + rest
     write_text_atomic(output, "".join(t + "\n" for t in tokens))
     WordPieceTokenizer.from_vocab(output, lower_case=lower_case, strip_accents=strip_accents)  # sanity check
     return str(Path(output))
+
+
+def _is_continuation_char(token: str) -> bool:
+    return token.startswith("##") and len(token) == 3
