@@ -986,6 +986,70 @@ def resume_with_another_model(e, t):
                 expect=[str(r), "different attention"], unchanged=[r])
 
 
+# -- outputs that would destroy inputs, and paths that cannot be written -----------------------------------------
+
+
+@case("safety")
+def export_into_its_own_run(e, t):
+    r = copy(e.run, t / "run")
+    ck = latest_ckpt(r)
+    return dict(argv=["export", "--checkpoint", str(r), "--output", str(ck)],
+                expect=["--output", str(ck), "inside the run folder"], unchanged=[r])
+
+
+@case("safety")
+def export_into_a_folder_of_other_files(e, t):
+    d = t / "notes"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine\n")
+    return dict(argv=["export", "--checkpoint", str(e.run), "--output", str(d)],
+                expect=["--output", str(d), "holds other files"], unchanged=[d])
+
+
+@case("safety")
+def export_with_a_changed_vocab(e, t):
+    r = copy(e.run, t / "run")
+    with open(r / "vocab.txt", "a", encoding="utf-8") as f:
+        f.write("extra\n")
+    return dict(argv=["export", "--checkpoint", str(r), "--output", str(t / "x")],
+                expect=[str(r / "vocab.txt"), "entries", "word embeddings"], absent=[t / "x"])
+
+
+@case("safety")
+def train_vocab_output_is_its_input(e, t):
+    c = copy(e.corpus, t / "c.txt")
+    return dict(argv=["train-vocab", "--input", str(c), "--vocab-size", "100", "--output", str(c)],
+                expect=["--output", str(c), "--input"], unchanged=[c])
+
+
+@case("safety")
+def train_vocab_absurd_size(e, t):
+    return dict(argv=["train-vocab", "--input", str(e.corpus), "--vocab-size", "99999999999", "--output",
+                      str(t / "v.txt")], expect=["--vocab-size", "at most"], absent=[t / "v.txt"])
+
+
+@case("safety")
+def predict_output_is_its_input(e, t):
+    f = t / "in.csv"
+    f.write_text("q\nthe cat sat\n")
+    return dict(argv=["predict", "--model", str(e.model), "--input", str(f), "--output", str(f)],
+                expect=["--output", str(f), "--input"], unchanged=[f])
+
+
+@case("safety")
+def output_under_a_file(e, t):
+    f = t / "afile"
+    f.write_text("x")
+    return dict(argv=build_argv([e.corpus], e.vocab, f / "out"), expect=[str(f)], unchanged=[f])
+
+
+@case("safety")
+def pretrain_output_under_a_file(e, t):
+    f = t / "afile"
+    f.write_text("x")
+    return dict(argv=pretrain_argv(e.data, f / "run"), expect=[str(f)], unchanged=[f])
+
+
 # ---------------------------------------------------------------------------------------------------- the tests
 
 

@@ -47,6 +47,16 @@ def _is_torch_oom(err: BaseException) -> bool:
     )
 
 
+def _os_error_message(err: OSError) -> str:
+    """`path: reason` for a filesystem error (e.g. `out/run: Not a directory`), from the error's own fields."""
+    reason = err.strerror or str(err)
+    if err.filename is not None and err.filename2 is not None:
+        return f"{err.filename} -> {err.filename2}: {reason}"
+    if err.filename is not None:
+        return f"{err.filename}: {reason}"
+    return reason
+
+
 def _remove_if_new_and_empty(path: str | None, existed: bool) -> None:
     """A folder the failed command created and left without any file is removed (no partial output)."""
     if not path or existed:
@@ -100,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"convbert {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a path that cannot be created, read or written: name it, no traceback
+        if debug:
+            traceback.print_exc()
+        _remove_if_new_and_empty(output, output_existed)
+        print(f"convbert {args.command}: error: {_os_error_message(err)}", file=sys.stderr)
+        return 2
     except MemoryError:
         if debug:
             traceback.print_exc()

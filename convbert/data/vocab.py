@@ -22,6 +22,8 @@ from convbert.data.tokenize import SPECIAL_TOKENS, WordPieceTokenizer
 from convbert.errors import ConvBertError
 from convbert.utils import write_text_atomic
 
+MAX_VOCAB_SIZE = 2**22  # 4M pieces: far above any real vocabulary; the trainer aborts the process on absurd sizes
+
 
 def train_vocab(
     inputs: list[str],
@@ -43,6 +45,13 @@ def train_vocab(
         raise ConvBertError(f"--vocab-size: expected at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
     if os.path.isdir(output):
         raise ConvBertError(f"--output {output}: is a folder; expected a file path such as {output}/vocab.txt")
+    if int(vocab_size) > MAX_VOCAB_SIZE:
+        raise ConvBertError(f"--vocab-size: expected at most {MAX_VOCAB_SIZE:,}, got {vocab_size}")
+    if int(min_frequency) < 0:
+        raise ConvBertError(f"--min-frequency: expected 0 or more, got {min_frequency}")
+    for p in inputs:
+        if os.path.exists(output) and os.path.isfile(p) and os.path.samefile(p, output):
+            raise ConvBertError(f"--output {output}: is one of the --input files; it would overwrite the corpus")
     counted = {"lines": 0}
 
     def lines():

@@ -273,6 +273,10 @@ def predict_file(
 ) -> int:
     from convbert.model.heads import ConvBertForSequenceClassification
 
+    if output_file.exists() and input_file.exists() and output_file.resolve() == input_file.resolve():
+        raise ConvBertError(f"--output {output_file}: is the --input file; it would overwrite it (choose another path)")
+    if output_file.is_dir():
+        raise ConvBertError(f"--output {output_file}: is a folder; expected a file path such as {output_file}/pred.csv")
     task_path = model_dir / TASK_FILE
     if not task_path.is_file():
         raise ConvBertError(f"{task_path}: not found (predict needs a folder written by `convbert finetune`)")

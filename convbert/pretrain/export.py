@@ -58,6 +58,29 @@ def _transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
     return []
 
 
+def _check_output_folder(out: Path, ck: Path) -> None:
+    """Refuse an output inside the run being exported (it would overwrite the checkpoint's own files) or a folder
+    that already holds something other than an earlier export."""
+    run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck
+    target = out.resolve()
+    for inside in (ck.resolve(), run_dir.resolve()):
+        if target == inside or inside in target.parents:
+            raise ConvBertError(f"--output {out}: is inside the run folder {run_dir}; export to a folder of its own")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        raise ConvBertError(f"--output {out}: exists and holds other files (not an earlier export); "
+                            "use a new or empty folder")
+
+
+def _check_vocab_fits(vocab: Path, model_config: dict, ck: Path) -> None:
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    entries = WordPieceTokenizer.from_vocab(vocab).vocab_size
+    rows = model_config.get("vocab_size")
+    if isinstance(rows, int) and entries > rows:
+        raise ConvBertError(f"{vocab}: {entries} entries, but the checkpoint {ck} has {rows} word embeddings "
+                            "(the vocab was changed after pre-training?)")
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
     from convbert.interop.hf import copy_vocab
     from convbert.model.config import ConvBertConfig
@@ -76,7 +99,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
+    _check_output_folder(out, ck)
     vocab = find_vocab(ck, run)
+    _check_vocab_fits(vocab, run["model_config"], ck)
 
     for alias, target in aliases.items():
         if target not in data["model"]:
