@@ -986,6 +986,89 @@ def resume_with_another_model(e, t):
                 expect=[str(r), "different attention"], unchanged=[r])
 
 
+def _patch_shard(path: Path, fn) -> None:
+    """Edit a shard's bytes in place: fn(bytearray, header fields) -> None."""
+    import struct
+
+    b = bytearray(path.read_bytes())
+    fields = struct.unpack_from("<8sIIQQQQQ", b, 0)
+    fn(b, fields)
+    path.write_bytes(bytes(b))
+
+
+@case("dataset")
+def dataset_shard_block_size_zero(e, t):
+    import struct
+
+    d = copy(e.data, t / "data")
+    _patch_shard(d / "shard-00000.bin", lambda b, f: struct.pack_into("<I", b, 12, 0))
+    return dict(argv=["data-stats", str(d)], expect=[str(d / "shard-00000.bin"), "corrupt", "blocks of 0"],
+                unchanged=[d])
+
+
+@case("dataset")
+def dataset_shard_token_count_too_large(e, t):
+    import struct
+
+    d = copy(e.data, t / "data")
+    _patch_shard(d / "shard-00000.bin", lambda b, f: struct.pack_into("<Q", b, 24, f[4] * 4))
+    return dict(argv=pretrain_argv(d, t / "run"), expect=[str(d / "shard-00000.bin"), "corrupt"],
+                absent=[t / "run"])
+
+
+def _ids_out_of_vocab(b, f):
+    b[64 : 64 + 2 * f[4]] = b"\xff" * (2 * f[4])
+
+
+@case("dataset")
+def dataset_token_ids_outside_the_vocab(e, t):
+    d = copy(e.data, t / "data")
+    _patch_shard(d / "shard-00000.bin", _ids_out_of_vocab)
+    return dict(argv=pretrain_argv(d, t / "run"), expect=[str(d / "shard-00000.bin"), "token id 65535",
+                                                         "vocab size"], absent=[t / "run"])
+
+
+@case("dataset")
+def data_stats_token_ids_outside_the_vocab(e, t):
+    d = copy(e.data, t / "data")
+    _patch_shard(d / "shard-00000.bin", _ids_out_of_vocab)
+    return dict(argv=["data-stats", str(d)], expect=[str(d / "shard-00000.bin"), "token id 65535"], unchanged=[d])
+
+
+@case("dataset")
+def dataset_example_longer_than_the_sequence(e, t):
+    import struct
+
+    def long_first(b, f):
+        struct.pack_into("<HH", b, f[5], 60000, 0)
+
+    d = copy(e.data, t / "data")
+    _patch_shard(d / "shard-00000.bin", long_first)
+    return dict(argv=["data-stats", str(d)], expect=[str(d / "shard-00000.bin"), "longer than max_seq_length"],
+                unchanged=[d])
+
+
+@case("dataset")
+def dataset_manifest_special_id_outside_the_vocab(e, t):
+    d = copy(e.data, t / "data")
+    edit_json(d / "manifest.json", lambda m: m["vocab"].__setitem__("mask_id", 99999))
+    return dict(argv=pretrain_argv(d, t / "run"), expect=[str(d / "manifest.json"), "vocab.mask_id", "99999"],
+                absent=[t / "run"])
+
+
+@case("dataset")
+def dataset_manifest_negative_sequence_length(e, t):
+    d = copy(e.data, t / "data")
+    edit_json(d / "manifest.json", lambda m: m.__setitem__("max_seq_length", -5))
+    return dict(argv=["data-stats", str(d)], expect=[str(d / "manifest.json"), "max_seq_length", "5..65535"],
+                unchanged=[d])
+
+
+@case("command line")
+def data_stats_zero_bins(e, t):
+    return dict(argv=["data-stats", str(e.data), "--bins", "0"], expect=["--bins", "got 0"])
+
+
 # -- outputs that would destroy inputs, and paths that cannot be written -----------------------------------------
 
 

@@ -112,6 +112,6 @@ def run_train_vocab(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     from convbert.data.stats import data_stats, format_stats
 
-    s = data_stats(args.dir, bins=max(1, args.bins))
+    s = data_stats(args.dir, bins=args.bins)
     print(json.dumps(s, indent=2) if args.json else format_stats(s))
     return 0

@@ -65,6 +65,16 @@ class PretrainingDataset:
             need(shard, "file", str, f"shards[{i}].file")
             need(shard, "examples", int, f"shards[{i}].examples")
 
+        def within(value: int, low: int, high: int, label: str) -> None:
+            if not low <= value <= high:
+                raise ConvBertError(f"{mpath}: field '{label}' is {value}: expected {low}..{high}; "
+                                    "the manifest was edited or damaged (rebuild the dataset)")
+
+        within(m["max_seq_length"], 5, 65535, "max_seq_length")
+        within(m["vocab"]["size"], 5, 2**32, "vocab.size")
+        for key in ("pad_id", "cls_id", "sep_id", "mask_id", "unk_id"):
+            within(m["vocab"][key], 0, m["vocab"]["size"] - 1, f"vocab.{key}")
+
     def _read_manifest(self, m: dict, max_seq_length: int | None) -> None:
         mpath = self.path / "manifest.json"
         built = int(m["max_seq_length"])
@@ -91,6 +101,15 @@ class PretrainingDataset:
 
     def __len__(self) -> int:
         return self._len
+
+    def spot_check(self, tokens_per_shard: int = 1 << 20) -> None:
+        """Token ids of the start of every shard against the vocab size: a cheap check before a long run starts
+        (`batch` checks every batch it reads; `convbert data-stats` scans everything)."""
+        for shard in self.shards:
+            head = shard.tokens[:tokens_per_shard]
+            if len(head) and int(head.max()) >= self.vocab_size:
+                raise ConvBertError(f"{shard.path}: shard is corrupt (token id {int(head.max())} >= the vocab size "
+                                    f"{self.vocab_size})")
 
     def _locate(self, i: int) -> tuple[ShardReader, int]:
         if not -self._len <= i < self._len:
@@ -145,6 +164,9 @@ class PretrainingDataset:
             local = indices[rows] - self._starts[k]
             lens = np.asarray(shard.lengths[local], dtype=np.int64)
             a, b = lens[:, 0], lens[:, 1]
+            if (a + b + np.where(b > 0, 3, 2)).max(initial=0) > t:
+                raise ConvBertError(f"{shard.path}: shard is corrupt (an example longer than the dataset's "
+                                    f"max_seq_length {t})")
             la[rows], lb[rows] = a, b
             tl = a + b
             total = int(tl.sum())
@@ -153,7 +175,13 @@ class PretrainingDataset:
                 q = np.arange(total, dtype=np.int64) - np.repeat(first, tl)
                 src = np.repeat(shard.offsets(local), tl) + q
                 col = 1 + q + (q >= np.repeat(a, tl))
-                ids[np.repeat(rows, tl), col] = shard.tokens[src]
+                if src.max() >= shard.n_tokens or src.min() < 0:
+                    raise ConvBertError(f"{shard.path}: shard is corrupt (its tables point past its tokens)")
+                tokens = shard.tokens[src]
+                if tokens.max() >= self.vocab_size:
+                    raise ConvBertError(f"{shard.path}: shard is corrupt (token id {int(tokens.max())} >= the "
+                                        f"vocab size {self.vocab_size})")
+                ids[np.repeat(rows, tl), col] = tokens
         r = np.arange(bsz)
         ids[:, 0] = self.cls_id
         ids[r, 1 + la] = self.sep_id

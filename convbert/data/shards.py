@@ -210,9 +210,15 @@ class ShardReader:
         if len(head) < HEADER_SIZE or head[:8] != MAGIC:
             raise ConvBertError(f"{self.path}: not a convbert data shard (bad header)")
         (_, tb, bs, n_ex, n_tok, l_off, b_off, n_blocks) = HEADER.unpack(head)
+        corrupt = f"{self.path}: shard is truncated or corrupt"
+        if tb not in (2, 4) or bs < 1:
+            raise ConvBertError(f"{corrupt} (header: {tb} bytes per token, blocks of {bs}; expected 2 or 4, and >= 1)")
+        layout = (_align8(HEADER_SIZE + n_tok * tb), _align8(l_off + n_ex * 4), (n_ex + bs - 1) // bs)
+        if (l_off, b_off, n_blocks) != layout:
+            raise ConvBertError(f"{corrupt} (the header's table offsets do not fit its counts)")
         expected = b_off + n_blocks * 8
-        if tb not in (2, 4) or size != expected or n_blocks != (n_ex + bs - 1) // bs:
-            raise ConvBertError(f"{self.path}: shard is truncated or corrupt ({size} bytes, expected {expected})")
+        if size != expected:
+            raise ConvBertError(f"{corrupt} ({size} bytes, expected {expected})")
         self.size = size
         self.token_bytes = tb
         self.block_size = bs

@@ -8,20 +8,42 @@ from pathlib import Path
 import numpy as np
 
 from convbert.data.dataset import PretrainingDataset
+from convbert.errors import ConvBertError
 
 _CHUNK = 1 << 20
+
+
+def _check_shard(shard, max_seq_length: int, vocab_size: int) -> None:
+    """A full scan: the length table adds up to the tokens, every example fits, every token id is in the vocab."""
+    total = 0
+    for s in range(0, shard.n_examples, _CHUNK):
+        lens = np.asarray(shard.lengths[s : s + _CHUNK], dtype=np.int64)
+        total += int(lens.sum())
+        if len(lens) and int((lens.sum(1) + np.where(lens[:, 1] > 0, 3, 2)).max()) > max_seq_length:
+            raise ConvBertError(f"{shard.path}: shard is corrupt (an example longer than max_seq_length "
+                                f"{max_seq_length})")
+    if total != shard.n_tokens:
+        raise ConvBertError(f"{shard.path}: shard is corrupt (its length table adds up to {total} tokens, "
+                            f"the header says {shard.n_tokens})")
+    for s in range(0, shard.n_tokens, _CHUNK * 64):
+        top = int(shard.tokens[s : s + _CHUNK * 64].max())
+        if top >= vocab_size:
+            raise ConvBertError(f"{shard.path}: shard is corrupt (token id {top} >= the vocab size {vocab_size})")
 
 
 def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:
     """Statistics of the dataset folder `path`, read from the shards (streamed, flat memory)."""
     ds = PretrainingDataset(path)
     t = ds.max_seq_length
+    if not 1 <= bins <= t:
+        raise ConvBertError(f"--bins: expected 1..{t} (the dataset's max_seq_length), got {bins}")
     edges = np.linspace(0, t, bins + 1).round().astype(np.int64)
     edges[0] = 0
     hist = np.zeros(bins, dtype=np.int64)
     seq_lens = np.zeros(t + 1, dtype=np.int64)
     examples = tokens = single = two = empty_a = 0
     for shard in ds.shards:
+        _check_shard(shard, t, ds.vocab_size)
         for s in range(0, shard.n_examples, _CHUNK):
             lens = np.asarray(shard.lengths[s : s + _CHUNK], dtype=np.int64)
             la, lb = lens[:, 0], lens[:, 1]

@@ -79,7 +79,9 @@ def _open_dataset(directory: Path, max_seq_length: int | None):
         from convbert.data.dataset import PretrainingDataset
     except ImportError as err:  # the data area is missing
         raise ConvBertError(f"cannot open {directory}: convbert.data.dataset is unavailable ({err})") from None
-    return PretrainingDataset(directory, max_seq_length=max_seq_length)
+    dataset = PretrainingDataset(directory, max_seq_length=max_seq_length)
+    dataset.spot_check()
+    return dataset
 
 
 class DatasetView:
