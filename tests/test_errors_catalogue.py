@@ -1133,6 +1133,65 @@ def pretrain_output_under_a_file(e, t):
     return dict(argv=pretrain_argv(e.data, f / "run"), expect=[str(f)], unchanged=[f])
 
 
+@case("checkpoint")
+def resume_state_not_an_object(e, t):
+    r = copy(e.run, t / "run")
+    ck = latest_ckpt(r)
+    (ck / "trainer_state.json").write_text("[1, 2]")
+    return dict(argv=pretrain_argv(e.data, r, steps=3), expect=[str(ck / "trainer_state.json"),
+                                                               "cannot read checkpoint state"], unchanged=[r])
+
+
+@case("checkpoint")
+def resume_without_random_states(e, t):
+    r = copy(e.run, t / "run")
+    ck = latest_ckpt(r)
+    (ck / "rng.safetensors").unlink()
+    return dict(argv=pretrain_argv(e.data, r, steps=3), expect=[str(ck), "checkpoint is damaged", "torch_cpu"],
+                unchanged=[r])
+
+
+@case("checkpoint")
+def resume_state_field_null(e, t):
+    r = copy(e.run, t / "run")
+    ck = latest_ckpt(r)
+    edit_json(ck / "trainer_state.json", lambda s: s.__setitem__("bad_steps_total", None))
+    return dict(argv=pretrain_argv(e.data, r, steps=3), expect=[str(ck), "checkpoint is damaged"], unchanged=[r])
+
+
+@pytest.mark.parametrize("setting, expect", [
+    ("lr=.inf", "a finite number"), ("adam_eps=0", "adam_eps"), ("disc_weight=.nan", "a finite number"),
+    ("max_grad_norm=-1", "max_grad_norm"), ("gen_weight=-1", "gen_weight"), ("temperature=.inf", "temperature"),
+    ("seed=99999999999999999999", "seed"), ("threads=100000", "threads"),
+    ("model.initializer_range=.inf", "initializer_range"),
+])
+def test_nonsense_settings_are_refused_before_anything_runs(env, tmp_path, capsys, setting, expect):
+    rc, _, err = run_cli(pretrain_argv(env.data, tmp_path / "run", "--set", setting), capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("convbert pretrain: error: ") and expect in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_grad_norm_zero_switches_clipping_off(env, tmp_path, capsys):
+    """0 means no clipping (not 'scale every gradient to 0'): the weights move."""
+    from safetensors.torch import load_file as load
+
+    rc, _, _ = run_cli(pretrain_argv(env.data, tmp_path / "run", "--set", "max_grad_norm=0", "--set", "weight_decay=0",
+                                       steps=2), capsys)
+    assert rc == 0
+    first, last = (load(str(p / "model.safetensors")) for p in sorted((tmp_path / "run" / "checkpoints").glob("step-*")))
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_a_torn_log_does_not_stop_a_resume(env, tmp_path, capsys):
+    r = copy(env.run, tmp_path / "run")
+    with open(r / "log.jsonl", "ab") as f:
+        f.write(os.urandom(3000) + b"\n[1, 2]\n")
+    rc, _, err = run_cli(pretrain_argv(env.data, r, steps=3), capsys)
+    assert rc == 0, err
+    assert "resumed from" in err
+
+
 # ---------------------------------------------------------------------------------------------------- the tests
 
 

@@ -279,9 +279,12 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     path = Path(path) / STATE_FILE
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+            state = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: JSON or UTF-8 decoding
         raise ConvBertError(f"{path}: cannot read checkpoint state ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ConvBertError(f"{path}: cannot read checkpoint state (expected a JSON object with an integer 'step')")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

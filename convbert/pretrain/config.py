@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,16 @@ class PretrainConfig:
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")
         for key in ("warmup_steps", "save_every", "eval_every", "eval_batches", "keep_checkpoints", "threads"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "an integer >= 0")
+        for key in ("lr", "weight_decay", "adam_eps", "max_grad_norm", "gen_weight", "disc_weight", "temperature",
+                    "generator_fraction", "mask_prob", "mask_token_prob", "adam_beta1", "adam_beta2"):
+            need(math.isfinite(getattr(self, key)), key, "a finite number")
         need(self.lr >= 0, "lr", "a number >= 0")
+        need(self.adam_eps > 0, "adam_eps", "a number > 0 (0 divides by zero where a gradient is 0)")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0 (0 switches clipping off)")
+        need(self.gen_weight >= 0 and self.disc_weight >= 0, "gen_weight" if self.gen_weight < 0 else "disc_weight",
+             "a number >= 0")
+        need(0 <= self.seed < 2**63, "seed", "an integer in 0..2**63-1")
+        need(self.threads <= 4096, "threads", "at most 4096 (0: torch's default)")
         need(0 < self.generator_fraction <= 1, "generator_fraction", "a number in (0, 1]")
         need(0 < self.mask_prob < 1, "mask_prob", "a number in (0, 1)")
         need(0 <= self.mask_token_prob <= 1, "mask_token_prob", "a number in [0, 1]")
@@ -173,6 +183,10 @@ def load_yaml(path: str) -> dict:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConvBertError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConvBertError(f"{path}: is a folder; expected a YAML config file") from None
+    except UnicodeDecodeError as err:
+        raise ConvBertError(f"{path}: not UTF-8 text (byte {err.start}); expected a YAML config file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -36,15 +36,17 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     records = []
     if not path.is_file():
         return records
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a torn write may leave any bytes
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line after a crash
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                records.append(record)
     return records
 
 

@@ -236,7 +236,7 @@ class Trainer:
             if refused:
                 raise ConvBertError(f"--cuda-graphs {why}")
         return GraphedTrainStep(
-            self.model, self.optimizer, precision=cfg.precision, max_grad_norm=cfg.max_grad_norm,
+            self.model, self.optimizer, precision=cfg.precision, max_grad_norm=cfg.max_grad_norm or float("inf"),
             sample_generator=self.sample_gen, accumulation=cfg.grad_accum, graph_type=graph_type or CudaGraph,
         )
 
@@ -286,6 +286,18 @@ class Trainer:
                 and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab")]
 
     def maybe_resume(self) -> bool:
+        try:
+            return self._resume()
+        except ConvBertError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+            latest = ckpt_io.latest_checkpoint(self.ckpt_dir)
+            raise ConvBertError(
+                f"{latest}: checkpoint is damaged ({type(err).__name__}: {err}); move that folder aside to resume "
+                "from the checkpoint before it"
+            ) from err
+
+    def _resume(self) -> bool:
         latest = ckpt_io.latest_checkpoint(self.ckpt_dir)
         if latest is None:
             if self.resume_flag:
@@ -450,7 +462,7 @@ class Trainer:
         self.bad_in_row = 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))  # 0: no clip
         lr = self._set_scheduled_lr()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
