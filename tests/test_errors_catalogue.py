@@ -1069,6 +1069,39 @@ def data_stats_zero_bins(e, t):
     return dict(argv=["data-stats", str(e.data), "--bins", "0"], expect=["--bins", "got 0"])
 
 
+@case("command line")
+def glue_negative_seed(e, t):
+    return dict(argv=glue_argv(e.model, e.glue, t / "o", "rte", "--seeds=-1,2"), expect=["--seeds", "0..", "got -1"],
+                absent=[t / "o"])
+
+
+@case("command line")
+def glue_infinite_epochs(e, t):
+    return dict(argv=glue_argv(e.model, e.glue, t / "o", "rte", "--epochs", "inf"),
+                expect=["--epochs", "finite"], absent=[t / "o"])
+
+
+@case("command line")
+def glue_nan_weight_decay(e, t):
+    return dict(argv=glue_argv(e.model, e.glue, t / "o", "rte", "--weight-decay", "nan"),
+                expect=["--weight-decay", "finite"], absent=[t / "o"])
+
+
+def test_not_an_error_stsb_scores_outside_0_to_5_are_skipped_and_counted(env, tmp_path, capsys):
+    g = copy(env.glue, tmp_path / "glue")
+    train = g / "STS-B" / "train.tsv"
+    lines = train.read_text().splitlines()
+    for k, bad in ((1, "nan"), (2, "-40"), (3, "inf")):
+        fields = lines[k].split("\t")
+        fields[-1] = bad
+        lines[k] = "\t".join(fields)
+    train.write_text("\n".join(lines) + "\n")
+    rc, _, err = run_cli(glue_argv(env.model, g, tmp_path / "o", "sts"), capsys)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "o" / "runs" / "sts-seed1.json").read_text())
+    assert record["train"]["skipped_rows"] == 3
+
+
 # -- outputs that would destroy inputs, and paths that cannot be written -----------------------------------------
 
 

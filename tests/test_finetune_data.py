@@ -32,7 +32,7 @@ def write_vocab(path: Path) -> Path:
     return path
 
 
-def make_tiny_model(folder: Path) -> Path:
+def make_tiny_model(folder: Path, seed: int = 0) -> Path:
     """A random `tiny` ConvBertModel saved in HF layout plus its vocab.txt."""
     import torch
 
@@ -42,7 +42,7 @@ def make_tiny_model(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(folder / "vocab.txt")
     n = len(vocab.read_text().splitlines())
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=n)).save_pretrained(folder)
     return folder
 

@@ -184,3 +184,93 @@ def test_bf16_predictions_are_close_to_fp32(env):
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape == (9, 3)
     assert np.abs(bf16 - fp32).max() < 0.05 * max(1.0, np.abs(fp32).max())
     assert not np.array_equal(bf16, fp32)  # it did run in bf16
+
+
+# -- damaged or foreign files in an output folder being resumed ---------------------------------------------------
+
+
+def _glue(model, glue, out, tasks="rte", *extra):
+    return main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", tasks, "--seeds", "1",
+                 "--output", str(out), *QUICK, *extra])
+
+
+@pytest.mark.parametrize("damage", [b"[]", b'"x"', b"\xff\xfe{", b'{"task": "rte", "seed": 1, "fingerprint": "0"}'])
+def test_a_damaged_run_record_is_redone(env, tmp_path, capsys, damage):
+    _, model, glue = env
+    assert _glue(model, glue, tmp_path / "o") == 0
+    record = tmp_path / "o" / "runs" / "rte-seed1.json"
+    good = json.loads(record.read_text())
+    record.write_bytes(damage)
+    assert _glue(model, glue, tmp_path / "o") == 0
+    again = json.loads(record.read_text())
+    assert again["metrics"] == good["metrics"] and again["train"]["loss_history"] == good["train"]["loss_history"]
+
+
+def test_a_run_on_changed_data_is_not_reused(env, tmp_path, capsys):
+    import shutil
+
+    _, model, glue = env
+    mine = shutil.copytree(glue, tmp_path / "glue")
+    assert _glue(model, mine, tmp_path / "o") == 0
+    train = mine / "RTE" / "train.tsv"
+    train.write_text("\n".join(train.read_text().splitlines()[:4]) + "\n")
+    capsys.readouterr()
+    assert _glue(model, mine, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "rte-seed1.json: finished with different settings, data or another model" in err
+
+
+def test_runs_of_another_model_are_left_out_of_the_summary(env, tmp_path, capsys):
+    _, model, glue = env
+    other = make_tiny_model(tmp_path / "other", seed=7)
+    assert _glue(model, glue, tmp_path / "o", "cola") == 0
+    capsys.readouterr()
+    assert _glue(other, glue, tmp_path / "o", "rte") == 0
+    captured = capsys.readouterr()
+    assert "left out of the summary, made with another model: cola-seed1.json" in captured.err
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert set(results["tasks"]) == {"rte"}
+
+
+def test_fill_missing_does_not_retrain_a_task_without_a_test_file(env, tmp_path, capsys):
+    import shutil
+
+    _, model, glue = env
+    mine = shutil.copytree(glue, tmp_path / "glue")
+    (mine / "SST-2" / "test.tsv").unlink()
+    args = ("sst", "--predict", "--fill-missing")
+    assert _glue(model, mine, tmp_path / "o", *args) == 0
+    capsys.readouterr()
+    assert _glue(model, mine, tmp_path / "o", *args) == 0
+    assert "resuming: 1 finished run(s) kept, 0 to do" in capsys.readouterr().err
+
+
+def test_a_damaged_prediction_file_is_refused_before_the_submission_changes(env, full_run, tmp_path, capsys):
+    import shutil
+
+    root, model, glue = env
+    out = shutil.copytree(full_run, tmp_path / "out")
+    pred = out / "runs" / "cola-seed1" / "CoLA.tsv"
+    pred.write_text("\n".join(pred.read_text().splitlines()[:3]) + "\n")
+    before = {p.name: p.read_bytes() for p in (out / "submission").iterdir()}
+    zip_before = (out / "submission.zip").read_bytes()
+    capsys.readouterr()
+    assert main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "all", "--seeds", "1",
+                 "--output", str(out), "--predict", *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert f"{pred}: 2 predictions but the CoLA test file has" in err
+    assert {p.name: p.read_bytes() for p in (out / "submission").iterdir()} == before
+    assert (out / "submission.zip").read_bytes() == zip_before
+
+
+def test_a_missing_prediction_file_makes_the_run_redo(env, full_run, tmp_path, capsys):
+    import shutil
+
+    root, model, glue = env
+    out = shutil.copytree(full_run, tmp_path / "out")
+    shutil.rmtree(out / "runs" / "rte-seed1")
+    capsys.readouterr()
+    assert main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "all", "--seeds", "1",
+                 "--output", str(out), "--predict", *QUICK]) == 0
+    assert "resuming: 8 finished run(s) kept, 1 to do" in capsys.readouterr().err
+    assert (out / "runs" / "rte-seed1" / "RTE.tsv").is_file()

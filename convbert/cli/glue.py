@@ -80,7 +80,17 @@ def _parse_seeds(text: str) -> list[int]:
     seeds = listed if listed is not None else list(range(1, count + 1))
     if len(set(seeds)) != len(seeds):
         raise ConvBertError(f"--seeds lists a seed twice: {text}")
+    if count is not None and count > 1000:
+        raise ConvBertError(f"--seeds {count}: at most 1000 runs per task")
+    for seed in seeds:
+        _check_seed(seed, "--seeds")
     return seeds
+
+
+def _check_seed(seed: int, flag: str) -> int:
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise ConvBertError(f"{flag}: a seed must be in 0..{2**32 - 1}, got {seed}")
+    return seed
 
 
 def cmd_glue(args) -> int:
@@ -121,7 +131,7 @@ def cmd_finetune(args) -> int:
         regression=args.regression,
         output=Path(args.output),
         cfg=_cfg(args, double_default=args.symmetric),
-        seed=args.seed,
+        seed=_check_seed(args.seed, "--seed"),
         file_format=args.format,
         progress=not args.no_progress,
     )

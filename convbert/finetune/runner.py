@@ -98,12 +98,22 @@ def model_identity(model_dir: Path) -> dict:
     return ident
 
 
+def data_identity(glue_dir: Path, task: str) -> dict:
+    """Hashes of the task's train, dev and test files: a run is only reused for the same data."""
+    spec = TASKS[task]
+    splits = ["train", *_dev_splits(glue_dir, task), *spec.test]
+    found = {split: find_split_file(glue_dir, task, split) for split in dict.fromkeys(splits)}
+    if task == "mnli":  # the MNLI model also predicts the AX diagnostic set
+        found["AX"] = find_split_file(glue_dir, "ax", "AX")
+    return {split: sha256_file(path) for split, path in found.items() if path is not None}
+
+
 def run_fingerprint(opts: GlueOptions, task: str, ident: dict) -> dict:
     cfg = opts.cfg.to_dict()
     spec = TASKS[task]
     cfg["epochs"] = cfg["epochs"] if cfg["epochs"] is not None else spec.epochs
     cfg["double_unordered"] = bool(cfg["double_unordered"] and spec.double_unordered)
-    return {"task": task, "model": ident, "settings": cfg}
+    return {"task": task, "model": ident, "settings": cfg, "data": data_identity(opts.glue_dir, task)}
 
 
 def _fp_hash(fp: dict) -> str:
@@ -219,13 +229,19 @@ def check_inputs(opts: GlueOptions) -> None:
             )
 
 
-def _finished(json_path: Path) -> dict | None:
+def _finished(json_path: Path, task: str, seed: int) -> dict | None:
+    """The record of a finished run, or None when there is none or it is damaged (the run is then redone)."""
     if not json_path.is_file():
         return None
     try:
-        return json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        rec = json.loads(json_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):  # torn JSON, not UTF-8
         return None
+    if not (isinstance(rec, dict) and rec.get("task") == task and rec.get("seed") == seed
+            and isinstance(rec.get("fingerprint"), str) and isinstance(rec.get("metrics"), dict)
+            and isinstance(rec.get("predictions", {}), dict)):
+        return None
+    return rec
 
 
 def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer, fp: dict, bar) -> dict:
@@ -323,6 +339,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
         "task": task,
         "seed": seed,
         "fingerprint": _fp_hash(fp),
+        "model": _fp_hash(fp["model"]),
         "settings": fp["settings"],
         "metrics": scores,
         "paper_metric": M.PAPER_METRIC.get(task),
@@ -431,17 +448,21 @@ def run_glue(opts: GlueOptions) -> dict:
     for t in train_tasks:
         for s in opts.seeds:
             json_path, _ = run_paths(opts.output, t, s)
-            rec = _finished(json_path)
+            rec = _finished(json_path, t, s)
             if rec is not None and not opts.overwrite:
                 if rec.get("fingerprint") != _fp_hash(fps[t]):
                     raise ConvBertError(
-                        f"{json_path}: finished with different settings or another model; use a new --output or "
-                        "--overwrite to redo it"
+                        f"{json_path}: finished with different settings, data or another model; use a new --output "
+                        "or --overwrite to redo it"
                     )
-                need = set(TASKS[t].test) if opts.predict else set()
-                if opts.predict and t == "mnli" and find_split_file(opts.glue_dir, "ax", "AX") is not None:
-                    need.add("AX")
-                if need - set(rec.get("predictions", {})):
+                need = set()
+                if opts.predict:  # the test files that exist (with --fill-missing some may not)
+                    need = {n for n in TASKS[t].test if find_split_file(opts.glue_dir, t, n) is not None}
+                    if t == "mnli" and find_split_file(opts.glue_dir, "ax", "AX") is not None:
+                        need.add("AX")
+                have = {n for n, f in rec.get("predictions", {}).items()
+                        if isinstance(f, str) and (opts.output / f).is_file()}
+                if need - have:
                     pending.append((t, s))  # finished without test predictions: redo (same result, + predictions)
                 else:
                     done.append(rec)
@@ -481,12 +502,19 @@ def run_glue(opts: GlueOptions) -> dict:
             bar.close()
 
     # Summary over every finished run in OUTPUT for the requested seeds (tasks may be run in separate invocations).
-    all_records = []
+    all_records, other_model = [], []
     for t in GLUE_TASKS:
         for s in opts.seeds:
-            rec = _finished(run_paths(opts.output, t, s)[0])
-            if rec is not None:
-                all_records.append(rec)
+            json_path = run_paths(opts.output, t, s)[0]
+            rec = _finished(json_path, t, s)
+            if rec is None:
+                continue
+            if rec.get("model") != _fp_hash(ident):
+                other_model.append(json_path.name)
+                continue
+            all_records.append(rec)
+    if other_model:
+        _log(opts, f"note: left out of the summary, made with another model: {', '.join(other_model)}")
     summary = summarize(all_records)
     header = f"Model: `{opts.model_dir}`; seeds: {', '.join(map(str, opts.seeds))}."
     md = render_markdown(summary, header)
@@ -516,7 +544,7 @@ def _check_submission_coverage(opts: GlueOptions, train_tasks: list[str]) -> Non
     covered = set(train_tasks)
     for t in GLUE_TASKS:
         for s in opts.seeds:
-            rec = _finished(run_paths(opts.output, t, s)[0])
+            rec = _finished(run_paths(opts.output, t, s)[0], t, s)
             if rec is not None and rec.get("predictions"):
                 covered.add(t)
     missing = [

@@ -81,6 +81,8 @@ def check_prediction_file(path: str | os.PathLike, name: str, expected_indexes: 
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
+    except UnicodeDecodeError as err:
+        raise ConvBertError(f"{path}: not UTF-8 (byte {err.start}); the prediction file is damaged")
     if not lines or lines[0] != HEADER:
         raise ConvBertError(f"{path}:1: header must be 'index<TAB>prediction'")
     allowed = valid_values(name)
@@ -138,13 +140,18 @@ def build_submission(
     """
     output = Path(output)
     sub_dir = output / "submission"
-    sub_dir.mkdir(parents=True, exist_ok=True)
     missing = [n for n in SUBMISSION_FILES if sources.get(n) is None and not (n == "WNLI" and wnli_majority)]
     if missing and not fill_missing:
         raise ConvBertError(
             "no predictions for " + ", ".join(missing) + " (run those tasks with --predict, AX comes from mnli; "
             "or pass --fill-missing to fill them with a constant)"
         )
+    # Every run's predictions are checked before anything in submission/ is replaced.
+    for name in SUBMISSION_FILES:
+        src = sources.get(name)
+        if src is not None and not (name == "WNLI" and wnli_majority):
+            check_prediction_file(src, name, test_file_indexes(glue_dir, name))
+    sub_dir.mkdir(parents=True, exist_ok=True)
     notes: dict[str, str] = {}
     for name in SUBMISSION_FILES:
         dest = sub_dir / f"{name}.tsv"

@@ -318,14 +318,16 @@ def read_split(
                     raw_label = _col(row, sp.label).strip()
                     if labels is None:
                         label = float(raw_label)
+                        if not 0.0 <= label <= 5.0:  # also refuses nan and inf
+                            problem = f"score {raw_label!r} is not a number in [0, 5]"
                     elif raw_label in labels:
                         label = raw_label
                     else:
                         problem = f"label {raw_label!r} is not one of {', '.join(spec.labels)}"
                 if sp.index is not None:
                     index = _col(row, sp.index).strip()
-                    if not index.lstrip("-").isdigit():
-                        problem = f"index field {index!r} is not an integer"
+                    if not (index.isascii() and index.isdigit()):
+                        problem = f"index field {index!r} is not a non-negative integer"
             except IndexError:
                 problem = f"too few fields ({len(row)})"
             except ValueError:

@@ -62,7 +62,12 @@ class FinetuneConfig:
             if not ok:
                 raise ConvBertError(what)
 
+        for name in ("lr", "layer_decay", "weight_decay", "warmup_proportion", "epochs", "clip_norm",
+                     "regression_scale"):
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
         need(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         need(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
