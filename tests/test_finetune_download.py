@@ -144,3 +144,49 @@ def test_layout_from_a_folder_of_downloads(tmp_path):
         from convbert.finetune.glue_download import layout_glue
 
         layout_glue(src, out, ["rte"])
+
+
+def test_a_zip_with_a_bad_checksum_is_a_one_line_error_and_leaves_nothing(tmp_path, capsys):
+    src = tmp_path / "dl"
+    src.mkdir()
+    z = _zip(src / "RTE.zip", {"RTE/train.tsv": "index\tsentence1\tsentence2\tlabel\n" + "0\ta\tb\tentailment\n" * 50,
+                               "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n",
+                               "RTE/test.tsv": "index\tsentence1\tsentence2\n0\ta\tb\n"})
+    data = bytearray(z.read_bytes())
+    at = data.index(b"0\ta\tb\tentailment")  # stored uncompressed: flip a byte of the member's contents
+    data[at] ^= 0x01
+    z.write_bytes(bytes(data))
+    out = tmp_path / "glue"
+    assert main(["glue-download", "--output", str(out), "--from-dir", str(src), "--tasks", "rte"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{z}: the archive is damaged" in err and "CRC" in err
+    assert not out.exists()
+
+
+def test_a_download_shorter_than_its_content_length_is_refused(tmp_path, capsys):
+    import http.server
+    import threading
+
+    body = b"index\tsentence1\tsentence2\n0\ta\tb\n"
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) * 2))
+            self.end_headers()
+            self.wfile.write(body)  # then the connection closes early
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    out = tmp_path / "glue"
+    try:
+        rc = main(["glue-download", "--output", str(out), "--tasks", "ax", "--base-url", url])
+    finally:
+        server.server_close()
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot download" in err, err
+    assert not (out / "diagnostic" / "diagnostic.tsv").exists()

@@ -14,6 +14,7 @@ on local files. Archive members with absolute paths, ``..`` components, links or
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import stat
@@ -22,6 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from convbert.errors import ConvBertError
@@ -62,6 +64,13 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Pa
     """Extract a .zip or .tar(.gz) archive into `dest`, refusing unsafe members. Returns the extracted files."""
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return _extract(archive, dest)
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, lzma.LZMAError) as err:
+        raise ConvBertError(f"{archive}: the archive is damaged ({err}); download it again") from None
+
+
+def _extract(archive: Path, dest: Path) -> list[Path]:
     out: list[Path] = []
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
@@ -209,10 +218,18 @@ def fetch(url: str, dest: Path) -> Path:
         with urllib.request.urlopen(url, timeout=60) as resp, atomic_path(dest) as tmp:
             with open(tmp, "wb") as f:
                 shutil.copyfileobj(resp, f)
-    except (urllib.error.URLError, OSError, ValueError) as err:
+                got = f.tell()
+            expected = resp.headers.get("Content-Length")
+            if expected is not None and expected.strip().isdigit() and got != int(expected):
+                raise _Truncated(f"got {got} of {int(expected)} bytes: the connection was cut")
+    except (urllib.error.URLError, OSError, ValueError, _Truncated) as err:
         reason = getattr(err, "reason", None) or err
         raise ConvBertError(f"cannot download {url} ({reason}); check the network or pass --base-url")
     return dest
+
+
+class _Truncated(Exception):
+    pass
 
 
 # Names accepted for each archive when laying out a folder of already-downloaded files.
