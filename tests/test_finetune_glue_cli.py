@@ -274,3 +274,13 @@ def test_a_missing_prediction_file_makes_the_run_redo(env, full_run, tmp_path, c
                  "--output", str(out), "--predict", *QUICK]) == 0
     assert "resuming: 8 finished run(s) kept, 1 to do" in capsys.readouterr().err
     assert (out / "runs" / "rte-seed1" / "RTE.tsv").is_file()
+
+
+def test_save_models_writes_folders_that_load_again(env, tmp_path):
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    _, model, glue = env
+    assert _glue(model, glue, tmp_path / "o", "rte", "--save-models") == 0
+    saved = tmp_path / "o" / "runs" / "rte-seed1" / "model"
+    assert (saved / "vocab.txt").read_bytes() == (model / "vocab.txt").read_bytes()
+    assert ConvBertForSequenceClassification.from_pretrained(saved).num_labels == 2

@@ -96,3 +96,64 @@ def test_errors_name_file_line_and_field(model, tmp_path, capsys):
     assert rc == 2 and "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     rc = main(["predict", "--model", str(model), "--input", str(train), "--output", str(tmp_path / "p.csv")])
     assert rc == 2 and "finetune_task.json: not found" in capsys.readouterr().err
+
+
+# -- the output folder: replaced whole, checked when read ---------------------------------------------------------
+
+
+def _finetune(model, train, out, *extra):
+    return main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "q,a",
+                 "--label-column", "y", "--output", str(out), *QUICK, *extra])
+
+
+def test_an_interrupted_finetune_leaves_the_previous_output_whole(model, tmp_path, monkeypatch):
+    import convbert.finetune.owntask as owntask
+
+    two = _csv(tmp_path / "two.csv", [dict(r, y="yes" if r["y"] == "yes" else "no") for r in PAIRS])
+    three = _csv(tmp_path / "three.csv", PAIRS)
+    out = tmp_path / "ft"
+    assert _finetune(model, two, out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owntask, "write_json_atomic", interrupted)  # dies after the weights, before the task file
+    assert _finetune(model, three, out) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.undo()
+    assert _finetune(model, three, out) == 0
+    assert json.loads((out / "finetune_task.json").read_text())["labels"] == ["maybe", "no", "yes"]
+
+
+def test_finetune_refuses_a_folder_of_other_files_and_the_model_folder(model, tmp_path, capsys):
+    train = _csv(tmp_path / "train.csv", PAIRS)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert _finetune(model, train, mine) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert _finetune(model, train, model) == 2
+    assert "is the --model folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda t: t.__setitem__("labels", None), "field 'labels'"),
+    (lambda t: t.__setitem__("labels", ["a", "b", "c", "d"]), "lists 4 output(s) but the model's head has 3"),
+    (lambda t: t.__setitem__("text_columns", []), "field 'text_columns'"),
+    (lambda t: t.__setitem__("max_seq_length", 4096), "longer than the model's"),
+    (lambda t: t.__setitem__("regression", "yes"), "field 'regression'"),
+])
+def test_an_edited_task_file_is_named(model, tmp_path, capsys, edit, expect):
+    out = tmp_path / "ft"
+    assert _finetune(model, _csv(tmp_path / "train.csv", PAIRS), out) == 0
+    task = json.loads((out / "finetune_task.json").read_text())
+    edit(task)
+    (out / "finetune_task.json").write_text(json.dumps(task))
+    inp = _csv(tmp_path / "new.csv", [{"q": r["q"], "a": r["a"]} for r in PAIRS])
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--input", str(inp), "--output", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finetune_task.json" in err and expect in err, err

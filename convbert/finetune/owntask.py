@@ -12,8 +12,10 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,11 @@ def finetune_own_task(
     cfg.validate()
     if output.exists() and not output.is_dir():
         raise ConvBertError(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and output.resolve() == Path(model_dir).resolve():
+        raise ConvBertError(f"--output {output}: is the --model folder; write the fine-tuned model to a new folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / TASK_FILE).is_file():
+        raise ConvBertError(f"--output {output}: exists and holds other files (not an earlier `convbert finetune` "
+                            "output); use a new or empty folder")
     tokenizer = load_tokenizer(model_dir)
     cols, rows = read_table(train_file, file_format)
     if not rows:
@@ -239,28 +246,63 @@ def finetune_own_task(
             result["dev"] = dev
         result["dev_examples"] = len(dy)
         print("dev: " + ", ".join(f"{k} {v:.2f}" for k, v in result["dev"].items()))
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        if (model_dir / name).is_file() and (model_dir / name).resolve() != (output / name).resolve():
-            with atomic_path(output / name) as t:
-                shutil.copyfile(model_dir / name, t)
-    write_json_atomic(
-        output / TASK_FILE,
-        {
-            "text_columns": text_columns,
-            "label_column": label_column,
-            "regression": regression,
-            "labels": label_list,
-            "max_seq_length": cfg.max_seq_length,
-            "pad_to_max": cfg.pad_to_max,
-            "source_model": str(model_dir),
-            "settings": cfg.to_dict(),
-            "result": result,
-        },
-    )
+    # The whole folder is written aside and renamed into place: an interrupted run never leaves a new head next
+    # to an old task file.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        for name in ("vocab.txt", "tokenizer_config.json"):
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, staging / name)
+        write_json_atomic(
+            staging / TASK_FILE,
+            {
+                "text_columns": text_columns,
+                "label_column": label_column,
+                "regression": regression,
+                "labels": label_list,
+                "max_seq_length": cfg.max_seq_length,
+                "pad_to_max": cfg.pad_to_max,
+                "source_model": str(model_dir),
+                "settings": cfg.to_dict(),
+                "result": result,
+            },
+        )
+        _replace_folder(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"saved the fine-tuned model to {output}")
     return result
+
+
+def _check_task_file(path: Path, task: dict, columns, regression: bool, labels, max_len: int) -> None:
+    """What `finetune` writes, field by field: an edited or damaged file is named, not a traceback later."""
+    def bad(field: str, expected: str) -> ConvBertError:
+        return ConvBertError(f"{path}: field {field!r} is {task.get(field)!r}: expected {expected} (the file was "
+                             "edited or damaged; fine-tune again)")
+
+    if not (isinstance(columns, list) and columns and all(isinstance(c, str) for c in columns)) or len(columns) > 2:
+        raise bad("text_columns", "a list of 1 or 2 column names")
+    if not isinstance(task.get("regression"), bool):
+        raise bad("regression", "true or false")
+    if regression and labels is not None:
+        raise bad("labels", "null for a regression task")
+    if not regression and not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        raise bad("labels", "a list of at least 2 label strings")
+    if not 4 <= max_len <= 65535:
+        raise bad("max_seq_length", "4..65535")
+
+
+def _replace_folder(staging: Path, output: Path) -> None:
+    """Rename `staging` to `output`; an existing `output` is moved aside first and removed after."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    os.replace(staging, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def predict_file(
@@ -289,11 +331,19 @@ def predict_file(
         pad_to_max = bool(task.get("pad_to_max", True))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ConvBertError(f"{task_path}: malformed ({err})")
+    _check_task_file(task_path, task, cols_needed, regression, labels, max_len)
     if batch_size < 1:
         raise ConvBertError(f"--batch-size must be at least 1, got {batch_size}")
     out_fmt = detect_format(output_file, None)
     tokenizer = load_tokenizer(model_dir)
     model = ConvBertForSequenceClassification.from_pretrained(model_dir)
+    heads = 1 if regression else len(labels)
+    if model.num_labels != heads:
+        raise ConvBertError(f"{task_path}: lists {heads} output(s) but the model's head has {model.num_labels} "
+                            "(the folder mixes two fine-tuning runs; fine-tune again)")
+    if max_len > model.config.max_position_embeddings:
+        raise ConvBertError(f"{task_path}: max_seq_length {max_len} is longer than the model's "
+                            f"{model.config.max_position_embeddings} positions")
     cols, rows = read_table(input_file, file_format)
     a, b = _texts(input_file, cols, rows, cols_needed)
     feats = featurize(a, b, [None] * len(a), tokenizer, max_len, labels, regression_scale=1.0)

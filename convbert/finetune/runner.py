@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from convbert.finetune.trainer import (
     train,
     train_steps_for,
 )
-from convbert.utils import sha256_file, write_json_atomic, write_text_atomic
+from convbert.utils import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
 DISPLAY = {
     "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
@@ -333,8 +334,12 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
             p = run_dir / f"{name}.tsv"
             write_prediction_file(p, [e.index for e in d.examples], vals)
             predictions[name] = str(p.relative_to(opts.output))
-    if opts.save_models:
+    if opts.save_models:  # a folder `convbert glue --model` and `from_pretrained` read as it is
         model.save_pretrained(run_dir / "model")
+        for name in ("vocab.txt", "tokenizer_config.json"):
+            if (opts.model_dir / name).is_file():
+                with atomic_path(run_dir / "model" / name) as tmp:
+                    shutil.copyfile(opts.model_dir / name, tmp)
     record = {
         "task": task,
         "seed": seed,
