@@ -387,3 +387,25 @@ def test_output_inside_input_folder_is_not_read(vocab, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConvBertError, match="not a folder"):
         build_dataset([str(d)], vocab, str(tmp_path / "afile"), progress=False)
+
+
+def test_a_changed_corpus_is_not_resumed_into_the_old_dataset(corpus, vocab, tmp_path, capsys):
+    import shutil
+
+    mine = shutil.copytree(corpus, tmp_path / "corpus")
+    out = tmp_path / "out"
+    build_dataset([str(mine)], vocab, str(out), **SMALL)
+    build_dataset([str(mine)], vocab, str(out), **SMALL)  # unchanged: finished, nothing to do
+    with open(mine / "json.txt", "a", encoding="utf-8") as f:
+        f.write("\n\nA new document about something else entirely.\n")
+    with pytest.raises(ConvBertError, match="the inputs changed since this dataset was built"):
+        build_dataset([str(mine)], vocab, str(out), **SMALL)
+
+
+def test_an_output_inside_the_input_folder_does_not_count_as_a_change(corpus, vocab, tmp_path):
+    import shutil
+
+    mine = shutil.copytree(corpus, tmp_path / "corpus")
+    out = mine / "built"
+    first = build_dataset([str(mine)], vocab, str(out), **SMALL)
+    assert build_dataset([str(mine)], vocab, str(out), **SMALL)["examples"] == first["examples"]

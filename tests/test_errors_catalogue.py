@@ -1225,6 +1225,20 @@ def test_a_torn_log_does_not_stop_a_resume(env, tmp_path, capsys):
     assert "resumed from" in err
 
 
+@case("safety")
+def pretrain_into_its_data_folder(e, t):
+    d = copy(e.data, t / "data")
+    return dict(argv=pretrain_argv(d, d), expect=["--output", str(d), "is the --data folder"], unchanged=[d])
+
+
+@case("safety")
+def pretrain_into_a_folder_of_other_files(e, t):
+    d = t / "notes"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine\n")
+    return dict(argv=pretrain_argv(e.data, d), expect=["--output", str(d), "holds other files"], unchanged=[d])
+
+
 # ---------------------------------------------------------------------------------------------------- the tests
 
 

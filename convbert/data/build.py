@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import functools
+import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -353,7 +354,8 @@ def _fill_totals(m: dict) -> None:
     m["bytes_per_token"] = round(shard_bytes / c["tokens"], 4) if c["tokens"] else None
 
 
-def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_bytes: int, inputs) -> dict:
+def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_bytes: int, inputs,
+                  out: Path) -> dict:
     zero = UnitStats().to_dict()
     return {
         "format": FORMAT,
@@ -371,8 +373,30 @@ def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_byt
         "shards": [],
         "committed_units": 0,
         "inputs": [{"path": p, "units": 0, "complete": False, "counts": dict(zero)} for p in inputs],
+        "input_identity": input_identity(inputs, exclude=out),
         "counts": dict(zero),
     }
+
+
+def input_identity(inputs, exclude: Path | None = None) -> dict[str, list[int]]:
+    """Per input path: [files, bytes, newest mtime in ns] (folders walked, globs expanded, the output folder left
+    out). A changed corpus is not resumed into a dataset built from the old one."""
+    skip = os.path.abspath(exclude) if exclude is not None else None
+    ident = {}
+    for p in inputs:
+        files = []
+        for q in (sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]):
+            if os.path.isfile(q):
+                files.append(q)
+            for d, dirs, fs in os.walk(q):
+                if skip is not None and os.path.abspath(d) == skip:
+                    dirs[:] = []
+                    continue
+                files += [os.path.join(d, f) for f in fs]
+        stats = [os.stat(f) for f in files if os.path.isfile(f)]
+        ident[os.path.abspath(p)] = [len(stats), sum(st.st_size for st in stats),
+                                     max((st.st_mtime_ns for st in stats), default=0)]
+    return ident
 
 
 def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
@@ -390,6 +414,13 @@ def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
             raise ConvBertError(
                 f"--output {out} holds a dataset built with different settings ({'; '.join(diffs)}); "
                 "use a new folder or delete this one"
+            )
+        recorded = old.get("input_identity")
+        if recorded is not None and recorded != fresh.get("input_identity"):
+            changed = [p for p, ident in (fresh.get("input_identity") or {}).items() if recorded.get(p) != ident]
+            raise ConvBertError(
+                f"--output {out}: the inputs changed since this dataset was built ({', '.join(changed) or 'the list'}"
+                "); use a new folder or delete this one"
             )
         # Drop shards that went missing or do not match the manifest (and everything after them).
         good = []
@@ -487,7 +518,7 @@ def build_dataset(
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
     enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out)  # validates the inputs exist
-    manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs))
+    manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs, out))
     if manifest.get("complete"):
         if progress:
             print(f"build-data: {out} is already complete ({manifest['examples']} examples); nothing to do",

@@ -150,6 +150,12 @@ class Trainer:
         out_path = Path(cfg.output)
         if out_path.exists() and not out_path.is_dir():
             raise ConvBertError(f"--output {out_path}: exists and is not a folder")
+        if out_path.is_dir() and out_path.resolve() == Path(cfg.data).resolve():
+            raise ConvBertError(f"--output {out_path}: is the --data folder; write the run to a folder of its own")
+        if (out_path.is_dir() and any(p for p in out_path.iterdir() if not p.name.startswith("."))
+                and not (out_path / RUN_CONFIG).is_file() and not (out_path / "checkpoints").is_dir()):
+            raise ConvBertError(f"--output {out_path}: exists and holds other files (not a `convbert pretrain` run); "
+                                "use a new or empty folder")
         self.dist = dist_info or setup_distributed(cfg.device)
         self.device = self.dist.device
         self.autocast = _autocast_factory(cfg.precision, self.device)  # refuses fp16 without a GPU, early
