@@ -327,6 +327,10 @@ def test_jsonl_plain_and_gzip(corpus, vocab, tmp_path):
                        progress=False)
     assert ma["counts"]["files"] == mb["counts"]["files"] == len(docs)
     assert ma["counts"]["lines"] == mb["counts"]["lines"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rows.encode())  # as some editors save it
+    mbom = build_dataset([str(tmp_path / "bom.jsonl")], vocab, str(tmp_path / "bom"), text_field="body",
+                         docs="files", progress=False)
+    assert mbom["counts"]["files"] == len(docs) and mbom["counts"]["lines"] == ma["counts"]["lines"]
     with pytest.raises(ConvBertError, match=r"a\.jsonl:1: no field 'text'.*--text-field"):
         build_dataset([str(tmp_path / "a.jsonl")], vocab, str(tmp_path / "c"), progress=False)
     bad = tmp_path / "bad.jsonl"

@@ -533,6 +533,8 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
                     lineno += 1
                     if not raw.strip():
                         continue
+                    if lineno == 1 and raw.startswith("\ufeff"):  # a byte-order mark some editors write
+                        raw = raw[1:]
                     try:
                         obj = json.loads(raw)
                     except json.JSONDecodeError as err:

@@ -266,7 +266,7 @@ class PretrainingLoader:
         if self.drop_last and self.num_examples < self.global_batch_size:
             raise ConvBertError(
                 f"{dataset.path}: {self.num_examples} examples are fewer than one global batch "
-                f"({self.batch_size} x {self.world_size} ranks); use a smaller batch or drop_last=False"
+                f"({self.batch_size} x {self.world_size} ranks); use a smaller --batch-size or more data"
             )
         self.epoch = 0
         self.position = 0  # examples of the current epoch already handed out (by all ranks together)

@@ -132,6 +132,8 @@ def find_vocab(directory: Path, manifest: dict, explicit: str | None = None) -> 
     """The vocab the data was built with: --vocab, <data>/vocab.txt, or the manifest's record (checked by sha256)."""
     if explicit:
         p = Path(explicit)
+        if p.is_dir():
+            raise ConvBertError(f"--vocab {explicit}: is a folder; expected the vocab.txt file the data was built with")
         if not p.is_file():
             raise ConvBertError(f"--vocab {explicit}: no such file")
         if not _vocab_matches(p, manifest):

@@ -356,7 +356,8 @@ class Trainer:
         if self.data.vocab_path is None:
             if not target.is_file():
                 self.print(
-                    f"note: the vocab {self.cfg.data} was built with was not found (pass --vocab FILE); "
+                    f"note: the vocab {self.cfg.data} was built with was not found, or the file found there has "
+                    "another sha256 than the one recorded (pass --vocab FILE); "
                     "`convbert export` will need it"
                 )
             return
