@@ -284,3 +284,17 @@ def test_save_models_writes_folders_that_load_again(env, tmp_path):
     saved = tmp_path / "o" / "runs" / "rte-seed1" / "model"
     assert (saved / "vocab.txt").read_bytes() == (model / "vocab.txt").read_bytes()
     assert ConvBertForSequenceClassification.from_pretrained(saved).num_labels == 2
+
+
+def test_mnli_without_mismatched_dev_is_noted_and_an_empty_test_file_refused(env, tmp_path, capsys):
+    import shutil
+
+    _, model, glue = env
+    mine = shutil.copytree(glue, tmp_path / "glue")
+    (mine / "MNLI" / "dev_mismatched.tsv").unlink()
+    assert _glue(model, mine, tmp_path / "o", "mnli") == 0
+    assert "MNLI: no dev_mismatched file" in capsys.readouterr().err
+    test = mine / "SST-2" / "test.tsv"
+    test.write_text(test.read_text().splitlines()[0] + "\n")
+    assert _glue(model, mine, tmp_path / "o2", "sst", "--predict", "--fill-missing") == 2
+    assert f"{test}: no test rows" in capsys.readouterr().err

@@ -157,3 +157,22 @@ def test_an_edited_task_file_is_named(model, tmp_path, capsys, edit, expect):
     assert main(["predict", "--model", str(out), "--input", str(inp), "--output", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "finetune_task.json" in err and expect in err, err
+
+
+def test_own_task_files_with_ambiguous_columns_or_labels_are_refused(model, tmp_path, capsys):
+    dup = tmp_path / "dup.csv"
+    dup.write_text("q,y,y\nthe cat,yes,no\na dog,no,yes\n")
+    assert main(["finetune", "--model", str(model), "--train", str(dup), "--text-columns", "q", "--label-column",
+                 "y", "--output", str(tmp_path / "o1"), *QUICK]) == 2
+    assert f"{dup}:1: column name(s) 'y' appear more than once" in capsys.readouterr().err
+    lst = tmp_path / "list.jsonl"
+    lst.write_text('{"q": "the cat", "y": "a"}\n{"q": "a dog", "y": [1]}\n')
+    assert main(["finetune", "--model", str(model), "--train", str(lst), "--text-columns", "q", "--label-column",
+                 "y", "--output", str(tmp_path / "o2"), *QUICK]) == 2
+    assert f"{lst}:2: field 'y': [1] is a JSON list" in capsys.readouterr().err
+    bad = make_tiny_model(tmp_path / "m")
+    (bad / "tokenizer_config.json").write_text("[1]")
+    ok = _csv(tmp_path / "ok.csv", PAIRS)
+    assert main(["finetune", "--model", str(bad), "--train", str(ok), "--text-columns", "q", "--label-column",
+                 "y", "--output", str(tmp_path / "o3"), *QUICK]) == 2
+    assert "tokenizer_config.json: expected a JSON object" in capsys.readouterr().err

@@ -90,6 +90,10 @@ def read_table(path: Path, fmt: str | None = None) -> tuple[list[str], list[tupl
         if header is None:
             raise ConvBertError(f"{path}: empty file (expected a header row)")
         header = [h.strip() for h in header]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise ConvBertError(f"{path}:1: column name(s) {', '.join(map(repr, repeated))} appear more than once in "
+                                "the header")
         for row in reader:
             if not row:
                 continue
@@ -137,6 +141,10 @@ def _labels(path: Path, rows, raw: list[str], name: str, regression: bool, label
                 raise ConvBertError(f"{path}:{ln}: field {name!r}: {v!r} is not a finite number")
             out.append(f)
         return out
+    for (ln, row), v in zip(rows, raw):
+        if isinstance(row.get(name), (list, dict)):
+            raise ConvBertError(f"{path}:{ln}: field {name!r}: {v} is a JSON {type(row[name]).__name__}; expected a "
+                                "label (a string, number or true/false)")
     vals = [v.strip() for v in raw]
     if label_list is not None:
         known = set(label_list)

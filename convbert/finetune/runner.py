@@ -135,8 +135,12 @@ def _check_model(opts: GlueOptions, tokenizer) -> None:
 
 def _check_eval_splits(opts: GlueOptions, task: str) -> None:
     """Read the dev (and, with --predict, test) files before training: a bad file fails before any work."""
-    for split in _dev_splits(opts.glue_dir, task):
+    splits = _dev_splits(opts.glue_dir, task)
+    for split in splits:
         require_examples(read_split(opts.glue_dir, task, split), split)
+    for missing in (name for name in TASKS[task].dev if splits and name not in splits):
+        _log(opts, f"note: {DISPLAY[task]}: no {missing} file in {opts.glue_dir}; scored on "
+                   f"{', '.join(splits)} only (averages that need it will list {DISPLAY[task]} as missing)")
     if opts.predict:
         tests = dict(TASKS[task].test)
         if task == "mnli":
@@ -144,8 +148,8 @@ def _check_eval_splits(opts: GlueOptions, task: str) -> None:
         for name in tests:
             t_task = "ax" if name == "AX" else task
             path = find_split_file(opts.glue_dir, t_task, name)
-            if path is not None:
-                read_split(None, t_task, name, path=path)
+            if path is not None and not read_split(None, t_task, name, path=path).examples:
+                raise ConvBertError(f"{path}: no test rows; a GLUE submission needs every test example")
 
 
 def _train_examples(glue_dir: Path, task: str, cfg: FinetuneConfig):

@@ -110,9 +110,12 @@ def load_tokenizer(model_dir: str | os.PathLike):
     tc = model_dir / "tokenizer_config.json"
     if tc.is_file():
         try:
-            lower = bool(json.loads(tc.read_text(encoding="utf-8")).get("do_lower_case", True))
-        except (json.JSONDecodeError, AttributeError):
+            settings = json.loads(tc.read_text(encoding="utf-8"))
+        except ValueError:  # JSON or UTF-8
             raise ConvBertError(f"{tc}: not valid JSON")
+        if not isinstance(settings, dict):
+            raise ConvBertError(f"{tc}: expected a JSON object (HF tokenizer settings), got {type(settings).__name__}")
+        lower = bool(settings.get("do_lower_case", True))
     return WordPieceTokenizer.from_vocab(vocab, lower_case=lower, strip_accents=lower)
 
 
