@@ -37,3 +37,8 @@ def test_unknown_flag_is_reported_by_the_subcommand_on_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--bogus"])
     assert exit.value.code == 2 and capsys.readouterr().err.startswith("convbert: error: unrecognized arguments")
+
+
+def test_a_size_given_twice_is_printed_once(capsys):
+    assert main(["info", "--size", "tiny", "--size", "tiny"]) == 0
+    assert capsys.readouterr().out.count("ConvBERT-tiny") == 1

@@ -250,3 +250,24 @@ def test_time_limit_stops_with_checkpoint_and_eval_then_continues(tiny_data, tmp
     assert res["eval"] is not None and ckpt_io.latest_checkpoint(out / "checkpoints").name == "step-00000001"
     res = run_pretraining(cfg_for(tiny_data, out, steps=3, save_every=3), progress=False)
     assert res["resumed"] and res["finished"] and res["step"] == 3
+
+
+def test_checkpoints_and_exports_get_the_usual_file_permissions(tiny_data, tmp_path):
+    """Written through private temporaries, but readable by the group/others the umask allows (like every file)."""
+    import os
+    import stat
+
+    from convbert.cli import main
+
+    mask = os.umask(0o022)
+    try:
+        assert main(["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(tmp_path / "r"),
+                     "--steps", "1", "--batch-size", "4", "--eval-batches", "1", "--threads", "1",
+                     "--no-progress"]) == 0
+        assert main(["export", "--checkpoint", str(tmp_path / "r"), "--output", str(tmp_path / "x")]) == 0
+    finally:
+        os.umask(mask)
+    (ck,) = (tmp_path / "r" / "checkpoints").glob("step-*")
+    files = [*ck.iterdir(), tmp_path / "x" / "model.safetensors"]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
+    assert stat.S_IMODE(ck.stat().st_mode) == 0o755

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from convbert.model.flops import preset_table
 
-    rows = preset_table(args.size or ["small", "medium-small", "base"])
+    rows = preset_table(list(dict.fromkeys(args.size or ["small", "medium-small", "base"])))  # each size once
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -225,8 +225,12 @@ def save_checkpoint(
         )
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump(state, f)
+        mask = os.umask(0)
+        os.umask(mask)
         for p in tmp.iterdir():
+            os.chmod(p, 0o666 & ~mask)  # mkdtemp and safetensors make private files; use the usual permissions
             _fsync_file(p)
+        os.chmod(tmp, 0o777 & ~mask)
         _fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
             old = directory / f".{final.name}.old"
