@@ -86,7 +86,7 @@ def run_build(args: argparse.Namespace) -> int:
     ex = c["examples"] or 1
     print(f"wrote {args.output}: {c['examples']:,} examples, {c['tokens']:,} tokens, {len(m['shards'])} shard(s), "
           f"{m['bytes_on_disk']:,} bytes ({m['bytes_per_token']} bytes/token)")
-    print(f"  {c['files']:,} documents/files, {c['lines']:,} lines; single segment {100 * c['single_segment'] / ex:.1f} %"
+    print(f"  {c['files']:,} files or JSONL records, {c['lines']:,} lines; single segment {100 * c['single_segment'] / ex:.1f} %"
           f", two segments {100 * c['two_segment'] / ex:.1f} %; {dt:.1f} s")
     if c["invalid_utf8"]:
         print(f"  warning: {c['invalid_utf8']:,} invalid UTF-8 sequences replaced in {c['files_with_invalid_utf8']} "

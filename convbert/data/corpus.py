@@ -544,7 +544,7 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
                         )
                     if not isinstance(obj, dict):
                         raise ConvBertError(f"{path}:{_abs_line(unit, lineno)}: expected a JSON object, got "
-                                            f"{type(obj).__name__}")
+                                            f"{_json_kind(obj)}")
                     if text_field not in obj:
                         fields = ", ".join(list(obj)[:8]) or "none"
                         raise ConvBertError(f"{path}:{_abs_line(unit, lineno)}: no field {text_field!r} "
@@ -552,7 +552,7 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
                     text = obj[text_field]
                     if not isinstance(text, str):
                         raise ConvBertError(f"{path}:{_abs_line(unit, lineno)}: field {text_field!r} is "
-                                            f"{type(text).__name__}, expected a string")
+                                            f"{_json_kind(text)}, expected a string")
                     try:
                         text.encode("utf-8")
                     except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
@@ -597,3 +597,13 @@ def iter_lines(inputs: list[str], text_field: str = "text", docs: str = "blank-l
                     line = line.strip()
                     if line:
                         yield line
+
+
+def _json_kind(value) -> str:
+    """A JSON value's kind in JSON's words (null, not NoneType)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "int", float: "a number", list: "a list", dict: "an object", str: "a string"}.get(type(value),
+                                                                                               type(value).__name__)

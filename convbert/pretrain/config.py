@@ -119,6 +119,9 @@ class PretrainConfig:
         need(self.temperature > 0, "temperature", "a number > 0")
         if self.time_limit is not None:
             need(self.time_limit > 0, "time_limit", "a number of seconds > 0")
+        if self.max_seq_length is not None:
+            need(isinstance(self.max_seq_length, int) and 5 <= self.max_seq_length <= 65535, "max_seq_length",
+                 "an integer in 5..65535")
         if self.stop_at_step is not None:
             need(isinstance(self.stop_at_step, int) and self.stop_at_step >= 1, "stop_at_step", "an integer >= 1")
         if not self.data:
