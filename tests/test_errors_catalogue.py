@@ -1239,6 +1239,14 @@ def pretrain_into_a_folder_of_other_files(e, t):
     return dict(argv=pretrain_argv(e.data, d), expect=["--output", str(d), "holds other files"], unchanged=[d])
 
 
+def test_a_finished_run_asked_again_with_other_settings_keeps_its_record(env, tmp_path, capsys):
+    r = copy(env.run, tmp_path / "run")
+    before = (r / "run_config.json").read_bytes()
+    rc, _, err = run_cli(pretrain_argv(env.data, r, "--eval-batches", "2", steps=2), capsys)
+    assert rc == 0 and "nothing to do" in err
+    assert (r / "run_config.json").read_bytes() == before
+
+
 # ---------------------------------------------------------------------------------------------------- the tests
 
 

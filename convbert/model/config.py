@@ -146,8 +146,8 @@ class ConvBertConfig:
         need(0.0 <= self.attention_probs_dropout_prob < 1.0, "attention_probs_dropout_prob", "a probability in [0, 1)")
         need(self.attention_type in ("mixed", "plain"), "attention_type", "'mixed' or 'plain'")
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", f"an id in [0, {self.vocab_size})")
-        need(0 < self.layer_norm_eps < math.inf, "layer_norm_eps", "a positive finite number")
-        need(0 <= self.initializer_range < math.inf, "initializer_range", "a finite standard deviation >= 0")
+        need(0 < self.layer_norm_eps < math.inf, "layer_norm_eps", "a positive number (finite)")
+        need(0 <= self.initializer_range < math.inf, "initializer_range", "a standard deviation >= 0 (finite)")
 
     # ---- presets -------------------------------------------------------------------------------------------
     @classmethod

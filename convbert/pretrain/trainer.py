@@ -552,9 +552,11 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         resumed = self.maybe_resume()
+        done = self.step >= cfg.steps or (cfg.stop_at_step is not None and self.step >= cfg.stop_at_step)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.out / RUN_CONFIG, self.resolved())
+            if not done:  # a run with nothing to do keeps the settings it was trained with
+                save_config(self.out / RUN_CONFIG, self.resolved())
             self._copy_vocab()
             self.logger = RunLogger(self.out, cfg.steps, progress=self.progress, log_every=cfg.log_every)
         if self.step >= cfg.steps:
