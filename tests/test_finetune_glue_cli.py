@@ -280,7 +280,8 @@ def test_save_models_writes_folders_that_load_again(env, tmp_path):
     from convbert.model.heads import ConvBertForSequenceClassification
 
     _, model, glue = env
-    assert _glue(model, glue, tmp_path / "o", "rte", "--save-models") == 0
+    assert _glue(model, glue, tmp_path / "o", "rte") == 0
+    assert _glue(model, glue, tmp_path / "o", "rte", "--save-models") == 0  # the finished run is redone to save it
     saved = tmp_path / "o" / "runs" / "rte-seed1" / "model"
     assert (saved / "vocab.txt").read_bytes() == (model / "vocab.txt").read_bytes()
     assert ConvBertForSequenceClassification.from_pretrained(saved).num_labels == 2
@@ -298,3 +299,21 @@ def test_mnli_without_mismatched_dev_is_noted_and_an_empty_test_file_refused(env
     test.write_text(test.read_text().splitlines()[0] + "\n")
     assert _glue(model, mine, tmp_path / "o2", "sst", "--predict", "--fill-missing") == 2
     assert f"{test}: no test rows" in capsys.readouterr().err
+
+
+def test_a_nan_metric_is_written_as_strict_json_null_and_shown_as_n_a(env, tmp_path, capsys, monkeypatch):
+    import convbert.finetune.runner as runner
+
+    _, model, glue = env
+    real = runner._eval_metrics
+    monkeypatch.setattr(runner, "_eval_metrics", lambda task, outs: {**real(task, outs), "spearman": float("nan")})
+    assert _glue(model, glue, tmp_path / "o", "sts") == 0
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    record = json.loads((tmp_path / "o" / "runs" / "sts-seed1.json").read_text(), parse_constant=refuse)
+    assert record["metrics"]["spearman"] is None
+    results = json.loads((tmp_path / "o" / "results.json").read_text(), parse_constant=refuse)
+    assert results["tasks"]["sts"]["metrics"]["spearman"]["median"] is None
+    assert "n/a" in (tmp_path / "o" / "results.md").read_text()

@@ -367,6 +367,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
         "predictions": predictions,
         "seconds": round(time.time() - t0, 2),
     }
+    record = finite_json(record)  # a metric of degenerate predictions (Pearson of a constant) is NaN: null
     write_json_atomic(json_path, record)
     return record
 
@@ -406,6 +407,17 @@ def summarize(records: list[dict]) -> dict:
                                 "missing": M.missing_for(medians, M.LEADERBOARD_TASKS),
                                 "label": LEADERBOARD_AVG_LABEL},
     }
+
+
+def finite_json(obj):
+    """`obj` with every NaN or infinite float replaced by None, so the file is strict JSON (null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def _fmt(v) -> str:
@@ -471,8 +483,10 @@ def run_glue(opts: GlueOptions) -> dict:
                         need.add("AX")
                 have = {n for n, f in rec.get("predictions", {}).items()
                         if isinstance(f, str) and (opts.output / f).is_file()}
-                if need - have:
-                    pending.append((t, s))  # finished without test predictions: redo (same result, + predictions)
+                no_model = opts.save_models and not (run_paths(opts.output, t, s)[1] / "model" / "config.json").is_file()
+                if need - have or no_model:
+                    pending.append((t, s))  # finished without test predictions or the model asked for: redo (same
+                    # result, plus what is missing)
                 else:
                     done.append(rec)
                 continue
@@ -503,7 +517,7 @@ def run_glue(opts: GlueOptions) -> dict:
             rec = run_one(opts, t, s, cache, tokenizer, fps[t], bar)
             records.append(rec)
             msg = f"{DISPLAY[t]} seed {s}: " + ", ".join(
-                f"{METRIC_LABEL.get(m, m)} {v:.2f}" for m, v in rec["metrics"].items() if m != "mse"
+                f"{METRIC_LABEL.get(m, m)} {_fmt(v)}" for m, v in rec["metrics"].items() if m != "mse"
             )
             (bar.write(msg, file=sys.stderr) if bar is not None else _log(opts, msg))
     finally:
@@ -528,6 +542,7 @@ def run_glue(opts: GlueOptions) -> dict:
     header = f"Model: `{opts.model_dir}`; seeds: {', '.join(map(str, opts.seeds))}."
     md = render_markdown(summary, header)
     write_text_atomic(opts.output / "results.md", md)
+    summary = finite_json(summary)
     write_json_atomic(opts.output / "results.json", summary)
     print(md, end="")
 
