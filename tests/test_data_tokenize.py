@@ -173,3 +173,19 @@ def test_duplicate_entries_keep_last_id(tmp_path):
     tok = WordPieceTokenizer.from_vocab(p)
     assert tok.encode("a b") == [7, 6]
     assert tok.vocab_size == 8
+
+
+def test_a_very_long_line_is_encoded_in_pieces_with_the_same_ids(vocab_file, corpus_text, monkeypatch):
+    """Lines over 64k characters are cut at plain spaces (bounded memory); the ids must equal one-piece encoding,
+    also around characters the normaliser removes or splits on (control characters, tabs, CJK, accents)."""
+    import convbert.data.tokenize as tokenize
+
+    tok = WordPieceTokenizer.from_vocab(vocab_file)
+    awkward = " ".join(corpus_text.split()[:400]) + " a\x1cb c\td 中文 naïve\u3000x " + "y" * 300 + " end"
+    line = (awkward + " ") * 3
+    monkeypatch.setattr(tokenize, "_LONG_TEXT", 97)  # many cuts, some inside runs without spaces
+    pieces = list(tokenize._space_bounded_pieces(line, 97))
+    assert len(pieces) > 50 and "".join(pieces) == line
+    ids = tok.encode_batch(["short text", line, "another"])
+    assert ids[1] == tok.backend.encode(line, add_special_tokens=False).ids
+    assert ids[0] == tok.encode("short text") and ids[2] == tok.encode("another")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from convbert.errors import ConvBertError
 
@@ -119,7 +119,18 @@ class WordPieceTokenizer:
         texts = list(texts)
         if not texts:
             return []
-        return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+        if all(len(t) <= _LONG_TEXT for t in texts):
+            return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+        # A very long line (a 10 MB "sentence") costs ~100 bytes per token inside `tokenizers`; encoded in pieces
+        # cut at plain spaces, where every word boundary falls anyway, it gives the same ids in bounded memory.
+        out: list[list[int]] = [[] for _ in texts]
+        short = [i for i, t in enumerate(texts) if len(t) <= _LONG_TEXT]
+        for i, e in zip(short, self._batch([texts[i] for i in short], add_special_tokens=False)):
+            out[i] = e.ids
+        for i in (i for i, t in enumerate(texts) if len(t) > _LONG_TEXT):
+            for piece in _space_bounded_pieces(texts[i], _LONG_TEXT):
+                out[i] += self._batch([piece], add_special_tokens=False)[0].ids
+        return out
 
     def tokenize(self, text: str) -> list[str]:
         return self.decode(self.encode(text))
@@ -143,3 +154,21 @@ class WordPieceTokenizer:
             f"WordPieceTokenizer({self.source!r}, vocab_size={self.vocab_size}, lower_case={self.lower_case}, "
             f"strip_accents={self.strip_accents})"
         )
+
+
+_LONG_TEXT = 1 << 16  # characters
+
+
+def _space_bounded_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` cut into pieces of about `size` characters, only at U+0020 (a word boundary for BERT's
+    normaliser and pre-tokeniser alike; other whitespace-like characters may be removed or kept by them)."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        if cut == -1:
+            cut = text.find(" ", start + size)
+            if cut == -1:
+                break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
