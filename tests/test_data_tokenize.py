@@ -189,3 +189,9 @@ def test_a_very_long_line_is_encoded_in_pieces_with_the_same_ids(vocab_file, cor
     ids = tok.encode_batch(["short text", line, "another"])
     assert ids[1] == tok.backend.encode(line, add_special_tokens=False).ids
     assert ids[0] == tok.encode("short text") and ids[2] == tok.encode("another")
+
+
+def test_a_vocab_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    for path in (tmp_path, "/dev/zero"):
+        with pytest.raises(ConvBertError, match="not a regular file"):
+            WordPieceTokenizer.from_vocab(path)

@@ -1360,3 +1360,18 @@ def test_debug_shows_the_traceback(env, tmp_path):
     assert "ConvBertError" in loud.stderr
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
     assert not (tmp_path / "run").exists()
+
+
+def test_export_records_the_data_pad_id_when_the_specials_are_not_first(env, tmp_path, capsys):
+    from convbert.data import build_dataset
+
+    lines = env.vocab.read_text(encoding="utf-8").splitlines()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(lines[5:] + lines[:5]) + "\n", encoding="utf-8")  # [PAD] ... [MASK] last
+    build_dataset([str(env.corpus)], str(vocab), str(tmp_path / "data"), max_seq_length=32, progress=False)
+    rc, _, err = run_cli(pretrain_argv(tmp_path / "data", tmp_path / "run", steps=1), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "x")], capsys)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert config["pad_token_id"] == len(lines) - 5

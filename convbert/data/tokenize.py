@@ -30,6 +30,8 @@ MAX_INPUT_CHARS_PER_WORD = 200
 def load_vocab_lines(path: str | os.PathLike) -> list[str]:
     """Return the vocabulary file's tokens in line order (line i has id i)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, or a device such as /dev/zero that never ends
+        raise ConvBertError(f"{path}: not a regular file (expected a BERT-style vocab.txt, one token per line)")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

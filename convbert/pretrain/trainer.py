@@ -106,10 +106,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, max_seq_length: int):
+def build_model_config(cfg: PretrainConfig, vocab_size: int, max_seq_length: int, pad_id: int = 0):
     from convbert.model.config import ConvBertConfig
 
     overrides = dict(cfg.model)
+    overrides.setdefault("pad_token_id", pad_id)  # recorded in the exported config.json (the [PAD] row is trained)
     if "vocab_size" in overrides and int(overrides["vocab_size"]) < vocab_size:
         raise ConvBertError(
             f"model.vocab_size = {overrides['vocab_size']} is smaller than the data's vocab ({vocab_size} entries)"
@@ -180,7 +181,7 @@ class Trainer:
         if cfg.max_seq_length is None:
             cfg.max_seq_length = self.T
         self.n_pred = num_predictions(self.T, cfg.mask_prob)
-        self.model_config = build_model_config(cfg, self.data.vocab_size, self.T)
+        self.model_config = build_model_config(cfg, self.data.vocab_size, self.T, self.data.special.pad)
 
         # Identical initial weights on every rank: seed, build, then give each rank its own streams.
         seed_everything(cfg.seed)
