@@ -250,3 +250,68 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+# -- misuse is named, not crashed on -----------------------------------------------------------------------------
+
+
+def _tiny_folder(tmp_path):
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100))
+    model.save_pretrained(tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def test_from_pretrained_overrides_are_converted_like_constructor_arguments(tmp_path):
+    _, folder = _tiny_folder(tmp_path)
+    assert ConvBertModel.from_pretrained(folder, mask_conv_padding="no").config.mask_conv_padding is False
+    assert ConvBertModel.from_pretrained(folder, hidden_dropout_prob="0.2").config.hidden_dropout_prob == 0.2
+    with pytest.raises(ConvBertError, match="overrides: unknown config field"):
+        ConvBertModel.from_pretrained(folder, nonsense=1)
+    with pytest.raises(ConvBertError, match=r"'hidden_dropout_prob' = 'lots'"):
+        ConvBertModel.from_pretrained(folder, hidden_dropout_prob="lots")
+
+
+def test_config_files_and_presets_name_the_source(tmp_path):
+    with pytest.raises(ConvBertError, match="unknown config field"):
+        ConvBertConfig.from_preset("tiny", foo=1)
+    with pytest.raises(ConvBertError, match="expected a JSON object"):
+        ConvBertConfig.from_dict([1, 2])
+    with pytest.raises(ConvBertError, match="is a folder"):
+        ConvBertConfig.from_json_file(tmp_path)
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 3}))
+    with pytest.raises(ConvBertError, match=re.escape(str(bad))):
+        ConvBertConfig.from_json_file(bad)
+
+
+@pytest.mark.parametrize("call, expect", [
+    (lambda m, ids: m(ids[0]), "expected integer token ids of shape [batch, length]"),
+    (lambda m, ids: m(ids.float()), "expected integer token ids"),
+    (lambda m, ids: m(ids, attention_mask=torch.ones(2, 7)), "attention_mask has shape (2, 7)"),
+    (lambda m, ids: m(ids, attention_mask=torch.ones(2, 8, 8)), "attention_mask has shape (2, 8, 8)"),
+    (lambda m, ids: m(ids, token_type_ids=torch.zeros(2, 8)), "token_type_ids is torch.float32"),
+    (lambda m, ids: m(torch.zeros(0, 8, dtype=torch.long)), "input_ids has shape (0, 8)"),
+    (lambda m, ids: m(torch.zeros(2, 0, dtype=torch.long)), "input_ids has shape (2, 0)"),
+])
+def test_wrong_model_inputs_are_named(call, expect):
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(ConvBertError, match=re.escape(expect)):
+        call(model, ids)
+
+
+def test_shared_embeddings_must_match_the_vocab_and_heads_their_label_count(tmp_path):
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    d = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100))
+    with pytest.raises(ConvBertError, match="100 word rows but config.vocab_size is 50"):
+        ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=50), embeddings=d.embeddings)
+    with pytest.raises(ConvBertError, match="num_labels = 2.5"):
+        ConvBertForSequenceClassification(d.config, 2.5)
+    clf = ConvBertForSequenceClassification(d.config, 2, encoder=d)
+    assert clf.convbert is d
+    clf.save_pretrained(tmp_path / "c")
+    head = tmp_path / "c" / "head.json"
+    head.write_text(json.dumps({"num_labels": 2, "dropout": 1.5}))
+    with pytest.raises(ConvBertError, match=re.escape(f"{head}: classifier dropout = 1.5")):
+        ConvBertForSequenceClassification.from_pretrained(tmp_path / "c")

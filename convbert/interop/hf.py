@@ -113,11 +113,8 @@ def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBe
     if not path.is_dir():
         raise ConvBertError(f"{path}: not a model folder (expected a directory with config.json and weights)")
     config = read_config(path)
-    for key, value in config_overrides.items():
-        if not hasattr(config, key):
-            raise ConvBertError(f"unknown config field '{key}'")
-        setattr(config, key, value)
-    config.validate()
+    if config_overrides:  # converted and checked like constructor arguments ("no" is False, not a true string)
+        config = config.replace(source=f"{path} overrides", **config_overrides)
     state, weight_file = read_state_dict(path)
     model = cls(config)
     check_and_load(model, translate_keys(state), str(weight_file))

@@ -157,9 +157,11 @@ class ConvBertConfig:
             raise ConvBertError(f"unknown size '{name}': expected one of {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
         values.update(overrides)
-        values.setdefault("extra", {})
-        values["extra"] = {**values["extra"], "preset": name}
-        return cls(**values)
+        extra = values.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise ConvBertError(f"config field 'extra' = {extra!r}: expected a mapping")
+        values["extra"] = {**extra, "preset": name}
+        return cls.from_dict(values, source=f"preset {name!r} overrides")
 
     def generator_config(self, fraction: float) -> "ConvBertConfig":
         """The generator of spec §2.2: width and heads scaled by `fraction`, same depth, FFN 4x, same tables."""
@@ -189,11 +191,22 @@ class ConvBertConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ConvBertConfig":
+        if not isinstance(values, dict):
+            raise ConvBertError(f"{source}: expected a JSON object of config fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
             raise ConvBertError(f"{source}: unknown config field(s) {', '.join(unknown)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConvBertError as err:
+            if source == "config":
+                raise
+            raise ConvBertError(f"{source}: {err}") from None
+
+    def replace(self, source: str = "config", **changes: Any) -> "ConvBertConfig":
+        """A copy with `changes` applied through the same conversion and checks as the constructor."""
+        return type(self).from_dict({**self.to_dict(), **changes}, source=source)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         from convbert.utils import write_json_atomic
@@ -207,6 +220,8 @@ class ConvBertConfig:
                 values = json.load(f)
         except FileNotFoundError:
             raise ConvBertError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConvBertError(f"{path}: is a folder; expected a config JSON file") from None
         except json.JSONDecodeError as err:
             raise ConvBertError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         return cls.from_dict(values, source=str(path))
@@ -244,6 +259,8 @@ class ConvBertConfig:
         try:
             return cls(**kwargs)
         except TypeError as err:
+            raise ConvBertError(f"{source}: {err}") from None
+        except ConvBertError as err:
             raise ConvBertError(f"{source}: {err}") from None
 
 

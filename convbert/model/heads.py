@@ -73,13 +73,16 @@ class ConvBertForSequenceClassification(nn.Module):
 
     HEAD_FILE = "head.json"
 
-    def __init__(self, config: ConvBertConfig, num_labels: int, classifier_dropout: float | None = None):
+    def __init__(self, config: ConvBertConfig, num_labels: int, classifier_dropout: float | None = None,
+                 encoder: ConvBertModel | None = None):
         super().__init__()
-        if num_labels < 1:
-            raise ConvBertError(f"num_labels = {num_labels}: expected at least 1")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1")
         self.num_labels = num_labels
-        self.convbert = ConvBertModel(config)
+        self.convbert = encoder if encoder is not None else ConvBertModel(config)  # a given one is used as it is
         dropout = config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        if not 0.0 <= dropout < 1.0:
+            raise ConvBertError(f"classifier dropout = {dropout!r}: expected a probability in [0, 1)")
         self.classifier = ClassificationHead(config.hidden_size, num_labels, dropout)
 
     @property
@@ -94,8 +97,7 @@ class ConvBertForSequenceClassification(nn.Module):
     def from_encoder(cls, path: str | os.PathLike, num_labels: int, **config_overrides) -> "ConvBertForSequenceClassification":
         """A pre-trained encoder (HF-layout folder) with a fresh head."""
         encoder = ConvBertModel.from_pretrained(path, **config_overrides)
-        model = cls(encoder.config, num_labels)
-        model.convbert = encoder
+        model = cls(encoder.config, num_labels, encoder=encoder)
         model.train()
         return model
 
@@ -130,8 +132,10 @@ class ConvBertForSequenceClassification(nn.Module):
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ConvBertError(f"{head_file}: expected {{'num_labels': int, 'dropout': float}} ({err})") from None
         encoder = ConvBertModel.from_pretrained(path)
-        model = cls(encoder.config, num_labels, classifier_dropout=dropout)
-        model.convbert = encoder
+        try:
+            model = cls(encoder.config, num_labels, classifier_dropout=dropout, encoder=encoder)
+        except ConvBertError as err:
+            raise ConvBertError(f"{head_file}: {err}") from None
         weights = path / "classifier.safetensors"
         try:
             state = load_file(str(weights))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from convbert.errors import ConvBertError
 from convbert.model import kernels
 from convbert.model.config import ConvBertConfig
 from convbert.model.layers import ConvBertLayer, GroupedLinear, MixedAttention, SeparableConv1D
@@ -41,7 +42,7 @@ class ConvBertEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:
-            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
+            raise ConvBertError(f"sequence length {length} exceeds max_position_embeddings "
                              f"{self.position_embeddings.num_embeddings}")
         x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:length]
         if token_type_ids is None:
@@ -55,6 +56,25 @@ class ConvBertEncoder(nn.Module):
     def __init__(self, config: ConvBertConfig):
         super().__init__()
         self.layer = nn.ModuleList(ConvBertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+def _check_inputs(input_ids, attention_mask, token_type_ids) -> None:
+    """Shapes and dtypes only (no device sync): a wrong call is named here, not deep inside a kernel."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool:
+        what = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+                else type(input_ids).__name__)
+        raise ConvBertError(f"input_ids is {what}: expected integer token ids of shape [batch, length]")
+    if input_ids.numel() == 0:
+        raise ConvBertError(f"input_ids has shape {tuple(input_ids.shape)}: expected at least one token per row "
+                            "and one row")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input_ids.shape):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConvBertError(f"{name} has shape {shape}: expected the shape of input_ids "
+                                f"{tuple(input_ids.shape)}")
+    if token_type_ids is not None and (token_type_ids.is_floating_point() or token_type_ids.dtype == torch.bool):
+        raise ConvBertError(f"token_type_ids is {token_type_ids.dtype}: expected integer segment ids")
 
 
 def _trunc_normal_(weight: torch.Tensor, std: float) -> None:
@@ -95,7 +115,11 @@ class ConvBertModel(nn.Module):
         self.embeddings = embeddings if shared else ConvBertEmbeddings(config)
         width = self.embeddings.word_embeddings.embedding_dim
         if width != config.embedding_size:
-            raise ValueError(f"shared embeddings are {width} wide but config.embedding_size is {config.embedding_size}")
+            raise ConvBertError(f"shared embeddings are {width} wide but config.embedding_size is "
+                                f"{config.embedding_size}")
+        rows = self.embeddings.word_embeddings.num_embeddings
+        if rows != config.vocab_size:
+            raise ConvBertError(f"shared embeddings have {rows} word rows but config.vocab_size is {config.vocab_size}")
         self.embeddings_project = nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
         self.encoder = ConvBertEncoder(config)
 
@@ -113,6 +137,7 @@ class ConvBertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> ConvBertOutput:
+        _check_inputs(input_ids, attention_mask, token_type_ids)
         x = self.embeddings(input_ids, token_type_ids)
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
