@@ -12,7 +12,7 @@ from convbert.errors import ConvBertError
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.pretrain.config import resolve_config
 from convbert.pretrain.logging import read_log
-from convbert.pretrain.trainer import run_pretraining
+from convbert.pretrain.trainer import build_model_config, run_pretraining
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +271,43 @@ def test_checkpoints_and_exports_get_the_usual_file_permissions(tiny_data, tmp_p
     files = [*ck.iterdir(), tmp_path / "x" / "model.safetensors"]
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
     assert stat.S_IMODE(ck.stat().st_mode) == 0o755
+
+
+def test_keep_checkpoints_counts_regular_checkpoints_and_keeps_every_milestone(tmp_path):
+    from convbert.pretrain import checkpoint as ckpt_io
+
+    milestones = {9, 19, 38, 75, 150}
+    for step in sorted(milestones | set(range(10, 151, 10))):
+        folder = tmp_path / ckpt_io.checkpoint_name(step)
+        folder.mkdir()
+        (folder / ckpt_io.STATE_FILE).write_text("{}")
+    ckpt_io.prune_checkpoints(tmp_path, 3, milestones)
+    kept = [step for step, _ in ckpt_io.list_checkpoints(tmp_path)]
+    assert kept == [9, 19, 38, 75, 120, 130, 140, 150]  # 3 regular (120, 130, 140) + the 5 milestones
+
+
+def test_a_resumed_run_keeps_the_checkpoint_step_in_tensorboard(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, steps=6, stop_at_step=3), progress=False)
+    run_pretraining(cfg_for(tiny_data, run, steps=6), progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tag = next(t for t in events.Tags()["scalars"] if t.startswith("train/"))
+    assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_configs_presets_resolve_like_the_size_flag(tiny_data, tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for size in ("tiny", "small", "medium-small", "base"):
+        flags = dict(data=str(tiny_data["data"]), output=str(tmp_path / size), steps=200)
+        from_file = resolve_config(None, str(configs / f"{size}.yaml"), flags)
+        from_flag = resolve_config(size, None, flags)
+        a, b = from_file.to_dict(), from_flag.to_dict()
+        a.pop("model")  # the files of the paper sizes spell the model out; the flag takes the preset
+        assert b.pop("model") == {}
+        assert a == b, size  # warmup (the short-run rule) and save_every included
+        assert build_model_config(from_file, 30522, 128) == build_model_config(from_flag, 30522, 128), size

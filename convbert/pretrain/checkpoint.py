@@ -314,12 +314,13 @@ def rng_state_for_rank(ckpt: dict, rank: int) -> dict | None:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int, protected: set[int]) -> list[Path]:
-    """Delete complete checkpoints beyond the newest `keep_last`, except protected (milestone) steps."""
+    """Keep the newest `keep_last` regular checkpoints and every protected (milestone) one; delete the rest."""
     found = list_checkpoints(directory)
     removed = []
     if keep_last <= 0:
         return removed
-    recent = {step for step, _ in found[-keep_last:]}
+    regular = [step for step, _ in found if step not in protected]
+    recent = set(regular[-keep_last:])
     for step, p in found:
         if step in recent or step in protected:
             continue

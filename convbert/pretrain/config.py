@@ -237,7 +237,10 @@ def resolve_config(
     explicit: set[str] = set()
     if file_values:
         apply_mapping(cfg, file_values, config_file or "config")
-        explicit |= {str(k).replace("-", "_") for k in file_values}
+        # A file value equal to the size's default (the configs/ presets spell them all out) is not a choice.
+        defaults = {**PretrainConfig().to_dict(), **SIZE_DEFAULTS[chosen]}
+        explicit |= {str(k).replace("-", "_") for k, v in file_values.items()
+                     if defaults.get(str(k).replace("-", "_"), object()) != v}
     apply_mapping(cfg, flags, "command line")
     explicit |= set(flags)
     apply_mapping(cfg, set_values, "--set")

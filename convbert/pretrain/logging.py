@@ -136,9 +136,9 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # purge_step drops events past the resumed step, like the JSONL truncation.
+                # purge_step drops events past the resumed step (>= step + 1), like the JSONL truncation.
                 self._tb = _TensorBoardThread(
-                    SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step if step else None))
+                    SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else None))
             except Exception as err:  # tensorboard not installed or broken
                 self.message(f"TensorBoard logging disabled ({type(err).__name__}: {err})")
                 self._tb = None

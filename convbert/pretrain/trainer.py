@@ -339,16 +339,19 @@ class Trainer:
             self.loader.load_state_dict(loaders[self.dist.rank])
             ckpt_io.restore_rng(rng, self.mask_gen, self.sample_gen, self.device)
         else:
-            self.print(
-                f"note: checkpoint written by {state.get('world_size')} rank(s), now {self.dist.world_size}: the "
-                "data order and random streams restart (weights, optimiser and schedule are restored)"
-            )
+            if self.dist.is_main:
+                self.print(
+                    f"note: checkpoint written by {state.get('world_size')} rank(s), now {self.dist.world_size}: "
+                    "the random streams (masking, sampling, dropout) restart; weights, optimiser, schedule and the "
+                    "position in the data are restored"
+                )
             if self.dist.rank < len(loaders):
                 with contextlib.suppress(Exception):
                     self.loader.load_state_dict(loaders[self.dist.rank])
-        if changed:
+        if changed and self.dist.is_main:
             self.print(f"note: resuming with changed settings: {', '.join(changed)} (the new values apply)")
-        self.print(f"resumed from {latest} (step {self.step})")
+        if self.dist.is_main:
+            self.print(f"resumed from {latest} (step {self.step})")
         return True
 
     def _copy_vocab(self) -> None:
@@ -619,6 +622,10 @@ class Trainer:
 
     def close(self) -> None:
         if self.dist.initialized_here and dist.is_initialized():
+            # Every rank waits for the others (rank 0 may still be evaluating or plotting): a rank that tears the
+            # process group down early aborts gloo under the ranks still using it.
+            with contextlib.suppress(Exception):
+                dist.barrier()
             dist.destroy_process_group()
 
 
