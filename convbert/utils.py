@@ -5,16 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from convbert.errors import ConvBertError
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def fix_mode(path: str | os.PathLike) -> None:
+    """The usual permissions for a new file or folder (what the umask allows): temporary files and folders, and
+    what some writers (safetensors) create, are private (0600/0700)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
 @contextmanager
@@ -28,12 +37,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # again: a writer may have replaced the file (safetensors does)
+        fix_mode(tmp_path)  # mkstemp (and safetensors, which replaces the file) make it 0600
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -55,3 +63,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished folder `staging` to `final`. An existing `final` is first renamed aside and removed
+    after, so a crash leaves the old folder or the new one (or the old one beside it), never a mix."""
+    staging, final = Path(staging), Path(final)
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_foreign_folder(path: str | os.PathLike, markers: tuple[str, ...], made_by: str) -> None:
+    """An existing output folder with (non-hidden) files in it must be an earlier output of the same command, one
+    that holds one of `markers`: writing into a folder of other files would mix with or overwrite them."""
+    path = Path(path)
+    if (path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
+            and not any((path / m).exists() for m in markers)):
+        raise ConvBertError(f"--output {path}: exists and holds other files (not {made_by}); use a new or empty folder")

@@ -36,7 +36,7 @@ import numpy as np
 
 from convbert.data.corpus import DOCS_MODES, Unit, UnitEnumerator, UnitStats, read_unit
 from convbert.data.packing import SEGMENT_RULES, ExampleBuilder
-from convbert.data.shards import ShardReader, ShardWriter, fix_mode, token_dtype_for
+from convbert.data.shards import ShardReader, ShardWriter, token_dtype_for
 from convbert.data.tokenize import WordPieceTokenizer
 from convbert.errors import ConvBertError
 from convbert.utils import sha256_file, write_json_atomic
@@ -337,7 +337,6 @@ class _Committer:
             entry["complete"] = final or (last is not None and last < self.next_seq)
         _fill_totals(m)
         write_json_atomic(self.out / MANIFEST, m)
-        fix_mode(self.out / MANIFEST)
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -440,7 +439,6 @@ def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
                             "folder")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(mpath, fresh)
-    fix_mode(mpath)
     return fresh
 
 

@@ -106,10 +106,7 @@ class PretrainingDataset:
         """Token ids of the start of every shard against the vocab size: a cheap check before a long run starts
         (`batch` checks every batch it reads; `convbert data-stats` scans everything)."""
         for shard in self.shards:
-            head = shard.tokens[:tokens_per_shard]
-            if len(head) and int(head.max()) >= self.vocab_size:
-                raise ConvBertError(f"{shard.path}: shard is corrupt (token id {int(head.max())} >= the vocab size "
-                                    f"{self.vocab_size})")
+            check_token_ids(shard, shard.tokens[:tokens_per_shard], self.vocab_size)
 
     def _locate(self, i: int) -> tuple[ShardReader, int]:
         if not -self._len <= i < self._len:
@@ -164,9 +161,7 @@ class PretrainingDataset:
             local = indices[rows] - self._starts[k]
             lens = np.asarray(shard.lengths[local], dtype=np.int64)
             a, b = lens[:, 0], lens[:, 1]
-            if (a + b + np.where(b > 0, 3, 2)).max(initial=0) > t:
-                raise ConvBertError(f"{shard.path}: shard is corrupt (an example longer than the dataset's "
-                                    f"max_seq_length {t})")
+            check_example_lengths(shard, lens, t)
             la[rows], lb[rows] = a, b
             tl = a + b
             total = int(tl.sum())
@@ -178,9 +173,7 @@ class PretrainingDataset:
                 if src.max() >= shard.n_tokens or src.min() < 0:
                     raise ConvBertError(f"{shard.path}: shard is corrupt (its tables point past its tokens)")
                 tokens = shard.tokens[src]
-                if tokens.max() >= self.vocab_size:
-                    raise ConvBertError(f"{shard.path}: shard is corrupt (token id {int(tokens.max())} >= the "
-                                        f"vocab size {self.vocab_size})")
+                check_token_ids(shard, tokens, self.vocab_size)
                 ids[np.repeat(rows, tl), col] = tokens
         r = np.arange(bsz)
         ids[:, 0] = self.cls_id
@@ -192,6 +185,20 @@ class PretrainingDataset:
         mask = (cols[None, :] < n[:, None]).astype(np.int64)
         seg = ((cols[None, :] >= (2 + la)[:, None]) & (cols[None, :] < n[:, None])).astype(np.int64)
         return {"input_ids": ids, "input_mask": mask, "segment_ids": seg}
+
+
+def check_example_lengths(shard: ShardReader, lengths: np.ndarray, max_seq_length: int) -> None:
+    """`lengths` ([n, 2] segment lengths read from `shard`) must fit `max_seq_length` with [CLS] and [SEP]s."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int((lengths.sum(1) + np.where(lengths[:, 1] > 0, 3, 2)).max()) > max_seq_length:
+        raise ConvBertError(f"{shard.path}: shard is corrupt (an example longer than max_seq_length {max_seq_length})")
+
+
+def check_token_ids(shard: ShardReader, tokens: np.ndarray, vocab_size: int) -> None:
+    """Token ids read from `shard` must be rows of the vocab (a wrong id would index past the embeddings)."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise ConvBertError(f"{shard.path}: shard is corrupt (token id {int(tokens.max())} >= the vocab size "
+                            f"{vocab_size})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,16 +41,6 @@ def token_dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def fix_mode(path: str | os.PathLike) -> None:
-    """Give a file written through a temporary file (mode 0600) the usual permissions for new files."""
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:  # pragma: no cover
-        pass
-
-
 def _align8(n: int) -> int:
     return (n + 7) & ~7
 
@@ -156,8 +146,7 @@ class ShardWriter:
         )
         f.flush()
         self._closed = True
-        self._stack.close()  # closes the file, fsyncs and renames it into place
-        fix_mode(self.path)
+        self._stack.close()  # closes the file, fsyncs, gives it the usual mode and renames it into place
         return size
 
     def abort(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convbert.data.dataset import PretrainingDataset
+from convbert.data.dataset import PretrainingDataset, check_example_lengths, check_token_ids
 from convbert.errors import ConvBertError
 
 _CHUNK = 1 << 20
@@ -17,18 +17,14 @@ def _check_shard(shard, max_seq_length: int, vocab_size: int) -> None:
     """A full scan: the length table adds up to the tokens, every example fits, every token id is in the vocab."""
     total = 0
     for s in range(0, shard.n_examples, _CHUNK):
-        lens = np.asarray(shard.lengths[s : s + _CHUNK], dtype=np.int64)
-        total += int(lens.sum())
-        if len(lens) and int((lens.sum(1) + np.where(lens[:, 1] > 0, 3, 2)).max()) > max_seq_length:
-            raise ConvBertError(f"{shard.path}: shard is corrupt (an example longer than max_seq_length "
-                                f"{max_seq_length})")
+        lens = shard.lengths[s : s + _CHUNK]
+        check_example_lengths(shard, lens, max_seq_length)
+        total += int(np.asarray(lens, dtype=np.int64).sum())
     if total != shard.n_tokens:
         raise ConvBertError(f"{shard.path}: shard is corrupt (its length table adds up to {total} tokens, "
                             f"the header says {shard.n_tokens})")
     for s in range(0, shard.n_tokens, _CHUNK * 64):
-        top = int(shard.tokens[s : s + _CHUNK * 64].max())
-        if top >= vocab_size:
-            raise ConvBertError(f"{shard.path}: shard is corrupt (token id {top} >= the vocab size {vocab_size})")
+        check_token_ids(shard, shard.tokens[s : s + _CHUNK * 64], vocab_size)
 
 
 def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,8 @@ from convbert.finetune.trainer import (
     train,
     train_steps_for,
 )
-from convbert.utils import atomic_path, write_json_atomic
+from convbert.interop.hf import copy_tokenizer_files
+from convbert.utils import atomic_path, refuse_foreign_folder, replace_folder, write_json_atomic
 
 TASK_FILE = "finetune_task.json"
 csv.field_size_limit(1 << 30)
@@ -183,9 +183,7 @@ def finetune_own_task(
         raise ConvBertError(f"--output {output}: exists and is not a folder")
     if output.is_dir() and output.resolve() == Path(model_dir).resolve():
         raise ConvBertError(f"--output {output}: is the --model folder; write the fine-tuned model to a new folder")
-    if output.is_dir() and any(output.iterdir()) and not (output / TASK_FILE).is_file():
-        raise ConvBertError(f"--output {output}: exists and holds other files (not an earlier `convbert finetune` "
-                            "output); use a new or empty folder")
+    refuse_foreign_folder(output, (TASK_FILE,), "an earlier `convbert finetune` output")
     tokenizer = load_tokenizer(model_dir)
     cols, rows = read_table(train_file, file_format)
     if not rows:
@@ -260,9 +258,7 @@ def finetune_own_task(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         model.save_pretrained(staging)
-        for name in ("vocab.txt", "tokenizer_config.json"):
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, staging / name)
+        copy_tokenizer_files(model_dir, staging)
         write_json_atomic(
             staging / TASK_FILE,
             {
@@ -277,7 +273,7 @@ def finetune_own_task(
                 "result": result,
             },
         )
-        _replace_folder(staging, output)
+        replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"saved the fine-tuned model to {output}")
@@ -300,17 +296,6 @@ def _check_task_file(path: Path, task: dict, columns, regression: bool, labels, 
         raise bad("labels", "a list of at least 2 label strings")
     if not 4 <= max_len <= 65535:
         raise bad("max_seq_length", "4..65535")
-
-
-def _replace_folder(staging: Path, output: Path) -> None:
-    """Rename `staging` to `output`; an existing `output` is moved aside first and removed after."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    os.replace(staging, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def predict_file(

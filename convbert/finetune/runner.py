@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,8 @@ from convbert.finetune.trainer import (
     train,
     train_steps_for,
 )
-from convbert.utils import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from convbert.interop.hf import copy_tokenizer_files
+from convbert.utils import sha256_file, write_json_atomic, write_text_atomic
 
 DISPLAY = {
     "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
@@ -340,10 +340,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
             predictions[name] = str(p.relative_to(opts.output))
     if opts.save_models:  # a folder `convbert glue --model` and `from_pretrained` read as it is
         model.save_pretrained(run_dir / "model")
-        for name in ("vocab.txt", "tokenizer_config.json"):
-            if (opts.model_dir / name).is_file():
-                with atomic_path(run_dir / "model" / name) as tmp:
-                    shutil.copyfile(opts.model_dir / name, tmp)
+        copy_tokenizer_files(opts.model_dir, run_dir / "model")
     record = {
         "task": task,
         "seed": seed,
@@ -468,7 +465,7 @@ def run_glue(opts: GlueOptions) -> dict:
     fps = {t: run_fingerprint(opts, t, ident) for t in train_tasks}
     for t in train_tasks:
         for s in opts.seeds:
-            json_path, _ = run_paths(opts.output, t, s)
+            json_path, run_dir = run_paths(opts.output, t, s)
             rec = _finished(json_path, t, s)
             if rec is not None and not opts.overwrite:
                 if rec.get("fingerprint") != _fp_hash(fps[t]):
@@ -483,7 +480,7 @@ def run_glue(opts: GlueOptions) -> dict:
                         need.add("AX")
                 have = {n for n, f in rec.get("predictions", {}).items()
                         if isinstance(f, str) and (opts.output / f).is_file()}
-                no_model = opts.save_models and not (run_paths(opts.output, t, s)[1] / "model" / "config.json").is_file()
+                no_model = opts.save_models and not (run_dir / "model" / "config.json").is_file()
                 if need - have or no_model:
                     pending.append((t, s))  # finished without test predictions or the model asked for: redo (same
                     # result, plus what is missing)

@@ -134,3 +134,16 @@ def save_pretrained(model: "ConvBertModel", path: str | os.PathLike) -> None:
 def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> None:
     with atomic_path(Path(model_dir) / "vocab.txt") as tmp:
         shutil.copyfile(vocab_file, tmp)
+
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
+
+
+def copy_tokenizer_files(source_dir: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """The tokenizer files a model folder is read with (`vocab.txt`, and the casing in `tokenizer_config.json`),
+    whichever `source_dir` has, so the new folder works as `--model` on its own."""
+    for name in TOKENIZER_FILES:
+        src = Path(source_dir) / name
+        if src.is_file():
+            with atomic_path(Path(model_dir) / name) as tmp:
+                shutil.copyfile(src, tmp)

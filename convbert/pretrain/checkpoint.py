@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convbert.errors import ConvBertError
+from convbert.utils import fix_mode, replace_folder
 
 STATE_FILE = "trainer_state.json"
 CKPT_RE = re.compile(r"^step-(\d+)$")
@@ -225,21 +226,12 @@ def save_checkpoint(
         )
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump(state, f)
-        mask = os.umask(0)
-        os.umask(mask)
         for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~mask)  # mkdtemp and safetensors make private files; use the usual permissions
+            fix_mode(p)  # safetensors and mkdtemp make private files and folders
             _fsync_file(p)
-        os.chmod(tmp, 0o777 & ~mask)
+        fix_mode(tmp)
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-            old = directory / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final)  # a re-save of the same step (e.g. after a resume) replaces it
         _fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from convbert.errors import ConvBertError
 from convbert.pretrain import checkpoint as ckpt_io
-from convbert.utils import atomic_path, write_json_atomic
+from convbert.utils import atomic_path, refuse_foreign_folder, write_json_atomic
 
 if TYPE_CHECKING:
     from convbert.model.config import ConvBertConfig
@@ -66,9 +66,7 @@ def _check_output_folder(out: Path, ck: Path) -> None:
     for inside in (ck.resolve(), run_dir.resolve()):
         if target == inside or inside in target.parents:
             raise ConvBertError(f"--output {out}: is inside the run folder {run_dir}; export to a folder of its own")
-    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
-        raise ConvBertError(f"--output {out}: exists and holds other files (not an earlier export); "
-                            "use a new or empty folder")
+    refuse_foreign_folder(out, ("export.json",), "an earlier export")
 
 
 def _check_vocab_fits(vocab: Path, model_config: dict, ck: Path) -> None:

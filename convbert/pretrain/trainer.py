@@ -47,6 +47,7 @@ from convbert.pretrain.evaluate import evaluate
 from convbert.pretrain.logging import NullLogger, RunLogger
 from convbert.pretrain.masking import MaskedBatch, mask_batch, num_predictions
 from convbert.pretrain.model import ElectraPretrainingModel
+from convbert.utils import refuse_foreign_folder
 
 RUN_CONFIG = "run_config.json"
 # Keys that must not change when a run is resumed (they change the model or the objective).
@@ -153,10 +154,7 @@ class Trainer:
             raise ConvBertError(f"--output {out_path}: exists and is not a folder")
         if out_path.is_dir() and out_path.resolve() == Path(cfg.data).resolve():
             raise ConvBertError(f"--output {out_path}: is the --data folder; write the run to a folder of its own")
-        if (out_path.is_dir() and any(p for p in out_path.iterdir() if not p.name.startswith("."))
-                and not (out_path / RUN_CONFIG).is_file() and not (out_path / "checkpoints").is_dir()):
-            raise ConvBertError(f"--output {out_path}: exists and holds other files (not a `convbert pretrain` run); "
-                                "use a new or empty folder")
+        refuse_foreign_folder(out_path, (RUN_CONFIG, "checkpoints"), "a `convbert pretrain` run")
         self.dist = dist_info or setup_distributed(cfg.device)
         self.device = self.dist.device
         self.autocast = _autocast_factory(cfg.precision, self.device)  # refuses fp16 without a GPU, early
@@ -177,6 +175,7 @@ class Trainer:
                 f"step(s); choose a multiple of {world * cfg.grad_accum}"
             )
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+        self.max_grad_norm = cfg.max_grad_norm or float("inf")  # 0 switches clipping off
         self.T = self.data.max_seq_length
         if cfg.max_seq_length is None:
             cfg.max_seq_length = self.T
@@ -243,7 +242,7 @@ class Trainer:
             if refused:
                 raise ConvBertError(f"--cuda-graphs {why}")
         return GraphedTrainStep(
-            self.model, self.optimizer, precision=cfg.precision, max_grad_norm=cfg.max_grad_norm or float("inf"),
+            self.model, self.optimizer, precision=cfg.precision, max_grad_norm=self.max_grad_norm,
             sample_generator=self.sample_gen, accumulation=cfg.grad_accum, graph_type=graph_type or CudaGraph,
         )
 
@@ -473,7 +472,7 @@ class Trainer:
         self.bad_in_row = 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))  # 0: no clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         lr = self._set_scheduled_lr()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
