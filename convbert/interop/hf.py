@@ -131,6 +131,41 @@ def save_pretrained(model: "ConvBertModel", path: str | os.PathLike) -> None:
     write_json_atomic(path / "config.json", model.config.to_hf_dict())
 
 
+def transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
+    """Why `transformers` cannot load an exported model that convbert loads, if it cannot."""
+    if config.attention_type == "plain":
+        return [f"the {which} uses plain self-attention (the --attention plain baseline): transformers' ConvBERT has "
+                f"no such layer, so load it with convbert (ConvBertModel.from_pretrained), not transformers"]
+    if config.num_attention_heads < config.head_ratio:
+        # Spec §1.6: with fewer heads than head_ratio the concatenation is 2H wide, which HF's port cannot represent.
+        return [f"the {which} has {config.num_attention_heads} attention head(s) < head_ratio {config.head_ratio}: "
+                f"convbert loads it, transformers cannot (spec §1.6)"]
+    return []
+
+
+GENERATOR_HEAD_KEYS = ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias", "output_bias")
+
+
+def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """The generator in `ConvBertForMaskedLM` layout: the encoder under `convbert.*` (with the shared embeddings), the
+    MLM head (`head`: our `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and `generator_lm_head` tied to the
+    word table, its bias the original `output_bias`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"convbert.{k}": v for k, v in generator.state_dict().items()}
+    for key in GENERATOR_HEAD_KEYS[:4]:
+        tensors[f"generator_predictions.{key}"] = head[key]
+    tensors["generator_lm_head.weight"] = generator.embeddings.word_embeddings.weight.detach().clone()
+    tensors["generator_lm_head.bias"] = head["output_bias"]
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    hf = generator.config.to_hf_dict()
+    hf["architectures"] = ["ConvBertForMaskedLM"]
+    hf["tie_word_embeddings"] = True
+    write_json_atomic(path / "config.json", hf)
+
+
 def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> None:
     with atomic_path(Path(model_dir) / "vocab.txt") as tmp:
         shutil.copyfile(vocab_file, tmp)

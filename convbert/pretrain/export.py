@@ -10,17 +10,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
 from convbert.errors import ConvBertError
 from convbert.pretrain import checkpoint as ckpt_io
-from convbert.utils import atomic_path, refuse_foreign_folder, write_json_atomic
-
-if TYPE_CHECKING:
-    from convbert.model.config import ConvBertConfig
+from convbert.utils import refuse_foreign_folder, write_json_atomic
 
 RUN_VOCAB = "vocab.txt"
 
@@ -46,18 +41,6 @@ def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
     )
 
 
-def _transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
-    """Why `transformers` cannot load an exported model that convbert loads, if it cannot."""
-    if config.attention_type == "plain":
-        return [f"the {which} uses plain self-attention (the --attention plain baseline): transformers' ConvBERT has "
-                f"no such layer, so load it with convbert (ConvBertModel.from_pretrained), not transformers"]
-    if config.num_attention_heads < config.head_ratio:
-        # Spec §1.6: with fewer heads than head_ratio the concatenation is 2H wide, which HF's port cannot represent.
-        return [f"the {which} has {config.num_attention_heads} attention head(s) < head_ratio {config.head_ratio}: "
-                f"convbert loads it, transformers cannot (spec §1.6)"]
-    return []
-
-
 def _check_output_folder(out: Path, ck: Path) -> None:
     """Refuse an output inside the run being exported (it would overwrite the checkpoint's own files) or a folder
     that already holds something other than an earlier export."""
@@ -80,7 +63,7 @@ def _check_vocab_fits(vocab: Path, model_config: dict, ck: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
-    from convbert.interop.hf import copy_vocab
+    from convbert.interop.hf import GENERATOR_HEAD_KEYS, copy_vocab, save_generator_pretrained, transformers_limits
     from convbert.model.config import ConvBertConfig
     from convbert.model.modeling import ConvBertModel
 
@@ -122,9 +105,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         gen = ConvBertModel(gconfig)
         load(gen, "generator.")
         head = _sub_state(data["model"], aliases, "generator_head.")
-        need = ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias", "output_bias")
-        if any(k not in head for k in need):
-            raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(k for k in need if k not in head)})")
+        missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
+        if missing:
+            raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(missing)})")
     disc.save_pretrained(out)
     copy_vocab(vocab, out)
     written = {"discriminator": str(out)}
@@ -132,26 +115,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
 
     if generator:
         gdir = out / "generator"
-        gen.save_pretrained(gdir)
-        tensors = {f"convbert.{k}": v.contiguous() for k, v in gen.state_dict().items()}
-        tensors["generator_predictions.dense.weight"] = head["dense.weight"]
-        tensors["generator_predictions.dense.bias"] = head["dense.bias"]
-        tensors["generator_predictions.LayerNorm.weight"] = head["LayerNorm.weight"]
-        tensors["generator_predictions.LayerNorm.bias"] = head["LayerNorm.bias"]
-        tensors["generator_lm_head.weight"] = gen.embeddings.word_embeddings.weight.detach().clone()
-        tensors["generator_lm_head.bias"] = head["output_bias"]
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        with atomic_path(gdir / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        hf = gconfig.to_hf_dict()
-        hf["architectures"] = ["ConvBertForMaskedLM"]
-        hf["tie_word_embeddings"] = True
-        write_json_atomic(gdir / "config.json", hf)
+        save_generator_pretrained(gen, head, gdir)
         copy_vocab(vocab, gdir)
         written["generator"] = str(gdir)
     for which, cfg in (("discriminator", config), ("generator", gconfig)):
         if cfg is not None:
-            notes += _transformers_limits(which, cfg)
+            notes += transformers_limits(which, cfg)
 
     info = {
         "checkpoint": str(ck),
