@@ -1102,6 +1102,53 @@ def test_not_an_error_stsb_scores_outside_0_to_5_are_skipped_and_counted(env, tm
     assert record["train"]["skipped_rows"] == 3
 
 
+def _tf_fixture_copy(t: Path) -> Path:
+    folder = t / "tf"
+    folder.mkdir()
+    for f in (Path(__file__).parent / "tf_fixture").glob("model.ckpt-1234.*"):
+        shutil.copy(f, folder / f.name)
+    return folder / "model.ckpt-1234"
+
+
+@case("checkpoint")
+def import_tf_truncated_data(e, t):
+    prefix = _tf_fixture_copy(t)
+    data = prefix.with_name(prefix.name + ".data-00000-of-00001")
+    data.write_bytes(data.read_bytes()[:50_000])
+    return dict(argv=["import-tf", "--checkpoint", str(prefix), "--output", str(t / "x")],
+                expect=[str(data), "truncated download"], absent=[t / "x"])
+
+
+@case("checkpoint")
+def import_tf_corrupt_tensor(e, t):
+    from convbert.interop.tf_bundle import TFCheckpoint
+
+    prefix = _tf_fixture_copy(t)
+    with TFCheckpoint(prefix) as ckpt:
+        at = ckpt.entry("electra/embeddings/word_embeddings").offset + 101
+    data = prefix.with_name(prefix.name + ".data-00000-of-00001")
+    raw = bytearray(data.read_bytes())
+    raw[at] ^= 0x04
+    data.write_bytes(bytes(raw))
+    return dict(argv=["import-tf", "--checkpoint", str(prefix), "--output", str(t / "x")],
+                expect=[str(data), "electra/embeddings/word_embeddings", "checksum mismatch"], absent=[t / "x"])
+
+
+@case("checkpoint")
+def import_tf_not_a_checkpoint(e, t):
+    f = t / "model.ckpt.index"
+    f.write_bytes(b"not a table" * 10)
+    return dict(argv=["import-tf", "--checkpoint", str(f), "--output", str(t / "x")],
+                expect=[str(f), "not a TensorFlow checkpoint index"], absent=[t / "x"])
+
+
+@case("safety")
+def import_tf_into_the_checkpoint_folder(e, t):
+    prefix = _tf_fixture_copy(t)
+    return dict(argv=["import-tf", "--checkpoint", str(prefix), "--output", str(prefix.parent)],
+                expect=["--output", "checkpoint's own folder"], unchanged=[prefix.parent])
+
+
 # -- outputs that would destroy inputs, and paths that cannot be written -----------------------------------------
 
 

@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = [
     "convbert.cli.data",
     "convbert.cli.pretrain",
     "convbert.cli.glue",
+    "convbert.cli.interop",
 ]
 
 

@@ -1,0 +1,40 @@
+"""`convbert import-tf`: an original TensorFlow ConvBERT checkpoint → an HF-layout model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-tf",
+        help="convert an original TensorFlow ConvBERT checkpoint to an HF-layout folder (no TensorFlow needed)",
+        description=(
+            "Read a checkpoint saved by the original TensorFlow ConvBERT (or ELECTRA-style) code and write the "
+            "discriminator as an HF-layout ConvBertModel folder (config.json read off the saved shapes, "
+            "model.safetensors, vocab.txt), usable as --model by glue/finetune. TensorFlow is not needed: the "
+            "checkpoint files are read directly and every tensor's checksum is verified."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint prefix (e.g. convbert_base/model.ckpt-1000000), its .index file, or a folder "
+                        "holding one checkpoint")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--vocab", help="the model's vocab.txt (default: vocab.txt next to the checkpoint, if any)")
+    p.add_argument("--generator", action="store_true",
+                   help="also write the generator (ConvBertForMaskedLM layout) to <output>/generator/")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from convbert.interop.tf import import_tf_checkpoint
+
+    info = import_tf_checkpoint(args.checkpoint, args.output, vocab=args.vocab, generator=args.generator)
+    c = info["config"]
+    step = f"step {info['step']}" if info["step"] is not None else "no global_step"
+    print(f"import-tf: {info['checkpoint']} ({step}): {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+          f"{c['num_attention_heads']} heads, kernel {c['conv_kernel_size']}, {c['num_groups']} FFN group(s), "
+          f"vocab {c['vocab_size']} -> " + ", ".join(f"{k} {v}" for k, v in info["written"].items()))
+    for note in info["notes"]:
+        print(f"import-tf: note: {note}")
+    return 0

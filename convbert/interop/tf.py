@@ -1,0 +1,301 @@
+"""The original TensorFlow ConvBERT checkpoints → our model and the HF layout, without TensorFlow.
+
+The original code (TF 1.15, built on ELECTRA) saves the discriminator under `electra/`, the generator's encoder under
+`generator/` (sharing `electra/embeddings` unless the embeddings were untied), and the pre-training heads under
+`generator_predictions/` and `discriminator_predictions/` (spec §1.9). The layouts differ from PyTorch's in four ways,
+the same four HF's one-time conversion applied: dense kernels are `[in, out]` (transposed here), the depthwise kernel
+is `[K, H, 1]` (→ `[H, 1, K]`), the pointwise kernel `[1, H, A]` (→ `[A, H, 1]`), the separable conv's bias `[A]`
+(→ `[A, 1]`); grouped kernels `[G, in/G, out/G]` are ours already.
+
+The configuration is read off the tensors' shapes (no config file ships with the original checkpoints): vocabulary,
+embedding and hidden sizes, depth, FFN width and groups, kernel size, and the head count from the conv branch's
+kernel generator (`conv_attn_kernel` emits `Nr·K` logits, `Nr` = heads / head_ratio).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convbert.errors import ConvBertError
+from convbert.interop.tf_bundle import TFCheckpoint
+from convbert.model.config import ConvBertConfig
+from convbert.utils import refuse_foreign_folder, write_json_atomic
+
+DISCRIMINATOR_SCOPE = "electra"
+GENERATOR_SCOPE = "generator"
+# Optimiser slots and bookkeeping saved next to the weights: not part of the model.
+IGNORED = re.compile(r"(/adam_[mv]|/Adam(_1)?|/Momentum|/ExponentialMovingAverage)$|^global_step$")
+IMPORT_RECORD = "import.json"
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _dense(a: np.ndarray) -> np.ndarray:
+    return a.T
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _depthwise(a: np.ndarray) -> np.ndarray:  # [K, H, 1] -> [H, 1, K]
+    return a.transpose(1, 2, 0)
+
+
+def _pointwise(a: np.ndarray) -> np.ndarray:  # [1, H, A] -> [A, H, 1]
+    return a.transpose(2, 1, 0)
+
+
+def _column(a: np.ndarray) -> np.ndarray:  # [A] -> [A, 1]
+    return a[:, None]
+
+
+def _ungroup(a: np.ndarray) -> np.ndarray:  # a one-group kernel [1, in, out] -> a Linear weight [out, in]
+    return a[0].T
+
+
+def _linear(tf_name: str, ours: str) -> list[tuple[str, str, Transform]]:
+    return [(f"{tf_name}/kernel", f"{ours}.weight", _dense), (f"{tf_name}/bias", f"{ours}.bias", _same)]
+
+
+def _layer_norm(tf_name: str, ours: str) -> list[tuple[str, str, Transform]]:
+    return [(f"{tf_name}/gamma", f"{ours}.weight", _same), (f"{tf_name}/beta", f"{ours}.bias", _same)]
+
+
+def _ffn_dense(ckpt: TFCheckpoint, tf_prefix: str, ours: str, groups: int) -> list[tuple[str, str, Transform]]:
+    """`dense` (plain) or `g_dense` (grouped) — both names occur; a one-group `g_dense` becomes a plain Linear."""
+    if f"{tf_prefix}/g_dense/kernel" in ckpt.entries:
+        kernel = _same if groups > 1 else _ungroup
+        return [(f"{tf_prefix}/g_dense/kernel", f"{ours}.weight", kernel), (f"{tf_prefix}/g_dense/bias", f"{ours}.bias", _same)]
+    return _linear(f"{tf_prefix}/dense", ours)
+
+
+def embedding_scope(ckpt: TFCheckpoint, scope: str) -> str:
+    """The generator shares `electra/embeddings` unless it was trained with untied embeddings."""
+    return scope if f"{scope}/embeddings/word_embeddings" in ckpt.entries else DISCRIMINATOR_SCOPE
+
+
+def name_map(ckpt: TFCheckpoint, scope: str, config: ConvBertConfig) -> list[tuple[str, str, Transform]]:
+    """(TF variable, our parameter, layout change) for every parameter of the encoder saved under `scope`."""
+    emb = embedding_scope(ckpt, scope)
+    rows = [
+        (f"{emb}/embeddings/word_embeddings", "embeddings.word_embeddings.weight", _same),
+        (f"{emb}/embeddings/position_embeddings", "embeddings.position_embeddings.weight", _same),
+        (f"{emb}/embeddings/token_type_embeddings", "embeddings.token_type_embeddings.weight", _same),
+        *_layer_norm(f"{emb}/embeddings/LayerNorm", "embeddings.LayerNorm"),
+    ]
+    if config.embedding_size != config.hidden_size:
+        rows += _linear(f"{scope}/embeddings_project", "embeddings_project")
+    for i in range(config.num_hidden_layers):
+        tf, ours = f"{scope}/encoder/layer_{i}", f"encoder.layer.{i}"
+        att = f"{tf}/attention/self"
+        for name in ("query", "key", "value"):
+            rows += _linear(f"{att}/{name}", f"{ours}.attention.self.{name}")
+        rows += [
+            (f"{att}/conv_attn_key/depthwise_kernel", f"{ours}.attention.self.key_conv_attn_layer.depthwise.weight",
+             _depthwise),
+            (f"{att}/conv_attn_key/pointwise_kernel", f"{ours}.attention.self.key_conv_attn_layer.pointwise.weight",
+             _pointwise),
+            (f"{att}/conv_attn_key/bias", f"{ours}.attention.self.key_conv_attn_layer.bias", _column),
+            *_linear(f"{att}/conv_attn_kernel", f"{ours}.attention.self.conv_kernel_layer"),
+            *_linear(f"{att}/conv_attn_point", f"{ours}.attention.self.conv_out_layer"),
+            *_linear(f"{tf}/attention/output/dense", f"{ours}.attention.output.dense"),
+            *_layer_norm(f"{tf}/attention/output/LayerNorm", f"{ours}.attention.output.LayerNorm"),
+            *_ffn_dense(ckpt, f"{tf}/intermediate", f"{ours}.intermediate.dense", config.num_groups),
+            *_ffn_dense(ckpt, f"{tf}/output", f"{ours}.output.dense", config.num_groups),
+            *_layer_norm(f"{tf}/output/LayerNorm", f"{ours}.output.LayerNorm"),
+        ]
+    return rows
+
+
+GENERATOR_HEAD = [
+    ("generator_predictions/dense/kernel", "dense.weight", _dense),
+    ("generator_predictions/dense/bias", "dense.bias", _same),
+    ("generator_predictions/LayerNorm/gamma", "LayerNorm.weight", _same),
+    ("generator_predictions/LayerNorm/beta", "LayerNorm.bias", _same),
+    ("generator_predictions/output_bias", "output_bias", _same),
+]
+
+
+def _shape(ckpt: TFCheckpoint, name: str) -> tuple[int, ...]:
+    if name not in ckpt.entries:
+        raise ConvBertError(f"{ckpt.prefix}: variable {name} not found (not a ConvBERT checkpoint, or not its "
+                            "pre-training layout?)")
+    return ckpt.entries[name].shape
+
+
+def infer_config(ckpt: TFCheckpoint, scope: str = DISCRIMINATOR_SCOPE) -> ConvBertConfig:
+    """The encoder's configuration under `scope`, read off the saved shapes."""
+    where = f"{ckpt.prefix} ({scope}/)"
+    emb = embedding_scope(ckpt, scope)
+    vocab, embedding = _shape(ckpt, f"{emb}/embeddings/word_embeddings")
+    positions = _shape(ckpt, f"{emb}/embeddings/position_embeddings")[0]
+    types = _shape(ckpt, f"{emb}/embeddings/token_type_embeddings")[0]
+    project = f"{scope}/embeddings_project/kernel"
+    hidden = _shape(ckpt, project)[1] if project in ckpt.entries else embedding
+    layers = 0
+    while f"{scope}/encoder/layer_{layers}/attention/self/query/kernel" in ckpt.entries:
+        layers += 1
+    if layers == 0:
+        raise ConvBertError(f"{where}: no encoder layers found ({scope}/encoder/layer_0/attention/self/query/kernel "
+                            "is missing; is this a ConvBERT checkpoint?)")
+    att = f"{scope}/encoder/layer_0/attention/self"
+    branch = _shape(ckpt, f"{att}/query/kernel")[1]
+    kernel_size = _shape(ckpt, f"{att}/conv_attn_key/depthwise_kernel")[0]
+    logits = _shape(ckpt, f"{att}/conv_attn_kernel/kernel")[1]
+    if logits % kernel_size or branch % (logits // kernel_size or 1):
+        raise ConvBertError(f"{where}: conv_attn_kernel emits {logits} values, not heads × kernel size "
+                            f"{kernel_size} with a branch of width {branch}")
+    reduced = logits // kernel_size
+    head_size = branch // reduced
+    if hidden % head_size:
+        raise ConvBertError(f"{where}: head size {head_size} does not divide hidden size {hidden}")
+    heads = hidden // head_size
+    # Any ratio with max(1, heads // ratio) == reduced describes the same model; the original's 2 where it fits.
+    ratio = 2 if max(1, heads // 2) == reduced else max(1, heads // reduced)
+    ffn = f"{scope}/encoder/layer_0/intermediate"
+    if f"{ffn}/g_dense/kernel" in ckpt.entries:
+        groups, _, out_per_group = _shape(ckpt, f"{ffn}/g_dense/kernel")
+        intermediate = groups * out_per_group
+    else:
+        groups, intermediate = 1, _shape(ckpt, f"{ffn}/dense/kernel")[1]
+    try:
+        return ConvBertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=intermediate, max_position_embeddings=positions, type_vocab_size=types,
+            embedding_size=embedding, head_ratio=ratio, conv_kernel_size=kernel_size, num_groups=groups,
+            extra={"converted_from": "tensorflow"},
+        )
+    except ConvBertError as err:
+        raise ConvBertError(f"{where}: the saved shapes do not make a valid ConvBERT: {err}") from None
+
+
+def _read(ckpt: TFCheckpoint, rows: list[tuple[str, str, Transform]], used: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for tf_name, ours, transform in rows:
+        _shape(ckpt, tf_name)  # names a missing variable
+        array = ckpt.read(tf_name)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ConvBertError(f"{ckpt.prefix}: variable {tf_name} is {ckpt.entries[tf_name].dtype_name}, expected "
+                                "floating-point weights")
+        if not np.isfinite(array).all():
+            raise ConvBertError(f"{ckpt.prefix}: variable {tf_name} holds NaN or infinite values")
+        out[ours] = torch.from_numpy(np.ascontiguousarray(transform(array))).float()
+        used.add(tf_name)
+    return out
+
+
+def load_tf_encoder(ckpt: TFCheckpoint, scope: str, used: set[str]):
+    """The `ConvBertModel` saved under `scope`, every parameter checked against its inferred configuration."""
+    from convbert.interop.hf import check_and_load
+    from convbert.model.modeling import ConvBertModel
+
+    config = infer_config(ckpt, scope)
+    model = ConvBertModel(config)
+    check_and_load(model, _read(ckpt, name_map(ckpt, scope, config), used), f"{ckpt.prefix} ({scope}/)")
+    return model.eval()
+
+
+def _unused_model_variables(ckpt: TFCheckpoint, scopes: tuple[str, ...], used: set[str]) -> list[str]:
+    """Variables inside the converted scopes that no parameter took: a layout this converter does not know."""
+    return [n for n in ckpt.names()
+            if n not in used and not IGNORED.search(n) and any(n.startswith(s + "/") for s in scopes)]
+
+
+def find_vocab(prefix: Path) -> Path | None:
+    for folder in (prefix.parent, prefix.parent.parent):
+        if (folder / "vocab.txt").is_file():
+            return folder / "vocab.txt"
+    return None
+
+
+def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, vocab: str | os.PathLike | None = None,
+                         generator: bool = False) -> dict:
+    """Write the discriminator of a TF ConvBERT checkpoint as an HF-layout folder (and the generator, in
+    `ConvBertForMaskedLM` layout, under `generator/`). Everything is read and checked before anything is written."""
+    from convbert.data.tokenize import WordPieceTokenizer
+    from convbert.interop.hf import copy_vocab, save_generator_pretrained, transformers_limits
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConvBertError(f"--output {out}: exists and is not a folder")
+    with TFCheckpoint(checkpoint) as ckpt:
+        if out.resolve() == ckpt.prefix.parent.resolve():
+            raise ConvBertError(f"--output {out}: is the checkpoint's own folder; write the model to a folder of its own")
+        refuse_foreign_folder(out, (IMPORT_RECORD,), "an earlier import-tf output")
+        used: set[str] = set()
+        disc = load_tf_encoder(ckpt, DISCRIMINATOR_SCOPE, used)
+        gen = head = None
+        scopes: tuple[str, ...] = (DISCRIMINATOR_SCOPE,)
+        if generator:
+            if f"{GENERATOR_SCOPE}/encoder/layer_0/attention/self/query/kernel" not in ckpt.entries:
+                raise ConvBertError(f"--generator: {ckpt.prefix} has no generator (no {GENERATOR_SCOPE}/encoder; "
+                                    "a fine-tuned or discriminator-only checkpoint?)")
+            gen = load_tf_encoder(ckpt, GENERATOR_SCOPE, used)
+            head = _read(ckpt, GENERATOR_HEAD, used)
+            scopes += (GENERATOR_SCOPE, "generator_predictions")
+            expected = {"dense.weight": (gen.config.embedding_size, gen.config.hidden_size),
+                        "output_bias": (gen.config.vocab_size,)}
+            for key, shape in expected.items():
+                if tuple(head[key].shape) != shape:
+                    raise ConvBertError(f"{ckpt.prefix}: generator head {key} has shape {list(head[key].shape)}, "
+                                        f"expected {list(shape)}")
+        unused = _unused_model_variables(ckpt, scopes, used)
+        if unused:
+            raise ConvBertError(f"{ckpt.prefix}: variable(s) {', '.join(unused[:4])}{' …' if len(unused) > 4 else ''} "
+                                "are not part of the ConvBERT layout this converter knows; not converted")
+        step = int(ckpt.read("global_step")) if "global_step" in ckpt.entries else None
+        prefix = ckpt.prefix
+        present = {s for s in ("generator", "generator_predictions", "discriminator_predictions", "task_specific")
+                   if any(n.startswith(s + "/") for n in ckpt.entries)}
+
+    vocab_file = Path(vocab) if vocab is not None else find_vocab(prefix)
+    notes: list[str] = []
+    if vocab_file is not None:
+        if not vocab_file.is_file():
+            raise ConvBertError(f"--vocab {vocab_file}: not found")
+        entries = WordPieceTokenizer.from_vocab(vocab_file).vocab_size
+        if entries > disc.config.vocab_size:
+            raise ConvBertError(f"{vocab_file}: {entries} entries, but the checkpoint has {disc.config.vocab_size} "
+                                "word embeddings (not this model's vocab?)")
+    else:
+        notes.append("no vocab.txt next to the checkpoint and no --vocab: the folder has no tokenizer, so `convbert "
+                     "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
+    if "discriminator_predictions" in present:
+        notes.append("the discriminator's replaced-token head (discriminator_predictions/) was left out: the HF "
+                     "layout has no ConvBERT class for it")
+    if "task_specific" in present:
+        notes.append("task_specific/ heads (fine-tuning) were left out: only the encoder is converted")
+    if not generator and "generator" in present:
+        notes.append("the checkpoint also holds a generator: add --generator to convert it")
+
+    notes += transformers_limits("discriminator", disc.config)
+    if gen is not None:
+        notes += transformers_limits("generator", gen.config)
+
+    disc.save_pretrained(out)
+    written = {"discriminator": str(out)}
+    if vocab_file is not None:
+        copy_vocab(vocab_file, out)
+    if gen is not None:
+        gdir = out / "generator"
+        save_generator_pretrained(gen, head, gdir)
+        if vocab_file is not None:
+            copy_vocab(vocab_file, gdir)
+        written["generator"] = str(gdir)
+    info = {
+        "checkpoint": str(prefix),
+        "step": step,
+        "vocab": str(vocab_file) if vocab_file is not None else None,
+        "config": disc.config.to_hf_dict(),
+        "written": written,
+        "notes": notes,
+    }
+    write_json_atomic(out / IMPORT_RECORD, info)
+    return info

@@ -1,0 +1,297 @@
+"""`convbert import-tf`: original TensorFlow checkpoints → our model, without TensorFlow.
+
+The anchor is `tests/tf_fixture/`: a checkpoint written by TensorFlow itself (`make_tf_fixture.py`) under the original
+variable names, with what TensorFlow's own ops computed from its layer-0 weights. The edge cases use `write_bundle`
+below, a minimal writer of the same format, checked first against the TensorFlow-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file
+
+from convbert import ConvBertModel
+from convbert.errors import ConvBertError
+from convbert.interop.tf import import_tf_checkpoint, infer_config
+from convbert.interop.tf_bundle import TABLE_MAGIC, TFCheckpoint, masked_crc32c
+
+FIXTURE = Path(__file__).parent / "tf_fixture"
+PREFIX = FIXTURE / "model.ckpt-1234"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- a minimal writer of TensorFlow's bundle format (uncompressed, one data shard) ----------------------------
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | wire) + payload
+
+
+def _entry_proto(dtype: int, shape: tuple[int, ...], offset: int, data: bytes) -> bytes:
+    dims = b"".join(_field(2, 2, _varint(len(d)) + d) for d in (_field(1, 0, _varint(s)) for s in shape))
+    return (_field(1, 0, _varint(dtype)) + _field(2, 2, _varint(len(dims)) + dims) + _field(4, 0, _varint(offset))
+            + _field(5, 0, _varint(len(data))) + _field(6, 5, struct.pack("<I", masked_crc32c(data))))
+
+
+def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in entries)
+    return body + struct.pack("<II", 0, 1)  # one restart point at offset 0
+
+
+def write_bundle(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
+    codes = {np.dtype("float32"): 1, np.dtype("int64"): 9, np.dtype("float16"): 19}
+    data, entries = bytearray(), [(b"", _field(1, 0, _varint(1)))]  # header: one shard, little-endian
+    for name in sorted(tensors):
+        array = np.array(tensors[name], order="C")  # (ascontiguousarray would make a scalar 1-d)
+        raw = array.tobytes()
+        entries.append((name.encode(), _entry_proto(codes[array.dtype], array.shape, len(data), raw)))
+        data += raw
+    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(bytes(data))
+    index = bytearray()
+
+    def put_block(block: bytes) -> bytes:
+        handle = _varint(len(index)) + _varint(len(block))
+        index.extend(block + b"\x00" + struct.pack("<I", masked_crc32c(block + b"\x00")))
+        return handle
+
+    data_handle = put_block(_block(entries))
+    meta_handle = put_block(_block([]))
+    index_handle = put_block(_block([(entries[-1][0] + b"\xff", data_handle)]))
+    footer = meta_handle + index_handle
+    index.extend(footer + b"\x00" * (40 - len(footer)) + struct.pack("<Q", TABLE_MAGIC))
+    prefix.with_name(prefix.name + ".index").write_bytes(bytes(index))
+
+
+def fixture_tensors() -> dict[str, np.ndarray]:
+    with TFCheckpoint(PREFIX) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names() if n != "probe/bfloat16"}
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in FIXTURE.glob("model.ckpt-1234.*"):
+        shutil.copy(f, folder / f.name)
+    return folder / PREFIX.name
+
+
+# --- the reader ----------------------------------------------------------------------------------------------
+
+def test_reader_reads_the_tensorflow_written_fixture():
+    with TFCheckpoint(FIXTURE) as ckpt:  # a folder with one checkpoint resolves to its prefix
+        assert ckpt.prefix == PREFIX
+        names = ckpt.names()
+        weights = [n for n in names if not n.endswith(("/adam_m", "/adam_v"))]
+        assert len(weights) == 112 and "global_step" in weights and "probe/bfloat16" in weights
+        assert len(names) == 112 + 2 * 110  # every weight has its two Adam slots
+        assert int(ckpt.read("global_step")) == 1234 and ckpt.read("global_step").dtype == np.int64
+        # bfloat16 widened to float32; 3.0e5 is not representable in bf16 and TF rounded it to 299008
+        assert ckpt.read("probe/bfloat16").tolist() == [1.5, -2.25, 299008.0]
+        q = ckpt.read("electra/encoder/layer_1/attention/self/query/kernel")
+        assert q.shape == (24, 12) and q.dtype == np.float32 and np.isfinite(q).all() and q.std() > 0.1
+        assert ckpt.entry("electra/encoder/layer_0/intermediate/g_dense/kernel").shape == (2, 12, 24)
+
+
+def test_writer_used_below_matches_what_tensorflow_wrote(tmp_path):
+    tensors = fixture_tensors()
+    write_bundle(tmp_path / "copy", tensors)
+    with TFCheckpoint(tmp_path / "copy") as ckpt:
+        assert ckpt.names() == sorted(tensors)
+        assert all(np.array_equal(ckpt.read(n), tensors[n]) for n in tensors)
+    # The data file is the same bytes TF wrote (same order, no padding), less the bf16 probe's 6 bytes.
+    ours = (tmp_path / "copy.data-00000-of-00001").read_bytes()
+    theirs = PREFIX.with_name(PREFIX.name + ".data-00000-of-00001").read_bytes()
+    assert len(ours) == len(theirs) - 6
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip_data", "checksum mismatch"),
+    ("truncate_data", "truncated download"),
+    ("remove_data", "missing"),
+    ("truncate_index", "bad footer"),
+    ("flip_index", "checksum"),
+])
+def test_damaged_checkpoints_are_named_not_read(tmp_path, damage, message):
+    prefix = copy_fixture(tmp_path)
+    data = prefix.with_name(prefix.name + ".data-00000-of-00001")
+    index = prefix.with_name(prefix.name + ".index")
+    if damage == "flip_data":
+        raw = bytearray(data.read_bytes())
+        with TFCheckpoint(prefix) as ckpt:
+            raw[ckpt.entry("electra/encoder/layer_0/attention/self/query/kernel").offset + 17] ^= 0x10
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate_data":
+        data.write_bytes(data.read_bytes()[:-100])
+    elif damage == "remove_data":
+        data.unlink()
+    elif damage == "truncate_index":
+        index.write_bytes(index.read_bytes()[:-10])
+    else:
+        raw = bytearray(index.read_bytes())
+        raw[200] ^= 0x01
+        index.write_bytes(bytes(raw))
+    with pytest.raises(ConvBertError, match=message) as info:
+        import_tf_checkpoint(prefix, tmp_path / "out")
+    assert str(prefix.parent) in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+# --- the conversion ------------------------------------------------------------------------------------------
+
+def test_config_is_read_off_the_shapes():
+    with TFCheckpoint(PREFIX) as ckpt:
+        disc, gen = infer_config(ckpt), infer_config(ckpt, "generator")
+    assert (disc.vocab_size, disc.embedding_size, disc.hidden_size, disc.num_hidden_layers) == (40, 16, 24, 2)
+    assert (disc.num_attention_heads, disc.head_ratio, disc.conv_kernel_size) == (4, 2, 5)
+    assert (disc.intermediate_size, disc.num_groups, disc.max_position_embeddings) == (48, 2, 32)
+    assert disc.branch_width == 12 and disc.reduced_heads == 2
+    # The generator (1 head < head_ratio: one head in each branch, spec §1.6) shares electra/embeddings.
+    assert (gen.hidden_size, gen.num_attention_heads, gen.branch_width, gen.embedding_size) == (12, 1, 12, 16)
+
+
+def test_converted_layers_compute_what_tensorflow_computed(tmp_path):
+    """The layout changes, checked by what the layers do: TF's separable_conv1d and the original grouped dense."""
+    import_tf_checkpoint(PREFIX, tmp_path / "model")
+    model = ConvBertModel.from_pretrained(tmp_path / "model")
+    ref = {k: torch.from_numpy(v) for k, v in load_numpy(str(FIXTURE / "reference.safetensors")).items()}
+    layer = model.encoder.layer[0]
+    with torch.no_grad():
+        conv = layer.attention.self.key_conv_attn_layer(ref["input"])
+        grouped = layer.intermediate.dense(ref["input"])
+    torch.testing.assert_close(conv, ref["separable_conv"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, ref["grouped_dense"], atol=1e-5, rtol=1e-5)
+
+
+def test_import_writes_hf_layout_folders_that_load_and_run(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    vocab = tmp_path / "vocab.txt"  # found next to the checkpoint's folder
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(35)]) + "\n")
+    for f in FIXTURE.glob("model.ckpt-1234.*"):
+        shutil.copy(f, tmp_path / "ckpt" / f.name)
+    out = tmp_path / "model"
+    result = subprocess.run([sys.executable, "-m", "convbert", "import-tf", "--checkpoint", str(tmp_path / "ckpt"),
+                             "--output", str(out), "--generator"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "step 1234" in result.stdout and "4 heads, kernel 5, 2 FFN group(s)" in result.stdout
+    assert "discriminator_predictions" in result.stdout  # the left-out head is named
+    record = json.loads((out / "import.json").read_text())
+    assert record["step"] == 1234 and record["vocab"] == str(vocab)
+    assert (out / "vocab.txt").read_text() == vocab.read_text() == (out / "generator" / "vocab.txt").read_text()
+
+    tf = fixture_tensors()
+    state = load_file(str(out / "model.safetensors"))
+    assert torch.equal(state["encoder.layer.1.attention.self.query.weight"],
+                       torch.from_numpy(tf["electra/encoder/layer_1/attention/self/query/kernel"].T.copy()))
+    assert torch.equal(state["embeddings.LayerNorm.weight"], torch.from_numpy(tf["electra/embeddings/LayerNorm/gamma"]))
+    gen = load_file(str(out / "generator" / "model.safetensors"))
+    # The generator shares the discriminator's embeddings; its head keeps the original's output bias.
+    assert torch.equal(gen["convbert.embeddings.word_embeddings.weight"], state["embeddings.word_embeddings.weight"])
+    assert torch.equal(gen["generator_lm_head.bias"], torch.from_numpy(tf["generator_predictions/output_bias"]))
+    assert torch.equal(gen["generator_predictions.dense.weight"],
+                       torch.from_numpy(tf["generator_predictions/dense/kernel"].T.copy()))
+
+    model = ConvBertModel.from_pretrained(out)
+    generator = ConvBertModel.from_pretrained(out / "generator")
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        hidden = model(ids).last_hidden_state
+        assert hidden.shape == (2, 9, 24) and torch.isfinite(hidden).all()
+        assert generator(ids).last_hidden_state.shape == (2, 9, 12)
+
+
+def test_transformers_reads_the_converted_discriminator_and_agrees(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import_tf_checkpoint(PREFIX, tmp_path / "model")
+    ours = ConvBertModel.from_pretrained(tmp_path / "model")
+    theirs = transformers.ConvBertModel.from_pretrained(str(tmp_path / "model")).eval()
+    ids = torch.randint(0, 40, (3, 11))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).last_hidden_state,
+                                   theirs(ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_missing_or_bad_variables_are_refused(tmp_path):
+    tensors = fixture_tensors()
+    cases = {
+        "unknown": ({**tensors, "electra/encoder/layer_0/attention/self/rel_pos/kernel": np.zeros(3, np.float32)},
+                    "rel_pos/kernel are not part of the ConvBERT layout"),
+        "missing": ({k: v for k, v in tensors.items() if k != "electra/encoder/layer_1/output/LayerNorm/beta"},
+                    "layer_1/output/LayerNorm/beta not found"),
+        "nan": ({**tensors, "electra/embeddings_project/bias": np.full(24, np.nan, np.float32)},
+                "embeddings_project/bias holds NaN"),
+        "not_convbert": ({"bert/embeddings/word_embeddings": np.zeros((4, 2), np.float32)},
+                         "electra/embeddings/word_embeddings not found"),
+    }
+    for name, (variables, message) in cases.items():
+        write_bundle(tmp_path / name, variables)
+        with pytest.raises(ConvBertError, match=message):
+            import_tf_checkpoint(tmp_path / name, tmp_path / f"out-{name}")
+    # No generator in the file: --generator says so.
+    write_bundle(tmp_path / "disc", {k: v for k, v in tensors.items() if not k.startswith("generator")})
+    with pytest.raises(ConvBertError, match="has no generator"):
+        import_tf_checkpoint(tmp_path / "disc", tmp_path / "out-disc", generator=True)
+    # fp16 weights are read and widened.
+    half = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in tensors.items()}
+    write_bundle(tmp_path / "half", half)
+    import_tf_checkpoint(tmp_path / "half", tmp_path / "out-half")
+    state = load_file(str(tmp_path / "out-half" / "model.safetensors"))
+    assert state["embeddings_project.bias"].dtype == torch.float32
+    assert torch.equal(state["embeddings_project.bias"],
+                       torch.from_numpy(half["electra/embeddings_project/bias"].astype(np.float32)))
+
+
+def test_outputs_that_would_lose_files_are_refused(tmp_path):
+    prefix = copy_fixture(tmp_path)
+    with pytest.raises(ConvBertError, match="checkpoint's own folder"):
+        import_tf_checkpoint(prefix, prefix.parent)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "paper.txt").write_text("mine")
+    with pytest.raises(ConvBertError, match="holds other files"):
+        import_tf_checkpoint(prefix, tmp_path / "notes")
+    big = tmp_path / "big_vocab.txt"
+    big.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(36)]) + "\n")
+    with pytest.raises(ConvBertError, match="41 entries, but the checkpoint has 40"):
+        import_tf_checkpoint(prefix, tmp_path / "out", vocab=big)
+    import_tf_checkpoint(prefix, tmp_path / "out")
+    import_tf_checkpoint(prefix, tmp_path / "out")  # an earlier import is replaced
+    assert json.loads((tmp_path / "out" / "import.json").read_text())["step"] == 1234
+
+
+def test_several_checkpoints_in_a_folder_must_be_named(tmp_path):
+    prefix = copy_fixture(tmp_path)
+    for f in prefix.parent.glob("model.ckpt-1234.*"):
+        shutil.copy(f, f.with_name(f.name.replace("1234", "2000")))
+    with pytest.raises(ConvBertError, match="holds 2 checkpoints"):
+        TFCheckpoint(prefix.parent)
+    # TensorFlow's own `checkpoint` file names the latest; its absolute path from another machine is not needed.
+    (prefix.parent / "checkpoint").write_text('model_checkpoint_path: "/elsewhere/run/model.ckpt-2000"\n')
+    assert TFCheckpoint(prefix.parent).prefix.name == "model.ckpt-2000"
+
+
+def test_fixture_is_what_its_script_writes(tmp_path):
+    """Where TensorFlow is installed: the committed fixture is exactly what `make_tf_fixture.py` writes."""
+    pytest.importorskip("tensorflow")
+    subprocess.run([sys.executable, str(FIXTURE / "make_tf_fixture.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("model.ckpt-1234.data-00000-of-00001", "model.ckpt-1234.index", "reference.safetensors"):
+        assert (tmp_path / name).read_bytes() == (FIXTURE / name).read_bytes(), name
