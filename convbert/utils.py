@@ -79,10 +79,36 @@ def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
-def refuse_foreign_folder(path: str | os.PathLike, markers: tuple[str, ...], made_by: str) -> None:
+@contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder next to `final` to write the whole output into; on success it replaces `final`
+    (`replace_folder`), so an interrupted write leaves the old folder whole and nothing stale from an earlier run
+    survives; on failure it is removed. It gets the usual permissions (mkdtemp's are private)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        fix_mode(staging)
+        yield staging
+        replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_foreign_folder(path: str | os.PathLike, markers: tuple[str, ...], made_by: str,
+                          replaces: tuple[str, ...] | None = None) -> None:
     """An existing output folder with (non-hidden) files in it must be an earlier output of the same command, one
-    that holds one of `markers`: writing into a folder of other files would mix with or overwrite them."""
+    that holds one of `markers`: writing into a folder of other files would mix with or overwrite them. A command
+    that replaces the whole folder (`staged_folder`) names what it writes in `replaces`: an earlier output holding
+    anything else (say, results saved inside it) is refused too, since the replacement would delete it."""
     path = Path(path)
-    if (path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
-            and not any((path / m).exists() for m in markers)):
+    if not path.is_dir():
+        return
+    entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
+    if entries and not any((path / m).exists() for m in markers):
         raise ConvBertError(f"--output {path}: exists and holds other files (not {made_by}); use a new or empty folder")
+    others = sorted(set(entries) - set(replaces)) if replaces is not None else []
+    if others:
+        raise ConvBertError(f"--output {path}: {made_by} that also holds {', '.join(others[:3])}"
+                            f"{' …' if len(others) > 3 else ''}, which rewriting the folder would delete; move "
+                            "them out or use a new folder")

@@ -1170,6 +1170,16 @@ def export_into_a_folder_of_other_files(e, t):
 
 
 @case("safety")
+def export_over_an_export_holding_results(e, t):
+    d = t / "exp"
+    assert main(["export", "--checkpoint", str(e.run), "--output", str(d)]) == 0
+    (d / "results").mkdir()
+    (d / "results" / "summary.json").write_text("{}")
+    return dict(argv=["export", "--checkpoint", str(e.run), "--output", str(d)],
+                expect=["--output", str(d), "also holds results", "would delete"], unchanged=[d])
+
+
+@case("safety")
 def export_with_a_changed_vocab(e, t):
     r = copy(e.run, t / "run")
     with open(r / "vocab.txt", "a", encoding="utf-8") as f:

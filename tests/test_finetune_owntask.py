@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 from pathlib import Path
 
 import pytest
 
 from convbert.cli import main
+from convbert.utils import _umask
 from test_finetune_data import make_tiny_model
 
 QUICK = ["--epochs", "1", "--batch-size", "4", "--max-seq-length", "24", "--no-progress"]
@@ -137,6 +139,13 @@ def test_finetune_refuses_a_folder_of_other_files_and_the_model_folder(model, tm
     assert _finetune(model, train, model) == 2
     assert "is the --model folder" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # An earlier output is rewritten whole, so one holding anything else (predictions saved inside it) is refused.
+    out = tmp_path / "ft"
+    assert _finetune(model, train, out) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # not the private mode of its staging folder
+    (out / "pred.csv").write_text("index,label\n")
+    assert _finetune(model, train, out) == 2
+    assert "also holds pred.csv" in capsys.readouterr().err and (out / "pred.csv").is_file()
 
 
 @pytest.mark.parametrize("edit, expect", [

@@ -272,8 +272,9 @@ def test_outputs_that_would_lose_files_are_refused(tmp_path):
     big.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(36)]) + "\n")
     with pytest.raises(ConvBertError, match="41 entries, but the checkpoint has 40"):
         import_tf_checkpoint(prefix, tmp_path / "out", vocab=big)
-    import_tf_checkpoint(prefix, tmp_path / "out")
-    import_tf_checkpoint(prefix, tmp_path / "out")  # an earlier import is replaced
+    import_tf_checkpoint(prefix, tmp_path / "out", generator=True)
+    import_tf_checkpoint(prefix, tmp_path / "out")  # an earlier import is replaced whole: no stale generator/
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "import.json", "model.safetensors"]
     assert json.loads((tmp_path / "out" / "import.json").read_text())["step"] == 1234
 
 

@@ -271,6 +271,34 @@ def test_checkpoints_and_exports_get_the_usual_file_permissions(tiny_data, tmp_p
     files = [*ck.iterdir(), tmp_path / "x" / "model.safetensors"]
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
     assert stat.S_IMODE(ck.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "x").stat().st_mode) == 0o755  # written aside in a private temporary folder
+
+
+def test_a_re_export_rewrites_the_folder_whole_and_keeps_what_it_did_not_write(tiny_data, tmp_path):
+    from convbert.pretrain.export import export_checkpoint
+    from convbert.utils import staged_folder
+
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, steps=1), progress=False)
+    out = tmp_path / "exp"
+    export_checkpoint(run, out, generator=True)
+    assert (out / "generator" / "model.safetensors").is_file()
+    export_checkpoint(run, out)  # without --generator: the earlier generator/ does not linger
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "model.safetensors", "vocab.txt"]
+    # Results saved inside the export would be deleted by rewriting it: refused, folder untouched.
+    (out / "glue-results").mkdir()
+    (out / "glue-results" / "summary.json").write_text("{}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConvBertError, match="also holds glue-results"):
+        export_checkpoint(run, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A write that fails half-way leaves the old folder whole and no temporary folder behind.
+    with pytest.raises(RuntimeError):
+        with staged_folder(out) as staging:
+            (staging / "config.json").write_text("half")
+            raise RuntimeError("interrupted")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "run"]
 
 
 def test_keep_checkpoints_counts_regular_checkpoints_and_keeps_every_milestone(tmp_path):

@@ -12,9 +12,7 @@ import csv
 import io
 import json
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +32,12 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files
-from convbert.utils import atomic_path, refuse_foreign_folder, replace_folder, write_json_atomic
+from convbert.utils import atomic_path, refuse_foreign_folder, staged_folder, write_json_atomic
 
 TASK_FILE = "finetune_task.json"
+# What a fine-tuned model folder holds (it is rewritten whole).
+FINETUNE_FILES = ("config.json", "model.safetensors", "classifier.safetensors", "head.json", "vocab.txt",
+                  "tokenizer_config.json", TASK_FILE)
 csv.field_size_limit(1 << 30)
 
 
@@ -183,7 +184,7 @@ def finetune_own_task(
         raise ConvBertError(f"--output {output}: exists and is not a folder")
     if output.is_dir() and output.resolve() == Path(model_dir).resolve():
         raise ConvBertError(f"--output {output}: is the --model folder; write the fine-tuned model to a new folder")
-    refuse_foreign_folder(output, (TASK_FILE,), "an earlier `convbert finetune` output")
+    refuse_foreign_folder(output, (TASK_FILE,), "an earlier `convbert finetune` output", replaces=FINETUNE_FILES)
     tokenizer = load_tokenizer(model_dir)
     cols, rows = read_table(train_file, file_format)
     if not rows:
@@ -254,9 +255,7 @@ def finetune_own_task(
         print("dev: " + ", ".join(f"{k} {v:.2f}" for k, v in result["dev"].items()))
     # The whole folder is written aside and renamed into place: an interrupted run never leaves a new head next
     # to an old task file.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         model.save_pretrained(staging)
         copy_tokenizer_files(model_dir, staging)
         write_json_atomic(
@@ -273,9 +272,6 @@ def finetune_own_task(
                 "result": result,
             },
         )
-        replace_folder(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"saved the fine-tuned model to {output}")
     return result
 

@@ -25,13 +25,14 @@ import torch
 from convbert.errors import ConvBertError
 from convbert.interop.tf_bundle import TFCheckpoint
 from convbert.model.config import ConvBertConfig
-from convbert.utils import refuse_foreign_folder, write_json_atomic
+from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
 
 DISCRIMINATOR_SCOPE = "electra"
 GENERATOR_SCOPE = "generator"
 # Optimiser slots and bookkeeping saved next to the weights: not part of the model.
 IGNORED = re.compile(r"(/adam_[mv]|/Adam(_1)?|/Momentum|/ExponentialMovingAverage)$|^global_step$")
 IMPORT_RECORD = "import.json"
+IMPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", IMPORT_RECORD, "generator")  # rewritten whole
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -228,7 +229,7 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     with TFCheckpoint(checkpoint) as ckpt:
         if out.resolve() == ckpt.prefix.parent.resolve():
             raise ConvBertError(f"--output {out}: is the checkpoint's own folder; write the model to a folder of its own")
-        refuse_foreign_folder(out, (IMPORT_RECORD,), "an earlier import-tf output")
+        refuse_foreign_folder(out, (IMPORT_RECORD,), "an earlier import-tf output", replaces=IMPORT_FILES)
         used: set[str] = set()
         disc = load_tf_encoder(ckpt, DISCRIMINATOR_SCOPE, used)
         gen = head = None
@@ -279,16 +280,9 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     if gen is not None:
         notes += transformers_limits("generator", gen.config)
 
-    disc.save_pretrained(out)
     written = {"discriminator": str(out)}
-    if vocab_file is not None:
-        copy_vocab(vocab_file, out)
     if gen is not None:
-        gdir = out / "generator"
-        save_generator_pretrained(gen, head, gdir)
-        if vocab_file is not None:
-            copy_vocab(vocab_file, gdir)
-        written["generator"] = str(gdir)
+        written["generator"] = str(out / "generator")
     info = {
         "checkpoint": str(prefix),
         "step": step,
@@ -297,5 +291,13 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         "written": written,
         "notes": notes,
     }
-    write_json_atomic(out / IMPORT_RECORD, info)
+    with staged_folder(out) as staging:  # renamed into place whole: nothing stale from an earlier import survives
+        disc.save_pretrained(staging)
+        if vocab_file is not None:
+            copy_vocab(vocab_file, staging)
+        if gen is not None:
+            save_generator_pretrained(gen, head, staging / "generator")
+            if vocab_file is not None:
+                copy_vocab(vocab_file, staging / "generator")
+        write_json_atomic(staging / IMPORT_RECORD, info)
     return info

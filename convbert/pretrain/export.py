@@ -15,9 +15,12 @@ import torch
 
 from convbert.errors import ConvBertError
 from convbert.pretrain import checkpoint as ckpt_io
-from convbert.utils import refuse_foreign_folder, write_json_atomic
+from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
 
 RUN_VOCAB = "vocab.txt"
+EXPORT_RECORD = "export.json"
+# What an export folder holds (the folder is rewritten whole).
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", EXPORT_RECORD, "generator")
 
 
 def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -49,7 +52,7 @@ def _check_output_folder(out: Path, ck: Path) -> None:
     for inside in (ck.resolve(), run_dir.resolve()):
         if target == inside or inside in target.parents:
             raise ConvBertError(f"--output {out}: is inside the run folder {run_dir}; export to a folder of its own")
-    refuse_foreign_folder(out, ("export.json",), "an earlier export")
+    refuse_foreign_folder(out, (EXPORT_RECORD,), "an earlier export", replaces=EXPORT_FILES)
 
 
 def _check_vocab_fits(vocab: Path, model_config: dict, ck: Path) -> None:
@@ -108,20 +111,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
         if missing:
             raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(missing)})")
-    disc.save_pretrained(out)
-    copy_vocab(vocab, out)
     written = {"discriminator": str(out)}
-    notes: list[str] = []
-
     if generator:
-        gdir = out / "generator"
-        save_generator_pretrained(gen, head, gdir)
-        copy_vocab(vocab, gdir)
-        written["generator"] = str(gdir)
+        written["generator"] = str(out / "generator")
+    notes: list[str] = []
     for which, cfg in (("discriminator", config), ("generator", gconfig)):
         if cfg is not None:
             notes += transformers_limits(which, cfg)
-
     info = {
         "checkpoint": str(ck),
         "step": state.get("step"),
@@ -132,5 +128,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         "written": written,
         "notes": notes,
     }
-    write_json_atomic(out / "export.json", info)
+    # Written aside and renamed into place: an earlier export's generator/ does not outlive a re-export without it.
+    with staged_folder(out) as staging:
+        disc.save_pretrained(staging)
+        copy_vocab(vocab, staging)
+        if generator:
+            save_generator_pretrained(gen, head, staging / "generator")
+            copy_vocab(vocab, staging / "generator")
+        write_json_atomic(staging / EXPORT_RECORD, info)
     return info
