@@ -296,3 +296,24 @@ def test_fixture_is_what_its_script_writes(tmp_path):
                    capture_output=True)
     for name in ("model.ckpt-1234.data-00000-of-00001", "model.ckpt-1234.index", "reference.safetensors"):
         assert (tmp_path / name).read_bytes() == (FIXTURE / name).read_bytes(), name
+
+
+def test_transformers_own_tensorflow_loader_gives_the_same_weights(tmp_path):
+    """Where TensorFlow and transformers 4.x are installed: HF's `load_tf_weights_in_convbert` (the code that made
+    the hub's YituTech/conv-bert-* weights from the original checkpoints) reads the fixture into the same tensors."""
+    pytest.importorskip("tensorflow")
+    modeling = pytest.importorskip("transformers.models.convbert.modeling_convbert")
+    if not hasattr(modeling, "load_tf_weights_in_convbert"):
+        pytest.skip("this transformers has no TensorFlow loader (removed in v5)")
+    import transformers
+
+    import_tf_checkpoint(PREFIX, tmp_path / "model")
+    values = json.loads((tmp_path / "model" / "config.json").read_text())
+    config = transformers.ConvBertConfig(**{k: v for k, v in values.items()
+                                            if k not in ("architectures", "convbert_extra", "model_type")})
+    model = transformers.ConvBertModel(config)
+    modeling.load_tf_weights_in_convbert(model, config, str(PREFIX))
+    theirs = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    ours = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
