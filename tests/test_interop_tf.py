@@ -202,16 +202,18 @@ def test_converted_layers_compute_what_tensorflow_computed(tmp_path):
 
 
 def test_import_writes_hf_layout_folders_that_load_and_run(tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    vocab = tmp_path / "vocab.txt"  # found next to the checkpoint's folder
+    ckpt = tmp_path / "models" / "convbert_tiny"  # the original code's DATA_DIR/models/NAME/ and DATA_DIR/vocab.txt
+    ckpt.mkdir(parents=True)
+    vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(35)]) + "\n")
     for f in FIXTURE.glob("model.ckpt-1234.*"):
-        shutil.copy(f, tmp_path / "ckpt" / f.name)
+        shutil.copy(f, ckpt / f.name)
     out = tmp_path / "model"
-    result = subprocess.run([sys.executable, "-m", "convbert", "import-tf", "--checkpoint", str(tmp_path / "ckpt"),
+    result = subprocess.run([sys.executable, "-m", "convbert", "import-tf", "--checkpoint", str(ckpt),
                              "--output", str(out), "--generator"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "step 1234" in result.stdout and "4 heads, kernel 5, 2 FFN group(s)" in result.stdout
+    assert f"vocab {vocab}" in result.stdout
     assert "discriminator_predictions" in result.stdout  # the left-out head is named
     record = json.loads((out / "import.json").read_text())
     assert record["step"] == 1234 and record["vocab"] == str(vocab)

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint prefix (e.g. convbert_base/model.ckpt-1000000), its .index file, or a folder "
                         "holding one checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--vocab", help="the model's vocab.txt (default: vocab.txt next to the checkpoint, if any)")
+    p.add_argument("--vocab", help="the model's vocab.txt (default: a vocab.txt beside the checkpoint or up to two folders above it, "
+                        "as the original code lays out DATA_DIR/models/NAME/)")
     p.add_argument("--generator", action="store_true",
                    help="also write the generator (ConvBertForMaskedLM layout) to <output>/generator/")
     p.set_defaults(func=run)
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"import-tf: {info['checkpoint']} ({step}): {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
           f"{c['num_attention_heads']} heads, kernel {c['conv_kernel_size']}, {c['num_groups']} FFN group(s), "
           f"vocab {c['vocab_size']} -> " + ", ".join(f"{k} {v}" for k, v in info["written"].items()))
+    if info["vocab"]:
+        print(f"import-tf: vocab {info['vocab']}")
     for note in info["notes"]:
         print(f"import-tf: note: {note}")
     return 0

@@ -210,7 +210,9 @@ def _unused_model_variables(ckpt: TFCheckpoint, scopes: tuple[str, ...], used: s
 
 
 def find_vocab(prefix: Path) -> Path | None:
-    for folder in (prefix.parent, prefix.parent.parent):
+    """`vocab.txt` beside the checkpoint, or up to two folders above it: the original code keeps checkpoints in
+    `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`."""
+    for folder in (prefix.parent, prefix.parent.parent, prefix.parent.parent.parent):
         if (folder / "vocab.txt").is_file():
             return folder / "vocab.txt"
     return None
