@@ -20,9 +20,9 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
-from convbert import ConvBertModel
+from convbert import ConvBertConfig, ConvBertModel
 from convbert.errors import ConvBertError
-from convbert.interop.tf import import_tf_checkpoint, infer_config
+from convbert.interop.tf import import_tf_checkpoint, infer_config, matching_preset
 from convbert.interop.tf_bundle import TABLE_MAGIC, TFCheckpoint, masked_crc32c
 
 FIXTURE = Path(__file__).parent / "tf_fixture"
@@ -184,6 +184,9 @@ def test_config_is_read_off_the_shapes():
     assert (disc.num_attention_heads, disc.head_ratio, disc.conv_kernel_size) == (4, 2, 5)
     assert (disc.intermediate_size, disc.num_groups, disc.max_position_embeddings) == (48, 2, 32)
     assert disc.branch_width == 12 and disc.reduced_heads == 2
+    assert "preset" not in disc.extra and matching_preset(disc) is None  # off the presets on purpose
+    assert matching_preset(ConvBertConfig.from_preset("medium-small", vocab_size=21128)) == "medium-small"
+    assert matching_preset(ConvBertConfig.from_preset("base", conv_kernel_size=7)) is None
     # The generator (1 head < head_ratio: one head in each branch, spec §1.6) shares electra/embeddings.
     assert (gen.hidden_size, gen.num_attention_heads, gen.branch_width, gen.embedding_size) == (12, 1, 12, 16)
 

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     info = import_tf_checkpoint(args.checkpoint, args.output, vocab=args.vocab, generator=args.generator)
     c = info["config"]
     step = f"step {info['step']}" if info["step"] is not None else "no global_step"
-    print(f"import-tf: {info['checkpoint']} ({step}): {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+    size = f" (the {info['preset']} size)" if info["preset"] else ""
+    print(f"import-tf: {info['checkpoint']} ({step}){size}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
           f"{c['num_attention_heads']} heads, kernel {c['conv_kernel_size']}, {c['num_groups']} FFN group(s), "
           f"vocab {c['vocab_size']} -> " + ", ".join(f"{k} {v}" for k, v in info["written"].items()))
     if info["vocab"]:

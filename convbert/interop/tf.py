@@ -24,7 +24,7 @@ import torch
 
 from convbert.errors import ConvBertError
 from convbert.interop.tf_bundle import TFCheckpoint
-from convbert.model.config import ConvBertConfig
+from convbert.model.config import PRESETS, ConvBertConfig
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
 
 DISCRIMINATOR_SCOPE = "electra"
@@ -167,7 +167,7 @@ def infer_config(ckpt: TFCheckpoint, scope: str = DISCRIMINATOR_SCOPE) -> ConvBe
     else:
         groups, intermediate = 1, _shape(ckpt, f"{ffn}/dense/kernel")[1]
     try:
-        return ConvBertConfig(
+        config = ConvBertConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=intermediate, max_position_embeddings=positions, type_vocab_size=types,
             embedding_size=embedding, head_ratio=ratio, conv_kernel_size=kernel_size, num_groups=groups,
@@ -175,6 +175,21 @@ def infer_config(ckpt: TFCheckpoint, scope: str = DISCRIMINATOR_SCOPE) -> ConvBe
         )
     except ConvBertError as err:
         raise ConvBertError(f"{where}: the saved shapes do not make a valid ConvBERT: {err}") from None
+    preset = matching_preset(config)
+    return config if preset is None else config.replace(source=where, extra={**config.extra, "preset": preset})
+
+
+ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "embedding_size",
+                       "num_groups", "conv_kernel_size", "head_ratio")
+
+
+def matching_preset(config: ConvBertConfig) -> str | None:
+    """The paper size whose architecture `config` has (any vocabulary), if one does."""
+    for name in PRESETS:
+        preset = ConvBertConfig.from_preset(name)
+        if all(getattr(preset, f) == getattr(config, f) for f in ARCHITECTURE_FIELDS):
+            return name
+    return None
 
 
 def _read(ckpt: TFCheckpoint, rows: list[tuple[str, str, Transform]], used: set[str]) -> dict[str, torch.Tensor]:
@@ -290,6 +305,7 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         "step": step,
         "vocab": str(vocab_file) if vocab_file is not None else None,
         "config": disc.config.to_hf_dict(),
+        "preset": disc.config.extra.get("preset"),
         "written": written,
         "notes": notes,
     }
