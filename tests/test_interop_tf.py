@@ -342,3 +342,79 @@ def test_transformers_own_tensorflow_loader_gives_the_same_weights(tmp_path):
     ours = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _electra_tf_names(state: dict[str, torch.Tensor], scope: str, embeddings: bool) -> dict[str, np.ndarray]:
+    """An HF ElectraModel's weights under the original ELECTRA code's TF names and layouts (BERT's)."""
+    out = {}
+    for key, value in state.items():
+        if "position_ids" in key or "token_type_ids" in key:
+            continue
+        v = value.detach().numpy()
+        name = key.replace("encoder.layer.", "encoder/layer_").replace(".", "/")
+        name = name.replace("LayerNorm/weight", "LayerNorm/gamma").replace("LayerNorm/bias", "LayerNorm/beta")
+        if name.endswith("/weight") and "embeddings/" not in name:
+            name, v = name[: -len("weight")] + "kernel", v.T
+        elif name.startswith("embeddings/") and name.endswith("/weight"):
+            name = name[: -len("/weight")]
+        if name.startswith("embeddings/"):
+            if embeddings:
+                out[f"electra/{name}"] = np.ascontiguousarray(v)
+            continue
+        out[f"{scope}/{name}"] = np.ascontiguousarray(v)
+    return out
+
+
+def test_electra_checkpoints_become_the_plain_attention_model_and_match_transformers_electra(tmp_path):
+    """ELECTRA's TF checkpoints have no conv branch: they import as our plain-attention model (the paper's baseline),
+    which must compute what transformers' ElectraModel computes from the same weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, embedding_size=16, num_hidden_layers=2, max_position_embeddings=40,
+                  hidden_act="gelu", layer_norm_eps=1e-12)
+    disc = transformers.ElectraModel(transformers.ElectraConfig(
+        hidden_size=128, num_attention_heads=2, intermediate_size=256, **common)).eval()
+    gen = transformers.ElectraModel(transformers.ElectraConfig(
+        hidden_size=64, num_attention_heads=1, intermediate_size=128, **common)).eval()
+    gen.embeddings.load_state_dict(disc.embeddings.state_dict())  # ELECTRA's generator shares the embeddings
+    tensors = {**_electra_tf_names(disc.state_dict(), "electra", True),
+               **_electra_tf_names(gen.state_dict(), "generator", False),
+               "global_step": np.array(7, np.int64)}
+    head = {"generator_predictions/dense/kernel": np.zeros((64, 16), np.float32),
+            "generator_predictions/dense/bias": np.zeros(16, np.float32),
+            "generator_predictions/LayerNorm/gamma": np.ones(16, np.float32),
+            "generator_predictions/LayerNorm/beta": np.zeros(16, np.float32),
+            "generator_predictions/output_bias": np.zeros(50, np.float32)}
+    (tmp_path / "electra").mkdir()
+    write_bundle(tmp_path / "electra" / "model.ckpt-7", {**tensors, **head})
+    result = subprocess.run([sys.executable, "-m", "convbert", "import-tf", "--checkpoint", str(tmp_path / "electra"),
+                             "--output", str(tmp_path / "out"), "--generator"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "2 heads, plain attention (ELECTRA)" in result.stdout  # hidden 128 / ELECTRA's head size 64
+    ids = torch.randint(0, 50, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    for ours_dir, theirs in ((tmp_path / "out", disc), (tmp_path / "out" / "generator", gen)):
+        ours = ConvBertModel.from_pretrained(ours_dir)
+        assert ours.config.attention_type == "plain"
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids, attention_mask=mask).last_hidden_state,
+                                       theirs(ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+    # The head count is not in the shapes: --num-heads overrides the default, and is refused for ConvBERT.
+    import_tf_checkpoint(tmp_path / "electra", tmp_path / "out4", num_heads=4)
+    assert ConvBertModel.from_pretrained(tmp_path / "out4").config.num_attention_heads == 4
+    with pytest.raises(ConvBertError, match="--num-heads 3: .* has 4 heads"):
+        import_tf_checkpoint(PREFIX, tmp_path / "x", num_heads=3)
+
+
+def test_an_electra_width_off_the_64_wide_heads_needs_num_heads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ElectraModel(transformers.ElectraConfig(
+        vocab_size=30, embedding_size=8, hidden_size=48, num_attention_heads=3, intermediate_size=96,
+        num_hidden_layers=1, max_position_embeddings=16))
+    write_bundle(tmp_path / "e", _electra_tf_names(model.state_dict(), "electra", True))
+    with pytest.raises(ConvBertError, match="hidden size 48 is not a multiple of ELECTRA's head size 64; give the "
+                                            "head count with --num-heads"):
+        import_tf_checkpoint(tmp_path / "e", tmp_path / "out")
+    import_tf_checkpoint(tmp_path / "e", tmp_path / "out", num_heads=3)
+    assert ConvBertModel.from_pretrained(tmp_path / "out").config.num_attention_heads == 3

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--vocab", help="the model's vocab.txt (default: a vocab.txt beside the checkpoint or up to two folders above it, "
                         "as the original code lays out DATA_DIR/models/NAME/)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of an ELECTRA (plain-attention) checkpoint, whose head count is not in its "
+                        "shapes (default: hidden / 64, as every ELECTRA size); ConvBERT's is read off the shapes")
     p.add_argument("--generator", action="store_true",
                    help="also write the generator (ConvBertForMaskedLM layout) to <output>/generator/")
     p.set_defaults(func=run)
@@ -30,12 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from convbert.interop.tf import import_tf_checkpoint
 
-    info = import_tf_checkpoint(args.checkpoint, args.output, vocab=args.vocab, generator=args.generator)
+    info = import_tf_checkpoint(args.checkpoint, args.output, vocab=args.vocab, generator=args.generator,
+                                num_heads=args.num_heads)
     c = info["config"]
     step = f"step {info['step']}" if info["step"] is not None else "no global_step"
     size = f" (the {info['preset']} size)" if info["preset"] else ""
+    plain = c["convbert_extra"]["attention_type"] == "plain"
+    kind = "plain attention (ELECTRA)" if plain else f"kernel {c['conv_kernel_size']}"
     print(f"import-tf: {info['checkpoint']} ({step}){size}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-          f"{c['num_attention_heads']} heads, kernel {c['conv_kernel_size']}, {c['num_groups']} FFN group(s), "
+          f"{c['num_attention_heads']} heads, {kind}, {c['num_groups']} FFN group(s), "
           f"vocab {c['vocab_size']} -> " + ", ".join(f"{k} {v}" for k, v in info["written"].items()))
     if info["vocab"]:
         print(f"import-tf: vocab {info['vocab']}")

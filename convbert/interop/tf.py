@@ -98,14 +98,17 @@ def name_map(ckpt: TFCheckpoint, scope: str, config: ConvBertConfig) -> list[tup
         att = f"{tf}/attention/self"
         for name in ("query", "key", "value"):
             rows += _linear(f"{att}/{name}", f"{ours}.attention.self.{name}")
+        if config.attention_type == "mixed":  # the span-based dynamic convolution branch
+            rows += [
+                (f"{att}/conv_attn_key/depthwise_kernel",
+                 f"{ours}.attention.self.key_conv_attn_layer.depthwise.weight", _depthwise),
+                (f"{att}/conv_attn_key/pointwise_kernel",
+                 f"{ours}.attention.self.key_conv_attn_layer.pointwise.weight", _pointwise),
+                (f"{att}/conv_attn_key/bias", f"{ours}.attention.self.key_conv_attn_layer.bias", _column),
+                *_linear(f"{att}/conv_attn_kernel", f"{ours}.attention.self.conv_kernel_layer"),
+                *_linear(f"{att}/conv_attn_point", f"{ours}.attention.self.conv_out_layer"),
+            ]
         rows += [
-            (f"{att}/conv_attn_key/depthwise_kernel", f"{ours}.attention.self.key_conv_attn_layer.depthwise.weight",
-             _depthwise),
-            (f"{att}/conv_attn_key/pointwise_kernel", f"{ours}.attention.self.key_conv_attn_layer.pointwise.weight",
-             _pointwise),
-            (f"{att}/conv_attn_key/bias", f"{ours}.attention.self.key_conv_attn_layer.bias", _column),
-            *_linear(f"{att}/conv_attn_kernel", f"{ours}.attention.self.conv_kernel_layer"),
-            *_linear(f"{att}/conv_attn_point", f"{ours}.attention.self.conv_out_layer"),
             *_linear(f"{tf}/attention/output/dense", f"{ours}.attention.output.dense"),
             *_layer_norm(f"{tf}/attention/output/LayerNorm", f"{ours}.attention.output.LayerNorm"),
             *_ffn_dense(ckpt, f"{tf}/intermediate", f"{ours}.intermediate.dense", config.num_groups),
@@ -131,56 +134,70 @@ def _shape(ckpt: TFCheckpoint, name: str) -> tuple[int, ...]:
     return ckpt.entries[name].shape
 
 
-def infer_config(ckpt: TFCheckpoint, scope: str = DISCRIMINATOR_SCOPE) -> ConvBertConfig:
-    """The encoder's configuration under `scope`, read off the saved shapes."""
+def infer_config(ckpt: TFCheckpoint, scope: str = DISCRIMINATOR_SCOPE, num_heads: int | None = None) -> ConvBertConfig:
+    """The encoder's configuration under `scope`, read off the saved shapes. Without the conv branch it is ELECTRA's
+    (BERT's) encoder, our `attention_type="plain"`, whose head count is not in the shapes: `num_heads`, or else
+    ELECTRA's head size of 64 (hidden / 64 heads: 4 for small, 12 for base, 16 for large)."""
     where = f"{ckpt.prefix} ({scope}/)"
     emb = embedding_scope(ckpt, scope)
     vocab, embedding = _shape(ckpt, f"{emb}/embeddings/word_embeddings")
-    positions = _shape(ckpt, f"{emb}/embeddings/position_embeddings")[0]
-    types = _shape(ckpt, f"{emb}/embeddings/token_type_embeddings")[0]
     project = f"{scope}/embeddings_project/kernel"
-    hidden = _shape(ckpt, project)[1] if project in ckpt.entries else embedding
     layers = 0
     while f"{scope}/encoder/layer_{layers}/attention/self/query/kernel" in ckpt.entries:
         layers += 1
     if layers == 0:
         raise ConvBertError(f"{where}: no encoder layers found ({scope}/encoder/layer_0/attention/self/query/kernel "
                             "is missing; is this a ConvBERT checkpoint?)")
-    att = f"{scope}/encoder/layer_0/attention/self"
-    branch = _shape(ckpt, f"{att}/query/kernel")[1]
-    kernel_size = _shape(ckpt, f"{att}/conv_attn_key/depthwise_kernel")[0]
-    logits = _shape(ckpt, f"{att}/conv_attn_kernel/kernel")[1]
-    if logits % kernel_size or branch % (logits // kernel_size or 1):
-        raise ConvBertError(f"{where}: conv_attn_kernel emits {logits} values, not heads × kernel size "
-                            f"{kernel_size} with a branch of width {branch}")
-    reduced = logits // kernel_size
-    head_size = branch // reduced
-    if hidden % head_size:
-        raise ConvBertError(f"{where}: head size {head_size} does not divide hidden size {hidden}")
-    heads = hidden // head_size
-    # Any ratio with max(1, heads // ratio) == reduced describes the same model; the original's 2 where it fits.
-    ratio = 2 if max(1, heads // 2) == reduced else max(1, heads // reduced)
     ffn = f"{scope}/encoder/layer_0/intermediate"
     if f"{ffn}/g_dense/kernel" in ckpt.entries:
         groups, _, out_per_group = _shape(ckpt, f"{ffn}/g_dense/kernel")
         intermediate = groups * out_per_group
     else:
         groups, intermediate = 1, _shape(ckpt, f"{ffn}/dense/kernel")[1]
+    sizes = dict(
+        vocab_size=vocab, embedding_size=embedding, num_hidden_layers=layers, intermediate_size=intermediate,
+        hidden_size=_shape(ckpt, project)[1] if project in ckpt.entries else embedding, num_groups=groups,
+        max_position_embeddings=_shape(ckpt, f"{emb}/embeddings/position_embeddings")[0],
+        type_vocab_size=_shape(ckpt, f"{emb}/embeddings/token_type_embeddings")[0],
+    )
+    hidden = sizes["hidden_size"]
+    att = f"{scope}/encoder/layer_0/attention/self"
+    branch = _shape(ckpt, f"{att}/query/kernel")[1]
+    if f"{att}/conv_attn_key/depthwise_kernel" not in ckpt.entries:
+        if branch != hidden:
+            raise ConvBertError(f"{where}: no conv branch (conv_attn_key), yet the query is {branch} wide, not the "
+                                f"hidden size {hidden}: neither ConvBERT nor ELECTRA")
+        if num_heads is None and hidden % 64:
+            raise ConvBertError(f"{where}: an ELECTRA/BERT-style encoder (no conv branch) whose hidden size {hidden} is "
+                                "not a multiple of ELECTRA's head size 64; give the head count with --num-heads")
+        fields = dict(sizes, num_attention_heads=num_heads or hidden // 64, attention_type="plain")
+    else:
+        kernel_size = _shape(ckpt, f"{att}/conv_attn_key/depthwise_kernel")[0]
+        logits = _shape(ckpt, f"{att}/conv_attn_kernel/kernel")[1]
+        if logits % kernel_size or branch % (logits // kernel_size or 1):
+            raise ConvBertError(f"{where}: conv_attn_kernel emits {logits} values, not heads × kernel size "
+                                f"{kernel_size} with a branch of width {branch}")
+        reduced = logits // kernel_size
+        head_size = branch // reduced
+        if hidden % head_size:
+            raise ConvBertError(f"{where}: head size {head_size} does not divide hidden size {hidden}")
+        heads = hidden // head_size
+        if num_heads is not None and num_heads != heads:
+            raise ConvBertError(f"--num-heads {num_heads}: {where} has {heads} heads (read off its conv branch); "
+                                "leave --num-heads out for ConvBERT checkpoints")
+        # Any ratio with max(1, heads // ratio) == reduced describes the same model; the original's 2 where it fits.
+        ratio = 2 if max(1, heads // 2) == reduced else max(1, heads // reduced)
+        fields = dict(sizes, num_attention_heads=heads, head_ratio=ratio, conv_kernel_size=kernel_size)
     try:
-        config = ConvBertConfig(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=intermediate, max_position_embeddings=positions, type_vocab_size=types,
-            embedding_size=embedding, head_ratio=ratio, conv_kernel_size=kernel_size, num_groups=groups,
-            extra={"converted_from": "tensorflow"},
-        )
+        config = ConvBertConfig(**fields, extra={"converted_from": "tensorflow"})
     except ConvBertError as err:
-        raise ConvBertError(f"{where}: the saved shapes do not make a valid ConvBERT: {err}") from None
+        raise ConvBertError(f"{where}: the saved shapes do not make a valid model: {err}") from None
     preset = matching_preset(config)
     return config if preset is None else config.replace(source=where, extra={**config.extra, "preset": preset})
 
 
 ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "embedding_size",
-                       "num_groups", "conv_kernel_size", "head_ratio")
+                       "num_groups", "conv_kernel_size", "head_ratio", "attention_type")
 
 
 def matching_preset(config: ConvBertConfig) -> str | None:
@@ -207,12 +224,12 @@ def _read(ckpt: TFCheckpoint, rows: list[tuple[str, str, Transform]], used: set[
     return out
 
 
-def load_tf_encoder(ckpt: TFCheckpoint, scope: str, used: set[str]):
+def load_tf_encoder(ckpt: TFCheckpoint, scope: str, used: set[str], num_heads: int | None = None):
     """The `ConvBertModel` saved under `scope`, every parameter checked against its inferred configuration."""
     from convbert.interop.hf import check_and_load
     from convbert.model.modeling import ConvBertModel
 
-    config = infer_config(ckpt, scope)
+    config = infer_config(ckpt, scope, num_heads)
     model = ConvBertModel(config)
     check_and_load(model, _read(ckpt, name_map(ckpt, scope, config), used), f"{ckpt.prefix} ({scope}/)")
     return model.eval()
@@ -234,9 +251,11 @@ def find_vocab(prefix: Path) -> Path | None:
 
 
 def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, vocab: str | os.PathLike | None = None,
-                         generator: bool = False) -> dict:
+                         generator: bool = False, num_heads: int | None = None) -> dict:
     """Write the discriminator of a TF ConvBERT checkpoint as an HF-layout folder (and the generator, in
-    `ConvBertForMaskedLM` layout, under `generator/`). Everything is read and checked before anything is written."""
+    `ConvBertForMaskedLM` layout, under `generator/`). Everything is read and checked before anything is written.
+    An ELECTRA checkpoint (no conv branch) becomes our plain-attention model; `num_heads` is its discriminator's head
+    count (default: hidden / 64), and its generator keeps the same head size."""
     from convbert.data.tokenize import WordPieceTokenizer
     from convbert.interop.hf import copy_vocab, save_generator_pretrained, transformers_limits
 
@@ -248,14 +267,18 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
             raise ConvBertError(f"--output {out}: is the checkpoint's own folder; write the model to a folder of its own")
         refuse_foreign_folder(out, (IMPORT_RECORD,), "an earlier import-tf output", replaces=IMPORT_FILES)
         used: set[str] = set()
-        disc = load_tf_encoder(ckpt, DISCRIMINATOR_SCOPE, used)
+        disc = load_tf_encoder(ckpt, DISCRIMINATOR_SCOPE, used, num_heads)
         gen = head = None
         scopes: tuple[str, ...] = (DISCRIMINATOR_SCOPE,)
         if generator:
             if f"{GENERATOR_SCOPE}/encoder/layer_0/attention/self/query/kernel" not in ckpt.entries:
                 raise ConvBertError(f"--generator: {ckpt.prefix} has no generator (no {GENERATOR_SCOPE}/encoder; "
                                     "a fine-tuned or discriminator-only checkpoint?)")
-            gen = load_tf_encoder(ckpt, GENERATOR_SCOPE, used)
+            gen_heads = None
+            if disc.config.attention_type == "plain":  # ELECTRA's generator keeps the discriminator's head size
+                width = _shape(ckpt, f"{GENERATOR_SCOPE}/encoder/layer_0/attention/self/query/kernel")[1]
+                gen_heads = max(1, width // disc.config.head_size)
+            gen = load_tf_encoder(ckpt, GENERATOR_SCOPE, used, gen_heads)
             head = _read(ckpt, GENERATOR_HEAD, used)
             scopes += (GENERATOR_SCOPE, "generator_predictions")
             expected = {"dense.weight": (gen.config.embedding_size, gen.config.hidden_size),
