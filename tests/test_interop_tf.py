@@ -418,3 +418,25 @@ def test_an_electra_width_off_the_64_wide_heads_needs_num_heads(tmp_path):
         import_tf_checkpoint(tmp_path / "e", tmp_path / "out")
     import_tf_checkpoint(tmp_path / "e", tmp_path / "out", num_heads=3)
     assert ConvBertModel.from_pretrained(tmp_path / "out").config.num_attention_heads == 3
+
+
+def test_an_imported_model_fine_tunes_and_predicts(tmp_path):
+    """The imported folder is a `--model` like any other: finetune, then predict."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "ran"]) + "\n")
+    import_tf_checkpoint(PREFIX, tmp_path / "model", vocab=vocab)
+    rows = ["text,label"] + [f"the {a} {b},{a}" for a in ("cat", "dog") for b in ("sat", "ran")] * 3
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "new.csv").write_text("text\nthe cat ran\nthe dog sat\n")
+    run = [sys.executable, "-m", "convbert"]
+    ft = subprocess.run(run + ["finetune", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train.csv"),
+                               "--text-columns", "text", "--label-column", "label", "--output", str(tmp_path / "ft"),
+                               "--epochs", "1", "--batch-size", "4", "--max-seq-length", "16", "--no-progress"],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ft.returncode == 0, ft.stderr
+    pred = subprocess.run(run + ["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "new.csv"),
+                                 "--output", str(tmp_path / "pred.csv")], capture_output=True, text=True, cwd=REPO)
+    assert pred.returncode == 0, pred.stderr
+    lines = (tmp_path / "pred.csv").read_text().splitlines()
+    assert lines[0].startswith("index,label") and len(lines) == 3
+    assert all(line.split(",")[1] in ("cat", "dog") for line in lines[1:])
