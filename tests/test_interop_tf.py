@@ -46,9 +46,10 @@ def _field(number: int, wire: int, payload: bytes) -> bytes:
     return _varint(number << 3 | wire) + payload
 
 
-def _entry_proto(dtype: int, shape: tuple[int, ...], offset: int, data: bytes) -> bytes:
+def _entry_proto(dtype: int, shape: tuple[int, ...], offset: int, data: bytes, shard: int = 0) -> bytes:
     dims = b"".join(_field(2, 2, _varint(len(d)) + d) for d in (_field(1, 0, _varint(s)) for s in shape))
-    return (_field(1, 0, _varint(dtype)) + _field(2, 2, _varint(len(dims)) + dims) + _field(4, 0, _varint(offset))
+    return (_field(1, 0, _varint(dtype)) + _field(2, 2, _varint(len(dims)) + dims)
+            + (_field(3, 0, _varint(shard)) if shard else b"") + _field(4, 0, _varint(offset))
             + _field(5, 0, _varint(len(data))) + _field(6, 5, struct.pack("<I", masked_crc32c(data))))
 
 
@@ -68,16 +69,20 @@ def _block(entries: list[tuple[bytes, bytes]], restart_interval: int = 1) -> byt
     return bytes(body) + struct.pack(f"<{len(restarts)}I", *restarts) + struct.pack("<I", len(restarts))
 
 
-def write_bundle(prefix: Path, tensors: dict[str, np.ndarray], per_block: int = 10**9, restart_interval: int = 1):
-    """`per_block` entries per data block (the index block points at each), keys compressed as `_block` says."""
+def write_bundle(prefix: Path, tensors: dict[str, np.ndarray], per_block: int = 10**9, restart_interval: int = 1,
+                 shards: int = 1):
+    """`per_block` entries per data block (the index block points at each), keys compressed as `_block` says, the
+    tensors dealt round-robin over `shards` data files (as a sharded `tf.train.Saver` spreads them over devices)."""
     codes = {np.dtype("float32"): 1, np.dtype("int64"): 9, np.dtype("float16"): 19}
-    data, entries = bytearray(), [(b"", _field(1, 0, _varint(1)))]  # header: one shard, little-endian
-    for name in sorted(tensors):
+    data = [bytearray() for _ in range(shards)]
+    entries = [(b"", _field(1, 0, _varint(shards)))]  # the header: shard count (little-endian by default)
+    for i, name in enumerate(sorted(tensors)):
         array = np.array(tensors[name], order="C")  # (ascontiguousarray would make a scalar 1-d)
-        raw = array.tobytes()
-        entries.append((name.encode(), _entry_proto(codes[array.dtype], array.shape, len(data), raw)))
-        data += raw
-    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(bytes(data))
+        raw, shard = array.tobytes(), i % shards
+        entries.append((name.encode(), _entry_proto(codes[array.dtype], array.shape, len(data[shard]), raw, shard)))
+        data[shard] += raw
+    for shard, content in enumerate(data):
+        prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{shards:05d}").write_bytes(bytes(content))
     index = bytearray()
 
     def put_block(block: bytes) -> bytes:
@@ -136,6 +141,12 @@ def test_writer_used_below_matches_what_tensorflow_wrote(tmp_path):
     write_bundle(tmp_path / "blocks", tensors, per_block=7, restart_interval=16)
     with TFCheckpoint(tmp_path / "blocks") as ckpt:
         assert ckpt.names() == sorted(tensors)
+        assert all(np.array_equal(ckpt.read(n), tensors[n]) for n in tensors)
+    # Three data shards (a sharded Saver): each entry names its file.
+    write_bundle(tmp_path / "sharded", tensors, shards=3)
+    assert len(list(tmp_path.glob("sharded.data-*-of-00003"))) == 3
+    with TFCheckpoint(tmp_path / "sharded") as ckpt:
+        assert ckpt.num_shards == 3 and {ckpt.entry(n).shard for n in tensors} == {0, 1, 2}
         assert all(np.array_equal(ckpt.read(n), tensors[n]) for n in tensors)
     # The data file is the same bytes TF wrote (same order, no padding), less the bf16 probe's 6 bytes.
     ours = (tmp_path / "copy.data-00000-of-00001").read_bytes()
