@@ -1179,6 +1179,17 @@ def export_over_an_export_holding_results(e, t):
                 expect=["--output", str(d), "also holds results", "would delete"], unchanged=[d])
 
 
+@case("checkpoint")
+def pretrain_init_from_a_model_with_another_vocab(e, t):
+    m = t / "model"
+    assert main(["export", "--checkpoint", str(e.run), "--output", str(m)]) == 0
+    with open(m / "vocab.txt", "a", encoding="utf-8") as f:
+        f.write("extra\n")
+    return dict(argv=pretrain_argv(e.data, t / "run", "--init-from", m),
+                expect=["--init-from", str(m), "vocab.txt differs from the data's", "build-data --vocab"],
+                absent=[t / "run"])
+
+
 @case("safety")
 def export_with_a_changed_vocab(e, t):
     r = copy(e.run, t / "run")

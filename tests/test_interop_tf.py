@@ -228,7 +228,6 @@ def test_import_writes_hf_layout_folders_that_load_and_run(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "step 1234" in result.stdout and "4 heads, kernel 5, 2 FFN group(s)" in result.stdout
     assert f"vocab {vocab}" in result.stdout
-    assert "discriminator_predictions" in result.stdout  # the left-out head is named
     record = json.loads((out / "import.json").read_text())
     assert record["step"] == 1234 and record["vocab"] == str(vocab)
     assert (out / "vocab.txt").read_text() == vocab.read_text() == (out / "generator" / "vocab.txt").read_text()
@@ -238,6 +237,11 @@ def test_import_writes_hf_layout_folders_that_load_and_run(tmp_path):
     assert torch.equal(state["encoder.layer.1.attention.self.query.weight"],
                        torch.from_numpy(tf["electra/encoder/layer_1/attention/self/query/kernel"].T.copy()))
     assert torch.equal(state["embeddings.LayerNorm.weight"], torch.from_numpy(tf["electra/embeddings/LayerNorm/gamma"]))
+    # The replaced-token head, beside the HF files, for `pretrain --init-from`.
+    head = load_file(str(out / "discriminator_head.safetensors"))
+    assert torch.equal(head["dense_prediction.weight"],
+                       torch.from_numpy(tf["discriminator_predictions/dense_1/kernel"].T.copy()))
+    assert head["dense.weight"].shape == (24, 24) and head["dense_prediction.bias"].shape == (1,)
     gen = load_file(str(out / "generator" / "model.safetensors"))
     # The generator shares the discriminator's embeddings; its head keeps the original's output bias.
     assert torch.equal(gen["convbert.embeddings.word_embeddings.weight"], state["embeddings.word_embeddings.weight"])
@@ -310,7 +314,8 @@ def test_outputs_that_would_lose_files_are_refused(tmp_path):
         import_tf_checkpoint(prefix, tmp_path / "out", vocab=big)
     import_tf_checkpoint(prefix, tmp_path / "out", generator=True)
     import_tf_checkpoint(prefix, tmp_path / "out")  # an earlier import is replaced whole: no stale generator/
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "import.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "discriminator_head.safetensors", "import.json", "model.safetensors"]
     assert json.loads((tmp_path / "out" / "import.json").read_text())["step"] == 1234
 
 
@@ -451,3 +456,33 @@ def test_an_imported_model_fine_tunes_and_predicts(tmp_path):
     lines = (tmp_path / "pred.csv").read_text().splitlines()
     assert lines[0].startswith("index,label") and len(lines) == 3
     assert all(line.split(",")[1] in ("cat", "dog") for line in lines[1:])
+
+
+def test_pre_training_continues_from_an_imported_checkpoint(tmp_path):
+    """The released-weights path end to end: import-tf, build the data with the model's vocab, then
+    `pretrain --init-from`; with lr 0 the first checkpoint holds the TensorFlow weights, heads included."""
+    from convbert.data import build_dataset
+    from convbert.pretrain.config import resolve_config
+    from convbert.pretrain.trainer import run_pretraining
+
+    words = [f"w{i}" for i in range(35)]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    import_tf_checkpoint(PREFIX, tmp_path / "model", vocab=vocab)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("\n".join(" ".join(words[(d * 7 + i * 3 + j) % 35] for j in range(6 + i % 5))
+                                            for i in range(6)) for d in range(40)) + "\n")
+    build_dataset([str(corpus)], str(vocab), str(tmp_path / "data"), max_seq_length=32, progress=False)
+    flags = dict(data=str(tmp_path / "data"), output=str(tmp_path / "run"), init_from=str(tmp_path / "model"),
+                 steps=1, batch_size=4, lr=0.0, eval_batches=1, save_every=1, threads=1)
+    result = run_pretraining(resolve_config("tiny", None, flags, None), progress=False)
+    assert result["finished"]
+    (latest,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    weights = load_file(str(latest / "model.safetensors"))
+    tf = fixture_tensors()
+    assert torch.equal(weights["discriminator.encoder.layer.1.attention.self.conv_kernel_layer.weight"],
+                       torch.from_numpy(tf["electra/encoder/layer_1/attention/self/conv_attn_kernel/kernel"].T.copy()))
+    assert torch.equal(weights["discriminator_head.dense_prediction.bias"],
+                       torch.from_numpy(tf["discriminator_predictions/dense_1/bias"]))
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["model_config"]
+    assert (recorded["hidden_size"], recorded["conv_kernel_size"], recorded["num_groups"]) == (24, 5, 2)

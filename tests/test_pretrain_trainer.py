@@ -284,7 +284,8 @@ def test_a_re_export_rewrites_the_folder_whole_and_keeps_what_it_did_not_write(t
     export_checkpoint(run, out, generator=True)
     assert (out / "generator" / "model.safetensors").is_file()
     export_checkpoint(run, out)  # without --generator: the earlier generator/ does not linger
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "model.safetensors", "vocab.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "discriminator_head.safetensors", "export.json",
+                                                     "model.safetensors", "vocab.txt"]
     # Results saved inside the export would be deleted by rewriting it: refused, folder untouched.
     (out / "glue-results").mkdir()
     (out / "glue-results" / "summary.json").write_text("{}")
@@ -339,3 +340,71 @@ def test_the_configs_presets_resolve_like_the_size_flag(tiny_data, tmp_path):
         assert b.pop("model") == {}
         assert a == b, size  # warmup (the short-run rule) and save_every included
         assert build_model_config(from_file, 30522, 128) == build_model_config(from_flag, 30522, 128), size
+
+
+def test_init_from_an_export_starts_with_every_weight_and_resumes_without_it(tiny_data, tmp_path, capsys):
+    """`--init-from`: a new run starts from an exported model (discriminator, generator, both heads); with lr 0 its
+    first checkpoint holds exactly the source run's weights. A resume reads its checkpoints, not the folder."""
+    import shutil
+
+    from convbert.pretrain.export import export_checkpoint
+
+    source = tmp_path / "source"
+    run_pretraining(cfg_for(tiny_data, source, steps=2), progress=False)
+    export_checkpoint(source, tmp_path / "exp", generator=True)
+    run = tmp_path / "continued"
+    run_pretraining(cfg_for(tiny_data, run, steps=1, save_every=1, lr=0.0, init_from=str(tmp_path / "exp")),
+                    progress=False)
+    assert "starts from scratch" not in capsys.readouterr().err
+    before, _ = final_weights(source)
+    after, _ = final_weights(run)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every tensor, heads included
+    recorded = json.loads((run / "run_config.json").read_text())
+    assert recorded["pretrain"]["init_from"] == str(tmp_path / "exp")
+    # The folder moves away; the run still continues from its own checkpoint.
+    shutil.move(tmp_path / "exp", tmp_path / "moved")
+    res = run_pretraining(cfg_for(tiny_data, run, steps=2, save_every=1, lr=0.0, init_from=str(tmp_path / "exp")),
+                          progress=False)
+    assert res["resumed"] and res["step"] == 2
+
+    # A discriminator-only folder (an HF hub download): the generator and the replaced-token head start fresh.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        shutil.copy(tmp_path / "moved" / name, hub / name)
+    run_pretraining(cfg_for(tiny_data, tmp_path / "from_hub", steps=1, save_every=1, lr=0.0, init_from=str(hub)),
+                    progress=False)
+    err = capsys.readouterr().err
+    assert "init: the generator and its MLM head (the folder has no generator/) starts from scratch" in err
+    assert "init: the replaced-token head (the folder has no discriminator_head.safetensors)" in err
+    fresh, _ = final_weights(tmp_path / "from_hub")
+    assert all(torch.equal(fresh[k], before[k]) for k in before if k.startswith("discriminator."))
+    assert not torch.equal(fresh["discriminator_head.dense.weight"], before["discriminator_head.dense.weight"])
+
+
+def test_init_from_refuses_what_would_not_mean_the_same(tiny_data, tmp_path):
+    import shutil
+
+    from convbert.pretrain.export import export_checkpoint
+
+    run_pretraining(cfg_for(tiny_data, tmp_path / "source", steps=1), progress=False)
+    export_checkpoint(tmp_path / "source", tmp_path / "exp", generator=True)
+    other = tmp_path / "other_vocab"
+    shutil.copytree(tmp_path / "exp", other)
+    with open(other / "vocab.txt", "a", encoding="utf-8") as f:
+        f.write("extra\n")
+    cases = [
+        (dict(init_from=str(other)), "its vocab.txt differs from the data's"),
+        (dict(init_from=str(tmp_path / "exp"), attention="plain"), "the model has mixed attention; pass --attention mixed"),
+        (dict(init_from=str(tmp_path / "exp"), sets=["model.num_hidden_layers=3"]),
+         "model.num_hidden_layers = 3 differs from the model's 2"),
+        (dict(init_from=str(tmp_path / "nowhere")), "not a model folder"),
+    ]
+    for i, (flags, message) in enumerate(cases):
+        with pytest.raises(ConvBertError, match=message):
+            run_pretraining(cfg_for(tiny_data, tmp_path / f"run{i}", steps=1, **flags), progress=False)
+    # Dropout is not architecture: it may change.
+    res = run_pretraining(cfg_for(tiny_data, tmp_path / "dropout", steps=1, init_from=str(tmp_path / "exp"),
+                                  sets=["model.hidden_dropout_prob=0.0"]), progress=False)
+    assert res["finished"]

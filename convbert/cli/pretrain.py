@@ -27,6 +27,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=["tiny", "small", "medium-small", "base"],
                    help="model size; sets the recipe defaults of spec §3.8 (default medium-small)")
     p.add_argument("--output", help="run folder (checkpoints, logs, resolved configuration)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from these weights instead of from scratch: a folder written by `convbert export` or "
+                        "`convbert import-tf` (discriminator, vocab.txt; generator/ and the replaced-token head if "
+                        "there), e.g. to continue pre-training the released weights on your corpus")
     p.add_argument("--steps", type=int, help="optimisation steps (default 1,000,000 for the paper sizes)")
     p.add_argument("--batch-size", type=int, help="global batch size over all ranks and accumulation steps")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation micro-steps per optimisation step")
@@ -73,7 +77,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 FLAG_KEYS = (
-    "data", "eval_data", "vocab", "output", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "save_every",
+    "data", "eval_data", "vocab", "output", "init_from", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "save_every",
     "keep_checkpoints", "eval_every", "eval_batches", "precision", "compile", "compile_mode", "cuda_graphs", "masking",
     "attention", "objective", "max_bad_steps", "device", "stop_at_step", "time_limit", "log_every", "threads",
 )

@@ -166,6 +166,18 @@ def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.
     write_json_atomic(path / "config.json", hf)
 
 
+DISCRIMINATOR_HEAD_FILE = "discriminator_head.safetensors"
+DISCRIMINATOR_HEAD_KEYS = ("dense.weight", "dense.bias", "dense_prediction.weight", "dense_prediction.bias")
+
+
+def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """The replaced-token head beside an HF-layout discriminator (transformers has no ConvBERT class for it, and
+    ignores the file): `convbert pretrain --init-from` continues from it."""
+    tensors = {k: head[k].detach().cpu().float().contiguous() for k in DISCRIMINATOR_HEAD_KEYS}
+    with atomic_path(Path(path) / DISCRIMINATOR_HEAD_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
 def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> None:
     with atomic_path(Path(model_dir) / "vocab.txt") as tmp:
         shutil.copyfile(vocab_file, tmp)

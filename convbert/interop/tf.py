@@ -32,7 +32,8 @@ GENERATOR_SCOPE = "generator"
 # Optimiser slots and bookkeeping saved next to the weights: not part of the model.
 IGNORED = re.compile(r"(/adam_[mv]|/Adam(_1)?|/Momentum|/ExponentialMovingAverage)$|^global_step$")
 IMPORT_RECORD = "import.json"
-IMPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", IMPORT_RECORD, "generator")  # rewritten whole
+IMPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", IMPORT_RECORD, "generator",
+                "discriminator_head.safetensors")  # rewritten whole
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -118,6 +119,12 @@ def name_map(ckpt: TFCheckpoint, scope: str, config: ConvBertConfig) -> list[tup
     return rows
 
 
+DISCRIMINATOR_HEAD = [
+    ("discriminator_predictions/dense/kernel", "dense.weight", _dense),
+    ("discriminator_predictions/dense/bias", "dense.bias", _same),
+    ("discriminator_predictions/dense_1/kernel", "dense_prediction.weight", _dense),
+    ("discriminator_predictions/dense_1/bias", "dense_prediction.bias", _same),
+]
 GENERATOR_HEAD = [
     ("generator_predictions/dense/kernel", "dense.weight", _dense),
     ("generator_predictions/dense/bias", "dense.bias", _same),
@@ -257,7 +264,8 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     An ELECTRA checkpoint (no conv branch) becomes our plain-attention model; `num_heads` is its discriminator's head
     count (default: hidden / 64), and its generator keeps the same head size."""
     from convbert.data.tokenize import WordPieceTokenizer
-    from convbert.interop.hf import copy_vocab, save_generator_pretrained, transformers_limits
+    from convbert.interop.hf import (copy_vocab, save_discriminator_head, save_generator_pretrained,
+                                     transformers_limits)
 
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -287,6 +295,15 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
                 if tuple(head[key].shape) != shape:
                     raise ConvBertError(f"{ckpt.prefix}: generator head {key} has shape {list(head[key].shape)}, "
                                         f"expected {list(shape)}")
+        disc_head = None
+        if all(name in ckpt.entries for name, _, _ in DISCRIMINATOR_HEAD):
+            disc_head = _read(ckpt, DISCRIMINATOR_HEAD, used)
+            scopes += ("discriminator_predictions",)
+            hidden = disc.config.hidden_size
+            for key, shape in {"dense.weight": (hidden, hidden), "dense_prediction.weight": (1, hidden)}.items():
+                if tuple(disc_head[key].shape) != shape:
+                    raise ConvBertError(f"{ckpt.prefix}: discriminator head {key} has shape "
+                                        f"{list(disc_head[key].shape)}, expected {list(shape)}")
         unused = _unused_model_variables(ckpt, scopes, used)
         if unused:
             raise ConvBertError(f"{ckpt.prefix}: variable(s) {', '.join(unused[:4])}{' …' if len(unused) > 4 else ''} "
@@ -308,9 +325,6 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     else:
         notes.append("no vocab.txt next to the checkpoint and no --vocab: the folder has no tokenizer, so `convbert "
                      "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
-    if "discriminator_predictions" in present:
-        notes.append("the discriminator's replaced-token head (discriminator_predictions/) was left out: the HF "
-                     "layout has no ConvBERT class for it")
     if "task_specific" in present:
         notes.append("task_specific/ heads (fine-tuning) were left out: only the encoder is converted")
     if not generator and "generator" in present:
@@ -334,6 +348,8 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     }
     with staged_folder(out) as staging:  # renamed into place whole: nothing stale from an earlier import survives
         disc.save_pretrained(staging)
+        if disc_head is not None:  # for `pretrain --init-from` (transformers ignores the file)
+            save_discriminator_head(disc_head, staging)
         if vocab_file is not None:
             copy_vocab(vocab_file, staging)
         if gen is not None:

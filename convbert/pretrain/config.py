@@ -83,6 +83,7 @@ class PretrainConfig:
     stop_at_step: int | None = None  # stop early (after a checkpoint) at this step; the schedule still uses `steps`
     time_limit: float | None = None  # seconds of training in this invocation; then checkpoint, evaluate and stop
     model: dict = field(default_factory=dict)  # ConvBertConfig overrides
+    init_from: str | None = None  # an HF-layout model folder to start from (see convbert.pretrain.init)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,6 +99,8 @@ class PretrainConfig:
         need(self.attention in ATTENTIONS, "attention", "one of " + ", ".join(ATTENTIONS))
         need(self.objective in OBJECTIVES, "objective", "one of " + ", ".join(OBJECTIVES))
         need(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        need(self.init_from is None or (isinstance(self.init_from, str) and bool(self.init_from)), "init_from",
+             "a model folder")
         need(self.compile_mode in COMPILE_MODES, "compile_mode", "one of " + ", ".join(COMPILE_MODES))
         for key in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_bad_steps", "log_every"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "an integer >= 1")

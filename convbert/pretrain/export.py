@@ -20,7 +20,8 @@ from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atom
 RUN_VOCAB = "vocab.txt"
 EXPORT_RECORD = "export.json"
 # What an export folder holds (the folder is rewritten whole).
-EXPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", EXPORT_RECORD, "generator")
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", EXPORT_RECORD, "generator",
+                "discriminator_head.safetensors")
 
 
 def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -66,7 +67,8 @@ def _check_vocab_fits(vocab: Path, model_config: dict, ck: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
-    from convbert.interop.hf import GENERATOR_HEAD_KEYS, copy_vocab, save_generator_pretrained, transformers_limits
+    from convbert.interop.hf import (DISCRIMINATOR_HEAD_KEYS, GENERATOR_HEAD_KEYS, copy_vocab,
+                                     save_discriminator_head, save_generator_pretrained, transformers_limits)
     from convbert.model.config import ConvBertConfig
     from convbert.model.modeling import ConvBertModel
 
@@ -111,6 +113,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
         if missing:
             raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(missing)})")
+    disc_head = _sub_state(data["model"], aliases, "discriminator_head.")
+    disc_head = disc_head if all(k in disc_head for k in DISCRIMINATOR_HEAD_KEYS) else None
     written = {"discriminator": str(out)}
     if generator:
         written["generator"] = str(out / "generator")
@@ -132,6 +136,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     with staged_folder(out) as staging:
         disc.save_pretrained(staging)
         copy_vocab(vocab, staging)
+        if disc_head:  # for `pretrain --init-from` (transformers ignores the file)
+            save_discriminator_head(disc_head, staging)
         if generator:
             save_generator_pretrained(gen, head, staging / "generator")
             copy_vocab(vocab, staging / "generator")

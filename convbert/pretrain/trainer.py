@@ -107,11 +107,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, max_seq_length: int, pad_id: int = 0):
+def build_model_config(cfg: PretrainConfig, vocab_size: int, max_seq_length: int, pad_id: int = 0, init=None):
+    """The discriminator's configuration: the size's preset with `--set model.*`, or the `--init-from` folder's
+    architecture with the non-architecture overrides."""
     from convbert.model.config import ConvBertConfig
 
     overrides = dict(cfg.model)
     overrides.setdefault("pad_token_id", pad_id)  # recorded in the exported config.json (the [PAD] row is trained)
+    if init is not None:
+        from convbert.pretrain.init import model_config
+
+        return model_config(init, overrides, cfg.attention, max_seq_length, vocab_size)
     if "vocab_size" in overrides and int(overrides["vocab_size"]) < vocab_size:
         raise ConvBertError(
             f"model.vocab_size = {overrides['vocab_size']} is smaller than the data's vocab ({vocab_size} entries)"
@@ -180,14 +186,32 @@ class Trainer:
         if cfg.max_seq_length is None:
             cfg.max_seq_length = self.T
         self.n_pred = num_predictions(self.T, cfg.mask_prob)
-        self.model_config = build_model_config(cfg, self.data.vocab_size, self.T, self.data.special.pad)
+        self.recorded_model_config: dict | None = None
+        self.init = self._init_weights() if cfg.init_from else None
+        if cfg.init_from and self.init is None:  # resuming a run that started from --init-from
+            from convbert.model.config import ConvBertConfig
+
+            self.model_config = ConvBertConfig.from_dict(self.recorded_model_config or {},
+                                                         source=f"{self.out / RUN_CONFIG} model_config")
+        else:
+            self.model_config = build_model_config(cfg, self.data.vocab_size, self.T, self.data.special.pad,
+                                                   self.init)
 
         # Identical initial weights on every rank: seed, build, then give each rank its own streams.
         seed_everything(cfg.seed)
         self.model = ElectraPretrainingModel(
             self.model_config, cfg.generator_fraction, cfg.objective, cfg.gen_weight, cfg.disc_weight,
             cfg.temperature,
-        ).to(self.device)
+        )
+        if self.init is not None:
+            from convbert.pretrain.init import check_generator, load_into
+
+            if self.model.generator_config is not None:
+                check_generator(self.init, self.model.generator_config)
+            for what in load_into(self.model, self.init, f"--init-from {cfg.init_from}"):
+                if self.dist.rank == 0:
+                    self.print(f"init: {what} starts from scratch")
+        self.model.to(self.device)
         seed_everything(cfg.seed + 1 + 1000 * self.dist.rank)
         self.mask_gen = torch.Generator(device="cpu")
         self.mask_gen.manual_seed(cfg.seed * 7919 + 17 + self.dist.rank)
@@ -222,6 +246,23 @@ class Trainer:
         self.bad_total = 0
         self.tokens_seen = 0
         self.logger = NullLogger()
+
+    def _init_weights(self):
+        """`--init-from`: the folder's weights for a new run. A run that already has checkpoints resumes from them
+        (the folder may have moved); its architecture and generator fraction are the recorded ones."""
+        from convbert.pretrain.init import read_init_weights
+
+        cfg = self.cfg
+        recorded = self.out / RUN_CONFIG
+        if ckpt_io.latest_checkpoint(self.ckpt_dir) is not None and recorded.is_file():
+            saved = load_json(recorded)
+            cfg.generator_fraction = saved.get("pretrain", {}).get("generator_fraction", cfg.generator_fraction)
+            self.recorded_model_config = saved.get("model_config")
+            return None
+        init = read_init_weights(cfg.init_from, self.data.vocab_path)
+        if init.generator_fraction is not None:
+            cfg.generator_fraction = init.generator_fraction  # the folder's generator, not the size's rule
+        return init
 
     def _graphed_step(self, graph_type: type | None):
         """`--cuda-graphs`: the step as CUDA graphs (`graph_type` lets the tests use the CPU stand-in)."""
