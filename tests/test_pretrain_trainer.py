@@ -355,7 +355,8 @@ def test_init_from_an_export_starts_with_every_weight_and_resumes_without_it(tin
     run = tmp_path / "continued"
     run_pretraining(cfg_for(tiny_data, run, steps=1, save_every=1, lr=0.0, init_from=str(tmp_path / "exp")),
                     progress=False)
-    assert "starts from scratch" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"init: weights from {tmp_path / 'exp'}" in err and "starts from scratch" not in err
     before, _ = final_weights(source)
     after, _ = final_weights(run)
     assert before.keys() == after.keys()

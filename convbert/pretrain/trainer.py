@@ -208,8 +208,10 @@ class Trainer:
 
             if self.model.generator_config is not None:
                 check_generator(self.init, self.model.generator_config)
-            for what in load_into(self.model, self.init, f"--init-from {cfg.init_from}"):
-                if self.dist.rank == 0:
+            fresh = load_into(self.model, self.init, f"--init-from {cfg.init_from}")
+            if self.dist.rank == 0:
+                self.print(f"init: weights from {cfg.init_from}")
+                for what in fresh:
                     self.print(f"init: {what} starts from scratch")
         self.model.to(self.device)
         seed_everything(cfg.seed + 1 + 1000 * self.dist.rank)
