@@ -10,10 +10,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "import-tf",
         help="convert an original TensorFlow ConvBERT checkpoint to an HF-layout folder (no TensorFlow needed)",
         description=(
-            "Read a checkpoint saved by the original TensorFlow ConvBERT (or ELECTRA-style) code and write the "
+            "Read a checkpoint saved by the original TensorFlow ConvBERT (or ELECTRA) code and write the "
             "discriminator as an HF-layout ConvBertModel folder (config.json read off the saved shapes, "
-            "model.safetensors, vocab.txt), usable as --model by glue/finetune. TensorFlow is not needed: the "
-            "checkpoint files are read directly and every tensor's checksum is verified."
+            "model.safetensors, vocab.txt, and the replaced-token head as discriminator_head.safetensors), usable as "
+            "--model by glue/finetune and as --init-from by pretrain. TensorFlow is not needed: the checkpoint "
+            "files are read directly and every tensor's checksum is verified."
         ),
     )
     p.add_argument("--checkpoint", required=True,
