@@ -71,6 +71,16 @@ def test_python_api_walkthrough(tmp_path, transformers_module):
         assert (work / path).is_file(), path
     # the pre-training ran its 40 steps and evaluated; transformers reads the export and agrees with ours
     assert re.search(r"^40 0\.\d+$", out, re.M), out
+    # the second run started from the export: its step-0 evaluation is the first run's last one, to the bit
+    assert json.loads((work / "run2" / "run_config.json").read_text())["pretrain"]["init_from"] == "work/model"
+
+    def evals(run):
+        records = [json.loads(line) for line in (work / run / "log.jsonl").read_text().splitlines()]
+        return [r for r in records if r.get("kind") == "eval"]
+
+    first, second = evals("run")[-1], evals("run2")[0]
+    assert second["step"] == 0 and first["step"] == 40
+    assert (second["disc_auc"], second["masked_lm_accuracy"]) == (first["disc_auc"], first["masked_lm_accuracy"])
     diff = float(re.search(r"max \|ours - transformers\| = (\S+)", out).group(1))
     assert diff < 1e-5
     assert "torch.Size([1, 5, 64])" in out
