@@ -143,7 +143,12 @@ def transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
     return []
 
 
+GENERATOR_DIR = "generator"
 GENERATOR_HEAD_KEYS = ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias", "output_bias")
+DISCRIMINATOR_HEAD_FILE = "discriminator_head.safetensors"
+DISCRIMINATOR_HEAD_KEYS = ("dense.weight", "dense.bias", "dense_prediction.weight", "dense_prediction.bias")
+# What `convbert export` and `convbert import-tf` put in a model folder (besides their own record).
+MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "vocab.txt", GENERATOR_DIR, DISCRIMINATOR_HEAD_FILE)
 
 
 def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -166,8 +171,22 @@ def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.
     write_json_atomic(path / "config.json", hf)
 
 
-DISCRIMINATOR_HEAD_FILE = "discriminator_head.safetensors"
-DISCRIMINATOR_HEAD_KEYS = ("dense.weight", "dense.bias", "dense_prediction.weight", "dense_prediction.bias")
+def read_generator_pretrained(path: Path) -> tuple[ConvBertConfig, dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                      Path]:
+    """What `save_generator_pretrained` wrote: (config, the `convbert.*` encoder tensors without the prefix, the
+    MLM head under our `GENERATOR_HEAD_KEYS` (with `generator_lm_head.weight` as `lm_head.weight`), weight file)."""
+    config = read_config(path)
+    state, weight_file = read_state_dict(path)
+    encoder = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    head = {k[len("generator_predictions."):]: v for k, v in state.items() if k.startswith("generator_predictions.")}
+    for ours, theirs in (("output_bias", "generator_lm_head.bias"), ("lm_head.weight", "generator_lm_head.weight")):
+        if theirs in state:
+            head[ours] = state[theirs]
+    missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
+    if missing:
+        raise ConvBertError(f"{weight_file}: not a ConvBertForMaskedLM generator (missing "
+                            f"{', '.join('generator_lm_head.bias' if k == 'output_bias' else 'generator_predictions.' + k for k in missing)})")
+    return config, encoder, head, weight_file
 
 
 def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -176,6 +195,29 @@ def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLi
     tensors = {k: head[k].detach().cpu().float().contiguous() for k in DISCRIMINATOR_HEAD_KEYS}
     with atomic_path(Path(path) / DISCRIMINATOR_HEAD_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def read_discriminator_head(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """What `save_discriminator_head` wrote into the folder `path`, or None if it holds no such file."""
+    head_file = Path(path) / DISCRIMINATOR_HEAD_FILE
+    if not head_file.is_file():
+        return None
+    try:
+        head = load_file(str(head_file))
+    except (SafetensorError, OSError) as err:
+        raise ConvBertError(f"{head_file}: cannot read ({err})") from None
+    if sorted(head) != sorted(DISCRIMINATOR_HEAD_KEYS):
+        raise ConvBertError(f"{head_file}: expected the keys {', '.join(DISCRIMINATOR_HEAD_KEYS)}")
+    return head
+
+
+def check_vocab_fits(vocab_file: str | os.PathLike, rows: int, source: str, hint: str) -> None:
+    """A vocab with more entries than the model has word embeddings is not the model's vocab."""
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    entries = WordPieceTokenizer.from_vocab(vocab_file).vocab_size
+    if entries > rows:
+        raise ConvBertError(f"{vocab_file}: {entries} entries, but {source} has {rows} word embeddings ({hint})")
 
 
 def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> None:

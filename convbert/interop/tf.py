@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from convbert.errors import ConvBertError
+from convbert.interop.hf import (GENERATOR_DIR, MODEL_FOLDER_FILES, check_and_load, check_vocab_fits, copy_vocab,
+                                 save_discriminator_head, save_generator_pretrained, transformers_limits)
 from convbert.interop.tf_bundle import TFCheckpoint
 from convbert.model.config import PRESETS, ConvBertConfig
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
@@ -32,8 +34,7 @@ GENERATOR_SCOPE = "generator"
 # Optimiser slots and bookkeeping saved next to the weights: not part of the model.
 IGNORED = re.compile(r"(/adam_[mv]|/Adam(_1)?|/Momentum|/ExponentialMovingAverage)$|^global_step$")
 IMPORT_RECORD = "import.json"
-IMPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", IMPORT_RECORD, "generator",
-                "discriminator_head.safetensors")  # rewritten whole
+IMPORT_FILES = (*MODEL_FOLDER_FILES, IMPORT_RECORD)  # the folder is rewritten whole
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -231,9 +232,19 @@ def _read(ckpt: TFCheckpoint, rows: list[tuple[str, str, Transform]], used: set[
     return out
 
 
+def _read_head(ckpt: TFCheckpoint, rows: list[tuple[str, str, Transform]], used: set[str], which: str,
+               shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A pre-training head (no module to check it against): its tensors, their shapes checked."""
+    head = _read(ckpt, rows, used)
+    for key, shape in shapes.items():
+        if tuple(head[key].shape) != shape:
+            raise ConvBertError(f"{ckpt.prefix}: {which} head {key} has shape {list(head[key].shape)}, expected "
+                                f"{list(shape)}")
+    return head
+
+
 def load_tf_encoder(ckpt: TFCheckpoint, scope: str, used: set[str], num_heads: int | None = None):
     """The `ConvBertModel` saved under `scope`, every parameter checked against its inferred configuration."""
-    from convbert.interop.hf import check_and_load
     from convbert.model.modeling import ConvBertModel
 
     config = infer_config(ckpt, scope, num_heads)
@@ -263,10 +274,6 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     `ConvBertForMaskedLM` layout, under `generator/`). Everything is read and checked before anything is written.
     An ELECTRA checkpoint (no conv branch) becomes our plain-attention model; `num_heads` is its discriminator's head
     count (default: hidden / 64), and its generator keeps the same head size."""
-    from convbert.data.tokenize import WordPieceTokenizer
-    from convbert.interop.hf import (copy_vocab, save_discriminator_head, save_generator_pretrained,
-                                     transformers_limits)
-
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
@@ -287,23 +294,16 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
                 width = _shape(ckpt, f"{GENERATOR_SCOPE}/encoder/layer_0/attention/self/query/kernel")[1]
                 gen_heads = max(1, width // disc.config.head_size)
             gen = load_tf_encoder(ckpt, GENERATOR_SCOPE, used, gen_heads)
-            head = _read(ckpt, GENERATOR_HEAD, used)
+            head = _read_head(ckpt, GENERATOR_HEAD, used, "generator", {
+                "dense.weight": (gen.config.embedding_size, gen.config.hidden_size),
+                "output_bias": (gen.config.vocab_size,)})
             scopes += (GENERATOR_SCOPE, "generator_predictions")
-            expected = {"dense.weight": (gen.config.embedding_size, gen.config.hidden_size),
-                        "output_bias": (gen.config.vocab_size,)}
-            for key, shape in expected.items():
-                if tuple(head[key].shape) != shape:
-                    raise ConvBertError(f"{ckpt.prefix}: generator head {key} has shape {list(head[key].shape)}, "
-                                        f"expected {list(shape)}")
         disc_head = None
         if all(name in ckpt.entries for name, _, _ in DISCRIMINATOR_HEAD):
-            disc_head = _read(ckpt, DISCRIMINATOR_HEAD, used)
-            scopes += ("discriminator_predictions",)
             hidden = disc.config.hidden_size
-            for key, shape in {"dense.weight": (hidden, hidden), "dense_prediction.weight": (1, hidden)}.items():
-                if tuple(disc_head[key].shape) != shape:
-                    raise ConvBertError(f"{ckpt.prefix}: discriminator head {key} has shape "
-                                        f"{list(disc_head[key].shape)}, expected {list(shape)}")
+            disc_head = _read_head(ckpt, DISCRIMINATOR_HEAD, used, "discriminator", {
+                "dense.weight": (hidden, hidden), "dense_prediction.weight": (1, hidden)})
+            scopes += ("discriminator_predictions",)
         unused = _unused_model_variables(ckpt, scopes, used)
         if unused:
             raise ConvBertError(f"{ckpt.prefix}: variable(s) {', '.join(unused[:4])}{' …' if len(unused) > 4 else ''} "
@@ -318,10 +318,7 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     if vocab_file is not None:
         if not vocab_file.is_file():
             raise ConvBertError(f"--vocab {vocab_file}: not found")
-        entries = WordPieceTokenizer.from_vocab(vocab_file).vocab_size
-        if entries > disc.config.vocab_size:
-            raise ConvBertError(f"{vocab_file}: {entries} entries, but the checkpoint has {disc.config.vocab_size} "
-                                "word embeddings (not this model's vocab?)")
+        check_vocab_fits(vocab_file, disc.config.vocab_size, "the checkpoint", "not this model's vocab?")
     else:
         notes.append("no vocab.txt next to the checkpoint and no --vocab: the folder has no tokenizer, so `convbert "
                      "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
@@ -336,7 +333,7 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
 
     written = {"discriminator": str(out)}
     if gen is not None:
-        written["generator"] = str(out / "generator")
+        written["generator"] = str(out / GENERATOR_DIR)
     info = {
         "checkpoint": str(prefix),
         "step": step,
@@ -353,8 +350,8 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         if vocab_file is not None:
             copy_vocab(vocab_file, staging)
         if gen is not None:
-            save_generator_pretrained(gen, head, staging / "generator")
+            save_generator_pretrained(gen, head, staging / GENERATOR_DIR)
             if vocab_file is not None:
-                copy_vocab(vocab_file, staging / "generator")
+                copy_vocab(vocab_file, staging / GENERATOR_DIR)
         write_json_atomic(staging / IMPORT_RECORD, info)
     return info

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 from convbert.errors import ConvBertError
@@ -311,7 +312,5 @@ class TFCheckpoint:
 
 def masked_crc32c(data: bytes) -> int:
     """TensorFlow's masked CRC32C (the checksum its checkpoints store for each tensor)."""
-    import google_crc32c
-
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

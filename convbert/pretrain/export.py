@@ -4,6 +4,7 @@
   built with — ready for `convbert finetune` or `transformers.ConvBertModel.from_pretrained`.
 * `<output>/generator/` (with `--generator`): the generator in `ConvBertForMaskedLM` layout (`convbert.*` encoder with
   the shared embeddings, `generator_predictions.*`, `generator_lm_head.*` tied to the word table) and `vocab.txt`.
+* `<output>/discriminator_head.safetensors`: the replaced-token head, for `convbert pretrain --init-from`.
 * `<output>/export.json`: where it came from (checkpoint, step, objective).
 """
 
@@ -14,14 +15,15 @@ from pathlib import Path
 import torch
 
 from convbert.errors import ConvBertError
+from convbert.interop.hf import (DISCRIMINATOR_HEAD_KEYS, GENERATOR_DIR, GENERATOR_HEAD_KEYS, MODEL_FOLDER_FILES,
+                                 check_vocab_fits, copy_vocab, save_discriminator_head, save_generator_pretrained,
+                                 transformers_limits)
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
 
 RUN_VOCAB = "vocab.txt"
 EXPORT_RECORD = "export.json"
-# What an export folder holds (the folder is rewritten whole).
-EXPORT_FILES = ("config.json", "model.safetensors", "vocab.txt", EXPORT_RECORD, "generator",
-                "discriminator_head.safetensors")
+EXPORT_FILES = (*MODEL_FOLDER_FILES, EXPORT_RECORD)  # the folder is rewritten whole
 
 
 def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -56,19 +58,7 @@ def _check_output_folder(out: Path, ck: Path) -> None:
     refuse_foreign_folder(out, (EXPORT_RECORD,), "an earlier export", replaces=EXPORT_FILES)
 
 
-def _check_vocab_fits(vocab: Path, model_config: dict, ck: Path) -> None:
-    from convbert.data.tokenize import WordPieceTokenizer
-
-    entries = WordPieceTokenizer.from_vocab(vocab).vocab_size
-    rows = model_config.get("vocab_size")
-    if isinstance(rows, int) and entries > rows:
-        raise ConvBertError(f"{vocab}: {entries} entries, but the checkpoint {ck} has {rows} word embeddings "
-                            "(the vocab was changed after pre-training?)")
-
-
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
-    from convbert.interop.hf import (DISCRIMINATOR_HEAD_KEYS, GENERATOR_HEAD_KEYS, copy_vocab,
-                                     save_discriminator_head, save_generator_pretrained, transformers_limits)
     from convbert.model.config import ConvBertConfig
     from convbert.model.modeling import ConvBertModel
 
@@ -87,7 +77,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         raise ConvBertError(f"--output {out}: exists and is not a folder")
     _check_output_folder(out, ck)
     vocab = find_vocab(ck, run)
-    _check_vocab_fits(vocab, run["model_config"], ck)
+    rows = run["model_config"].get("vocab_size")
+    if isinstance(rows, int):
+        check_vocab_fits(vocab, rows, f"the checkpoint {ck}", "the vocab was changed after pre-training?")
 
     for alias, target in aliases.items():
         if target not in data["model"]:
@@ -117,7 +109,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     disc_head = disc_head if all(k in disc_head for k in DISCRIMINATOR_HEAD_KEYS) else None
     written = {"discriminator": str(out)}
     if generator:
-        written["generator"] = str(out / "generator")
+        written["generator"] = str(out / GENERATOR_DIR)
     notes: list[str] = []
     for which, cfg in (("discriminator", config), ("generator", gconfig)):
         if cfg is not None:
@@ -139,7 +131,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         if disc_head:  # for `pretrain --init-from` (transformers ignores the file)
             save_discriminator_head(disc_head, staging)
         if generator:
-            save_generator_pretrained(gen, head, staging / "generator")
-            copy_vocab(vocab, staging / "generator")
+            save_generator_pretrained(gen, head, staging / GENERATOR_DIR)
+            copy_vocab(vocab, staging / GENERATOR_DIR)
         write_json_atomic(staging / EXPORT_RECORD, info)
     return info

@@ -26,8 +26,6 @@ from convbert.interop import hf
 from convbert.model.config import ConvBertConfig
 from convbert.utils import sha256_file
 
-GENERATOR_DIR = "generator"
-DISCRIMINATOR_HEAD_FILE, DISCRIMINATOR_HEAD_KEYS = hf.DISCRIMINATOR_HEAD_FILE, hf.DISCRIMINATOR_HEAD_KEYS
 # Settings that change what the weights mean: they come from the folder, not from --set model.* (dropout and
 # gradient checkpointing may still be set).
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -68,45 +66,23 @@ def read_init_weights(path: str | os.PathLike, data_vocab: Path | None) -> InitW
     state, weight_file = hf.read_state_dict(path)
     init = InitWeights(config=config, discriminator=hf.translate_keys(state))
 
-    gdir = path / GENERATOR_DIR
+    gdir = path / hf.GENERATOR_DIR
     if (gdir / "config.json").is_file():
-        init.generator_config = hf.read_config(gdir)
-        gstate, gfile = hf.read_state_dict(gdir)
-        prefix = hf.PREFIX
-        encoder = {k[len(prefix):]: v for k, v in gstate.items() if k.startswith(prefix)}
-        head = {k[len("generator_predictions."):]: v for k, v in gstate.items()
-                if k.startswith("generator_predictions.")}
-        if "generator_lm_head.bias" in gstate:
-            head["output_bias"] = gstate["generator_lm_head.bias"]
-        missing = [k for k in hf.GENERATOR_HEAD_KEYS if k not in head]
-        if missing:
-            raise ConvBertError(f"{gfile}: not a ConvBertForMaskedLM generator (missing "
-                                f"{', '.join('generator_lm_head.bias' if k == 'output_bias' else 'generator_predictions.' + k for k in missing)})")
-        # The generator shares the discriminator's embeddings in pre-training: the folder's must be the same.
-        shared = {k: v for k, v in encoder.items() if k.startswith("embeddings.")}
-        for key, value in shared.items():
+        init.generator_config, encoder, head, gfile = hf.read_generator_pretrained(gdir)
+        # Pre-training shares one embedding table and ties the MLM projection to it: the folder's must be that one.
+        shared = [(k, v) for k, v in encoder.items() if k.startswith("embeddings.")]
+        tied = head.pop("lm_head.weight", None)
+        if tied is not None:
+            shared.append(("embeddings.word_embeddings.weight", tied))
+        for key, value in shared:
             theirs = init.discriminator.get(key)
             if theirs is None or theirs.shape != value.shape or not torch.equal(theirs, value):
-                raise ConvBertError(f"{gfile}: the generator's {key} differs from the discriminator's; pre-training "
-                                    "shares one embedding table (untied generator embeddings are not supported)")
-        if "generator_lm_head.weight" in gstate and not torch.equal(
-                gstate["generator_lm_head.weight"], init.discriminator.get("embeddings.word_embeddings.weight")):
-            raise ConvBertError(f"{gfile}: generator_lm_head.weight is not the word embedding table (the MLM "
-                                "projection is tied to it in pre-training)")
+                raise ConvBertError(f"{gfile}: the generator's {key} (or its tied MLM projection) differs from the "
+                                    "discriminator's; pre-training shares one embedding table (untied generator "
+                                    "embeddings are not supported)")
         init.generator = {k: v for k, v in encoder.items() if not k.startswith("embeddings.")}
         init.generator_head = head
-
-    head_file = path / DISCRIMINATOR_HEAD_FILE
-    if head_file.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            init.discriminator_head = load_file(str(head_file))
-        except (SafetensorError, OSError) as err:
-            raise ConvBertError(f"{head_file}: cannot read ({err})") from None
-        if sorted(init.discriminator_head) != sorted(DISCRIMINATOR_HEAD_KEYS):
-            raise ConvBertError(f"{head_file}: expected the keys {', '.join(DISCRIMINATOR_HEAD_KEYS)}")
+    init.discriminator_head = hf.read_discriminator_head(path)
     return init
 
 
@@ -170,5 +146,5 @@ def load_into(model: torch.nn.Module, init: InitWeights, source: str) -> list[st
         if init.discriminator_head is not None:
             put(model.discriminator_head, init.discriminator_head, "discriminator head")
         else:
-            fresh.append(f"the replaced-token head (the folder has no {DISCRIMINATOR_HEAD_FILE})")
+            fresh.append(f"the replaced-token head (the folder has no {hf.DISCRIMINATOR_HEAD_FILE})")
     return fresh

@@ -186,13 +186,11 @@ class Trainer:
         if cfg.max_seq_length is None:
             cfg.max_seq_length = self.T
         self.n_pred = num_predictions(self.T, cfg.mask_prob)
-        self.recorded_model_config: dict | None = None
-        self.init = self._init_weights() if cfg.init_from else None
-        if cfg.init_from and self.init is None:  # resuming a run that started from --init-from
+        self.init, recorded = self._init_weights() if cfg.init_from else (None, None)
+        if recorded is not None:  # resuming a run that started from --init-from
             from convbert.model.config import ConvBertConfig
 
-            self.model_config = ConvBertConfig.from_dict(self.recorded_model_config or {},
-                                                         source=f"{self.out / RUN_CONFIG} model_config")
+            self.model_config = ConvBertConfig.from_dict(recorded, source=f"{self.out / RUN_CONFIG} model_config")
         else:
             self.model_config = build_model_config(cfg, self.data.vocab_size, self.T, self.data.special.pad,
                                                    self.init)
@@ -250,21 +248,22 @@ class Trainer:
         self.logger = NullLogger()
 
     def _init_weights(self):
-        """`--init-from`: the folder's weights for a new run. A run that already has checkpoints resumes from them
-        (the folder may have moved); its architecture and generator fraction are the recorded ones."""
+        """`--init-from`: (the folder's weights, None) for a new run; (None, the recorded model config) for a run
+        that already has checkpoints: it resumes from them, whatever became of the folder."""
         from convbert.pretrain.init import read_init_weights
 
         cfg = self.cfg
         recorded = self.out / RUN_CONFIG
         if ckpt_io.latest_checkpoint(self.ckpt_dir) is not None and recorded.is_file():
             saved = load_json(recorded)
+            if not isinstance(saved.get("model_config"), dict):
+                raise ConvBertError(f"{recorded}: no model_config recorded; cannot resume this --init-from run")
             cfg.generator_fraction = saved.get("pretrain", {}).get("generator_fraction", cfg.generator_fraction)
-            self.recorded_model_config = saved.get("model_config")
-            return None
+            return None, saved["model_config"]
         init = read_init_weights(cfg.init_from, self.data.vocab_path)
         if init.generator_fraction is not None:
             cfg.generator_fraction = init.generator_fraction  # the folder's generator, not the size's rule
-        return init
+        return init, None
 
     def _graphed_step(self, graph_type: type | None):
         """`--cuda-graphs`: the step as CUDA graphs (`graph_type` lets the tests use the CPU stand-in)."""
