@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +33,29 @@ def nan_loss(monkeypatch):
         return out
 
     monkeypatch.setattr(ElectraPretrainingModel, "forward", nan_forward)
+
+
+@pytest.fixture
+def finetune_and_predict(tmp_path):
+    """Checks that a model folder is a `--model` like any other: `convbert finetune` on a tiny cat/dog task, then
+    `convbert predict` with the result. The folder's vocab.txt must hold the words the, cat, dog, sat and ran."""
+
+    def run(model_dir: Path) -> None:
+        rows = ["text,label"] + [f"the {a} {b},{a}" for a in ("cat", "dog") for b in ("sat", "ran")] * 3
+        (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+        (tmp_path / "new.csv").write_text("text\nthe cat ran\nthe dog sat\n")
+        cli = [sys.executable, "-m", "convbert"]
+        repo = Path(__file__).resolve().parent.parent
+        ft = subprocess.run(cli + ["finetune", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
+                                   "--text-columns", "text", "--label-column", "label", "--output",
+                                   str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "4", "--max-seq-length", "16",
+                                   "--no-progress"], capture_output=True, text=True, cwd=repo)
+        assert ft.returncode == 0, ft.stderr
+        pred = subprocess.run(cli + ["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "new.csv"),
+                                     "--output", str(tmp_path / "pred.csv")], capture_output=True, text=True, cwd=repo)
+        assert pred.returncode == 0, pred.stderr
+        lines = (tmp_path / "pred.csv").read_text().splitlines()
+        assert lines[0].startswith("index,label") and len(lines) == 3
+        assert all(line.split(",")[1] in ("cat", "dog") for line in lines[1:])
+
+    return run

@@ -877,6 +877,14 @@ def model_wrong_model_type(e, t):
 
 
 @case("checkpoint")
+def model_electra_with_relative_positions(e, t):
+    m = copy(e.model, t / "model")
+    edit_json(m / "config.json", lambda c: c.update(model_type="electra", position_embedding_type="relative_key"))
+    return dict(argv=glue_argv(m, e.glue, t / "o"), expect=[str(m / "config.json"), "'position_embedding_type'",
+                                                           "only 'absolute'"], absent=[t / "o"])
+
+
+@case("checkpoint")
 def model_config_not_json(e, t):
     m = copy(e.model, t / "model")
     (m / "config.json").write_text("{hidden_size: 64")

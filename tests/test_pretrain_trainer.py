@@ -220,11 +220,13 @@ def test_options_bf16_accumulation_plain_attention_without_replacement(tiny_data
     assert st["run_config"]["model_config"]["attention_type"] == "plain"
     from convbert.pretrain.export import export_checkpoint
 
-    # transformers has no plain-attention ConvBERT: the export says so instead of leaving it to fail there
+    # tiny has a grouped FFN: plain attention with it is neither transformers' ConvBERT nor its ELECTRA, and the
+    # export says so instead of leaving it to fail there
     info = export_checkpoint(out, tmp_path / "export", generator=True)
     assert [n.split(":")[0] for n in info["notes"]] == [
-        "the discriminator uses plain self-attention (the --attention plain baseline)",
-        "the generator uses plain self-attention (the --attention plain baseline)"]
+        "the discriminator uses plain self-attention with a grouped FFN (2 groups)",
+        "the generator uses plain self-attention with a grouped FFN (2 groups)"]
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "convbert"
     assert json.loads((tmp_path / "export" / "export.json").read_text())["notes"] == info["notes"]
     with pytest.raises(ConvBertError, match="does not split"):
         run_pretraining(cfg_for(tiny_data, tmp_path / "x", batch_size=6, grad_accum=4), progress=False)
@@ -378,7 +380,8 @@ def test_init_from_an_export_starts_with_every_weight_and_resumes_without_it(tin
                     progress=False)
     err = capsys.readouterr().err
     assert "init: the generator and its MLM head (the folder has no generator/) starts from scratch" in err
-    assert "init: the replaced-token head (the folder has no discriminator_head.safetensors)" in err
+    assert "init: the replaced-token head (the folder has no discriminator_head.safetensors, and its weights no " \
+           "discriminator_predictions.*) starts from scratch" in err
     fresh, _ = final_weights(tmp_path / "from_hub")
     assert all(torch.equal(fresh[k], before[k]) for k in before if k.startswith("discriminator."))
     assert not torch.equal(fresh["discriminator_head.dense.weight"], before["discriminator_head.dense.weight"])

@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Read a checkpoint saved by the original TensorFlow ConvBERT (or ELECTRA) code and write the "
             "discriminator as an HF-layout ConvBertModel folder (config.json read off the saved shapes, "
-            "model.safetensors, vocab.txt, and the replaced-token head as discriminator_head.safetensors), usable as "
+            "model.safetensors, vocab.txt, and the replaced-token head as discriminator_head.safetensors; an ELECTRA "
+            "checkpoint as transformers' ElectraForPreTraining, head included), usable as "
             "--model by glue/finetune and as --init-from by pretrain. TensorFlow is not needed: the checkpoint "
             "files are read directly and every tensor's checksum is verified."
         ),
@@ -27,23 +28,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attention heads of an ELECTRA (plain-attention) checkpoint, whose head count is not in its "
                         "shapes (default: hidden / 64, as every ELECTRA size); ConvBERT's is read off the shapes")
     p.add_argument("--generator", action="store_true",
-                   help="also write the generator (ConvBertForMaskedLM layout) to <output>/generator/")
+                   help="also write the generator (ConvBertForMaskedLM layout; ElectraForMaskedLM for ELECTRA) to "
+                        "<output>/generator/")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from convbert.interop.tf import import_tf_checkpoint
+    from convbert.model.config import ConvBertConfig
 
     info = import_tf_checkpoint(args.checkpoint, args.output, vocab=args.vocab, generator=args.generator,
                                 num_heads=args.num_heads)
-    c = info["config"]
+    c = ConvBertConfig.from_hf_dict(info["config"])  # the config.json written, in either HF layout
     step = f"step {info['step']}" if info["step"] is not None else "no global_step"
     size = f" (the {info['preset']} size)" if info["preset"] else ""
-    plain = c["convbert_extra"]["attention_type"] == "plain"
-    kind = "plain attention (ELECTRA)" if plain else f"kernel {c['conv_kernel_size']}"
-    print(f"import-tf: {info['checkpoint']} ({step}){size}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-          f"{c['num_attention_heads']} heads, {kind}, {c['num_groups']} FFN group(s), "
-          f"vocab {c['vocab_size']} -> " + ", ".join(f"{k} {v}" for k, v in info["written"].items()))
+    kind = "plain attention (ELECTRA)" if c.attention_type == "plain" else f"kernel {c.conv_kernel_size}"
+    print(f"import-tf: {info['checkpoint']} ({step}){size}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads, {kind}, {c.num_groups} FFN group(s), "
+          f"vocab {c.vocab_size} -> " + ", ".join(f"{k} {v}" for k, v in info["written"].items()))
     if info["vocab"]:
         print(f"import-tf: vocab {info['vocab']}")
     for note in info["notes"]:

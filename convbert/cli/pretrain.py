@@ -30,7 +30,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", metavar="MODEL",
                    help="start from these weights instead of from scratch: a folder written by `convbert export` or "
                         "`convbert import-tf` (discriminator, vocab.txt; generator/ and the replaced-token head if "
-                        "there), e.g. to continue pre-training the released weights on your corpus")
+                        "there), or transformers' ELECTRA folders (discriminator, generator/ = its generator; with "
+                        "--attention plain), e.g. to continue pre-training the released weights on your corpus")
     p.add_argument("--steps", type=int, help="optimisation steps (default 1,000,000 for the paper sizes)")
     p.add_argument("--batch-size", type=int, help="global batch size over all ranks and accumulation steps")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation micro-steps per optimisation step")
@@ -114,13 +115,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="write a pre-training checkpoint's discriminator (and generator) in the HF layout",
         description=(
             "Export the discriminator of a pre-training checkpoint as an HF-layout ConvBertModel folder with its "
-            "vocab.txt. --checkpoint may be a checkpoint folder or a run folder (its latest checkpoint)."
+            "vocab.txt and replaced-token head (the --attention plain baseline: as transformers' "
+            "ElectraForPreTraining). --checkpoint may be a checkpoint folder or a run folder (its latest checkpoint)."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder for its latest checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--generator", action="store_true",
-                   help="also write the generator (ConvBertForMaskedLM layout) to <output>/generator/")
+                   help="also write the generator (ConvBertForMaskedLM layout; ElectraForMaskedLM for plain "
+                        "attention) to <output>/generator/")
     p.set_defaults(func=run_export)
 
 

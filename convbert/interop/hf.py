@@ -1,7 +1,9 @@
 """Reading and writing the HF checkpoint layout (config.json + model.safetensors / pytorch_model.bin).
 
 Our module tree uses HF's parameter names and shapes, so `HF_TO_OURS` (the one translation table) only has to deal
-with the few keys other writers add or drop. Pickled weights are read with `torch.load(weights_only=True)`.
+with the few keys other writers add or drop. ConvBERT folders use transformers' ConvBERT classes; plain-attention
+models with an ungrouped FFN are ELECTRA encoders, with the same names under `electra.` in transformers' ELECTRA
+classes, and are read and written in that layout. Pickled weights are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ HF_TO_OURS: dict[str, str | None] = {
     "embeddings.position_ids": None,  # a buffer saved by transformers 4.x; ignored
     "embeddings.token_type_ids": None,  # a buffer some versions save; ignored
 }
-PREFIX = "convbert."
+PREFIXES = {"convbert": "convbert.", "electra": "electra."}  # the encoder's prefix in HF's head models
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -74,15 +76,21 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
     return state, weight_file
 
 
+def encoder_prefix(state: dict[str, torch.Tensor]) -> str:
+    """The prefix of the encoder's keys: `convbert.` or `electra.` in HF's head models, "" in bare encoders."""
+    return next((p for p in PREFIXES.values() if any(key.startswith(p) for key in state)), "")
+
+
 def translate_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF names -> ours: strip the `convbert.` prefix of head models, drop head keys and ignored buffers."""
-    prefixed = any(key.startswith(PREFIX) for key in state)
+    """HF names -> ours: strip the `convbert.`/`electra.` prefix of head models, drop head keys and ignored
+    buffers."""
+    prefix = encoder_prefix(state)
     out = {}
     for key, tensor in state.items():
-        if prefixed:
-            if not key.startswith(PREFIX):
-                continue  # a head of ConvBertFor*: not part of the encoder
-            key = key[len(PREFIX):]
+        if prefix:
+            if not key.startswith(prefix):
+                continue  # a head of ConvBertFor* / ElectraFor*: not part of the encoder
+            key = key[len(prefix):]
         target = HF_TO_OURS.get(key, key)
         if target is not None:
             out[target] = tensor
@@ -133,9 +141,10 @@ def save_pretrained(model: "ConvBertModel", path: str | os.PathLike) -> None:
 
 def transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
     """Why `transformers` cannot load an exported model that convbert loads, if it cannot."""
-    if config.attention_type == "plain":
-        return [f"the {which} uses plain self-attention (the --attention plain baseline): transformers' ConvBERT has "
-                f"no such layer, so load it with convbert (ConvBertModel.from_pretrained), not transformers"]
+    if config.attention_type == "plain" and config.hf_model_type != "electra":
+        return [f"the {which} uses plain self-attention with a grouped FFN ({config.num_groups} groups): neither "
+                f"transformers' ConvBERT nor its ELECTRA has that layer, so load it with convbert "
+                f"(ConvBertModel.from_pretrained), not transformers"]
     if config.num_attention_heads < config.head_ratio:
         # Spec §1.6: with fewer heads than head_ratio the concatenation is 2H wide, which HF's port cannot represent.
         return [f"the {which} has {config.num_attention_heads} attention head(s) < head_ratio {config.head_ratio}: "
@@ -152,12 +161,14 @@ MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "vocab.txt", GENERATOR
 
 
 def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """The generator in `ConvBertForMaskedLM` layout: the encoder under `convbert.*` (with the shared embeddings), the
-    MLM head (`head`: our `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and `generator_lm_head` tied to the
-    word table, its bias the original `output_bias`."""
+    """The generator in `ConvBertForMaskedLM` layout (`ElectraForMaskedLM` for plain attention, the same names under
+    `electra.*`): the encoder under `convbert.*` (with the shared embeddings), the MLM head (`head`: our
+    `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and `generator_lm_head` tied to the word table, its bias
+    the original `output_bias`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"convbert.{k}": v for k, v in generator.state_dict().items()}
+    layout = generator.config.hf_model_type
+    tensors = {f"{PREFIXES[layout]}{k}": v for k, v in generator.state_dict().items()}
     for key in GENERATOR_HEAD_KEYS[:4]:
         tensors[f"generator_predictions.{key}"] = head[key]
     tensors["generator_lm_head.weight"] = generator.embeddings.word_embeddings.weight.detach().clone()
@@ -166,27 +177,49 @@ def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.
     with atomic_path(path / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     hf = generator.config.to_hf_dict()
-    hf["architectures"] = ["ConvBertForMaskedLM"]
+    hf["architectures"] = ["ElectraForMaskedLM" if layout == "electra" else "ConvBertForMaskedLM"]
     hf["tie_word_embeddings"] = True
     write_json_atomic(path / "config.json", hf)
 
 
 def read_generator_pretrained(path: Path) -> tuple[ConvBertConfig, dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                       Path]:
-    """What `save_generator_pretrained` wrote: (config, the `convbert.*` encoder tensors without the prefix, the
-    MLM head under our `GENERATOR_HEAD_KEYS` (with `generator_lm_head.weight` as `lm_head.weight`), weight file)."""
+    """What `save_generator_pretrained` wrote, or transformers' `ElectraForMaskedLM` (the hub's
+    google/electra-*-generator): (config, the `convbert.*`/`electra.*` encoder tensors without the prefix, the MLM
+    head under our `GENERATOR_HEAD_KEYS` (with `generator_lm_head.weight` as `lm_head.weight`), weight file)."""
     config = read_config(path)
     state, weight_file = read_state_dict(path)
-    encoder = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    encoder = translate_keys(state) if encoder_prefix(state) else {}
     head = {k[len("generator_predictions."):]: v for k, v in state.items() if k.startswith("generator_predictions.")}
     for ours, theirs in (("output_bias", "generator_lm_head.bias"), ("lm_head.weight", "generator_lm_head.weight")):
         if theirs in state:
             head[ours] = state[theirs]
     missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
     if missing:
-        raise ConvBertError(f"{weight_file}: not a ConvBertForMaskedLM generator (missing "
+        raise ConvBertError(f"{weight_file}: not a ConvBertForMaskedLM / ElectraForMaskedLM generator (missing "
                             f"{', '.join('generator_lm_head.bias' if k == 'output_bias' else 'generator_predictions.' + k for k in missing)})")
     return config, encoder, head, weight_file
+
+
+def save_discriminator_pretrained(model: "ConvBertModel", head: dict[str, torch.Tensor] | None,
+                                  path: str | os.PathLike) -> None:
+    """The discriminator of a pre-training run, with its replaced-token head (`DISCRIMINATOR_HEAD_KEYS`) if known.
+    ConvBERT: `save_pretrained`'s folder plus `discriminator_head.safetensors` (transformers has no ConvBERT class for
+    the head). ELECTRA layout: one `ElectraForPreTraining` file (`electra.*` + `discriminator_predictions.*`), as the
+    hub's google/electra-*-discriminator folders hold it."""
+    if head is None or model.config.hf_model_type != "electra":
+        model.save_pretrained(path)
+        if head is not None:
+            save_discriminator_head(head, path)
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{PREFIXES['electra']}{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"discriminator_predictions.{k}": head[k] for k in DISCRIMINATOR_HEAD_KEYS})
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(path / "config.json", {**model.config.to_hf_dict(), "architectures": ["ElectraForPreTraining"]})
 
 
 def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -197,11 +230,21 @@ def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLi
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def read_discriminator_head(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """What `save_discriminator_head` wrote into the folder `path`, or None if it holds no such file."""
+def read_discriminator_head(path: str | os.PathLike,
+                            state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """What `save_discriminator_head` wrote into the folder `path`; else the head of an `ElectraForPreTraining`
+    weight file (the hub's google/electra-*-discriminator: `discriminator_predictions.*` in `state`, the folder's
+    weights); None if neither has it."""
     head_file = Path(path) / DISCRIMINATOR_HEAD_FILE
     if not head_file.is_file():
-        return None
+        marker = "discriminator_predictions."
+        head = {k[len(marker):]: v for k, v in (state or {}).items() if k.startswith(marker)}
+        if not head:
+            return None
+        if sorted(head) != sorted(DISCRIMINATOR_HEAD_KEYS):
+            raise ConvBertError(f"{path}: its weights hold {', '.join(marker + k for k in sorted(head))}; expected "
+                                f"the replaced-token head {', '.join(marker + k for k in DISCRIMINATOR_HEAD_KEYS)}")
+        return head
     try:
         head = load_file(str(head_file))
     except (SafetensorError, OSError) as err:

@@ -24,7 +24,7 @@ import torch
 
 from convbert.errors import ConvBertError
 from convbert.interop.hf import (GENERATOR_DIR, MODEL_FOLDER_FILES, check_and_load, check_vocab_fits, copy_vocab,
-                                 save_discriminator_head, save_generator_pretrained, transformers_limits)
+                                 save_discriminator_pretrained, save_generator_pretrained, transformers_limits)
 from convbert.interop.tf_bundle import TFCheckpoint
 from convbert.model.config import PRESETS, ConvBertConfig
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
@@ -344,9 +344,7 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         "notes": notes,
     }
     with staged_folder(out) as staging:  # renamed into place whole: nothing stale from an earlier import survives
-        disc.save_pretrained(staging)
-        if disc_head is not None:  # for `pretrain --init-from` (transformers ignores the file)
-            save_discriminator_head(disc_head, staging)
+        save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
         if vocab_file is not None:
             copy_vocab(vocab_file, staging)
         if gen is not None:

@@ -18,6 +18,10 @@ HF_FIELDS = (
     "initializer_range", "layer_norm_eps", "embedding_size", "head_ratio", "conv_kernel_size", "num_groups",
     "pad_token_id",
 )
+# The subset transformers' ElectraConfig knows: a plain-attention model without grouped FFN *is* an ELECTRA (or
+# BERT-style) encoder with the same parameter names, and is read and written in that layout (model_type "electra").
+ELECTRA_FIELDS = tuple(name for name in HF_FIELDS if name not in ("head_ratio", "conv_kernel_size", "num_groups"))
+HF_MODEL_TYPES = ("convbert", "conv_bert", "electra")
 
 
 WRONG_TYPE = object()
@@ -227,34 +231,58 @@ class ConvBertConfig:
         return cls.from_dict(values, source=str(path))
 
     # ---- HF config.json ------------------------------------------------------------------------------------
+    @property
+    def hf_model_type(self) -> str:
+        """The HF layout this model is saved in: "electra" for plain attention with an ungrouped FFN (what
+        transformers' ElectraModel computes, same parameter names), "convbert" otherwise."""
+        return "electra" if self.attention_type == "plain" and self.num_groups == 1 else "convbert"
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json that `transformers.ConvBertModel.from_pretrained` reads unchanged."""
-        values = {name: getattr(self, name) for name in HF_FIELDS}
-        values.update(model_type="convbert", architectures=["ConvBertModel"], bos_token_id=0, eos_token_id=2)
+        """A config.json that `transformers.ConvBertModel.from_pretrained` (or, for the ELECTRA layout,
+        `transformers.ElectraModel.from_pretrained`) reads unchanged; our own fields ride in `convbert_extra`."""
         ours = {"attention_type": self.attention_type, "mask_conv_padding": self.mask_conv_padding,
-                "gradient_checkpointing": self.gradient_checkpointing, **self.extra}
-        values["convbert_extra"] = ours
+                "gradient_checkpointing": self.gradient_checkpointing}
+        if self.hf_model_type == "electra":
+            values = {name: getattr(self, name) for name in ELECTRA_FIELDS}
+            values.update(model_type="electra", architectures=["ElectraModel"], position_embedding_type="absolute")
+            ours.update(head_ratio=self.head_ratio, conv_kernel_size=self.conv_kernel_size)  # unused, kept
+        else:
+            values = {name: getattr(self, name) for name in HF_FIELDS}
+            values.update(model_type="convbert", architectures=["ConvBertModel"], bos_token_id=0, eos_token_id=2)
+        values["convbert_extra"] = {**ours, **self.extra}
         return values
 
     @classmethod
     def from_hf_dict(cls, values: dict[str, Any], source: str = "config.json") -> "ConvBertConfig":
+        """A ConvBERT config.json (`model_type` "convbert" or the early "conv_bert"), or an ELECTRA one
+        ("electra": e.g. the hub's google/electra-*-discriminator), which becomes plain attention."""
         model_type = values.get("model_type")
-        if model_type not in ("convbert", "conv_bert"):
-            raise ConvBertError(f"{source}: field 'model_type' is {model_type!r}: expected 'convbert' or 'conv_bert'")
+        if model_type not in HF_MODEL_TYPES:
+            raise ConvBertError(f"{source}: field 'model_type' is {model_type!r}: expected "
+                                f"{', '.join(map(repr, HF_MODEL_TYPES[:-1]))} or {HF_MODEL_TYPES[-1]!r}")
+        electra = model_type == "electra"
         kwargs: dict[str, Any] = {}
-        for name in HF_FIELDS:
+        for name in ELECTRA_FIELDS if electra else HF_FIELDS:
             if name in values and values[name] is not None:
                 kwargs[name] = values[name]
-        if "linear_groups" in values and "num_groups" not in values:  # the original TF name
+        if "linear_groups" in values and "num_groups" not in values and not electra:  # the original TF name
             kwargs["num_groups"] = values["linear_groups"]
         if values.get("embedding_size") is None:
             kwargs["embedding_size"] = kwargs.get("hidden_size", cls.hidden_size)
         if values.get("hidden_act") in ("gelu_new", "gelu_python"):
             kwargs["hidden_act"] = "gelu"
+        if electra and values.get("position_embedding_type", "absolute") != "absolute":
+            raise ConvBertError(f"{source}: field 'position_embedding_type' is "
+                                f"{values['position_embedding_type']!r}: only 'absolute' (ELECTRA's) is supported")
         ours = dict(values.get("convbert_extra") or {})
-        for name in ("attention_type", "mask_conv_padding", "gradient_checkpointing"):
+        names = ("attention_type", "mask_conv_padding", "gradient_checkpointing")
+        for name in names + (("head_ratio", "conv_kernel_size") if electra else ()):
             if name in ours:
                 kwargs[name] = ours.pop(name)
+        if electra:
+            if kwargs.setdefault("attention_type", "plain") != "plain":
+                raise ConvBertError(f"{source}: model_type 'electra' with convbert_extra.attention_type "
+                                    f"{kwargs['attention_type']!r}: an ELECTRA folder holds plain attention")
         kwargs["extra"] = ours
         try:
             return cls(**kwargs)
@@ -262,7 +290,6 @@ class ConvBertConfig:
             raise ConvBertError(f"{source}: {err}") from None
         except ConvBertError as err:
             raise ConvBertError(f"{source}: {err}") from None
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Spec §2.1. Heads: H//64, except medium-small which uses H//48 (d = 48).

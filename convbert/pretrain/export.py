@@ -5,6 +5,9 @@
 * `<output>/generator/` (with `--generator`): the generator in `ConvBertForMaskedLM` layout (`convbert.*` encoder with
   the shared embeddings, `generator_predictions.*`, `generator_lm_head.*` tied to the word table) and `vocab.txt`.
 * `<output>/discriminator_head.safetensors`: the replaced-token head, for `convbert pretrain --init-from`.
+* The `--attention plain` baseline with an ungrouped FFN is an ELECTRA, written as transformers' ELECTRA classes
+  hold it: the discriminator as `ElectraForPreTraining` (head included in model.safetensors), the generator as
+  `ElectraForMaskedLM`.
 * `<output>/export.json`: where it came from (checkpoint, step, objective).
 """
 
@@ -16,8 +19,8 @@ import torch
 
 from convbert.errors import ConvBertError
 from convbert.interop.hf import (DISCRIMINATOR_HEAD_KEYS, GENERATOR_DIR, GENERATOR_HEAD_KEYS, MODEL_FOLDER_FILES,
-                                 check_vocab_fits, copy_vocab, save_discriminator_head, save_generator_pretrained,
-                                 transformers_limits)
+                                 check_vocab_fits, copy_vocab, save_discriminator_pretrained,
+                                 save_generator_pretrained, transformers_limits)
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
 
@@ -126,10 +129,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     }
     # Written aside and renamed into place: an earlier export's generator/ does not outlive a re-export without it.
     with staged_folder(out) as staging:
-        disc.save_pretrained(staging)
+        save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
         copy_vocab(vocab, staging)
-        if disc_head:  # for `pretrain --init-from` (transformers ignores the file)
-            save_discriminator_head(disc_head, staging)
         if generator:
             save_generator_pretrained(gen, head, staging / GENERATOR_DIR)
             copy_vocab(vocab, staging / GENERATOR_DIR)

@@ -1,13 +1,15 @@
 """`convbert pretrain --init-from MODEL`: start pre-training from published or exported weights, not from scratch.
 
 Continuing pre-training on a new corpus (a domain, a language variety) from the released ConvBERT weights is a common
-research need. `MODEL` is an HF-layout folder as `convbert export` and `convbert import-tf` write it:
+research need. `MODEL` is an HF-layout folder as `convbert export` and `convbert import-tf` write it (or a
+transformers ELECTRA pair, e.g. the hub's google/electra-small-discriminator with its generator as `generator/`):
 
 * the discriminator (`config.json` + weights) and its `vocab.txt`, which must be the vocabulary the data was built
   with (compared byte for byte: the same ids must mean the same word pieces);
-* optionally `generator/` (`ConvBertForMaskedLM` layout: encoder, MLM head, the output bias) — without it the
-  generator starts from scratch, as HF hub folders hold discriminators only;
-* optionally `discriminator_head.safetensors`, the replaced-token head — without it the head starts from scratch.
+* optionally `generator/` (`ConvBertForMaskedLM` / `ElectraForMaskedLM` layout: encoder, MLM head, the output
+  bias) — without it the generator starts from scratch, as most HF hub folders hold discriminators only;
+* optionally the replaced-token head (`discriminator_head.safetensors`, or `discriminator_predictions.*` in
+  `ElectraForPreTraining` weights) — without it the head starts from scratch.
 
 The architecture is the folder's (`--size` still picks the recipe: learning rate, batch, steps); the optimiser,
 schedule and data order start fresh. A resumed run reads its checkpoints, not the folder.
@@ -82,7 +84,7 @@ def read_init_weights(path: str | os.PathLike, data_vocab: Path | None) -> InitW
                                     "embeddings are not supported)")
         init.generator = {k: v for k, v in encoder.items() if not k.startswith("embeddings.")}
         init.generator_head = head
-    init.discriminator_head = hf.read_discriminator_head(path)
+    init.discriminator_head = hf.read_discriminator_head(path, state)
     return init
 
 
@@ -146,5 +148,6 @@ def load_into(model: torch.nn.Module, init: InitWeights, source: str) -> list[st
         if init.discriminator_head is not None:
             put(model.discriminator_head, init.discriminator_head, "discriminator head")
         else:
-            fresh.append(f"the replaced-token head (the folder has no {hf.DISCRIMINATOR_HEAD_FILE})")
+            fresh.append(f"the replaced-token head (the folder has no {hf.DISCRIMINATOR_HEAD_FILE}, and its "
+                         "weights no discriminator_predictions.*)")
     return fresh
