@@ -317,3 +317,50 @@ def test_a_nan_metric_is_written_as_strict_json_null_and_shown_as_n_a(env, tmp_p
     results = json.loads((tmp_path / "o" / "results.json").read_text(), parse_constant=refuse)
     assert results["tasks"]["sts"]["metrics"]["spearman"]["median"] is None
     assert "n/a" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_results_are_read_against_a_published_reference(env, full_run, tmp_path):
+    """`--reference`: each paper task's median beside the published dev row, its gap, and the gap in seed stds
+    (none with one seed); the tiny model has no paper size, so `auto` adds nothing."""
+    assert "published reference" not in (full_run / "results.md").read_text()
+    assert "reference" not in json.loads((full_run / "results.json").read_text())
+    _, model, glue = env
+    out = tmp_path / "o"
+    assert main(["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "rte,sts", "--seeds", "2",
+                 "--output", str(out), "--reference", "electra-small-owt", *QUICK]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    ref = summary["reference"]
+    assert ref["key"] == "electra-small-owt" and set(ref["tasks"]) == {"rte", "sts"}
+    rte = summary["tasks"]["rte"]["metrics"]["accuracy"]
+    row = ref["tasks"]["rte"]
+    assert row["reference"] == 68.5 and row["ours"] == rte["median"]
+    assert math.isclose(row["gap"], rte["median"] - 68.5)
+    if rte["std"] > 0:
+        assert math.isclose(row["gap_in_std"], row["gap"] / rte["std"])
+    assert ref["paper_average"]["ours"] is None and math.isclose(ref["paper_average"]["reference"], 80.3625)
+    md = (out / "results.md").read_text()
+    assert "## Against a published reference: ELECTRA-Small-OWT" in md
+    assert f"| RTE | accuracy | {rte['median']:.2f} | 68.50 | {row['gap']:+.2f} |" in md
+    assert "| STS-B | Spearman |" in md and "reference 80.36" in md
+
+
+def test_reference_rows_and_the_automatic_choice():
+    from convbert import ConvBertConfig
+    from convbert.finetune import references as R
+
+    # The paper averages of the published rows (ELECTRA-Small-OWT's README average is 80.36).
+    assert round(R.REFERENCES["electra-small-owt"].paper_average, 2) == 80.36
+    assert all(set(r.scores) == set(R.M.PAPER_TASKS) for r in R.REFERENCES.values())
+    pick = {size: R.choose_reference("auto", ConvBertConfig.from_preset(size)) for size in
+            ("tiny", "small", "medium-small", "base")}
+    assert pick["tiny"] is None and pick["small"].key == pick["medium-small"].key == "electra-small-owt"
+    assert pick["base"].key == "convbert-base"
+    plain_base = ConvBertConfig.from_preset("base", attention_type="plain")
+    assert R.choose_reference("auto", plain_base).key == "electra-base"
+    assert R.choose_reference("none", plain_base) is None
+    assert R.choose_reference("electra-small", plain_base).key == "electra-small"
+    # one seed: no spread to judge the gap by
+    summary = {"tasks": {"cola": {"metrics": {"mcc": {"median": 50.0, "std": 0.0, "n": 1}}}},
+               "paper_average": {"of_medians": None}}
+    row = R.compare(summary, R.REFERENCES["electra-small-owt"])["tasks"]["cola"]
+    assert row["gap"] == pytest.approx(-6.8) and row["gap_in_std"] is None

@@ -111,6 +111,7 @@ def cmd_glue(args) -> int:
         save_models=args.save_models,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        reference=args.reference,
     )
     run_glue(opts)
     return 0
@@ -172,6 +173,7 @@ def cmd_glue_download(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `convbert` parser."""
     from convbert.finetune.glue_download import GLUE_BASE_URL, MRPC_BASE_URL
+    from convbert.finetune.references import CHOICES as REFERENCE_CHOICES
 
     p = sub.add_parser(
         "glue",
@@ -198,6 +200,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-models", action="store_true", help="keep each run's fine-tuned model under runs/")
     p.add_argument("--overwrite", action="store_true", help="redo runs that are already finished in OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per run instead)")
+    p.add_argument("--reference", choices=REFERENCE_CHOICES, default="auto",
+                   help="a published GLUE dev row to read the results against, task by task, in results.md "
+                        "(default auto: ELECTRA-Small-OWT for the small and medium-small widths, ConvBERT-base's "
+                        "or ELECTRA-Base's released weights for base; none to leave it out)")
     _add_recipe_args(p, "epochs per task (default: 3; 10 for RTE and STS-B)")
     p.set_defaults(func=cmd_glue)
 

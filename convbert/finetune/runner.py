@@ -26,6 +26,7 @@ import numpy as np
 from convbert.errors import ConvBertError
 from convbert.finetune import metrics as M
 from convbert.finetune.features import featurize_examples
+from convbert.finetune.references import choose_reference, compare
 from convbert.finetune.submission import build_submission, format_predictions, write_prediction_file
 from convbert.finetune.tasks import (
     GLUE_TASKS,
@@ -47,7 +48,7 @@ from convbert.finetune.trainer import (
     train,
     train_steps_for,
 )
-from convbert.interop.hf import copy_tokenizer_files
+from convbert.interop.hf import copy_tokenizer_files, read_config
 from convbert.utils import sha256_file, write_json_atomic, write_text_atomic
 
 DISPLAY = {
@@ -82,6 +83,7 @@ class GlueOptions:
     save_models: bool = False
     overwrite: bool = False
     progress: bool = True
+    reference: str = "auto"  # a published dev row to compare with (references.CHOICES)
     log: object = field(default=None)
 
 
@@ -421,6 +423,23 @@ def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def render_reference(comparison: dict) -> list[str]:
+    """The results.md section that reads each task's median against a published dev row."""
+    lines = ["", f"## Against a published reference: {comparison['label']}", "",
+             f"Source: {comparison['source']}. Paper metric of each task; gap = our median − reference; in stds: the "
+             "gap over our seeds' sample std (a gap of a few stds is more than seed noise; with one seed there is "
+             "no spread to judge by). A reference trained longer or with another recipe is expected to differ.", "",
+             "| Task | Metric | Ours (median) | Reference | Gap | Gap in stds |", "| --- | --- | --- | --- | --- | --- |"]
+    for task, r in comparison["tasks"].items():
+        in_std = "n/a" if r["gap_in_std"] is None else f"{r['gap_in_std']:+.1f}"
+        lines.append(f"| {DISPLAY[task]} | {METRIC_LABEL[M.PAPER_METRIC[task]]} | {_fmt(r['ours'])} | "
+                     f"{_fmt(r['reference'])} | {r['gap']:+.2f} | {in_std} |")
+    avg = comparison["paper_average"]
+    ours = "n/a (not every paper task was run)" if avg["ours"] is None else f"{_fmt(avg['ours'])} ({avg['gap']:+.2f})"
+    lines += ["", f"- Paper average: ours {ours}, reference {_fmt(avg['reference'])}"]
+    return lines
+
+
 def render_markdown(summary: dict, header: str = "") -> str:
     lines = ["# GLUE dev results", ""]
     if header:
@@ -440,6 +459,8 @@ def render_markdown(summary: dict, header: str = "") -> str:
             lines.append(f"- {a['label']}: n/a (missing: {', '.join(DISPLAY[t] for t in a['missing'])})")
         else:
             lines.append(f"- {a['label']}: {_fmt(a['of_medians'])} (of medians), {_fmt(a['of_means'])} (of means)")
+    if summary.get("reference"):
+        lines += render_reference(summary["reference"])
     return "\n".join(lines) + "\n"
 
 
@@ -536,6 +557,9 @@ def run_glue(opts: GlueOptions) -> dict:
     if other_model:
         _log(opts, f"note: left out of the summary, made with another model: {', '.join(other_model)}")
     summary = summarize(all_records)
+    reference = choose_reference(opts.reference, read_config(opts.model_dir))
+    if reference is not None and summary["tasks"]:
+        summary["reference"] = compare(summary, reference)
     header = f"Model: `{opts.model_dir}`; seeds: {', '.join(map(str, opts.seeds))}."
     md = render_markdown(summary, header)
     write_text_atomic(opts.output / "results.md", md)
