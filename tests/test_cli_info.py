@@ -42,3 +42,24 @@ def test_unknown_flag_is_reported_by_the_subcommand_on_one_line(capsys):
 def test_a_size_given_twice_is_printed_once(capsys):
     assert main(["info", "--size", "tiny", "--size", "tiny"]) == 0
     assert capsys.readouterr().out.count("ConvBERT-tiny") == 1
+
+
+def test_info_plain_attention_is_the_electra_baseline(capsys, transformers_module):
+    """`--attention plain`: the baseline of the same size, as `pretrain --attention plain` trains it. Its
+    discriminator has exactly transformers' ElectraModel's parameters, and ConvBERT-small costs less of both."""
+    import json
+
+    assert main(["info", "--size", "small", "--attention", "plain", "--json"]) == 0
+    (plain,) = json.loads(capsys.readouterr().out)
+    assert main(["info", "--size", "small", "--json"]) == 0
+    (mixed,) = json.loads(capsys.readouterr().out)
+    assert (plain["attention"], plain["conv_heads"], plain["sa_heads"]) == ("plain", 0, 4)
+    electra = transformers_module.ElectraModel(transformers_module.ElectraConfig(
+        vocab_size=30522, embedding_size=128, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
+        intermediate_size=1024, max_position_embeddings=512))
+    assert plain["discriminator_params"] == sum(p.numel() for p in electra.parameters())
+    assert mixed["discriminator_params"] < plain["discriminator_params"]
+    assert mixed["finetune_train_flops_per_token"] < plain["finetune_train_flops_per_token"]
+    assert main(["info", "--size", "small", "--attention", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert "small with plain attention (the ELECTRA-style baseline)" in out and "none / 1" in out

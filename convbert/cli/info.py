@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "per token at length 128.")
     p.add_argument("--size", choices=list(PRESETS), action="append",
                    help="only this preset (repeatable); default: small, medium-small, base")
+    p.add_argument("--attention", choices=("mixed", "plain"), default="mixed",
+                   help="mixed: ConvBERT (default); plain: the ELECTRA-style baseline of the same size, as "
+                        "`convbert pretrain --attention plain` trains it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -22,18 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from convbert.model.flops import preset_table
 
-    rows = preset_table(list(dict.fromkeys(args.size or ["small", "medium-small", "base"])))  # each size once
+    sizes = list(dict.fromkeys(args.size or ["small", "medium-small", "base"]))  # each size once
+    rows = preset_table(sizes, attention=args.attention)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        print(f"ConvBERT-{row['size']}")
+        plain = row["attention"] == "plain"
+        print(f"{row['size']} with plain attention (the ELECTRA-style baseline)" if plain else f"ConvBERT-{row['size']}")
         lines = [
             ("layers", row["layers"]),
             ("hidden / embedding", f"{row['hidden']} / {row['embedding']}"),
             ("heads (configured)", f"{row['heads']} (head size {row['head_size']})"),
             ("heads: self-attention / conv", f"{row['sa_heads']} / {row['conv_heads']}"),
-            ("conv kernel / FFN groups", f"{row['kernel']} / {row['groups']}"),
+            ("conv kernel / FFN groups", f"{'none' if plain else row['kernel']} / {row['groups']}"),
             ("generator hidden / heads", f"{row['generator_hidden']} / {row['generator_heads']}"),
             ("params: discriminator", f"{row['discriminator_params']:,}"),
             ("params: generator (+MLM head, no shared emb.)", f"{row['generator_params']:,}"),

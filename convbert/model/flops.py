@@ -58,14 +58,17 @@ def pretraining_counts(config: ConvBertConfig, generator_fraction: float) -> dic
     }
 
 
-def preset_table(names: list[str]) -> list[dict]:
+def preset_table(names: list[str], attention: str = "mixed") -> list[dict]:
+    """One row per preset; `attention="plain"` gives the ELECTRA-style baseline of the same size (what
+    `convbert pretrain --attention plain` trains), for the paper's cost comparison."""
     rows = []
     for name in names:
-        config = ConvBertConfig.from_preset(name)
+        config = ConvBertConfig.from_preset(name, attention_type=attention)
         counts = pretraining_counts(config, PRESET_GENERATOR_FRACTION[name])
         gen = counts.pop("generator")
         rows.append({
             "size": name,
+            "attention": attention,
             "layers": config.num_hidden_layers,
             "hidden": config.hidden_size,
             "embedding": config.embedding_size,
