@@ -1,4 +1,4 @@
-"""build_dataset / CLI: determinism across workers, resume, bad inputs, OWT archives, JSONL."""
+"""build_dataset / CLI: determinism across workers, resume, bad inputs, OWT archives, JSONL, parquet."""
 
 import gzip
 import io
@@ -340,6 +340,58 @@ def test_jsonl_plain_and_gzip(corpus, vocab, tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": "oops"\n')
     with pytest.raises(ConvBertError, match=r"bad\.jsonl:2: invalid JSON"):
         build_dataset([str(bad)], vocab, str(tmp_path / "e"), progress=False)
+
+
+def _write_parquet(path, columns: dict, row_group_size: int):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+def test_parquet_rows_are_documents(corpus, vocab, tmp_path):
+    """A parquet column of documents (the HF hub's corpus format) reads like the same rows in JSONL: every row a
+    document, cut into units of whole row groups, the same dataset for any worker count."""
+    from convbert.data.corpus import UnitEnumerator, iter_lines
+
+    docs = [p.read_text() for p in sorted(corpus.iterdir())] * 2
+    _write_parquet(tmp_path / "c.parquet", {"id": list(range(len(docs))), "body": docs}, row_group_size=2)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in docs))
+    units = list(UnitEnumerator([str(tmp_path / "c.parquet")], docs="files", chunk_bytes=3000))
+    assert len(units) > 2 and units[0].start == 0 and units[-1].end == (len(docs) + 1) // 2
+    assert all(a.end == b.start for a, b in zip(units, units[1:]))
+    assert sum(u.weight for u in units) == (tmp_path / "c.parquet").stat().st_size  # the progress bar's total
+    m1 = build_dataset([str(tmp_path / "c.parquet")], vocab, str(tmp_path / "w1"), text_field="body", docs="files",
+                       workers=1, **SMALL)
+    m2 = build_dataset([str(tmp_path / "c.parquet")], vocab, str(tmp_path / "w2"), text_field="body", docs="files",
+                       workers=2, **SMALL)
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2") and m1["counts"] == m2["counts"]
+    mj = build_dataset([str(tmp_path / "c.jsonl")], vocab, str(tmp_path / "j"), text_field="body", docs="files",
+                       **SMALL)
+    assert m1["counts"]["files"] == len(docs) and m1["counts"]["lines"] == mj["counts"]["lines"]
+    assert list(iter_lines([str(tmp_path / "c.parquet")], "body")) == list(iter_lines([str(tmp_path / "c.jsonl")],
+                                                                                      "body"))
+
+
+def test_parquet_errors_name_the_file_column_and_row(vocab, tmp_path, monkeypatch):
+    f = tmp_path / "d.parquet"
+    _write_parquet(f, {"id": [1, 2, 3, 4], "body": ["one", "two", None, "four"]}, row_group_size=2)
+    for field, message in (
+        ("text", r"d\.parquet: no column 'text' \(columns: id, body\); choose one with --text-field"),
+        ("id", r"d\.parquet: column 'id' holds int64, expected strings"),
+        ("body", r"d\.parquet: row 2 \(counting from 0\): column 'body' is null, expected a string"),
+    ):
+        with pytest.raises(ConvBertError, match=message):
+            build_dataset([str(f)], vocab, str(tmp_path / f"o_{field}"), text_field=field, docs="files",
+                          progress=False)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(f.read_bytes()[:-20])
+    with pytest.raises(ConvBertError, match=r"cut\.parquet: not a readable parquet file"):
+        build_dataset([str(cut)], vocab, str(tmp_path / "o_cut"), docs="files", progress=False)
+    assert not (tmp_path / "o_cut").exists()
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(ConvBertError, match=r"needs pyarrow: pip install 'convbert\[parquet\]'"):
+        build_dataset([str(f)], vocab, str(tmp_path / "o_none"), docs="files", progress=False)
 
 
 def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):

@@ -44,6 +44,7 @@ def test_classify_and_binary_sniffing():
     assert classify("x.jsonl") == "jsonl" and classify("x.JSONL.GZ") == "gzip-jsonl"
     assert classify("owt.tar.xz") == "archive" and classify("urlsf_subset00-1_data.xz") == "tar"
     assert classify("t.txt.gz") == "gzip-text" and classify("notes") == "text"
+    assert classify("train-00000-of-00042.parquet") == "parquet"
     assert is_binary(b"abc\0def") and is_binary(bytes(range(1, 32)) * 10)
     assert not is_binary("plain text\twith tabs\r\n".encode()) and not is_binary(b"")
     assert not is_binary("ünïcödé ‘quotes’".encode())

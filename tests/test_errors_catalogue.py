@@ -487,6 +487,29 @@ def corpus_jsonl_missing_field(e, t):
                 absent=[t / "out"])
 
 
+def _parquet(path: Path, columns: dict) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@case("corpus")
+def corpus_parquet_missing_column(e, t):
+    f = _parquet(t / "part-0.parquet", {"id": [1], "body": ["the cat sat"]})
+    return dict(argv=build_argv([f], e.vocab, t / "out"), expect=[str(f), "no column 'text' (columns: id, body)",
+                                                                  "--text-field"], absent=[t / "out"])
+
+
+@case("corpus")
+def corpus_parquet_truncated(e, t):
+    f = t / "part-0.parquet"
+    f.write_bytes(_parquet(t / "whole.parquet", {"text": ["the cat sat"] * 50}).read_bytes()[:-100])
+    return dict(argv=build_argv([f], e.vocab, t / "out"), expect=[str(f), "not a readable parquet file"],
+                absent=[t / "out"])
+
+
 @case("corpus")
 def corpus_corrupt_gzip(e, t):
     f = t / "corpus.txt.gz"

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="text files, folders (recursive), globs, OpenWebText .tar.xz / folders of .xz sub-archives, "
-                        ".jsonl[.gz] (several after one --input, or --input repeated)")
+                        ".jsonl[.gz], .parquet (several after one --input, or --input repeated)")
     p.add_argument("--vocab", required=True, metavar="FILE", help="BERT-style vocab.txt (one token per line)")
     p.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write (new, empty, or the "
                    "folder of an interrupted build with the same settings)")
@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segment-rule", choices=["electra", "convbert-release"], default="electra",
                    help="how lines are split into segments A and B: ELECTRA's fixed rule (default) or the released "
                         "ConvBERT code's pre-fix rule")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL field or parquet column holding the text (default: text)")
     p.add_argument("--no-lower-case", dest="lower_case", action="store_false",
                    help="keep case (cased vocabularies); accents are then kept too, as in the original")
     p.add_argument("--no-strip-accents", dest="strip_accents", action="store_false", help="keep accents")
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size, e.g. 30522")
     p.add_argument("--output", required=True, metavar="FILE", help="vocab.txt to write")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a learned piece (default 2)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL field or parquet column holding the text (default: text)")
     p.add_argument("--no-lower-case", dest="lower_case", action="store_false", help="keep case")
     p.add_argument("--no-strip-accents", dest="strip_accents", action="store_false", help="keep accents")
     p.set_defaults(func=run_train_vocab)

@@ -7,6 +7,9 @@ Inputs (each ``--input`` is a file, a folder (searched recursively, hidden entri
 * ``*.gz``: gzip-compressed plain text (one unit);
 * ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz``): one JSON object per line, the text in ``--text-field``; every
   record is one "file" (document source);
+* ``*.parquet``: a column of documents (``--text-field``), as the HF hub stores corpora (FineWeb, Wikipedia, the
+  hub's OpenWebText); every row is one "file" (document source); units are runs of row groups (read with pyarrow,
+  the optional ``parquet`` extra);
 * ``*.xz`` (not ``.tar.xz``): an OpenWebText sub-archive, i.e. an xz-compressed tar of ``.txt`` documents; one unit;
 * ``*.tar``, ``*.tar.xz``, ``*.txz``, ``*.tar.gz``, ``*.tgz``, ``*.tar.bz2``: streamed in order without
   extracting; every nested archive member (e.g. OpenWebText's ``openwebtext/*.xz``) becomes one unit and runs of
@@ -42,6 +45,7 @@ DOCS_MODES = ("blank-lines", "files")
 
 TAR_SUFFIXES = (".tar", ".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+PARQUET_SUFFIXES = (".parquet",)
 NESTED_ARCHIVE_SUFFIXES = (".xz",) + TAR_SUFFIXES
 
 
@@ -97,7 +101,7 @@ class Unit:
     input_index: int
     file_index: int
     key: str
-    kind: str  # text | gzip-text | jsonl | gzip-jsonl | tar | members | binary
+    kind: str  # text | gzip-text | jsonl | gzip-jsonl | parquet | tar | members | binary
     path: str
     start: int = 0
     end: int | None = None
@@ -111,7 +115,7 @@ class Unit:
 
 @dataclass
 class UnitStats:
-    files: int = 0  # documents sources read: files, archive members, JSONL records
+    files: int = 0  # documents sources read: files, archive members, JSONL records, parquet rows
     lines: int = 0
     examples: int = 0
     tokens: int = 0  # real positions incl. [CLS]/[SEP] (= sum of input_mask)
@@ -153,6 +157,8 @@ def _has_suffix(name: str, suffixes) -> bool:
 def classify(name: str) -> str:
     if _has_suffix(name, JSONL_SUFFIXES):
         return "gzip-jsonl" if name.lower().endswith(".gz") else "jsonl"
+    if _has_suffix(name, PARQUET_SUFFIXES):
+        return "parquet"
     if _has_suffix(name, TAR_SUFFIXES):
         return "archive"
     if name.lower().endswith(".xz"):
@@ -259,6 +265,9 @@ class UnitEnumerator:
         if kind == "archive":
             yield from self._archive_units(i, fi, path, key, seq)
             return
+        if kind == "parquet":
+            yield from self._parquet_units(i, fi, path, key, seq)
+            return
         if kind in ("text", "jsonl"):
             try:
                 with open(path, "rb") as f:
@@ -285,6 +294,26 @@ class UnitEnumerator:
                 raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
             return
         yield Unit(seq, i, fi, key, kind, path, weight=size)
+
+    def _parquet_units(self, i: int, fi: int, path: str, key: str, seq: int) -> Iterator[Unit]:
+        """Runs of whole row groups of about `chunk_bytes` on disk: row groups [start, end) of the file. The weights
+        (progress) add up to the file's size, footer included."""
+        sizes = [sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
+                 for meta in _parquet_row_groups(path)]
+        left = os.path.getsize(path)
+        start = n = 0
+        while start < len(sizes):
+            end, total = start, 0
+            while end < len(sizes) and (end == start or total + sizes[end] <= self.chunk_bytes):
+                total += sizes[end]
+                end += 1
+            weight = left if end == len(sizes) else min(total, left)
+            left -= weight
+            yield Unit(seq, i, fi, f"{key}@{n}", "parquet", path, start, end, weight=weight,
+                       display=f"{path} (row groups {start}-{end - 1})")
+            seq += 1
+            n += 1
+            start = end
 
     def _archive_units(self, i: int, fi: int, path: str, key: str, seq: int) -> Iterator[Unit]:
         group: list[tuple[str, bytes]] = []
@@ -398,6 +427,8 @@ def read_unit(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[list]:
         yield from _gzip_text_blocks(unit, stats)
     elif kind in ("jsonl", "gzip-jsonl"):
         yield from _jsonl_blocks(unit, text_field, stats)
+    elif kind == "parquet":
+        yield from _parquet_blocks(unit, text_field, stats)
     elif kind == "tar":
         yield from _tar_blocks(unit, stats)
     elif kind == "members":
@@ -569,6 +600,64 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
             _note_invalid(stats, before)
     except (OSError, EOFError, zlib.error) as err:
         raise ConvBertError(f"{path}: not readable ({err})")
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConvBertError("reading .parquet files needs pyarrow: pip install 'convbert[parquet]' (or pyarrow)") \
+            from None
+    return pq
+
+
+def _open_parquet(path: str):
+    pq = _pyarrow_parquet()
+    import pyarrow as pa
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ConvBertError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def _parquet_row_groups(path: str) -> list:
+    meta = _open_parquet(path).metadata
+    return [meta.row_group(g) for g in range(meta.num_row_groups)]
+
+
+def _parquet_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[list]:
+    """One block per row group: each row's `text_field` is one document."""
+    import pyarrow as pa
+
+    path = unit.path
+    pf = _open_parquet(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ConvBertError(f"{path}: no column {text_field!r} (columns: {', '.join(names[:8]) or 'none'}); "
+                            "choose one with --text-field")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConvBertError(f"{path}: column {text_field!r} holds {kind}, expected strings")
+    first_row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
+    for g in range(unit.start, unit.end):
+        try:
+            texts = pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()
+        except (OSError, pa.ArrowException) as err:
+            raise ConvBertError(f"{path}: row group {g} is not readable (truncated or corrupt file?): {err}") from None
+        items: list = []
+        for k, text in enumerate(texts):
+            if text is None:
+                raise ConvBertError(f"{path}: row {first_row + k} (counting from 0): column {text_field!r} is null, "
+                                    "expected a string")
+            lines = _split_lines(text)
+            stats.files += 1
+            stats.lines += len(lines)
+            items.extend(lines)
+            items.append(None)
+        first_row += len(texts)
+        if items:
+            yield items
 
 
 def _abs_line(unit: Unit, lineno: int) -> int:
