@@ -1,5 +1,7 @@
 """The lean CPU training kernels compute exactly what the plain PyTorch ops compute (values and gradients)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -371,6 +373,16 @@ def test_cpu_bf16_with_gradient_checkpointing_gives_the_same_gradients():
     plain, recomputed = grads(False), grads(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
     assert any(g.abs().sum() > 0 for g in plain)
+
+
+def test_the_default_gemm_library_follows_the_cpu_vendor():
+    """MKL (BLAS) measured faster on Intel, oneDNN on AMD (benchmarks/gemm_backends.py); BLAS without oneDNN."""
+    assert kernels.default_cpu_gemm("GenuineIntel", True) == "blas"
+    assert kernels.default_cpu_gemm("AuthenticAMD", True) == "onednn"
+    assert kernels.default_cpu_gemm("AuthenticAMD", False) == "blas" == kernels.default_cpu_gemm("", False)
+    if not os.environ.get("CONVBERT_CPU_GEMM"):
+        assert kernels.cpu_gemm() == kernels.default_cpu_gemm(kernels.cpu_vendor(),
+                                                               kernels._ONEDNN_LINEAR is not None)
 
 
 def test_set_cpu_gemm_names_the_choices():

@@ -57,17 +57,40 @@ def _find_onednn_linear():
         return None
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 _ONEDNN_LINEAR = _find_onednn_linear()
 _ONEDNN_MIN_MACS = 1 << 22  # smaller products: the call overhead outweighs the faster kernel
 _ONEDNN_MIN_WIDTH = 64  # narrower outputs (the 36 kernel logits): BLAS is the faster
 CPU_GEMMS = ("onednn", "blas")
-_cpu_gemm = "onednn" if _ONEDNN_LINEAR is not None else "blas"
+# Measured with benchmarks/gemm_backends.py (whole medium-small step, 2 threads, interleaved): on an AMD Zen 4
+# oneDNN's kernels are the faster (training 1.03-1.05x, inference 1.05-1.08x); on an Intel Xeon (Emerald Rapids)
+# MKL's are, or tie (two runs: training 2.41 against 2.53 s and 2.67 against 2.63 s, inference 0.68 against 0.71 s
+# and 0.65 against 0.78 s). So BLAS on Intel, oneDNN elsewhere.
+
+
+def default_cpu_gemm(vendor: str, has_onednn: bool) -> str:
+    return "onednn" if has_onednn and vendor != "GenuineIntel" else "blas"
+
+
+_cpu_gemm = default_cpu_gemm(cpu_vendor(), _ONEDNN_LINEAR is not None)
 
 
 def set_cpu_gemm(name: str) -> None:
-    """Which library runs the large fp32 CPU products of activations with weights: "onednn" (the default where
-    available) or "blas" (MKL/OpenBLAS, what `F.linear` uses). Same maths; they differ in rounding order only.
-    The environment variable CONVBERT_CPU_GEMM sets it at import."""
+    """Which library runs the large fp32 CPU products of activations with weights: "onednn" or "blas" (MKL/OpenBLAS,
+    what `F.linear` uses). The default is the faster on the CPU's vendor as measured: BLAS (MKL) on Intel, oneDNN
+    elsewhere where this PyTorch has it. Same maths; they differ in rounding order only. The environment variable
+    CONVBERT_CPU_GEMM sets it at import."""
     global _cpu_gemm
     if name not in CPU_GEMMS:
         raise ValueError(f"cpu gemm must be one of {CPU_GEMMS}, got {name!r}")
@@ -90,9 +113,10 @@ def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [M, K] @ weight.T (+ bias) for weight [N, K] with any strides, into `out` if given; `gelu` applies the
     exact (erf) GELU to the result, on oneDNN as the GEMM's epilogue (no pass of its own over the output).
 
-    Large fp32 CPU products go to oneDNN: on the AMD Zen 4 of our benchmarks its kernels reach ~195-212 GFLOP/s at
-    the encoder's shapes where MKL's reach ~175-190 (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY)
-    stay on BLAS, which is the faster of the two at that transposed shape.
+    With `set_cpu_gemm("onednn")` (the default on AMD), large fp32 CPU products go to oneDNN: on the AMD Zen 4 of
+    our benchmarks its kernels reach ~195-212 GFLOP/s at the encoder's shapes where MKL's reach ~175-190
+    (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY) stay on BLAS, which is the faster of the two at that
+    transposed shape.
     """
     rows, (width, depth) = x.shape[0], weight.shape
     if (_cpu_gemm == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu"
