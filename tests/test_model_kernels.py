@@ -556,3 +556,40 @@ def test_model_with_the_gpu_depthwise_conv_matches(monkeypatch):
     assert torch.allclose(out, out_conv1d, atol=1e-10)
     for name in grads:
         assert torch.allclose(grads[name], grads_conv1d[name], atol=1e-9), name
+
+
+def test_the_cpu_depthwise_forward_through_onednn_matches_the_shift_and_add(monkeypatch):
+    """`cpu_depthwise_conv2d`: the depthwise conv's forward as oneDNN's conv2d on a channels-last view gives the
+    shift-and-add's result (rounding order only) as a contiguous [B, T, C], and the model's outputs and gradients
+    stay within 1e-5 of the shift-and-add model's; per-position (span) taps never take it."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    torch.manual_seed(0)
+    x, taps = torch.randn(3, 17, 24), torch.randn(24, 7)
+    via_onednn = kernels._same_conv_forward(x, taps)
+    monkeypatch.setattr(kernels, "cpu_depthwise_conv2d", False)
+    shift_and_add = kernels._same_conv_forward(x, taps)
+    assert via_onednn.is_contiguous() and via_onednn.shape == x.shape
+    torch.testing.assert_close(via_onednn, shift_and_add, atol=1e-5, rtol=1e-5)
+    called = []
+    monkeypatch.setattr(kernels, "cpu_depthwise_conv2d", True)
+    monkeypatch.setattr(kernels, "_depthwise_conv2d", lambda *a: called.append(1) or shift_and_add)
+    kernels._same_conv_forward(torch.randn(2, 9, 3, 4), torch.randn(2, 9, 3, 1, 5))  # span taps
+    assert called == []
+
+    from convbert import ConvBertConfig, ConvBertModel
+
+    monkeypatch.undo()
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0)).train()
+    ids = torch.randint(5, 500, (2, 12))
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(kernels, "cpu_depthwise_conv2d", flag)
+        model.zero_grad()
+        out = model(ids).last_hidden_state
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -611,9 +611,28 @@ def _same_conv_backward(grad: torch.Tensor, x: torch.Tensor, taps: torch.Tensor,
     return grad_x, grad_taps
 
 
+# The depthwise conv's forward on the CPU as oneDNN's depthwise conv2d over a channels-last view ([B, T, C] is
+# [B, C, 1, T] in channels-last memory: no copy either way). Interleaved medium-small inference on an Intel Xeon,
+# three runs: 0.801 -> 0.744, 0.826 -> 0.792, 0.809 -> 0.741 s; training within the noise (the backward stays the
+# shift-and-add); on an AMD Zen 4 neither gained nor lost. False: the shift-and-add everywhere.
+cpu_depthwise_conv2d = True
+
+
+def _depthwise_conv2d(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] x [C, K] 'same' depthwise correlation through oneDNN; returns a contiguous [B, T, C]."""
+    channels, kernel_size = taps.shape
+    y = F.conv2d(x.permute(0, 2, 1).unsqueeze(2), taps.view(channels, 1, 1, kernel_size),
+                 padding=(0, (kernel_size - 1) // 2), groups=channels)
+    return y.squeeze(2).permute(0, 2, 1).contiguous()  # already channels-last: contiguous() copies nothing
+
+
 def _same_conv_forward(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     length, kernel_size = x.shape[1], taps.shape[-1]
     per_position = taps.dim() == x.dim() + 1
+    if (cpu_depthwise_conv2d and not per_position and x.dim() == 3 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and taps.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and x.stride(-1) == 1):
+        return _depthwise_conv2d(x, taps)
     # Per-channel taps are read as contiguous [K, C] rows: a stride-K tap vector makes every multiply-add take
     # PyTorch's slow strided path (about 5x slower for the depthwise conv).
     rows = taps if per_position else taps.t().contiguous()
