@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "build-data",
         help="tokenise a corpus and pack it into pre-training shards",
         description=(
-            "Tokenise plain text, OpenWebText archives or JSONL with a BERT WordPiece vocabulary and pack the lines "
-            "into pre-training examples exactly as ELECTRA/ConvBERT do (spec §4). Writes compact shards and "
+            "Tokenise plain text, OpenWebText archives, JSONL or parquet with a BERT WordPiece vocabulary and pack "
+            "the lines into pre-training examples exactly as ELECTRA/ConvBERT do (spec §4). Writes compact shards and "
             "manifest.json to --output. Re-running the same command after an interruption continues where it "
             "stopped; the result is identical to an uninterrupted build for any --workers."
         ),

@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint prefix (e.g. convbert_base/model.ckpt-1000000), its .index file, or a folder "
                         "holding one checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--vocab", help="the model's vocab.txt (default: a vocab.txt beside the checkpoint or up to two folders above it, "
-                        "as the original code lays out DATA_DIR/models/NAME/)")
+    p.add_argument("--vocab", help="the model's vocab.txt (default: a vocab.txt beside the checkpoint or up to two "
+                                   "folders above it, as the original code lays out DATA_DIR/models/NAME/)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads of an ELECTRA (plain-attention) checkpoint, whose head count is not in its "
                         "shapes (default: hidden / 64, as every ELECTRA size); ConvBERT's is read off the shapes")

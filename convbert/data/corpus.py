@@ -602,19 +602,19 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
         raise ConvBertError(f"{path}: not readable ({err})")
 
 
-def _pyarrow_parquet():
+def _pyarrow():
+    """(pyarrow, pyarrow.parquet), or a one-line error saying how to install them."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConvBertError("reading .parquet files needs pyarrow: pip install 'convbert[parquet]' (or pyarrow)") \
             from None
-    return pq
+    return pa, pq
 
 
 def _open_parquet(path: str):
-    pq = _pyarrow_parquet()
-    import pyarrow as pa
-
+    pa, pq = _pyarrow()
     try:
         return pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
@@ -628,8 +628,7 @@ def _parquet_row_groups(path: str) -> list:
 
 def _parquet_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[list]:
     """One block per row group: each row's `text_field` is one document."""
-    import pyarrow as pa
-
+    pa, _ = _pyarrow()
     path = unit.path
     pf = _open_parquet(path)
     names = pf.schema_arrow.names

@@ -130,13 +130,18 @@ def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBe
     return model
 
 
-def save_pretrained(model: "ConvBertModel", path: str | os.PathLike) -> None:
+def _write_model_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """`model.safetensors` (CPU, contiguous) and `config.json` into the folder `path`, each written atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(path / "config.json", model.config.to_hf_dict())
+    write_json_atomic(path / "config.json", config)
+
+
+def save_pretrained(model: "ConvBertModel", path: str | os.PathLike) -> None:
+    _write_model_folder(path, model.state_dict(), model.config.to_hf_dict())
 
 
 def transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
@@ -160,26 +165,21 @@ DISCRIMINATOR_HEAD_KEYS = ("dense.weight", "dense.bias", "dense_prediction.weigh
 MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "vocab.txt", GENERATOR_DIR, DISCRIMINATOR_HEAD_FILE)
 
 
-def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor],
+                              path: str | os.PathLike) -> None:
     """The generator in `ConvBertForMaskedLM` layout (`ElectraForMaskedLM` for plain attention, the same names under
     `electra.*`): the encoder under `convbert.*` (with the shared embeddings), the MLM head (`head`: our
     `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and `generator_lm_head` tied to the word table, its bias
     the original `output_bias`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     layout = generator.config.hf_model_type
     tensors = {f"{PREFIXES[layout]}{k}": v for k, v in generator.state_dict().items()}
     for key in GENERATOR_HEAD_KEYS[:4]:
         tensors[f"generator_predictions.{key}"] = head[key]
     tensors["generator_lm_head.weight"] = generator.embeddings.word_embeddings.weight.detach().clone()
     tensors["generator_lm_head.bias"] = head["output_bias"]
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    hf = generator.config.to_hf_dict()
-    hf["architectures"] = ["ElectraForMaskedLM" if layout == "electra" else "ConvBertForMaskedLM"]
-    hf["tie_word_embeddings"] = True
-    write_json_atomic(path / "config.json", hf)
+    architecture = "ElectraForMaskedLM" if layout == "electra" else "ConvBertForMaskedLM"
+    _write_model_folder(path, tensors, {**generator.config.to_hf_dict(), "architectures": [architecture],
+                                        "tie_word_embeddings": True})
 
 
 def read_generator_pretrained(path: Path) -> tuple[ConvBertConfig, dict[str, torch.Tensor], dict[str, torch.Tensor],
@@ -194,10 +194,11 @@ def read_generator_pretrained(path: Path) -> tuple[ConvBertConfig, dict[str, tor
     for ours, theirs in (("output_bias", "generator_lm_head.bias"), ("lm_head.weight", "generator_lm_head.weight")):
         if theirs in state:
             head[ours] = state[theirs]
-    missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
+    missing = ["generator_lm_head.bias" if k == "output_bias" else f"generator_predictions.{k}"
+               for k in GENERATOR_HEAD_KEYS if k not in head]
     if missing:
         raise ConvBertError(f"{weight_file}: not a ConvBertForMaskedLM / ElectraForMaskedLM generator (missing "
-                            f"{', '.join('generator_lm_head.bias' if k == 'output_bias' else 'generator_predictions.' + k for k in missing)})")
+                            f"{', '.join(missing)})")
     return config, encoder, head, weight_file
 
 
@@ -212,14 +213,9 @@ def save_discriminator_pretrained(model: "ConvBertModel", head: dict[str, torch.
         if head is not None:
             save_discriminator_head(head, path)
         return
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {f"{PREFIXES['electra']}{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"discriminator_predictions.{k}": head[k] for k in DISCRIMINATOR_HEAD_KEYS})
-    tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
-    with atomic_path(path / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(path / "config.json", {**model.config.to_hf_dict(), "architectures": ["ElectraForPreTraining"]})
+    tensors.update({f"discriminator_predictions.{k}": head[k].float() for k in DISCRIMINATOR_HEAD_KEYS})
+    _write_model_folder(path, tensors, {**model.config.to_hf_dict(), "architectures": ["ElectraForPreTraining"]})
 
 
 def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -236,21 +232,20 @@ def read_discriminator_head(path: str | os.PathLike,
     weight file (the hub's google/electra-*-discriminator: `discriminator_predictions.*` in `state`, the folder's
     weights); None if neither has it."""
     head_file = Path(path) / DISCRIMINATOR_HEAD_FILE
-    if not head_file.is_file():
-        marker = "discriminator_predictions."
+    if head_file.is_file():
+        source, marker = head_file, ""
+        try:
+            head = load_file(str(head_file))
+        except (SafetensorError, OSError) as err:
+            raise ConvBertError(f"{head_file}: cannot read ({err})") from None
+    else:
+        source, marker = Path(path), "discriminator_predictions."
         head = {k[len(marker):]: v for k, v in (state or {}).items() if k.startswith(marker)}
         if not head:
             return None
-        if sorted(head) != sorted(DISCRIMINATOR_HEAD_KEYS):
-            raise ConvBertError(f"{path}: its weights hold {', '.join(marker + k for k in sorted(head))}; expected "
-                                f"the replaced-token head {', '.join(marker + k for k in DISCRIMINATOR_HEAD_KEYS)}")
-        return head
-    try:
-        head = load_file(str(head_file))
-    except (SafetensorError, OSError) as err:
-        raise ConvBertError(f"{head_file}: cannot read ({err})") from None
     if sorted(head) != sorted(DISCRIMINATOR_HEAD_KEYS):
-        raise ConvBertError(f"{head_file}: expected the keys {', '.join(DISCRIMINATOR_HEAD_KEYS)}")
+        raise ConvBertError(f"{source}: holds {', '.join(marker + k for k in sorted(head))}; expected the "
+                            f"replaced-token head {', '.join(marker + k for k in DISCRIMINATOR_HEAD_KEYS)}")
     return head
 
 

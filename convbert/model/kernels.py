@@ -73,13 +73,13 @@ _ONEDNN_LINEAR = _find_onednn_linear()
 _ONEDNN_MIN_MACS = 1 << 22  # smaller products: the call overhead outweighs the faster kernel
 _ONEDNN_MIN_WIDTH = 64  # narrower outputs (the 36 kernel logits): BLAS is the faster
 CPU_GEMMS = ("onednn", "blas")
-# Measured with benchmarks/gemm_backends.py (whole medium-small step, 2 threads, interleaved): on an AMD Zen 4
-# oneDNN's kernels are the faster (training 1.03-1.05x, inference 1.05-1.08x); on an Intel Xeon (Emerald Rapids)
-# MKL's are, or tie (two runs: training 2.41 against 2.53 s and 2.67 against 2.63 s, inference 0.68 against 0.71 s
-# and 0.65 against 0.78 s). So BLAS on Intel, oneDNN elsewhere.
 
 
 def default_cpu_gemm(vendor: str, has_onednn: bool) -> str:
+    """BLAS (MKL) on Intel, oneDNN elsewhere where PyTorch has it. Measured with benchmarks/gemm_backends.py (whole
+    medium-small step, 2 threads, interleaved): on an AMD Zen 4 oneDNN's kernels are the faster (training
+    1.03-1.05x, inference 1.05-1.08x); on an Intel Xeon (Emerald Rapids) MKL's are, or tie (training 2.41 against
+    2.53 s and 2.67 against 2.63 s, inference 0.68 against 0.71 s and 0.65 against 0.78 s)."""
     return "onednn" if has_onednn and vendor != "GenuineIntel" else "blas"
 
 
