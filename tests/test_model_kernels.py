@@ -558,9 +558,9 @@ def test_model_with_the_gpu_depthwise_conv_matches(monkeypatch):
         assert torch.allclose(grads[name], grads_conv1d[name], atol=1e-9), name
 
 
-def test_the_cpu_depthwise_forward_through_onednn_matches_the_shift_and_add(monkeypatch):
-    """`cpu_depthwise_conv2d`: the depthwise conv's forward as oneDNN's conv2d on a channels-last view gives the
-    shift-and-add's result (rounding order only) as a contiguous [B, T, C], and the model's outputs and gradients
+def test_the_cpu_depthwise_conv_through_onednn_matches_the_shift_and_add(monkeypatch):
+    """`cpu_depthwise_conv2d`: the depthwise conv's forward and backward as oneDNN's conv2d on a channels-last view
+    give the shift-and-add's results (rounding order only) as a contiguous [B, T, C] and a [C, K], and the model's outputs and gradients
     stay within 1e-5 of the shift-and-add model's; per-position (span) taps never take it."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this PyTorch has no oneDNN")
@@ -571,8 +571,18 @@ def test_the_cpu_depthwise_forward_through_onednn_matches_the_shift_and_add(monk
     shift_and_add = kernels._same_conv_forward(x, taps)
     assert via_onednn.is_contiguous() and via_onednn.shape == x.shape
     torch.testing.assert_close(via_onednn, shift_and_add, atol=1e-5, rtol=1e-5)
-    called = []
+    grad = torch.randn_like(x)
+    shift_and_add_grads = kernels._same_conv_backward(grad, x, taps, True, True)
     monkeypatch.setattr(kernels, "cpu_depthwise_conv2d", True)
+    via_onednn_grads = kernels._same_conv_backward(grad, x, taps, True, True)
+    assert via_onednn_grads[0].is_contiguous() and via_onednn_grads[1].shape == taps.shape
+    for a, b in zip(via_onednn_grads, shift_and_add_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    grad_x_only, no_taps = kernels._same_conv_backward(grad, x, taps, True, False)
+    assert no_taps is None and torch.equal(grad_x_only, via_onednn_grads[0])
+    no_x, grad_taps_only = kernels._same_conv_backward(grad, x, taps, False, True)
+    assert no_x is None and torch.equal(grad_taps_only, via_onednn_grads[1])
+    called = []
     monkeypatch.setattr(kernels, "_depthwise_conv2d", lambda *a: called.append(1) or shift_and_add)
     kernels._same_conv_forward(torch.randn(2, 9, 3, 4), torch.randn(2, 9, 3, 1, 5))  # span taps
     assert called == []
