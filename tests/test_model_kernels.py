@@ -516,6 +516,34 @@ def test_contiguous_gradient_identity():
     assert seen["contiguous"] and torch.equal(x.grad, upstream[:, :, :3])
 
 
+@pytest.mark.parametrize("length,kernel_size", [(128, 9), (17, 9), (3, 9), (16, 3), (40, 17), (21, 7)])
+def test_the_banded_span_conv_matches_the_shift_and_add(monkeypatch, length, kernel_size):
+    """`cpu_span_conv_banded`: the span conv as banded block products gives the shift-and-add's output and both
+    gradients, for lengths that are not a multiple of the block (zero rows at the end), kernels longer than the
+    sequence, and the widest kernel whose block overlaps stay apart (K - 1 = 16 rows)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, length, 3, 5, dtype=torch.float64)
+    taps = torch.randn(2, length, 3, 1, kernel_size, dtype=torch.float64)
+    grad = torch.randn(2, length, 3, 5, dtype=torch.float64)
+    assert kernels._banded_span_conv(x, taps)
+    banded = kernels._same_conv_forward(x, taps), *kernels._same_conv_backward(grad, x, taps, True, True)
+    monkeypatch.setattr(kernels, "cpu_span_conv_banded", False)
+    assert not kernels._banded_span_conv(x, taps)
+    shift_and_add = kernels._same_conv_forward(x, taps), *kernels._same_conv_backward(grad, x, taps, True, True)
+    for a, b in zip(banded, shift_and_add):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    monkeypatch.setattr(kernels, "cpu_span_conv_banded", True)
+    assert kernels._same_conv_backward(grad, x, taps, False, True)[0] is None
+    assert kernels._same_conv_backward(grad, x, taps, True, False)[1] is None
+    x32, taps32 = x.float(), taps.float()
+    torch.testing.assert_close(kernels._same_conv_forward(x32, taps32), shift_and_add[0].float(), atol=1e-5, rtol=1e-5)
+    # wider kernels (their block overlaps would overlap each other) and other layouts keep the shift-and-add
+    assert not kernels._banded_span_conv(torch.randn(2, 40, 3, 5), torch.randn(2, 40, 3, 1, 19))
+    assert not kernels._banded_span_conv(torch.randn(2, 40, 3, 5), torch.randn(2, 40, 3, 5, 9))
+    assert not kernels._banded_span_conv(torch.randn(2, 40, 3, 5).bfloat16(), torch.randn(2, 40, 3, 1, 9).bfloat16())
+
+
 def test_depthwise_conv1d_matches_the_shift_and_add():
     """The GPU's depthwise conv (one grouped conv1d) against the shift-and-add, forward and both gradients."""
     torch.manual_seed(0)
