@@ -521,8 +521,8 @@ class _GroupedFeedForward(torch.autograd.Function):
         grad_blocks = _columns(g2, groups)
         activated = [F.gelu(block) for block in inner]
         grad_weight2 = _weight_gradient_blocks([a.t() for a in activated], grad_blocks, torch.empty_like(weight2))
-        del activated
-        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2))
+        # the GELU output is spent: its buffers take the input gradient (recently touched memory, no allocation)
+        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), out=activated)
         for grad_block, block in zip(grad_inner, inner):
             torch.ops.aten.gelu_backward.grad_input(grad_block, block, grad_input=grad_block)
         grad_h, grad_weight1 = _grouped_backward(grad_inner, h2, weight1, True, True)
