@@ -11,12 +11,15 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
     activation, [B, T, 4H], is never stored).
   * `span_kernel_logits`: the dynamic-kernel generator, keeping one [B, T, A] tensor of its four.
   * `layer_norm`: saves its output (which the next layer keeps anyway) instead of its input.
-  * `same_conv`: the K-tap shift-and-add behind both convolutions, with implicit zero padding and an in-place
-    accumulating backward; it saves only tensors that other ops save anyway.
+  * `same_conv`: both convolutions, with implicit zero padding; it saves only tensors that other ops save anyway.
+    A K-tap shift-and-add with an in-place accumulating backward in general; on fp32 CPU tensors the depthwise
+    conv runs as oneDNN's depthwise conv2d (forward and backward) on a channels-last view, and the span conv as
+    banded block products (one batched `matmul` over overlapping windows, no unfold).
   * `short_softmax`: softmax over the 9 kernel taps as whole-tensor ops.
   * `linear` and the grouped products: large fp32 products of activations with weights (forward and input
-    gradient) run on oneDNN, whose kernels are ~10 % faster than MKL's on our benchmark CPU; the inference FFN
-    applies its GELU as the GEMM's epilogue. Weight gradients stay on BLAS (`set_cpu_gemm` picks the library).
+    gradient) run on oneDNN where its kernels were measured faster than MKL's (AMD: ~10 %; Intel: BLAS is the
+    default there), and the inference FFN then applies its GELU as the GEMM's epilogue. Weight gradients stay on
+    BLAS (`set_cpu_gemm` picks the library).
 On CUDA, under `torch.compile`, or without grad, the standard ops are used (but for the attention, whose per-head
 function is also the faster in CPU inference); under CPU bf16 autocast the encoder runs these functions in bf16
 (`cpu_mixed_precision_dtype`). On CUDA (`_gpu_path`), where an eager step is bound by

@@ -2,9 +2,10 @@
 
 Parameter names and shapes follow the HF checkpoint layout exactly (spec §1.9, hf-convbert.md §3), so a state
 dict loads without translation. The computation follows the original TF code (spec §1.4), written for speed:
-both convolutions are shift-and-add over a zero-padded [B, T, C] tensor (no unfold, no k-fold buffer, no layout
-transposes), the four input projections are one matrix multiply, and the attention is
-`scaled_dot_product_attention`.
+both convolutions are `kernels.same_conv` on the [B, T, C] activations (no unfold, no k-fold buffer, no layout
+transposes: a shift-and-add, oneDNN's depthwise conv on a channels-last view, or banded block products), the four
+input projections are one matrix multiply, and the attention is one head at a time on BLAS on the CPU
+(`scaled_dot_product_attention` elsewhere).
 """
 
 from __future__ import annotations
