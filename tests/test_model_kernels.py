@@ -558,6 +558,54 @@ def test_depthwise_conv1d_matches_the_shift_and_add():
             assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_inference_folds_the_residual_into_the_last_product(monkeypatch, groups):
+    """`fold_residual_in_inference`: on BLAS, without grad, a sub-layer's last product accumulates onto residual +
+    bias; the result equals product + bias + residual (and the FFN's), and the fold is used only there."""
+    monkeypatch.setattr(kernels, "_cpu_gemm", "blas")
+    torch.manual_seed(0)
+    x, residual = torch.randn(3, 7, 8), torch.randn(3, 7, 6)
+    weight, bias = torch.randn(6, 8), torch.randn(6)
+    h = torch.randn(3, 7, 8)
+    if groups == 1:
+        w1, b1, w2, b2 = torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+    else:
+        w1, b1, w2, b2 = torch.randn(2, 4, 8), torch.randn(16), torch.randn(2, 8, 4), torch.randn(8)
+    with torch.no_grad():
+        assert kernels._folds_residual(x, residual, 0.1, False, weight, bias)
+        folded = kernels.linear_dropout_add(x, weight, bias, residual, 0.1, False)
+        torch.testing.assert_close(folded, residual + F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+        folded_ffn = kernels.feed_forward_dropout_add(h, w1, b1, w2, b2, groups, h, 0.1, False)
+        monkeypatch.setattr(kernels, "fold_residual_in_inference", False)
+        plain_ffn = kernels.grouped_feed_forward(h, w1, b1, w2, b2, groups) + h
+        torch.testing.assert_close(folded_ffn, plain_ffn, atol=1e-5, rtol=1e-5)
+        assert not kernels._folds_residual(x, residual, 0.1, False, weight, bias)
+        monkeypatch.setattr(kernels, "fold_residual_in_inference", True)
+        assert not kernels._folds_residual(x, residual, 0.1, True, weight, bias)  # dropout active
+        assert not kernels._folds_residual(x, residual.double(), 0.1, False, weight, bias)  # mixed dtypes
+    assert not kernels._folds_residual(x, residual, 0.1, False, weight.requires_grad_(), bias)  # training
+    monkeypatch.setattr(kernels, "_cpu_gemm", "onednn")
+    assert not kernels._folds_residual(x.detach(), residual, 0.0, False, weight.detach(), bias)
+
+
+def test_the_model_in_inference_with_and_without_the_residual_fold(monkeypatch):
+    from convbert import ConvBertConfig, ConvBertModel
+
+    monkeypatch.setattr(kernels, "_cpu_gemm", "blas")
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", num_groups=2)).eval()
+    ids = torch.randint(5, 500, (2, 12))
+    folds, decide = [], kernels._folds_residual
+    monkeypatch.setattr(kernels, "_folds_residual", lambda *a: folds.append(decide(*a)) or folds[-1])
+    outputs = []
+    for flag in (True, False):
+        monkeypatch.setattr(kernels, "fold_residual_in_inference", flag)
+        with torch.inference_mode():
+            outputs.append(model(ids).last_hidden_state)
+    layers = model.config.num_hidden_layers
+    assert folds == [True] * (2 * layers) + [False] * (2 * layers)  # both sub-layers of every layer, then none
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
 def test_model_with_the_gpu_depthwise_conv_matches(monkeypatch):
     """The model on the GPU's ops, with and without the conv1d depthwise branch (on the CPU): same outputs and
     gradients."""

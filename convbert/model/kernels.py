@@ -560,6 +560,45 @@ def grouped_feed_forward(h: torch.Tensor, weight1, bias1, weight2, bias2, groups
     return gelu_linear(grouped_linear(h, weight1, bias1, groups), weight2, bias2, groups)
 
 
+# In fp32 CPU inference on BLAS, a sub-layer's last product accumulates onto residual + bias (`torch.add`, then
+# `addmm_`) instead of writing product + bias (BLAS's addmm first copies the bias into its output) and then adding the
+# residual: one pass over the [M, H] output fewer per sub-layer. Medium-small inference on an Intel Xeon, paired
+# interleaved steps (30 each): 3.7 % faster (median of the per-step ratios). False: product, then dropout_add.
+fold_residual_in_inference = True
+
+
+def _folds_residual(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool, *params) -> bool:
+    return (fold_residual_in_inference and not (training and p > 0.0) and _cpu_gemm == "blas" and _lean_path(x)
+            and x.dtype == residual.dtype and all(t.dtype == x.dtype for t in params)
+            and not _needs_grad(x, residual, *params))
+
+
+def linear_dropout_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, p: float,
+                       training: bool) -> torch.Tensor:
+    """residual + dropout(linear(x)): a sub-layer's output projection and its residual connection."""
+    if _folds_residual(x, residual, p, training, weight, bias):
+        out = torch.add(residual.reshape(-1, residual.shape[-1]), bias)
+        out.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+        return out.view(residual.shape)
+    return dropout_add(linear(x, weight, bias), residual, p, training)
+
+
+def feed_forward_dropout_add(h: torch.Tensor, weight1, bias1, weight2, bias2, groups: int, residual: torch.Tensor,
+                             p: float, training: bool) -> torch.Tensor:
+    """residual + dropout(grouped_feed_forward(h)): the FFN sub-layer and its residual connection."""
+    if _folds_residual(h, residual, p, training, weight1, bias1, weight2, bias2):
+        h2 = h.reshape(-1, h.shape[-1])
+        out = torch.add(residual.reshape(-1, residual.shape[-1]), bias2)
+        if groups > 1:
+            inner = _block_products(_columns(h2, groups), weight1, bias=bias1.view(groups, -1), gelu=True)
+            for block, weight, out_block in zip(inner, weight2, _columns(out, groups)):
+                out_block.addmm_(block, weight)
+        else:
+            out.addmm_(_mm_nt(h2, weight1, bias1, gelu=True), weight2.t())
+        return out.view(residual.shape)
+    return dropout_add(grouped_feed_forward(h, weight1, bias1, weight2, bias2, groups), residual, p, training)
+
+
 def _same_conv_terms(length: int, kernel_size: int):
     """(tap k, offset o, output rows lo:hi) for a 'same' K-tap correlation with implicit zero padding."""
     center = (kernel_size - 1) // 2

@@ -188,11 +188,11 @@ class ConvBertLayer(nn.Module):
         attention, out = self.attention, self.attention.output
         dtype = compute_dtype or x.dtype  # the casts below are no-ops unless compute_dtype is given
         mixed = attention.self(x.to(dtype), additive_mask, token_mask)
-        projected = kernels.linear(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype))
-        h = kernels.layer_norm(kernels.dropout_add(projected, x, out.dropout.p, self.training), out.LayerNorm)
+        h = kernels.layer_norm(kernels.linear_dropout_add(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype),
+                                                          x, out.dropout.p, self.training), out.LayerNorm)
         # GELU between the two (grouped) linears: its output is recomputed in backward, not stored
         inner, outer = self.intermediate.dense, self.output.dense
-        f = kernels.grouped_feed_forward(h.to(dtype), inner.weight.to(dtype), inner.bias.to(dtype),
-                                         outer.weight.to(dtype), outer.bias.to(dtype), self.groups)
-        return kernels.layer_norm(kernels.dropout_add(f, h, self.output.dropout.p, self.training),
-                                  self.output.LayerNorm)
+        f = kernels.feed_forward_dropout_add(h.to(dtype), inner.weight.to(dtype), inner.bias.to(dtype),
+                                             outer.weight.to(dtype), outer.bias.to(dtype), self.groups, h,
+                                             self.output.dropout.p, self.training)
+        return kernels.layer_norm(f, self.output.LayerNorm)
