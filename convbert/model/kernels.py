@@ -16,6 +16,8 @@ Each saves the least it can for backward, recomputes what is cheap and avoids la
     conv runs as oneDNN's depthwise conv2d (forward and backward) on a channels-last view, and the span conv as
     banded block products (one batched `matmul` over overlapping windows, no unfold).
   * `short_softmax`: softmax over the 9 kernel taps as whole-tensor ops.
+  * `linear_dropout_add` / `feed_forward_dropout_add`: a sub-layer's last product and its residual connection; in
+    inference with the products on BLAS the product accumulates onto residual + bias (one pass fewer).
   * `linear` and the grouped products: large fp32 products of activations with weights (forward and input
     gradient) run on oneDNN where its kernels were measured faster than MKL's (AMD: ~10 %; Intel: BLAS is the
     default there), and the inference FFN then applies its GELU as the GEMM's epilogue. Weight gradients stay on
