@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from convbert.model.config import ConvBertConfig
 from convbert.pretrain.masking import mask_batch
 from convbert.pretrain.model import (
-    ElectraPretrainingModel, gather_positions, gumbel_argmax, gumbel_argmax_in_place, gumbel_sample,
+    ElectraPretrainingModel, gather_positions, gumbel_argmax, gumbel_argmax_in_place, gumbel_sample, uniform_noise,
 )
 
 CLS, SEP, MASK = 2, 3, 4
@@ -87,8 +87,26 @@ def test_gumbel_sample_matches_softmax():
 def test_gumbel_sample_is_the_gumbel_max_expression(temperature):
     logits = torch.randn(4, 19, 300)
     ours = gumbel_sample(logits, temperature, torch.Generator().manual_seed(3))
-    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(3))
+    u = uniform_noise(logits, torch.Generator().manual_seed(3))
     assert torch.equal(ours, torch.argmax(logits / temperature - torch.log(-torch.log(u + 1e-9) + 1e-9), dim=-1))
+
+
+def test_uniform_noise_is_fixed_by_the_generator_and_uniform():
+    """The Gumbel noise (numpy's SFC64 on the CPU, seeded from the torch generator): the same generator state gives
+    the same noise, a different one different noise, torch's default generator follows `torch.manual_seed`, and the
+    values are fp32 in [0, 1) with a uniform mean and spread."""
+    like = torch.empty(64, 19, 301)
+    shape = like.shape
+    a = uniform_noise(like, torch.Generator().manual_seed(7))
+    b = uniform_noise(like, torch.Generator().manual_seed(7))
+    c = uniform_noise(like, torch.Generator().manual_seed(8))
+    assert a.shape == shape and a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(a, c)
+    assert 0.0 <= float(a.min()) and float(a.max()) < 1.0
+    assert abs(float(a.mean()) - 0.5) < 0.005 and abs(float(a.var()) - 1 / 12) < 0.002
+    torch.manual_seed(11)
+    d = uniform_noise(like)
+    torch.manual_seed(11)
+    assert torch.equal(d, uniform_noise(like))
 
 
 def test_gather_positions():
