@@ -172,17 +172,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _random_words(count: int, device: torch.device) -> torch.Tensor:
-    """`count` uniformly random int64 words, fixed by torch's seed.
-
-    On the CPU, torch's generator (a serial mt19937) makes ~4 ns per word; numpy's SFC64 makes them ~2x faster.
-    Its seed is drawn from torch's default generator, so `torch.manual_seed`, saved and restored RNG states and
-    checkpointing's RNG replay fix these words as they fix torch's own draws. Under a dispatch mode (the CUDA-graph
-    stand-in records ATen ops to replay them) the words must come from an ATen op, so torch draws them there.
-    """
-    if device.type == "cpu" and torch._C._len_torch_dispatch_stack() == 0:  # (no dispatch mode; torch >= 2.0)
-        seed = int(torch.empty((), dtype=torch.int64).random_())
-        return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+    """`count` uniformly random int64 words, fixed by torch's seed: on the CPU from `host_bit_generator` (torch's
+    serial mt19937 makes ~4 ns per word, numpy's SFC64 about half that), elsewhere from torch."""
+    bit_generator = host_bit_generator(device)
+    if bit_generator is not None:
+        return torch.from_numpy(bit_generator.random_raw(count).view(np.int64))
     return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
+
+
+def host_bit_generator(device: torch.device, generator: torch.Generator | None = None) -> np.random.SFC64 | None:
+    """numpy's SFC64 seeded by one draw from `generator` (torch's default when None), for bulk random numbers on
+    the CPU about twice as fast as torch's serial mt19937; None where torch must draw them itself (other devices,
+    or a dispatch mode such as the CUDA-graph stand-in, which records ATen ops to replay them). Seeding from torch
+    means `torch.manual_seed`, saved RNG states and checkpointing's RNG replay fix these numbers as they fix
+    torch's own draws."""
+    if device.type != "cpu" or torch._C._len_torch_dispatch_stack() != 0:  # (no dispatch mode; torch >= 2.0)
+        return None
+    return np.random.SFC64(int(torch.empty((), dtype=torch.int64).random_(generator=generator)))
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -535,30 +541,45 @@ class _GroupedFeedForward(torch.autograd.Function):
         return grad_h.view(ctx.input_shape), grad_weight1, grad_bias1, grad_weight2, g2.sum(0)
 
 
-def _grouped_ffn_forward(h, weight1, bias1, weight2, bias2, for_backward: bool = True):
-    """(output, h as [M, H], the GELU input as G [M, 4H/G] tensors). Without `for_backward` the GELU input is not
-    kept: the GELU runs as the first product's epilogue (and the third element is its output)."""
+def _grouped_ffn_forward(h, weight1, bias1, weight2, bias2):
+    """(output, h as [M, H], the GELU input as G [M, 4H/G] tensors, kept for backward)."""
     groups = weight1.shape[0]
     h2 = h.reshape(-1, h.shape[-1])
-    inner = _block_products(_columns(h2, groups), weight1, bias=bias1.view(groups, -1), gelu=not for_backward)
-    activated = [F.gelu(block) for block in inner] if for_backward else inner
+    inner = _block_products(_columns(h2, groups), weight1, bias=bias1.view(groups, -1))
     out = h2.new_empty(h2.shape[0], bias2.shape[0])
-    _block_products(activated, weight2, _columns(out, groups), bias2.view(groups, -1))
+    _block_products([F.gelu(block) for block in inner], weight2, _columns(out, groups), bias2.view(groups, -1))
     return out.view(*h.shape[:-1], -1), h2, inner
+
+
+def _ffn_inference(h, weight1, bias1, weight2, bias2, groups: int, residual: torch.Tensor | None = None):
+    """linear2(gelu(linear1(h))) without grad, the GELU as the first product's epilogue (on oneDNN; in place after
+    it on BLAS); with `residual`, the second product accumulates onto residual + bias2 (`fold_residual_in_inference`)."""
+    h2 = h.reshape(-1, h.shape[-1])
+    if groups > 1:
+        activated = _block_products(_columns(h2, groups), weight1, bias=bias1.view(groups, -1), gelu=True)
+        blocks2 = weight2  # [G, in/G, out/G]
+    else:
+        activated, blocks2 = [_mm_nt(h2, weight1, bias1, gelu=True)], weight2.t()[None]  # one [in, out] block
+    if residual is not None:
+        out = torch.add(residual.reshape(-1, residual.shape[-1]), bias2)
+        for block, weight, out_block in zip(activated, blocks2, _columns(out, groups)):
+            out_block.addmm_(block, weight)
+        return out.view(residual.shape)
+    if groups == 1:  # no `out=`: oneDNN's result is returned as it is, not copied
+        return _mm_nt(activated[0], weight2, bias2).view(*h.shape[:-1], -1)
+    out = h2.new_empty(h2.shape[0], bias2.shape[0])
+    _block_products(activated, blocks2, _columns(out, groups), bias2.view(groups, -1))
+    return out.view(*h.shape[:-1], -1)
 
 
 def grouped_feed_forward(h: torch.Tensor, weight1, bias1, weight2, bias2, groups: int) -> torch.Tensor:
     """linear2(gelu(linear1(h))), the FFN of a layer: both linears grouped (weights [G, in/G, out/G]) when
     groups > 1, plain `nn.Linear` weights when groups == 1."""
     if _lean_path(h):
-        training = _needs_grad(h, weight1, bias1, weight2, bias2)
+        if not _needs_grad(h, weight1, bias1, weight2, bias2):
+            return _ffn_inference(h, weight1, bias1, weight2, bias2, groups)
         if groups > 1:
-            if training:
-                return _GroupedFeedForward.apply(h, weight1, bias1, weight2, bias2)
-            return _grouped_ffn_forward(h, weight1, bias1, weight2, bias2, for_backward=False)[0]
-        if not training:  # the GELU as the first product's epilogue
-            h2 = h.reshape(-1, h.shape[-1])
-            return _mm_nt(_mm_nt(h2, weight1, bias1, gelu=True), weight2, bias2).view(*h.shape[:-1], -1)
+            return _GroupedFeedForward.apply(h, weight1, bias1, weight2, bias2)
     return gelu_linear(grouped_linear(h, weight1, bias1, groups), weight2, bias2, groups)
 
 
@@ -589,15 +610,7 @@ def feed_forward_dropout_add(h: torch.Tensor, weight1, bias1, weight2, bias2, gr
                              p: float, training: bool) -> torch.Tensor:
     """residual + dropout(grouped_feed_forward(h)): the FFN sub-layer and its residual connection."""
     if _folds_residual(h, residual, p, training, weight1, bias1, weight2, bias2):
-        h2 = h.reshape(-1, h.shape[-1])
-        out = torch.add(residual.reshape(-1, residual.shape[-1]), bias2)
-        if groups > 1:
-            inner = _block_products(_columns(h2, groups), weight1, bias=bias1.view(groups, -1), gelu=True)
-            for block, weight, out_block in zip(inner, weight2, _columns(out, groups)):
-                out_block.addmm_(block, weight)
-        else:
-            out.addmm_(_mm_nt(h2, weight1, bias1, gelu=True), weight2.t())
-        return out.view(residual.shape)
+        return _ffn_inference(h, weight1, bias1, weight2, bias2, groups, residual)
     return dropout_add(grouped_feed_forward(h, weight1, bias1, weight2, bias2, groups), residual, p, training)
 
 
@@ -721,6 +734,14 @@ def _banded_span_conv(x: torch.Tensor, taps: torch.Tensor) -> bool:
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and taps.dtype == x.dtype)
 
 
+def _row_windows(padded: torch.Tensor, blocks: int, rows: int, height: int, first_row: int = 0) -> torch.Tensor:
+    """Views of a contiguous [B, N, L, d] as [B, N, blocks, height, d]: window j holds rows first_row + j*rows ..
+    + height - 1 (windows overlap when height > rows)."""
+    batch, heads, length, size = padded.shape
+    return padded.as_strided((batch, heads, blocks, height, size), (heads * length * size, length * size,
+                             rows * size, size, 1), padded.storage_offset() + first_row * size)
+
+
 def _span_blocks(t: torch.Tensor, rows: int, halo: int) -> torch.Tensor:
     """[B, T, N, d] -> [B, N, n, rows + 2*halo, d]: the time axis zero-padded by `halo` each side (and up to n*rows)
     and cut into n blocks of `rows` rows, each with `halo` rows of its neighbours either side (overlapping views of
@@ -729,9 +750,7 @@ def _span_blocks(t: torch.Tensor, rows: int, halo: int) -> torch.Tensor:
     blocks = -(-length // rows)
     padded = t.new_zeros(batch, heads, blocks * rows + 2 * halo, size)
     padded[:, :, halo : halo + length].copy_(t.permute(0, 2, 1, 3))
-    height = padded.shape[2]
-    return padded.as_strided((batch, heads, blocks, rows + 2 * halo, size),
-                             (heads * height * size, height * size, rows * size, size, 1))
+    return _row_windows(padded, blocks, rows, rows + 2 * halo)
 
 
 def _band_diagonals(band: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -782,11 +801,9 @@ def _span_conv_banded_backward(grad: torch.Tensor, x: torch.Tensor, taps: torch.
         windows = torch.matmul(_span_band(taps, rows).transpose(-1, -2), grad_blocks)  # [B, N, n, rows + 2h, d]
         blocks = windows.shape[2]
         padded = x.new_zeros(batch, heads, blocks * rows + 2 * halo, size)
-        height = padded.shape[2]
-        strides = (heads * height * size, height * size, rows * size, size, 1)
         # each window's first `rows` rows tile the padded axis; its last 2*halo rows overlap the next window's
-        padded.as_strided((batch, heads, blocks, rows, size), strides).copy_(windows[:, :, :, :rows])
-        padded.as_strided((batch, heads, blocks, 2 * halo, size), strides, rows * size).add_(windows[:, :, :, rows:])
+        _row_windows(padded, blocks, rows, rows).copy_(windows[:, :, :, :rows])
+        _row_windows(padded, blocks, rows, 2 * halo, first_row=rows).add_(windows[:, :, :, rows:])
         grad_x = padded[:, :, halo : halo + length].permute(0, 2, 1, 3)
     return grad_x, grad_taps
 

@@ -61,19 +61,17 @@ def uniform_noise(like: torch.Tensor, generator: torch.Generator | None = None) 
     """U[0, 1) fp32 noise of `like`'s shape and device for the Gumbel-max sample, fixed by `generator` (torch's
     default when None).
 
-    On the CPU it comes from numpy's SFC64, seeded by one draw from `generator`, so seeds, saved RNG states and
-    resumes fix it as they fix torch's own draws: for medium-small's [32, 19, 30522] it takes about half the time
-    of torch's serial mt19937 (53-71 against 104-170 ms on an Intel Xeon), which made sampling 5 % of a CPU
-    pre-training step. On GPUs (and their code path, which tests run on the CPU) and under a dispatch mode (the
-    CUDA-graph stand-in records ATen ops), torch.rand.
+    On the CPU it comes from `kernels.host_bit_generator` (numpy's SFC64 seeded from `generator`): for
+    medium-small's [32, 19, 30522] about half the time of torch's serial mt19937 (53-71 against 104-170 ms on an
+    Intel Xeon), which made sampling 5 % of a CPU pre-training step. On GPUs (and their code path, which tests run
+    on the CPU) and under a dispatch mode, torch.rand.
     """
-    shape = like.shape
-    if like.device.type == "cpu" and not kernels._gpu_path(like) and torch._C._len_torch_dispatch_stack() == 0:
-        seed = int(torch.randint(0, 2**62, (), generator=generator))
-        noise = np.empty(math.prod(shape), dtype=np.float32)
-        np.random.Generator(np.random.SFC64(seed)).random(out=noise, dtype=np.float32)
-        return torch.from_numpy(noise).view(shape)
-    return torch.rand(shape, dtype=torch.float32, device=like.device, generator=generator)
+    bit_generator = None if kernels._gpu_path(like) else kernels.host_bit_generator(like.device, generator)
+    if bit_generator is None:
+        return torch.rand(like.shape, dtype=torch.float32, device=like.device, generator=generator)
+    noise = np.empty(math.prod(like.shape), dtype=np.float32)
+    np.random.Generator(bit_generator).random(out=noise, dtype=np.float32)
+    return torch.from_numpy(noise).view(like.shape)
 
 
 def gumbel_argmax_in_place(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
