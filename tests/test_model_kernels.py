@@ -467,6 +467,32 @@ def test_onednn_products_give_the_blas_model(onednn_everywhere, monkeypatch, gro
         assert (onednn_grads[name] - grad).abs().max().item() <= 1e-4 * grad.abs().max().item() + 1e-6, name
 
 
+def test_grouped_ffn_backward_on_onednn_copies_no_product_into_the_gelu_buffers(onednn_everywhere, monkeypatch):
+    """On BLAS the input gradient is written into the spent GELU buffers; oneDNN returns a result of its own, so
+    there it is taken as it is: no [M, 4H/G] copy in the backward, and the same gradients as on BLAS."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 8, 16, requires_grad=True)
+    w1, b1 = torch.randn(2, 8, 24, requires_grad=True), torch.randn(48, requires_grad=True)
+    w2, b2 = torch.randn(2, 24, 8, requires_grad=True), torch.randn(16, requires_grad=True)
+    grad = torch.randn(4, 8, 16)
+
+    def grads(gemm: str):
+        monkeypatch.setattr(kernels, "_cpu_gemm", gemm)
+        out = kernels._GroupedFeedForward.apply(h, w1, b1, w2, b2)
+        with profile(record_shapes=True) as prof:
+            result = torch.autograd.grad(out, (h, w1, b1, w2, b2), grad)
+        inner_copies = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes[:1] == [[32, 24]]]
+        return result, len(inner_copies)
+
+    onednn_grads, onednn_copies = grads("onednn")
+    blas_grads, _ = grads("blas")
+    assert onednn_copies == 0
+    for a, b in zip(onednn_grads, blas_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_ungrouped_feed_forward_without_grad_matches_the_definition():
     torch.manual_seed(0)
     h = torch.randn(2, 3, 8, dtype=torch.double)

@@ -113,6 +113,13 @@ if os.environ.get("CONVBERT_CPU_GEMM"):
     set_cpu_gemm(os.environ["CONVBERT_CPU_GEMM"])
 
 
+def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy)."""
+    rows, (width, depth) = x.shape[0], weight.shape
+    return (_cpu_gemm == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu"
+            and width >= _ONEDNN_MIN_WIDTH and rows * width * depth >= _ONEDNN_MIN_MACS)
+
+
 def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """x [M, K] @ weight.T (+ bias) for weight [N, K] with any strides, into `out` if given; `gelu` applies the
@@ -123,9 +130,7 @@ def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY) stay on BLAS, which is the faster of the two at that
     transposed shape.
     """
-    rows, (width, depth) = x.shape[0], weight.shape
-    if (_cpu_gemm == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu"
-            and width >= _ONEDNN_MIN_WIDTH and rows * width * depth >= _ONEDNN_MIN_MACS):
+    if _on_onednn(x, weight):
         attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the erf GELU, not the tanh one
         y = _ONEDNN_LINEAR(x, weight, bias, attr, [], algorithm)
         return y if out is None else out.copy_(y)
@@ -532,8 +537,10 @@ class _GroupedFeedForward(torch.autograd.Function):
         grad_blocks = _columns(g2, groups)
         activated = [F.gelu(block) for block in inner]
         grad_weight2 = _weight_gradient_blocks([a.t() for a in activated], grad_blocks, torch.empty_like(weight2))
-        # the GELU output is spent: its buffers take the input gradient (recently touched memory, no allocation)
-        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), out=activated)
+        # the GELU output is spent: on BLAS its buffers take the input gradient (recently touched memory, no
+        # allocation); oneDNN returns a result of its own, which would only be copied into them
+        hot = None if _on_onednn(grad_blocks[0], weight2[0]) else activated
+        grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), out=hot)
         for grad_block, block in zip(grad_inner, inner):
             torch.ops.aten.gelu_backward.grad_input(grad_block, block, grad_input=grad_block)
         grad_h, grad_weight1 = _grouped_backward(grad_inner, h2, weight1, True, True)
