@@ -84,7 +84,8 @@ def default_cpu_gemm(vendor: str, has_onednn: bool) -> str:
     """BLAS (MKL) on Intel, oneDNN elsewhere where PyTorch has it. Measured with benchmarks/gemm_backends.py (whole
     medium-small step, 2 threads, interleaved): on an AMD Zen 4 oneDNN's kernels are the faster (training
     1.03-1.05x, inference 1.05-1.08x); on an Intel Xeon (Emerald Rapids) MKL's are, or tie (training 2.41 against
-    2.53 s and 2.67 against 2.63 s, inference 0.68 against 0.71 s and 0.65 against 0.78 s)."""
+    2.53 s and 2.67 against 2.63 s, inference 0.68 against 0.71 s and 0.65 against 0.78 s); on an AVX2-only AMD Zen 3
+    the whole steps were mixed (training 3.71 s on oneDNN against 4.07 s, inference 1.25 against 1.14 s)."""
     return "onednn" if has_onednn and vendor != "GenuineIntel" else "blas"
 
 
