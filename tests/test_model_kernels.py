@@ -412,6 +412,7 @@ def onednn_everywhere(monkeypatch):
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_WIDTH", 0)
     monkeypatch.setattr(kernels, "_cpu_gemm", "onednn")
+    monkeypatch.setattr(kernels, "onednn_gelu_epilogue", True)  # the AVX-512 default, whatever this CPU is
     return epilogues
 
 
@@ -432,6 +433,23 @@ def test_mm_nt_on_onednn_and_blas_matches_the_definition(onednn_everywhere, monk
         if into_columns:
             assert torch.equal(target[:, 6:18], result) and (target[:, :6] == 7).all() and (target[:, 18:] == 7).all()
     assert onednn_everywhere.count("gelu" if gelu else "none") == 1
+
+
+def test_onednn_gelu_without_the_epilogue_is_an_in_place_gelu_after_the_product(onednn_everywhere, monkeypatch):
+    """Where the epilogue is the slower (AVX2 CPUs), oneDNN runs the plain product and the GELU follows in place:
+    the same result, written into `out` when one is given."""
+    assert kernels.default_onednn_gelu_epilogue("AVX512") and kernels.default_onednn_gelu_epilogue("avx512_bf16")
+    assert not kernels.default_onednn_gelu_epilogue("AVX2") and not kernels.default_onednn_gelu_epilogue("")
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(40, 24)[:, 4:20], torch.randn(12, 16), torch.randn(12)
+    reference = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
+    monkeypatch.setattr(kernels, "onednn_gelu_epilogue", False)
+    target = torch.zeros(40, 30)
+    for out in (None, target[:, 6:18]):
+        result = kernels._mm_nt(x, weight, bias, out=out, gelu=True)
+        assert torch.allclose(result.double(), reference, atol=1e-5)
+    assert torch.equal(target[:, 6:18], result)
+    assert onednn_everywhere == ["none", "none"]  # both ran on oneDNN, neither with the epilogue
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -114,6 +114,24 @@ if os.environ.get("CONVBERT_CPU_GEMM"):
     set_cpu_gemm(os.environ["CONVBERT_CPU_GEMM"])
 
 
+def default_onednn_gelu_epilogue(capability: str) -> bool:
+    """Whether oneDNN applies the FFN's GELU as its product's epilogue (else an in-place GELU after it), by the CPU
+    capability PyTorch dispatches to. On AVX-512 (the AMD Zen 4 of our benchmarks) the epilogue was part of
+    oneDNN's measured inference gain. On an AVX2-only AMD Zen 3 it is the slower: medium-small's [4096, 192] x
+    [192, 768] product with bias took 13.4 ms with the epilogue against 10.8 ms plus `gelu_` (interleaved, alone),
+    and whole inference steps were 4-5 % faster without it (paired, 20 and 30 each)."""
+    return capability.upper().startswith("AVX512")
+
+
+def _cpu_capability() -> str:
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if get is not None else ""
+
+
+# Set by the CPU at import; tests and benchmarks may flip it (same maths either way).
+onednn_gelu_epilogue = default_onednn_gelu_epilogue(_cpu_capability())
+
+
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy)."""
     rows, (width, depth) = x.shape[0], weight.shape
@@ -124,7 +142,8 @@ def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """x [M, K] @ weight.T (+ bias) for weight [N, K] with any strides, into `out` if given; `gelu` applies the
-    exact (erf) GELU to the result, on oneDNN as the GEMM's epilogue (no pass of its own over the output).
+    exact (erf) GELU to the result: on oneDNN as the GEMM's epilogue where `onednn_gelu_epilogue` (no pass of its
+    own over the output), else in place after it.
 
     With `set_cpu_gemm("onednn")` (the default on AMD), large fp32 CPU products go to oneDNN: on the AMD Zen 4 of
     our benchmarks its kernels reach ~195-212 GFLOP/s at the encoder's shapes where MKL's reach ~175-190
@@ -132,9 +151,11 @@ def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     transposed shape.
     """
     if _on_onednn(x, weight):
-        attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the erf GELU, not the tanh one
+        fused = gelu and onednn_gelu_epilogue
+        attr, algorithm = ("gelu", "none") if fused else ("none", "")  # "none": the erf GELU, not the tanh one
         y = _ONEDNN_LINEAR(x, weight, bias, attr, [], algorithm)
-        return y if out is None else out.copy_(y)
+        y = y if out is None else out.copy_(y)
+        return torch.ops.aten.gelu_(y) if gelu and not fused else y
     if out is None:
         y = F.linear(x, weight, bias)
     elif bias is None:
