@@ -36,8 +36,11 @@ def machine_info(threads: int) -> dict:
     """What a result was measured on (stored in every report)."""
     import torch
 
+    from convbert.model.kernels import cpu_kernel_choices
+
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": threads}
+            "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+            "cpu_kernels": cpu_kernel_choices()}  # the CPU model and the kernels it picked (`convbert info --kernels`)
 
 
 def write_report(path: str, report: dict, quiet: bool = False) -> None:

@@ -63,3 +63,29 @@ def test_info_plain_attention_is_the_electra_baseline(capsys, transformers_modul
     assert main(["info", "--size", "small", "--attention", "plain"]) == 0
     out = capsys.readouterr().out
     assert "small with plain attention (the ELECTRA-style baseline)" in out and "none / 1" in out
+
+
+def test_info_kernels_reports_this_process_choices(capsys, monkeypatch):
+    import json
+
+    from convbert.model import kernels
+
+    assert main(["info", "--kernels", "--json"]) == 0
+    choices = json.loads(capsys.readouterr().out)
+    assert choices == kernels.cpu_kernel_choices()
+    assert choices["cpu_gemm"] in kernels.CPU_GEMMS and choices["threads"] >= 1
+    monkeypatch.setattr(kernels, "onednn_gelu_epilogue", not choices["onednn_gelu_epilogue"])
+    assert main(["info", "--kernels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(l for l in lines if l.split()[:1] == ["onednn_gelu_epilogue"])
+    assert row.split()[1] == str(not choices["onednn_gelu_epilogue"])
+
+
+def test_info_kernels_follows_the_gemm_override():
+    import json
+    import os
+
+    env = dict(os.environ, CONVBERT_CPU_GEMM="blas")
+    out = subprocess.run([sys.executable, "-m", "convbert", "info", "--kernels", "--json"], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    assert json.loads(out)["cpu_gemm"] == "blas"

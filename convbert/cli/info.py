@@ -18,11 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=("mixed", "plain"), default="mixed",
                    help="mixed: ConvBERT (default); plain: the ELECTRA-style baseline of the same size, as "
                         "`convbert pretrain --attention plain` trains it")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead of the presets, print what this machine's fp32 CPU work runs with: the CPU (model, "
+                        "vendor, family/model, PyTorch's vector capability), the matrix-multiply library "
+                        "(CONVBERT_CPU_GEMM overrides), oneDNN's GELU epilogue, the inference residual fold, the "
+                        "convolution kernels and the thread count; quote it beside any timing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return _print_kernels(args.json)
     from convbert.model.flops import preset_table
 
     sizes = list(dict.fromkeys(args.size or ["small", "medium-small", "base"]))  # each size once
@@ -49,4 +56,17 @@ def run(args: argparse.Namespace) -> int:
         for label, value in lines:
             print(f"  {label:<48} {value}")
         print()
+    return 0
+
+
+def _print_kernels(as_json: bool) -> int:
+    from convbert.model.kernels import cpu_kernel_choices
+
+    choices = cpu_kernel_choices()
+    if as_json:
+        print(json.dumps(choices, indent=2))
+        return 0
+    print("fp32 CPU kernels of this process (docs/performance.md says why each is chosen)")
+    for key, value in choices.items():
+        print(f"  {key:<28} {value}")
     return 0

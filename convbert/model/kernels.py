@@ -62,16 +62,22 @@ def _find_onednn_linear():
         return None
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where it cannot be read)."""
+def _cpuinfo_field(name: str) -> str:
+    """The first `name` field of /proc/cpuinfo ("" where there is none, or no /proc)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where it cannot be read)."""
+    return _cpuinfo_field("vendor_id")
 
 
 _ONEDNN_LINEAR = _find_onednn_linear()
@@ -131,6 +137,23 @@ def _cpu_capability() -> str:
 # Set by the CPU at import; tests and benchmarks may flip it (same maths either way).
 onednn_gelu_epilogue = default_onednn_gelu_epilogue(_cpu_capability())
 
+
+def cpu_kernel_choices() -> dict:
+    """What this process runs fp32 CPU work with, and the CPU those choices were made for: the facts to quote
+    beside a timing (`convbert info --kernels`; every benchmark report stores them)."""
+    return {
+        "cpu_model": _cpuinfo_field("model name"),
+        "cpu_vendor": cpu_vendor(),
+        "cpu_family_model": f"{_cpuinfo_field('cpu family')}/{_cpuinfo_field('model')}",  # 25/1: Zen 3, 25/17: Zen 4
+        "cpu_capability": _cpu_capability(),
+        "onednn_linear_available": _ONEDNN_LINEAR is not None,
+        "cpu_gemm": _cpu_gemm,
+        "onednn_gelu_epilogue": onednn_gelu_epilogue,
+        "fold_residual_in_inference": fold_residual_in_inference,
+        "cpu_depthwise_conv2d": cpu_depthwise_conv2d,
+        "cpu_span_conv_banded": cpu_span_conv_banded,
+        "threads": torch.get_num_threads(),
+    }
 
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy)."""
