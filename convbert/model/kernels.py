@@ -155,6 +155,7 @@ def cpu_kernel_choices() -> dict:
         "threads": torch.get_num_threads(),
     }
 
+
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy)."""
     rows, (width, depth) = x.shape[0], weight.shape
