@@ -586,6 +586,7 @@ class _GroupedFeedForward(torch.autograd.Function):
         # the GELU output is spent: on BLAS its buffers take the input gradient (recently touched memory, no
         # allocation); oneDNN returns a result of its own, which would only be copied into them
         hot = None if _on_onednn(grad_blocks[0], weight2[0]) else activated
+        del activated  # on oneDNN its buffers are freed before the products allocate theirs
         grad_inner = _block_products(grad_blocks, weight2.transpose(1, 2), out=hot)
         for grad_block, block in zip(grad_inner, inner):
             torch.ops.aten.gelu_backward.grad_input(grad_block, block, grad_input=grad_block)
