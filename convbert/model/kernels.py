@@ -31,6 +31,7 @@ gradient; under `torch.compile` the convolutions are out-of-place ops, so the en
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -62,22 +63,25 @@ def _find_onednn_linear():
         return None
 
 
-def _cpuinfo_field(name: str) -> str:
-    """The first `name` field of /proc/cpuinfo ("" where there is none, or no /proc)."""
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where there is no /proc), read once."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
+                if not line.strip():
+                    break  # the end of the first CPU's block
                 key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return ""
+    return fields
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where it cannot be read)."""
-    return _cpuinfo_field("vendor_id")
+    return _cpuinfo().get("vendor_id", "")
 
 
 _ONEDNN_LINEAR = _find_onednn_linear()
@@ -142,9 +146,9 @@ def cpu_kernel_choices() -> dict:
     """What this process runs fp32 CPU work with, and the CPU those choices were made for: the facts to quote
     beside a timing (`convbert info --kernels`; every benchmark report stores them)."""
     return {
-        "cpu_model": _cpuinfo_field("model name"),
+        "cpu_model": _cpuinfo().get("model name", ""),
         "cpu_vendor": cpu_vendor(),
-        "cpu_family_model": f"{_cpuinfo_field('cpu family')}/{_cpuinfo_field('model')}",  # 25/1: Zen 3, 25/17: Zen 4
+        "cpu_family_model": f"{_cpuinfo().get('cpu family', '')}/{_cpuinfo().get('model', '')}",  # 25/1: Zen 3
         "cpu_capability": _cpu_capability(),
         "onednn_linear_available": _ONEDNN_LINEAR is not None,
         "cpu_gemm": _cpu_gemm,
