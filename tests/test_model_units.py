@@ -122,6 +122,16 @@ def test_json_round_trip(tmp_path):
         ConvBertConfig.from_dict({**config.to_dict(), "hiddn_size": 3})
 
 
+def test_hf_activation_names_map_only_to_the_same_maths():
+    """transformers' "gelu_python" is the erf GELU; "gelu_new" is the tanh approximation and must be refused,
+    not silently read as erf (outputs would differ from transformers' by ~1e-3 on trained weights)."""
+    hf = ConvBertConfig.from_preset("small").to_hf_dict()
+    assert ConvBertConfig.from_hf_dict({**hf, "hidden_act": "gelu_python"}).hidden_act == "gelu"
+    for name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"):
+        with pytest.raises(ConvBertError, match=f"hidden_act' = '{name}': expected 'gelu'"):
+            ConvBertConfig.from_hf_dict({**hf, "hidden_act": name})
+
+
 def _tiny(**overrides):
     return ConvBertConfig.from_preset("tiny", vocab_size=200, **overrides)
 

@@ -269,8 +269,8 @@ class ConvBertConfig:
             kwargs["num_groups"] = values["linear_groups"]
         if values.get("embedding_size") is None:
             kwargs["embedding_size"] = kwargs.get("hidden_size", cls.hidden_size)
-        if values.get("hidden_act") in ("gelu_new", "gelu_python"):
-            kwargs["hidden_act"] = "gelu"
+        if values.get("hidden_act") == "gelu_python":  # transformers' name for the same erf GELU
+            kwargs["hidden_act"] = "gelu"  # ("gelu_new" is the tanh approximation: refused by validation)
         if electra and values.get("position_embedding_type", "absolute") != "absolute":
             raise ConvBertError(f"{source}: field 'position_embedding_type' is "
                                 f"{values['position_embedding_type']!r}: only 'absolute' (ELECTRA's) is supported")
