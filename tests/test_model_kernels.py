@@ -1,5 +1,6 @@
 """The lean CPU training kernels compute exactly what the plain PyTorch ops compute (values and gradients)."""
 
+import copy
 import os
 
 import pytest
@@ -280,6 +281,28 @@ def test_layer_norm_saving_output_matches_layer_norm_and_gradcheck():
         norm.weight[2] = 0.0
     out = kernels.layer_norm(x, norm)
     assert out.grad_fn is not None and "NativeLayerNorm" in type(out.grad_fn).__name__
+
+
+def test_layer_norm_with_a_tiny_scale_and_a_large_shift_keeps_fp32_gradients_accurate():
+    """x̂ = (y - b) / w amplifies y's rounding by |b| / |w|: such a norm must run the plain LayerNorm."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    grad = torch.randn(8, 16, 64)
+    assert "_LayerNorm" in type(kernels.layer_norm(x, norm).grad_fn).__name__  # ordinary norms: output saved
+    with torch.no_grad():
+        norm.weight[:8] = 1e-3
+        norm.bias[:8] = 2.0
+    reference = copy.deepcopy(norm).double()
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.autograd.grad(reference(x64), (x64, reference.weight), grad.double())
+    out = kernels.layer_norm(x, norm)
+    assert "NativeLayerNorm" in type(out.grad_fn).__name__
+    for got, want in zip(torch.autograd.grad(out, (x, norm.weight), grad), expected):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
 
 
 def test_dropout_add_equals_residual_plus_dropout():

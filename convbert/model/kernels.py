@@ -1028,7 +1028,8 @@ class _LayerNorm(torch.autograd.Function):
     Backward recovers x̂ = (y - b) / w from the output, then runs PyTorch's LayerNorm backward on x̂ with mean 0
     and rstd 1 and scales the input gradient by the true rstd, so the pre-norm residual sum (one [B, T, H] tensor
     per norm) is never stored. The same trick as apex's memory-efficient LayerNorm; only used when no element of
-    the scale is 0.
+    the scale is 0 and no |b| exceeds `_LN_MAX_SHIFT_RATIO` |w|: x̂'s rounding error grows as eps · |b| / |w|,
+    so a channel with a tiny scale and a large shift would get gradients off by ~1e-5 or worse.
     """
 
     @staticmethod
@@ -1054,6 +1055,16 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     weight, bias = norm.weight, norm.bias
     # bf16 keeps the plain LayerNorm: recovering x̂ from a bf16 output would lose too much precision.
     if (_lean_path(x) and x.dtype != torch.bfloat16 and torch.is_grad_enabled() and weight is not None
-            and bias is not None and bool((weight != 0).all())):
+            and bias is not None and _output_recovers_input(weight, bias)):
         return _LayerNorm.apply(x, weight, bias, norm.eps)
     return norm(x)
+
+
+# x̂ = (y - b) / w is recovered to ~eps · (|x̂| + |b| / |w|): with |b| <= 64 |w| that is within ~4e-6 of x̂.
+_LN_MAX_SHIFT_RATIO = 64.0
+
+
+def _output_recovers_input(weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether x̂ can be recovered precisely from a LayerNorm's output: every |w| > 0 and |b| <= ratio · |w|."""
+    with torch.no_grad():
+        return bool(((bias.abs() <= weight.abs() * _LN_MAX_SHIFT_RATIO) & (weight != 0)).all())
