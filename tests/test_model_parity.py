@@ -121,3 +121,22 @@ def test_gradient_parity_in_training_mode(transformers_module, preset, overrides
         scale = ref.abs().max().item() + 1e-12
         diff = (grad - ref).abs().max().item()
         assert diff <= 1e-4 * scale + 1e-6, f"{name}: max |grad diff| {diff:.2e} (scale {scale:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_cast_to_another_dtype_runs_under_cpu_bf16_autocast_as_transformers_does(transformers_module, dtype):
+    """Our own bf16 path (fp32 residual stream and norms) is for fp32 models; a model cast with .double() or
+    .bfloat16() is left to autocast, like transformers' (it used to fail with a mixed-dtype LayerNorm)."""
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("small", num_hidden_layers=2)
+    ours = ConvBertModel(config).eval()
+    hf = _hf_twin(transformers_module, ours).to(dtype)
+    ours = ours.to(dtype)
+    ids, mask, types = _inputs(config.vocab_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ours(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        b = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert a.dtype == b.dtype == dtype
+    scale = b.float().abs().max().item()
+    tolerance = 1e-6 if dtype == torch.float64 else 0.03  # fp64 is untouched by autocast; bf16 rounds (0.008 seen)
+    assert (a.float() - b.float()).abs().max().item() <= tolerance * scale

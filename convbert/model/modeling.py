@@ -142,7 +142,9 @@ class ConvBertModel(nn.Module):
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
         compute_dtype = kernels.cpu_mixed_precision_dtype(x)
-        if compute_dtype is not None:  # CPU bf16 autocast: fp32 residual stream, bf16 layers (see ConvBertLayer)
+        if compute_dtype is not None and self.encoder.layer[0].output.LayerNorm.weight.dtype == torch.float32:
+            # CPU bf16 autocast of an fp32 model: fp32 residual stream, bf16 layers (see ConvBertLayer); a model
+            # cast to another dtype (.double(), .bfloat16()) is left to autocast itself, as transformers' is
             with torch.autocast("cpu", enabled=False):
                 return self._encode(x.float(), attention_mask, output_hidden_states, compute_dtype)
         return self._encode(x, attention_mask, output_hidden_states, None)
