@@ -140,3 +140,32 @@ def test_a_model_cast_to_another_dtype_runs_under_cpu_bf16_autocast_as_transform
     scale = b.float().abs().max().item()
     tolerance = 1e-6 if dtype == torch.float64 else 0.03  # fp64 is untouched by autocast; bf16 rounds (0.008 seen)
     assert (a.float() - b.float()).abs().max().item() <= tolerance * scale
+
+
+@pytest.mark.parametrize("heads, head_ratio, hidden", [
+    (4, 2, 128), (8, 2, 128), (2, 3, 64),  # widths agree: transformers loads them
+    (4, 1, 128), (8, 4, 128), (3, 2, 96), (1, 2, 64),  # they do not: convbert loads them, transformers cannot
+])
+def test_transformers_limits_says_exactly_when_transformers_can_load_a_folder(transformers_module, tmp_path,
+                                                                               heads, head_ratio, hidden):
+    """`convbert export` and `import-tf` print this note; it must match what transformers really does."""
+    from convbert.interop.hf import transformers_limits
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("small", hidden_size=hidden, num_attention_heads=heads, head_ratio=head_ratio,
+                                        intermediate_size=2 * hidden, embedding_size=hidden, num_hidden_layers=1)
+    ours = ConvBertModel(config).eval()
+    ours.save_pretrained(tmp_path)
+    assert ConvBertModel.from_pretrained(tmp_path).config == config
+    notes = transformers_limits("discriminator", config)
+    try:
+        theirs = transformers_module.ConvBertModel.from_pretrained(tmp_path).eval()
+    except Exception as error:  # transformers: size mismatches (or a head count that does not divide H)
+        assert notes and "transformers cannot" in notes[0], (notes, error)
+        return
+    assert notes == []
+    ids, mask, types = _inputs(config.vocab_size)
+    with torch.no_grad():
+        a = ours(ids, mask, types).last_hidden_state
+        b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert (a - b).abs().max().item() <= TOL

@@ -150,10 +150,17 @@ def transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
         return [f"the {which} uses plain self-attention with a grouped FFN ({config.num_groups} groups): neither "
                 f"transformers' ConvBERT nor its ELECTRA has that layer, so load it with convbert "
                 f"(ConvBertModel.from_pretrained), not transformers"]
-    if config.num_attention_heads < config.head_ratio:
-        # Spec §1.6: with fewer heads than head_ratio the concatenation is 2H wide, which HF's port cannot represent.
-        return [f"the {which} has {config.num_attention_heads} attention head(s) < head_ratio {config.head_ratio}: "
-                f"convbert loads it, transformers cannot (spec §1.6)"]
+    if config.attention_type == "mixed":
+        # transformers' port sizes each of its Nr heads as (H / Nr) / 2 and the concatenation as H; the original
+        # (and convbert) as d = H / N and 2 Nr d (spec §1.6, §1.8 point 8). They agree only when those coincide,
+        # e.g. for every paper size, but not with head_ratio 1, or with fewer heads than head_ratio, say.
+        hidden, heads, width = config.hidden_size, config.reduced_heads, config.branch_width
+        hf_head = hidden // heads // 2
+        if hidden % heads or heads * hf_head != width or 2 * width != hidden:
+            return [f"the {which}'s mixed attention is 2 x {width} wide ({heads} head(s) of H/N = {config.head_size} "
+                    f"per branch, with {config.num_attention_heads} heads and head_ratio {config.head_ratio}), but "
+                    f"transformers' port builds head(s) of (H/{heads})/2 = {hf_head} and a {hidden}-wide "
+                    f"concatenation: convbert loads it, transformers cannot (spec §1.6)"]
     return []
 
 
