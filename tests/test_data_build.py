@@ -101,6 +101,20 @@ def test_same_output_for_1_and_2_workers(corpus, vocab, tmp_path, rule):
     assert m3["counts"]["lines"] == c["lines"]
 
 
+def test_more_workers_than_cpus_are_capped_with_a_note(corpus, vocab, tmp_path, monkeypatch, capsys):
+    """A mistyped --workers 10000 used to start ten thousand processes; it now uses one per CPU and says so."""
+    started = []
+    real_pool = build_mod.cf.ProcessPoolExecutor
+    monkeypatch.setattr(build_mod.cf, "ProcessPoolExecutor",
+                        lambda workers, **kw: started.append(workers) or real_pool(workers, **kw))
+    monkeypatch.setattr(build_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    m1 = build_dataset([str(corpus)], vocab, str(tmp_path / "w1"), workers=1, **SMALL)
+    many = build_dataset([str(corpus)], vocab, str(tmp_path / "many"), workers=10000, **{**SMALL, "progress": True})
+    assert started == [2]
+    assert "--workers 10000 is more than the 2 CPU(s) available: using 2" in capsys.readouterr().err
+    assert many == m1 and _files(tmp_path / "many") == _files(tmp_path / "w1")
+
+
 def test_no_tokens_lost_without_truncation(corpus, vocab, tmp_path):
     """With a long max length nothing is truncated: the examples hold exactly the corpus's tokens."""
     from convbert.data.tokenize import WordPieceTokenizer

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", required=True, metavar="FILE", help="BERT-style vocab.txt (one token per line)")
     p.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write (new, empty, or the "
                    "folder of an interrupted build with the same settings)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1; at most one per CPU is used)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the packing (default 0)")
     p.add_argument("--max-seq-length", type=int, default=128, help="example length (default 128)")
     p.add_argument("--docs", choices=["blank-lines", "files"], default="blank-lines",

@@ -255,6 +255,18 @@ def _settings(inputs, vocab_sha, vocab_size, *, seed, max_seq_length, docs, segm
     }
 
 
+def _usable_workers(workers: int, progress: bool) -> int:
+    """At most one worker per CPU this process may use: packing is CPU-bound, so more only add processes (a
+    mistyped --workers 10000 would start ten thousand of them). The output is the same for any count."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > cpus:
+        if progress:
+            print(f"build-data: --workers {workers} is more than the {cpus} CPU(s) available: using {cpus}",
+                  file=sys.stderr)
+        return cpus
+    return workers
+
+
 def _check_args(inputs, workers, max_seq_length, docs, segment_rule) -> None:
     if not inputs:
         raise ConvBertError("inputs: expected at least one path")
@@ -503,7 +515,7 @@ def build_dataset(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     _check_args(inputs, workers, max_seq_length, docs, segment_rule)
-    workers = int(workers)
+    workers = _usable_workers(int(workers), progress)
     inputs = [str(p) for p in inputs]
     tok = WordPieceTokenizer.from_vocab(vocab, lower_case=lower_case, strip_accents=strip_accents)
     token_bytes = token_dtype_for(tok.vocab_size).itemsize
