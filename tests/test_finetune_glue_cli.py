@@ -147,6 +147,19 @@ def test_bad_model_dir_is_a_one_line_error(env, tmp_path, capsys):
     assert err.startswith("convbert glue: error:") and "config.json" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("command", ["glue", "finetune"])
+def test_a_negative_thread_count_is_a_one_line_error(env, tmp_path, capsys, command):
+    model, _, glue = env
+    args = (["--glue-dir", str(glue), "--tasks", "rte"] if command == "glue" else
+            ["--train", str(glue / "RTE" / "train.tsv"), "--text-columns", "sentence1,sentence2", "--label-column",
+             "label"])
+    rc = main([command, "--model", str(model), *args, "--threads", "-1", "--output", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"convbert {command}: error: --threads: expected 1..4096") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bf16_fine_tuning_runs_and_is_recorded_fp16_needs_a_gpu(env, tmp_path, capsys):
     _, model, glue = env
     args = ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "stsb", "--seeds", "1", *QUICK]

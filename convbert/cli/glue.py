@@ -29,7 +29,7 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
                         "the convolution branch sees padding)")
     g.add_argument("--no-double-unordered", action="store_true",
                    help="do not double MRPC/STS-B (or --symmetric own-task) training sets with swapped sentences")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default or 0: torch's choice)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32 (default), bf16 autocast (GPU, or a CPU with native bf16: ~1.7x faster there), or fp16 "
@@ -39,6 +39,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
 def _cfg(args, double_default=True):
     from convbert.finetune.trainer import FinetuneConfig
 
+    if args.threads is not None and not 0 <= args.threads <= 4096:
+        raise ConvBertError(f"--threads: expected 1..4096 (or 0: torch's choice), got {args.threads}")
     if args.threads:
         import torch
 
