@@ -225,3 +225,30 @@ def test_task_list_parsing():
     assert parse_task_list("sst2,stsb,ax") == ["sst", "sts", "ax"]
     with pytest.raises(ConvBertError, match="unknown GLUE task"):
         parse_task_list("cola,squad")
+
+
+@pytest.mark.parametrize("layout", ["glue", "convbert"])
+def test_a_file_that_lost_its_header_is_refused_not_read_one_example_short(tmp_path, layout):
+    """Without its header line a GLUE file's first example was taken for the header and dropped; in a test file
+    that made a submission one prediction short while passing its own checks."""
+    import re
+
+    from convbert.finetune.tasks import TASKS, require_split_file
+
+    root = write_glue(tmp_path / "g", layout)
+    checked = 0
+    for name, spec in TASKS.items():
+        splits = ([("train", spec.train)] if spec.train else []) + list(spec.dev.items()) + list(spec.test.items())
+        for split, sp in splits:
+            if not sp.header:
+                continue
+            path = require_split_file(root, name, split)
+            original = path.read_text()
+            complete = len(read_split(root, name, split).examples)
+            path.write_text(original.split("\n", 1)[1])
+            with pytest.raises(ConvBertError, match=rf"{re.escape(path.name)}:1: expected the header line"):
+                read_split(root, name, split)
+            path.write_text(original)
+            assert len(read_split(root, name, split).examples) == complete
+            checked += 1
+    assert checked >= 15

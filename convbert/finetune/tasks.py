@@ -275,6 +275,29 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+def _check_header(path: Path, spec: TaskSpec, sp: SplitSpec, split: str, header: list[str]) -> None:
+    """A file that should start with a header but starts with an example (its index a number, or its label a
+    valid label) lost its header: reading on would silently drop that first example (fatal in a submission)."""
+    def field(i: int | None) -> str | None:
+        return header[i].strip() if i is not None and i < len(header) else None
+
+    index, label = field(sp.index), field(sp.label)
+    found = None
+    if index is not None and index.isascii() and index.isdigit():
+        found = f"index {index!r}"
+    elif label is not None and spec.labels is not None and label in spec.labels:
+        found = f"label {label!r}"
+    elif label is not None and spec.labels is None:
+        try:
+            float(label)
+            found = f"score {label!r}"
+        except ValueError:
+            pass
+    if found is not None:
+        raise ConvBertError(f"{path}:1: expected the header line of {spec.glue_name}'s {split} file, found an example "
+                            f"({found}); GLUE's files start with a header: restore it (or re-download)")
+
+
 def _col(row: list[str], i: int) -> str:
     return row[i]
 
@@ -294,6 +317,7 @@ def read_split(
     if sp.header:
         if not rows:
             raise ConvBertError(f"{path}: empty file (expected a header line)")
+        _check_header(path, spec, sp, split, rows[0][1])
         ncols = len(rows[0][1])
         body = rows[1:]
     else:
