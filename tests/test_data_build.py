@@ -472,6 +472,26 @@ def test_a_changed_corpus_is_not_resumed_into_the_old_dataset(corpus, vocab, tmp
         build_dataset([str(mine)], vocab, str(out), **SMALL)
 
 
+def test_touched_or_copied_inputs_are_the_same_inputs_and_the_manifest_has_no_timestamps(corpus, vocab, tmp_path):
+    """Only the files and their sizes identify the inputs: a `touch`, a copy or a fresh checkout changes mtimes
+    but not the corpus, so a finished build is still finished and an interrupted one resumes."""
+    import shutil
+
+    mine = shutil.copytree(corpus, tmp_path / "corpus")
+    first = build_dataset([str(mine)], vocab, str(tmp_path / "a"), **SMALL)
+    for f in mine.iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**12))
+    assert build_dataset([str(mine)], vocab, str(tmp_path / "a"), **SMALL) == first  # finished: nothing to do
+    second = build_dataset([str(mine)], vocab, str(tmp_path / "b"), **SMALL)
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    assert second == first
+    # A manifest written before mtimes were dropped ([files, bytes, mtime]) still resumes.
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["input_identity"] = {p: v + [123] for p, v in manifest["input_identity"].items()}
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    assert build_dataset([str(mine)], vocab, str(tmp_path / "a"), **SMALL)["examples"] == first["examples"]
+
+
 def test_an_output_inside_the_input_folder_does_not_count_as_a_change(corpus, vocab, tmp_path):
     import shutil
 

@@ -390,8 +390,9 @@ def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_byt
 
 
 def input_identity(inputs, exclude: Path | None = None) -> dict[str, list[int]]:
-    """Per input path: [files, bytes, newest mtime in ns] (folders walked, globs expanded, the output folder left
-    out). A changed corpus is not resumed into a dataset built from the old one."""
+    """Per input path: [files, bytes] (folders walked, globs expanded, the output folder left out). A changed
+    corpus is not resumed into a dataset built from the old one. No timestamps: a corpus copied or checked out
+    again is the same corpus, and the manifest stays reproducible."""
     skip = os.path.abspath(exclude) if exclude is not None else None
     ident = {}
     for p in inputs:
@@ -405,9 +406,14 @@ def input_identity(inputs, exclude: Path | None = None) -> dict[str, list[int]]:
                     continue
                 files += [os.path.join(d, f) for f in fs]
         stats = [os.stat(f) for f in files if os.path.isfile(f)]
-        ident[os.path.abspath(p)] = [len(stats), sum(st.st_size for st in stats),
-                                     max((st.st_mtime_ns for st in stats), default=0)]
+        ident[os.path.abspath(p)] = [len(stats), sum(st.st_size for st in stats)]
     return ident
+
+
+def _identity_changes(recorded: dict, fresh: dict) -> list[str]:
+    """The inputs whose [files, bytes] differ (older manifests also recorded a newest mtime: not compared)."""
+    paths = sorted(set(recorded) | set(fresh))
+    return [p for p in paths if (recorded.get(p) or [])[:2] != (fresh.get(p) or [])[:2]]
 
 
 def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
@@ -427,8 +433,8 @@ def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
                 "use a new folder or delete this one"
             )
         recorded = old.get("input_identity")
-        if recorded is not None and recorded != fresh.get("input_identity"):
-            changed = [p for p, ident in (fresh.get("input_identity") or {}).items() if recorded.get(p) != ident]
+        changed = _identity_changes(recorded, fresh.get("input_identity") or {}) if recorded is not None else []
+        if changed:
             raise ConvBertError(
                 f"--output {out}: the inputs changed since this dataset was built ({', '.join(changed) or 'the list'}"
                 "); use a new folder or delete this one"
