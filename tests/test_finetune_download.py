@@ -163,6 +163,25 @@ def test_a_zip_with_a_bad_checksum_is_a_one_line_error_and_leaves_nothing(tmp_pa
     assert not out.exists()
 
 
+def test_a_missing_or_damaged_later_file_leaves_no_half_built_folder(tmp_path, capsys):
+    """Every file is looked up before anything is installed, and a damaged archive after a good one removes the
+    folder the command created (it used to keep CoLA/ when SST-2's zip was missing)."""
+    src = tmp_path / "dl"
+    src.mkdir()
+    _zip(src / "CoLA.zip", COLA)
+    (src / "AX.tsv").write_text("index\tsentence1\tsentence2\n0\ta\tb\n")
+    out = tmp_path / "glue"
+    assert main(["glue-download", "--output", str(out), "--from-dir", str(src), "--tasks", "cola,sst,ax"]) == 2
+    assert "no SST-2.zip or SST.zip for SST-2" in capsys.readouterr().err
+    assert not out.exists()
+    (src / "RTE.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["glue-download", "--output", str(out), "--from-dir", str(src), "--tasks", "cola,rte"]) == 2
+    assert "RTE.zip" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["glue-download", "--output", str(out), "--from-dir", str(src), "--tasks", "cola,ax"]) == 0
+    assert len(read_split(out, "cola", "train").examples) == 2
+
+
 def test_a_download_shorter_than_its_content_length_is_refused(tmp_path, capsys):
     import http.server
     import threading

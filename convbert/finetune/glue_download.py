@@ -260,16 +260,29 @@ def layout_glue(
     if not src.is_dir():
         raise ConvBertError(f"--from-dir {src}: no such folder (expected the downloaded GLUE files)")
     tasks = list(tasks or list(GLUE_TASKS) + ["ax"])
-    output.mkdir(parents=True, exist_ok=True)
+    sources = {}  # every file is looked up before anything is written
     for task in tasks:
         if task == "mrpc":
-            files = [_pick(src, (f,), "MRPC") for f in MRPC_FILES]
-            where = build_mrpc(files[0], files[1], _pick(src, (MRPC_DEV_IDS,), "MRPC"), output, layout)
+            sources[task] = [_pick(src, (f,), "MRPC") for f in MRPC_FILES] + [_pick(src, (MRPC_DEV_IDS,), "MRPC")]
         elif task == "ax":
-            where = install_ax(_pick(src, ALTERNATE_NAMES["ax"], "AX"), output, layout)
+            sources[task] = [_pick(src, ALTERNATE_NAMES["ax"], "AX")]
         else:
-            where = install_archive(_pick(src, ALTERNATE_NAMES[task], TASKS[task].glue_name), output, task, layout)
-        log(f"{TASKS[task].glue_name if task != 'ax' else 'AX'}: {where}")
+            sources[task] = [_pick(src, ALTERNATE_NAMES[task], TASKS[task].glue_name)]
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        for task, files in sources.items():
+            if task == "mrpc":
+                where = build_mrpc(files[0], files[1], files[2], output, layout)
+            elif task == "ax":
+                where = install_ax(files[0], output, layout)
+            else:
+                where = install_archive(files[0], output, task, layout)
+            log(f"{TASKS[task].glue_name if task != 'ax' else 'AX'}: {where}")
+    except ConvBertError:
+        if created:  # a damaged archive: no half-built folder is left behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     return output
 
 
