@@ -70,6 +70,32 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
     assert run_pretraining(cfg_for(tiny_data, part), progress=False)["step"] == 6
 
 
+def test_a_run_resumes_on_moved_data_but_not_on_other_data(tiny_data, tmp_path):
+    """The run records a fingerprint of its training data: a copied or moved dataset resumes, another one (same
+    vocab and size, other examples) is refused instead of silently training the rest of the run on it."""
+    import shutil
+
+    from convbert.data import build_dataset
+
+    data = Path(tiny_data["data"])
+    moved = shutil.copytree(data, tmp_path / "moved")
+    other = tmp_path / "other"
+    build_dataset([str(Path(tiny_data["corpus"]) / "train.txt")], str(tiny_data["vocab"]), str(other),
+                  max_seq_length=32, seed=7, progress=False)
+    shutil.copytree(data / "eval", other / "eval")
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, stop_at_step=3), progress=False)
+    saved = json.loads((run / "run_config.json").read_text())["data_fingerprint"]
+    assert isinstance(saved, str) and len(saved) == 16
+    with pytest.raises(ConvBertError, match=r"started on other training data than --data .*other"):
+        run_pretraining(cfg_for({**tiny_data, "data": other}, run), progress=False)
+    resumed = run_pretraining(cfg_for({**tiny_data, "data": moved}, run), progress=False)
+    assert resumed["resumed"] and resumed["finished"]
+    full = tmp_path / "full"
+    run_pretraining(cfg_for(tiny_data, full), progress=False)
+    assert losses(run) == losses(full)
+
+
 def test_loss_decreases_and_eval_metrics(tiny_data, tmp_path):
     out = tmp_path / "run"
     res = run_pretraining(

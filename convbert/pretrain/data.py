@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,25 @@ def open_data(data: str, eval_data: str | None = None, max_seq_length: int | Non
     special = SpecialIds(int(base.pad_id), int(base.unk_id), int(base.cls_id), int(base.sep_id), int(base.mask_id))
     return DataBundle(train, eval_ds, find_vocab(directory, manifest, vocab), int(base.vocab_size), special,
                       int(base.max_seq_length), manifest, holdout)
+
+
+def data_fingerprint(bundle: DataBundle) -> str | None:
+    """What identifies the training examples wherever the folder lives: the manifest's shards, counts and vocab,
+    the split, and the first 64 KiB of the first shard. A run is not resumed on other data (None: no manifest)."""
+    manifest = bundle.manifest or {}
+    shards = manifest.get("shards")
+    if not shards:
+        return None
+    digest = hashlib.sha256(json.dumps({
+        "shards": [[s.get("file"), s.get("examples"), s.get("bytes")] for s in shards],
+        "counts": manifest.get("counts"), "vocab": (manifest.get("vocab") or {}).get("sha256"),
+        "train_examples": len(bundle.train), "holdout": bundle.holdout,
+    }, sort_keys=True).encode())
+    first = getattr(base_dataset(bundle.train), "path", None)
+    if first is not None and (Path(first) / shards[0]["file"]).is_file():
+        with open(Path(first) / shards[0]["file"], "rb") as f:
+            digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
 
 
 def default_loader_factory(dataset, batch_size: int, seed: int, rank: int, world_size: int):

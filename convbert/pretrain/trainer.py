@@ -39,6 +39,7 @@ from convbert.pretrain.data import (
     DataBundle,
     InfiniteLoader,
     LoaderFactory,
+    data_fingerprint,
     default_loader_factory,
     open_data,
     sequential_batches,
@@ -307,6 +308,7 @@ class Trainer:
             ),
             "vocab_file": str(self.data.vocab_path) if self.data.vocab_path else None,
             "eval_holdout_examples": self.data.holdout,
+            "data_fingerprint": data_fingerprint(self.data),
             "vocab_size": self.data.vocab_size,
             "special_ids": self.data.special.__dict__,
             "max_predictions_per_seq": self.n_pred,
@@ -329,7 +331,13 @@ class Trainer:
                 f"{self.out}: the run was started with different {', '.join(changed)}; resume with the same "
                 "settings or choose a new --output"
             )
-        # Paths may move with the run; --stop-at-step is per invocation.
+        was, now = saved.get("data_fingerprint"), data_fingerprint(self.data)
+        if was is not None and now is not None and was != now:
+            raise ConvBertError(
+                f"{self.out}: the run was started on other training data than --data {self.cfg.data} (data "
+                f"fingerprint {was}, now {now}); resume it on the same data, or start a new --output from its "
+                "weights (`convbert export`, then `convbert pretrain --init-from`)")
+        # Paths may move with the run (the fingerprint above follows the data); --stop-at-step is per invocation.
         return [k for k in new if k in old and old[k] != new[k]
                 and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab")]
 
