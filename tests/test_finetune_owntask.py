@@ -60,6 +60,20 @@ def test_csv_pair_classification_then_predict(model, tmp_path, capsys):
     rc = main(["predict", "--model", str(out), "--input", str(inp), "--output", str(tmp_path / "pred.jsonl")])
     lines = [json.loads(l) for l in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert rc == 0 and len(lines) == 5 and set(lines[0]["probabilities"]) == {"maybe", "no", "yes"}
+    # --text-columns names this file's columns; their number must be the model's (a pair model on one text, or
+    # three names, used to pass silently or to blame the model's task file)
+    renamed = _csv(tmp_path / "renamed.csv", [{"question": r["q"], "answer": r["a"]} for r in PAIRS])
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--input", str(renamed), "--output", str(tmp_path / "r.csv"),
+                 "--text-columns", "question,answer"]) == 0
+    assert [r["label"] for r in csv.DictReader(open(tmp_path / "r.csv", encoding="utf-8"))] == \
+        [r["label"] for r in rows]
+    for columns in ("question", "question,answer,label"):
+        assert main(["predict", "--model", str(out), "--input", str(renamed), "--output", str(tmp_path / "x.csv"),
+                     "--text-columns", columns]) == 2
+        err = capsys.readouterr().err
+        assert f"--text-columns {columns}: the model was fine-tuned on 2 text column(s) (q, a)" in err
+        assert "finetune_task.json" not in err and not (tmp_path / "x.csv").exists()
 
 
 def test_jsonl_regression_and_tsv_single_text(model, tmp_path):

@@ -313,14 +313,22 @@ def predict_file(
         raise ConvBertError(f"{task_path}: not found (predict needs a folder written by `convbert finetune`)")
     try:
         task = json.loads(task_path.read_text(encoding="utf-8"))
-        cols_needed = text_columns or list(task["text_columns"])
+        trained_columns = task["text_columns"]
         regression = bool(task["regression"])
         labels = task["labels"]
         max_len = int(task["max_seq_length"])
         pad_to_max = bool(task.get("pad_to_max", True))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ConvBertError(f"{task_path}: malformed ({err})")
-    _check_task_file(task_path, task, cols_needed, regression, labels, max_len)
+    _check_task_file(task_path, task, trained_columns, regression, labels, max_len)
+    cols_needed = list(trained_columns)
+    if text_columns:  # other column names in this file, as many as the model was fine-tuned on
+        if len(text_columns) != len(trained_columns) or not all(text_columns):
+            raise ConvBertError(
+                f"--text-columns {','.join(text_columns)}: the model was fine-tuned on {len(trained_columns)} text "
+                f"column(s) ({', '.join(trained_columns)}); give {len(trained_columns)} column name(s) of "
+                f"{input_file}, in that order")
+        cols_needed = list(text_columns)
     if batch_size < 1:
         raise ConvBertError(f"--batch-size must be at least 1, got {batch_size}")
     out_fmt = detect_format(output_file, None)
