@@ -239,7 +239,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a folder written by `convbert finetune`")
     p.add_argument("--input", required=True, help="input file with the model's text columns")
     p.add_argument("--output", required=True, help="output file (.csv, .tsv or .jsonl)")
-    p.add_argument("--text-columns", default=None, help="this file's text columns, if named otherwise than in training (as many as the model was fine-tuned on)")
+    p.add_argument("--text-columns", default=None,
+                   help="this file's text columns, if named otherwise than in training (as many as the model "
+                        "was fine-tuned on)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="input format (default: extension)")
     p.set_defaults(func=cmd_predict)
