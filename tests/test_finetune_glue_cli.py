@@ -230,7 +230,16 @@ def test_a_run_on_changed_data_is_not_reused(env, tmp_path, capsys):
     capsys.readouterr()
     assert _glue(model, mine, tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert "rte-seed1.json: finished with different settings, data or another model" in err
+    assert "rte-seed1.json: finished with other RTE data (the train file(s) changed)" in err
+    # the refusal names what changed: settings as old -> new, another model
+    assert _glue(model, glue, tmp_path / "o2") == 0
+    capsys.readouterr()
+    assert _glue(model, glue, tmp_path / "o2", "rte", "--lr", "0.001") == 2
+    err = capsys.readouterr().err
+    assert "rte-seed1.json: finished with lr: " in err and "-> 0.001" in err and "\n" not in err.strip()
+    other = make_tiny_model(tmp_path / "other", seed=7)
+    assert _glue(other, glue, tmp_path / "o2") == 2
+    assert "finished with another model (its config, weights or vocab differ)" in capsys.readouterr().err
 
 
 def test_runs_of_another_model_are_left_out_of_the_summary(env, tmp_path, capsys):

@@ -123,6 +123,23 @@ def _fp_hash(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _what_changed(record: dict, fp: dict) -> list[str]:
+    """What differs between a finished run's record and this invocation, as `key: old -> new` items."""
+    changes = []
+    old_settings, new_settings = record.get("settings"), fp["settings"]
+    if isinstance(old_settings, dict):
+        changes += [f"{k}: {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
+                    for k in sorted(set(old_settings) | set(new_settings)) if old_settings.get(k) != new_settings.get(k)]
+    if record.get("model") != _fp_hash(fp["model"]):
+        changes.append("another model (its config, weights or vocab differ)")
+    old_data = record.get("data")
+    if isinstance(old_data, dict):
+        changed = sorted(k for k in set(old_data) | set(fp["data"]) if old_data.get(k) != fp["data"].get(k))
+        if changed:
+            changes.append(f"other {DISPLAY[fp['task']]} data (the {', '.join(changed)} file(s) changed)")
+    return changes
+
+
 def run_paths(output: Path, task: str, seed: int) -> tuple[Path, Path]:
     return output / "runs" / f"{task}-seed{seed}.json", output / "runs" / f"{task}-seed{seed}"
 
@@ -349,6 +366,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
         "fingerprint": _fp_hash(fp),
         "model": _fp_hash(fp["model"]),
         "settings": fp["settings"],
+        "data": fp["data"],  # per split file: its sha256 (to say what changed when a re-run is refused)
         "metrics": scores,
         "paper_metric": M.PAPER_METRIC.get(task),
         "train": {
@@ -490,9 +508,9 @@ def run_glue(opts: GlueOptions) -> dict:
             rec = _finished(json_path, t, s)
             if rec is not None and not opts.overwrite:
                 if rec.get("fingerprint") != _fp_hash(fps[t]):
+                    changes = "; ".join(_what_changed(rec, fps[t])) or "different settings, data or another model"
                     raise ConvBertError(
-                        f"{json_path}: finished with different settings, data or another model; use a new --output "
-                        "or --overwrite to redo it"
+                        f"{json_path}: finished with {changes}; use a new --output or --overwrite to redo it"
                     )
                 need = set()
                 if opts.predict:  # the test files that exist (with --fill-missing some may not)
