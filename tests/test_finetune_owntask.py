@@ -110,6 +110,12 @@ def test_errors_name_file_line_and_field(model, tmp_path, capsys):
     rc = main(["finetune", "--model", str(model), "--train", str(bad), "--text-columns", "q",
                "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
     assert rc == 2 and "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    for line, message in (('{"y": "1"}', "field 'q' is missing"),
+                          ('{"q": null, "y": "1"}', "field 'q' is null: expected a text (a string or number)")):
+        bad.write_text('{"q": "a", "y": "0"}\n' + line + "\n")
+        rc = main(["finetune", "--model", str(model), "--train", str(bad), "--text-columns", "q",
+                   "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
+        assert rc == 2 and f"bad.jsonl:2: {message}" in capsys.readouterr().err
     rc = main(["predict", "--model", str(model), "--input", str(train), "--output", str(tmp_path / "p.csv")])
     assert rc == 2 and "finetune_task.json: not found" in capsys.readouterr().err
 

@@ -115,8 +115,10 @@ def _column_values(path: Path, cols: list[str], rows, name: str, what: str, allo
         raise ConvBertError(f"{path}: no {what} column {name!r} (columns: {', '.join(cols) or 'none'})")
     out = []
     for ln, row in rows:
-        if name not in row or row[name] is None:
+        if name not in row:
             raise ConvBertError(f"{path}:{ln}: field {name!r} is missing")
+        if row[name] is None:
+            raise ConvBertError(f"{path}:{ln}: field {name!r} is null: expected a {what} (a string or number)")
         v = row[name]
         out.append(v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (list, dict)) else _scalar(v)))
     return out
