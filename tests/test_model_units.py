@@ -302,6 +302,10 @@ def test_config_files_and_presets_name_the_source(tmp_path):
     (lambda m, ids: m(ids, token_type_ids=torch.zeros(2, 8)), "token_type_ids is torch.float32"),
     (lambda m, ids: m(torch.zeros(0, 8, dtype=torch.long)), "input_ids has shape (0, 8)"),
     (lambda m, ids: m(torch.zeros(2, 0, dtype=torch.long)), "input_ids has shape (2, 0)"),
+    (lambda m, ids: m(torch.tensor([[0, 5], [100, 3]])), "input_ids holds values from 0 to 100: expected 0..99"),
+    (lambda m, ids: m(ids - 100), "expected 0..99 (config.vocab_size is 100)"),
+    (lambda m, ids: m(ids, token_type_ids=torch.full_like(ids, 2)),
+     "token_type_ids holds values from 2 to 2: expected 0..1 (config.type_vocab_size is 2)"),
 ])
 def test_wrong_model_inputs_are_named(call, expect):
     model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100)).eval()

@@ -77,6 +77,16 @@ def _check_inputs(input_ids, attention_mask, token_type_ids) -> None:
         raise ConvBertError(f"token_type_ids is {token_type_ids.dtype}: expected integer segment ids")
 
 
+def _out_of_range(input_ids, token_type_ids, config: ConvBertConfig) -> str | None:
+    """Which ids an embedding lookup could not find, named after the argument and the config field."""
+    for name, t, size, field in (("input_ids", input_ids, config.vocab_size, "vocab_size"),
+                                 ("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")):
+        if t is not None and (int(t.min()) < 0 or int(t.max()) >= size):
+            return (f"{name} holds values from {int(t.min())} to {int(t.max())}: expected 0..{size - 1} "
+                    f"(config.{field} is {size})")
+    return None
+
+
 def _trunc_normal_(weight: torch.Tensor, std: float) -> None:
     # TF1's truncated_normal redraws beyond two standard deviations; a and b are absolute bounds.
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
@@ -138,7 +148,10 @@ class ConvBertModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> ConvBertOutput:
         _check_inputs(input_ids, attention_mask, token_type_ids)
-        x = self.embeddings(input_ids, token_type_ids)
+        try:
+            x = self.embeddings(input_ids, token_type_ids)
+        except IndexError as err:  # (values are only inspected on failure: no device sync on the normal path)
+            raise ConvBertError(_out_of_range(input_ids, token_type_ids, self.config) or str(err)) from None
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
         compute_dtype = kernels.cpu_mixed_precision_dtype(x)
