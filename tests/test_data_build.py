@@ -420,6 +420,8 @@ def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):
     assert cli_main(["data-stats", str(out), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["single_segment"] + s["two_segment"] == s["examples"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert s["bytes_on_disk"] == manifest["bytes_on_disk"]  # the shards only, as build-data reports them
     rc = cli_main(["build-data", "--input", str(tmp_path / "nope"), "--vocab", vocab, "--output",
                    str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err

@@ -54,8 +54,8 @@ def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:
     for k in range(bins):
         lo, hi = edges[k], edges[k + 1]
         hist[k] = seq_lens[lo + 1 : hi + 1].sum() if k else seq_lens[: hi + 1].sum()
-    disk = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
     m = ds.manifest
+    disk = sum((Path(path) / s["file"]).stat().st_size for s in m["shards"])  # the shards, as build-data counts
     c = m["counts"]
     return {
         "path": str(path),
