@@ -82,6 +82,7 @@ def test_jsonl_regression_and_tsv_single_text(model, tmp_path):
     out = tmp_path / "reg"
     assert main(["finetune", "--model", str(model), "--train", str(train), "--dev", str(train), "--text-columns",
                  "text", "--label-column", "score", "--regression", "--output", str(out), *QUICK]) == 0
+    assert json.loads((out / "finetune_task.json").read_text())["settings"]["regression_scale"] == 1.0  # as used
     tsv = tmp_path / "in.tsv"
     tsv.write_text("id\ttext\n1\tthe \"cat\n2\ta dog\n")
     assert main(["predict", "--model", str(out), "--input", str(tsv), "--output", str(tmp_path / "p.tsv")]) == 0

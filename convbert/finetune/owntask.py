@@ -9,6 +9,7 @@ regression labels must be numbers. The output folder holds the model (HF-layout 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -182,6 +183,7 @@ def finetune_own_task(
     from convbert.model.heads import ConvBertForSequenceClassification
 
     cfg.validate()
+    cfg = dataclasses.replace(cfg, regression_scale=1.0)  # own scores are used as they are (GLUE's STS-B: / 5)
     if output.exists() and not output.is_dir():
         raise ConvBertError(f"--output {output}: exists and is not a folder")
     if output.is_dir() and output.resolve() == Path(model_dir).resolve():
