@@ -429,6 +429,11 @@ def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):
     v = tmp_path / "v.txt"
     assert cli_main(["train-vocab", "--input", str(corpus), "--vocab-size", "300", "--output", str(v)]) == 0
     assert v.read_text().splitlines()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    capsys.readouterr()
+    assert cli_main(["train-vocab", "--input", str(corpus), "--vocab-size", "6", "--output", str(v)]) == 0
+    out, err = capsys.readouterr()
+    kept = len(v.read_text().splitlines())
+    assert kept > 6 and f"{kept:,} tokens" in out and "note: more than --vocab-size 6" in err
 
 
 @pytest.mark.parametrize("name,match", [("corrupt.tar.xz", "not a readable tar archive"),

@@ -108,6 +108,9 @@ def run_train_vocab(args: argparse.Namespace) -> int:
     with open(path, encoding="utf-8") as f:
         n = sum(1 for _ in f)
     print(f"wrote {path}: {n:,} tokens")
+    if n > args.vocab_size:
+        print(f"note: more than --vocab-size {args.vocab_size:,}: the special tokens, every character of the corpus "
+              "and its ## form are always kept", file=sys.stderr)
     return 0
 
 
