@@ -499,6 +499,17 @@ def test_touched_or_copied_inputs_are_the_same_inputs_and_the_manifest_has_no_ti
     assert build_dataset([str(mine)], vocab, str(tmp_path / "a"), **SMALL)["examples"] == first["examples"]
 
 
+def test_earlier_datasets_inside_an_input_folder_are_not_read_as_text(corpus, vocab, tmp_path):
+    """`--input .` over a folder that already holds datasets: their manifest.json and shards are not corpus."""
+    import shutil
+
+    mine = shutil.copytree(corpus, tmp_path / "corpus")
+    alone = build_dataset([str(mine)], vocab, str(tmp_path / "alone"), **SMALL)
+    build_dataset([str(mine)], vocab, str(mine / "earlier"), **SMALL)
+    again = build_dataset([str(mine)], vocab, str(tmp_path / "again"), **SMALL)
+    assert again["counts"] == alone["counts"] and _files(tmp_path / "again") == _files(tmp_path / "alone")
+
+
 def test_an_output_inside_the_input_folder_does_not_count_as_a_change(corpus, vocab, tmp_path):
     import shutil
 

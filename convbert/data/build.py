@@ -34,14 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from convbert.data.corpus import DOCS_MODES, Unit, UnitEnumerator, UnitStats, read_unit
+from convbert.data.corpus import (DATASET_FORMAT, DOCS_MODES, Unit, UnitEnumerator, UnitStats, is_dataset_folder,
+                                   read_unit)
 from convbert.data.packing import SEGMENT_RULES, ExampleBuilder
 from convbert.data.shards import ShardReader, ShardWriter, token_dtype_for
 from convbert.data.tokenize import WordPieceTokenizer
 from convbert.errors import ConvBertError
 from convbert.utils import sha256_file, write_json_atomic
 
-FORMAT = "convbert-pretraining-data"
+FORMAT = DATASET_FORMAT
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTS = "parts"
@@ -401,7 +402,7 @@ def input_identity(inputs, exclude: Path | None = None) -> dict[str, list[int]]:
             if os.path.isfile(q):
                 files.append(q)
             for d, dirs, fs in os.walk(q):
-                if skip is not None and os.path.abspath(d) == skip:
+                if (skip is not None and os.path.abspath(d) == skip) or (d != q and is_dataset_folder(d)):
                     dirs[:] = []
                     continue
                 files += [os.path.join(d, f) for f in fs]

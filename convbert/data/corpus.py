@@ -171,10 +171,26 @@ def classify(name: str) -> str:
 _GLOB_CHARS = set("*?[")
 
 
+DATASET_FORMAT = "convbert-pretraining-data"  # `format` in a build-data manifest.json
+
+
+def is_dataset_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a `convbert build-data` output (its manifest.json names our format)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            return json.loads(f.read(1 << 20)).get("format") == DATASET_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> list[list[tuple[str, str]]]:
     """For each input argument: the sorted list of (path, name relative to the argument).
 
-    Folders are walked recursively; `exclude` (the output folder) is never entered.
+    Folders are walked recursively; `exclude` (the output folder) and earlier datasets inside an input folder
+    (their manifest.json is not corpus text) are never entered.
     """
     if not inputs:
         raise ConvBertError("--input: expected at least one file, folder or glob")
@@ -186,7 +202,8 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
             files = []
             for root, dirs, names in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                                 and os.path.realpath(os.path.join(root, d)) != skip)
+                                 and os.path.realpath(os.path.join(root, d)) != skip
+                                 and not is_dataset_folder(os.path.join(root, d)))
                 for n in sorted(names):
                     if n.startswith("."):
                         continue
