@@ -847,6 +847,30 @@ def glue_train_file_empty(e, t):
 
 
 @case("glue")
+def glue_test_header_missing(e, t):
+    g = copy(e.glue, t / "glue")
+    edit_tsv(g / "RTE" / "test.tsv", lambda L: L[1:])
+    return dict(argv=glue_argv(e.model, g, t / "o", "rte", "--predict"),
+                expect=[f"{g / 'RTE' / 'test.tsv'}:1: expected the header line of RTE's", "found an example (index '0')"],
+                absent=[t / "o"])
+
+
+@case("glue")
+def glue_negative_threads(e, t):
+    return dict(argv=glue_argv(e.model, e.glue, t / "o", "rte", "--threads", "-1"),
+                expect=["--threads: expected 1..4096 (or 0: torch's choice), got -1"], absent=[t / "o"])
+
+
+@case("glue")
+def finetune_null_text_field(e, t):
+    f = t / "train.jsonl"
+    f.write_text('{"q": "the cat", "y": "yes"}\n{"q": null, "y": "no"}\n')
+    return dict(argv=["finetune", "--model", str(e.model), "--train", str(f), "--text-columns", "q",
+                      "--label-column", "y", "--output", str(t / "ft"), "--no-progress"],
+                expect=[f"{f}:2: field 'q' is null: expected a text"], absent=[t / "ft"])
+
+
+@case("glue")
 def finetune_missing_label_column(e, t):
     f = t / "train.csv"
     f.write_text("q,a,y\nthe cat,the dog,yes\nthe sun,it rains,no\n")
@@ -990,6 +1014,18 @@ def resume_truncated_checkpoint(e, t):
     truncate(ck / "optimizer.safetensors", 500)
     return dict(argv=pretrain_argv(e.data, r, steps=2), expect=[str(ck), "cannot read checkpoint tensors"],
                 unchanged=[r])
+
+
+@case("checkpoint")
+def resume_on_other_data(e, t):
+    from convbert.data import build_dataset
+
+    r = copy(e.run, t / "run")
+    other = t / "other"
+    build_dataset([str(e.corpus)], str(e.vocab), str(other), max_seq_length=32, seed=5, progress=False)
+    return dict(argv=pretrain_argv(other, r, steps=2),
+                expect=[str(r), f"started on other training data than --data {other}", "--init-from"],
+                unchanged=[r, other])
 
 
 @case("checkpoint")
