@@ -34,6 +34,9 @@ def test_build_ids_pairs_and_singles():
     assert ids == [2, 5, 6, 3, 10, 11, 3]  # a cut from 5 to 2 (the longer side) → total 4 = 7 − 3
     ids, types = build_ids(list(range(10, 20)), None, cls_id=2, sep_id=3, max_seq_length=6)
     assert ids == [2, 10, 11, 12, 13, 3] and types == [0] * 6
+    # an empty second text is a single segment with the single-text budget (the original's `if tokens_b:`)
+    ids, types = build_ids(list(range(10, 20)), [], cls_id=2, sep_id=3, max_seq_length=6)
+    assert ids == [2, 10, 11, 12, 13, 3] and types == [0] * 6
 
 
 def test_featurize_fixed_padding_and_labels(tok):

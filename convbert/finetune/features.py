@@ -30,10 +30,11 @@ def truncate_pair(a: list[int], b: list[int], max_total: int) -> tuple[list[int]
 
 
 def build_ids(a: list[int], b: list[int] | None, cls_id: int, sep_id: int, max_seq_length: int):
-    """(input_ids, token_type_ids) for one example, truncated as in the original."""
+    """(input_ids, token_type_ids) for one example, truncated as in the original. An empty second text (no
+    tokens: e.g. QQP's two empty questions) makes a single-segment example, as the original's `if tokens_b:`."""
     if max_seq_length < 4:
         raise ConvBertError(f"--max-seq-length must be at least 4, got {max_seq_length}")
-    if b is None:
+    if not b:
         a = list(a)[: max_seq_length - 2]
         ids = [cls_id] + a + [sep_id]
         types = [0] * len(ids)
