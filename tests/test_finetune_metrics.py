@@ -36,6 +36,24 @@ def test_correlations_by_hand():
     assert r["spearman"] == pytest.approx(100.0) and r["pearson"] == pytest.approx(100.0)
 
 
+def test_a_correlation_of_constant_predictions_is_undefined_and_the_summary_counts_it_apart():
+    """scipy (and so the original) call it NaN; it used to be 0.0, which entered medians and the seed choice."""
+    from convbert.finetune.runner import choose_run, summarize
+
+    assert math.isnan(M.pearson([0.5, 0.5, 0.5], [1.0, 2.0, 3.0]))
+    assert math.isnan(M.spearman([1.0, 2.0, 3.0], [4.0, 4.0, 4.0]))
+    runs = [{"task": "sts", "seed": 1, "metrics": {"spearman": None, "pearson": None}},  # as read back from JSON
+            {"task": "sts", "seed": 2, "metrics": {"spearman": 80.0, "pearson": 81.0}},
+            {"task": "sts", "seed": 3, "metrics": {"spearman": 84.0, "pearson": 85.0}}]
+    cell = summarize(runs)["tasks"]["sts"]["metrics"]["spearman"]
+    assert cell["median"] == 82.0 and cell["n"] == 2 and cell["undefined"] == 1
+    assert cell["values"] == [None, 80.0, 84.0]
+    assert choose_run(runs, "best", "sts")["seed"] == 3
+    assert choose_run(runs[:1], "best", "sts")["seed"] == 1  # the only run is still the one submitted
+    alone = summarize(runs[:1])["tasks"]["sts"]["metrics"]["spearman"]
+    assert alone["median"] is None and alone["n"] == 0 and alone["undefined"] == 1
+
+
 def test_task_metric_sets():
     assert set(M.classification_metrics("mrpc", [1, 0], [1, 1])) == {"accuracy", "f1"}
     assert set(M.classification_metrics("qqp", [1, 0], [1, 1])) == {"accuracy", "f1"}

@@ -61,7 +61,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return 0.0
+        return float("nan")  # undefined (constant predictions), as scipy and the original say; JSON null
     return float(pearsonr(x, y)[0] * 100.0)
 
 
@@ -70,7 +70,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return 0.0
+        return float("nan")  # undefined (constant predictions), as scipy and the original say; JSON null
     return float(spearmanr(x, y)[0] * 100.0)
 
 

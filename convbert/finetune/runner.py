@@ -404,13 +404,15 @@ def summarize(records: list[dict]) -> dict:
             vals = [r["metrics"][name] for r in rs if name in r["metrics"]]
             if not vals:
                 continue
-            arr = np.asarray(vals, dtype=np.float64)
+            arr = np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
+            defined = arr[np.isfinite(arr)]  # a run whose metric is undefined (null) is counted, not averaged
             row[name] = {
-                "median": float(np.median(arr)),
-                "mean": float(arr.mean()),
-                "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-                "n": len(arr),
-                "values": [float(v) for v in arr],
+                "median": float(np.median(defined)) if len(defined) else None,
+                "mean": float(defined.mean()) if len(defined) else None,
+                "std": float(defined.std(ddof=1)) if len(defined) > 1 else (0.0 if len(defined) else None),
+                "n": len(defined),
+                "undefined": len(arr) - len(defined),
+                "values": [float(v) if math.isfinite(v) else None for v in arr],
             }
         table[task] = {"seeds": [r["seed"] for r in rs], "metrics": row}
     medians = {t: {m: v["median"] for m, v in d["metrics"].items()} for t, d in table.items()}
@@ -468,7 +470,7 @@ def render_markdown(summary: dict, header: str = "") -> str:
         for m, v in d["metrics"].items():
             lines.append(
                 f"| {DISPLAY[task]} | {METRIC_LABEL.get(m, m)} | {_fmt(v['median'])} | {_fmt(v['mean'])} | "
-                f"{_fmt(v['std'])} | {v['n']} |"
+                f"{_fmt(v['std'])} | {v['n']}{f' (+{u} n/a)' if (u := v.get('undefined', 0)) else ''} |"
             )
     lines.append("")
     for key in ("paper_average", "leaderboard_average"):
@@ -630,7 +632,11 @@ def choose_run(cands: list[dict], how: str, task: str) -> dict | None:
         return None
     if how == "best":
         key = M.PAPER_METRIC[task]
-        return sorted(cands, key=lambda r: (-r["metrics"].get(key, float("-inf")), r["seed"]))[0]
+        def score(r: dict) -> float:  # an undefined metric (null) ranks last
+            v = r["metrics"].get(key)
+            return v if isinstance(v, (int, float)) and math.isfinite(v) else float("-inf")
+
+        return sorted(cands, key=lambda r: (-score(r), r["seed"]))[0]
     try:
         seed = int(how)
     except ValueError:
