@@ -850,8 +850,8 @@ def glue_train_file_empty(e, t):
 def glue_test_header_missing(e, t):
     g = copy(e.glue, t / "glue")
     edit_tsv(g / "RTE" / "test.tsv", lambda L: L[1:])
-    return dict(argv=glue_argv(e.model, g, t / "o", "rte", "--predict"),
-                expect=[f"{g / 'RTE' / 'test.tsv'}:1: expected the header line of RTE's", "found an example (index '0')"],
+    return dict(argv=glue_argv(e.model, g, t / "o", "rte", "--predict", "--fill-missing"),
+                expect=[f"{g / 'RTE' / 'test.tsv'}:1: expected a header line", "found an example (index '0')", "RTE files"],
                 absent=[t / "o"])
 
 

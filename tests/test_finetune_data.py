@@ -246,7 +246,7 @@ def test_a_file_that_lost_its_header_is_refused_not_read_one_example_short(tmp_p
             original = path.read_text()
             complete = len(read_split(root, name, split).examples)
             path.write_text(original.split("\n", 1)[1])
-            with pytest.raises(ConvBertError, match=rf"{re.escape(path.name)}:1: expected the header line"):
+            with pytest.raises(ConvBertError, match=rf"{re.escape(path.name)}:1: expected a header line, found an example"):
                 read_split(root, name, split)
             path.write_text(original)
             assert len(read_split(root, name, split).examples) == complete

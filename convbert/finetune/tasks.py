@@ -275,7 +275,7 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def _check_header(path: Path, spec: TaskSpec, sp: SplitSpec, split: str, header: list[str]) -> None:
+def _check_header(path: Path, spec: TaskSpec, sp: SplitSpec, header: list[str]) -> None:
     """A file that should start with a header but starts with an example (its index a number, or its label a
     valid label) lost its header: reading on would silently drop that first example (fatal in a submission)."""
     def field(i: int | None) -> str | None:
@@ -294,8 +294,8 @@ def _check_header(path: Path, spec: TaskSpec, sp: SplitSpec, split: str, header:
         except ValueError:
             pass
     if found is not None:
-        raise ConvBertError(f"{path}:1: expected the header line of {spec.glue_name}'s {split} file, found an example "
-                            f"({found}); GLUE's files start with a header: restore it (or re-download)")
+        raise ConvBertError(f"{path}:1: expected a header line, found an example ({found}); GLUE's "
+                            f"{spec.glue_name} files start with one: restore it (or re-download)")
 
 
 def _col(row: list[str], i: int) -> str:
@@ -317,7 +317,7 @@ def read_split(
     if sp.header:
         if not rows:
             raise ConvBertError(f"{path}: empty file (expected a header line)")
-        _check_header(path, spec, sp, split, rows[0][1])
+        _check_header(path, spec, sp, rows[0][1])
         ncols = len(rows[0][1])
         body = rows[1:]
     else:
