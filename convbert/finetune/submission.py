@@ -30,7 +30,8 @@ from convbert.utils import atomic_path, write_text_atomic
 
 HEADER = "index\tprediction"
 
-# Constant predictions used by --fill-missing (majority classes of the GLUE training sets; STS-B mid-scale).
+# Constant predictions used by --fill-missing: majority classes of the GLUE training sets where one dominates,
+# "entailment" for the nearly balanced MNLI, QNLI and RTE, and STS-B's mid-scale. A placeholder, not a score.
 FILL_CONSTANTS = {
     "CoLA": "1", "SST-2": "1", "MRPC": "1", "QQP": "0", "STS-B": "2.500", "MNLI-m": "entailment",
     "MNLI-mm": "entailment", "QNLI": "entailment", "RTE": "entailment", "WNLI": "0", "AX": "entailment",
