@@ -131,6 +131,11 @@ def build_argv(inputs, vocab, out, *extra) -> list[str]:
             "--max-seq-length", "32", "--no-progress", *map(str, extra)]
 
 
+def finetune_argv(model, train, text_columns, label_column, out) -> list[str]:
+    return ["finetune", "--model", str(model), "--train", str(train), "--text-columns", text_columns,
+            "--label-column", label_column, "--output", str(out), "--no-progress"]
+
+
 def glue_argv(model, glue, out, tasks="rte", *extra) -> list[str]:
     return ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", tasks, "--output", str(out),
             *QUICK_GLUE, *extra]
@@ -323,9 +328,8 @@ def finetune_output_is_a_file(e, t):
     train.write_text("q,y\nthe cat,yes\nthe dog,no\n")
     f = t / "model.bin"
     f.write_text("keep me")
-    return dict(argv=["finetune", "--model", str(e.model), "--train", str(train), "--text-columns", "q",
-                      "--label-column", "y", "--output", str(f), "--no-progress"],
-                expect=[f"--output {f}", "not a folder"], unchanged=[f])
+    return dict(argv=finetune_argv(e.model, train, "q", "y", f), expect=[f"--output {f}", "not a folder"],
+                unchanged=[f])
 
 
 @case("command line")
@@ -865,8 +869,7 @@ def glue_negative_threads(e, t):
 def finetune_null_text_field(e, t):
     f = t / "train.jsonl"
     f.write_text('{"q": "the cat", "y": "yes"}\n{"q": null, "y": "no"}\n')
-    return dict(argv=["finetune", "--model", str(e.model), "--train", str(f), "--text-columns", "q",
-                      "--label-column", "y", "--output", str(t / "ft"), "--no-progress"],
+    return dict(argv=finetune_argv(e.model, f, "q", "y", t / "ft"),
                 expect=[f"{f}:2: field 'q' is null: expected a text"], absent=[t / "ft"])
 
 
@@ -874,8 +877,7 @@ def finetune_null_text_field(e, t):
 def finetune_missing_label_column(e, t):
     f = t / "train.csv"
     f.write_text("q,a,y\nthe cat,the dog,yes\nthe sun,it rains,no\n")
-    return dict(argv=["finetune", "--model", str(e.model), "--train", str(f), "--text-columns", "q,a",
-                      "--label-column", "label", "--output", str(t / "ft"), "--no-progress"],
+    return dict(argv=finetune_argv(e.model, f, "q,a", "label", t / "ft"),
                 expect=[str(f), "no label column 'label'", "columns: q, a, y"], absent=[t / "ft"])
 
 
