@@ -106,6 +106,25 @@ def test_errors_are_value_errors():
         ConvBertConfig(hidden_size=100, num_attention_heads=3)
 
 
+def test_config_notes_cannot_shadow_fields_and_number_fields_must_be_numbers(tmp_path):
+    """A note in `extra` named like a field used to replace that field after save_pretrained/from_pretrained."""
+    with pytest.raises(ConvBertError, match=r"'extra' = .*without the config field name\(s\) mask_conv_padding"):
+        ConvBertConfig.from_preset("tiny", extra={"mask_conv_padding": True})
+    config = ConvBertConfig.from_preset("tiny", mask_conv_padding=True, extra={"run": "ablation 3"})
+    assert ConvBertConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
+    config.hidden_dropout_prob = "0.1"  # mutated after construction: validate() names it, no TypeError
+    with pytest.raises(ConvBertError, match=r"'hidden_dropout_prob' = '0.1': expected a number"):
+        config.validate()
+    with pytest.raises(ConvBertError, match=r"'num_attention_heads' = 3: expected a divisor of hidden_size \(64\)"):
+        ConvBertConfig.from_preset("tiny", num_attention_heads=3)
+
+
+def test_initializer_range_zero_gives_zero_weights():
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", initializer_range=0.0))
+    assert model.encoder.layer[0].attention.self.query.weight.abs().max().item() == 0.0
+    assert model.embeddings.word_embeddings.weight.abs().max().item() == 0.0
+
+
 def test_unknown_preset():
     with pytest.raises(ConvBertError, match="unknown size 'huge'"):
         ConvBertConfig.from_preset("huge")

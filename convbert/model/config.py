@@ -138,14 +138,21 @@ class ConvBertConfig:
                      "conv_kernel_size", "num_groups"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "a positive integer")
-        need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-             f"a multiple of num_attention_heads ({self.num_attention_heads})")
+        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+             f"a divisor of hidden_size ({self.hidden_size})")
         need(self.conv_kernel_size % 2 == 1, "conv_kernel_size",
              "an odd number (the 'same' depthwise padding and the (K-1)/2 span padding agree only for odd K)")
         need(self.hidden_size % self.num_groups == 0, "num_groups", f"a divisor of hidden_size ({self.hidden_size})")
         need(self.intermediate_size % self.num_groups == 0, "num_groups",
              f"a divisor of intermediate_size ({self.intermediate_size})")
         need(self.hidden_act in ("gelu",), "hidden_act", "'gelu' (the exact erf form used by the original)")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number")
+        need(isinstance(self.extra, dict), "extra", "a mapping (free-form notes)")
+        shadowed = sorted(set(self.extra) & {f.name for f in dataclasses.fields(self)})
+        need(not shadowed, "extra", f"notes only, without the config field name(s) {', '.join(shadowed)} (set the "
+             "field itself: a note of that name would replace it when the config is saved and read back)")
         need(0.0 <= self.hidden_dropout_prob < 1.0, "hidden_dropout_prob", "a probability in [0, 1)")
         need(0.0 <= self.attention_probs_dropout_prob < 1.0, "attention_probs_dropout_prob", "a probability in [0, 1)")
         need(self.attention_type in ("mixed", "plain"), "attention_type", "'mixed' or 'plain'")
@@ -249,7 +256,7 @@ class ConvBertConfig:
         else:
             values = {name: getattr(self, name) for name in HF_FIELDS}
             values.update(model_type="convbert", architectures=["ConvBertModel"], bos_token_id=0, eos_token_id=2)
-        values["convbert_extra"] = {**ours, **self.extra}
+        values["convbert_extra"] = {**self.extra, **ours}
         return values
 
     @classmethod

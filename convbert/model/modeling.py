@@ -89,6 +89,9 @@ def _out_of_range(input_ids, token_type_ids, config: ConvBertConfig) -> str | No
 
 def _trunc_normal_(weight: torch.Tensor, std: float) -> None:
     # TF1's truncated_normal redraws beyond two standard deviations; a and b are absolute bounds.
+    if std == 0:  # (initializer_range 0: all zeros, as TF gives; torch's sampler would divide by zero)
+        nn.init.zeros_(weight)
+        return
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
