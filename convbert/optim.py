@@ -88,7 +88,9 @@ class AdamWeightDecay(torch.optim.Optimizer):
         return params, grads, exp_avgs, exp_avg_sqs
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient (groups without one are skipped); returns the
+        closure's loss, if a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -96,6 +98,8 @@ class AdamWeightDecay(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             tensors = self._gather(group, count=True)
+            if not tensors[0]:  # (multi-tensor ops refuse empty lists)
+                continue
             update = self._multi_tensor_update if self._use_foreach(tensors[0]) else _update
             update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], group["lr"] * group.get("lr_scale", 1.0))
         return loss

@@ -164,6 +164,16 @@ def test_foreach_update_is_bit_identical_to_the_per_parameter_loop():
         assert torch.equal(st["exp_avg_sq"], fe_state["state"][k]["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_group_without_gradients_is_skipped(foreach):
+    """An unused head's group has no gradients: the multi-tensor path raised on its empty tensor lists."""
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = AdamWeightDecay([{"params": [used]}, {"params": [unused], "lr_scale": 0.5}], lr=0.1, foreach=foreach)
+    used.grad = torch.ones(3)
+    opt.step()
+    assert (used < 1).all() and torch.equal(unused, torch.ones(2)) and unused not in opt.state
+
+
 @pytest.mark.parametrize("capturable", [False, True])
 def test_compiled_update_matches_the_eager_update(capturable):
     """`compile_update` (`convbert pretrain --compile`): the multi-tensor update through torch.compile gives the eager
