@@ -333,6 +333,17 @@ def test_wrong_model_inputs_are_named(call, expect):
         call(model, ids)
 
 
+def test_any_integer_dtype_of_ids_gives_the_same_output():
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    types = torch.randint(0, 2, (2, 8))
+    with torch.no_grad():
+        want = model(ids, token_type_ids=types).last_hidden_state
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            got = model(ids.to(dtype), token_type_ids=types.to(dtype)).last_hidden_state
+            assert torch.equal(got, want), dtype
+
+
 def test_shared_embeddings_must_match_the_vocab_and_heads_their_label_count(tmp_path):
     from convbert.model.heads import ConvBertForSequenceClassification
 

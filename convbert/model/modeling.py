@@ -77,6 +77,11 @@ def _check_inputs(input_ids, attention_mask, token_type_ids) -> None:
         raise ConvBertError(f"token_type_ids is {token_type_ids.dtype}: expected integer segment ids")
 
 
+def _embedding_index(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Any integer ids as the int64/int32 an embedding lookup takes (uint8 or int16 ids are widened)."""
+    return ids if ids is None or ids.dtype in (torch.int64, torch.int32) else ids.long()
+
+
 def _out_of_range(input_ids, token_type_ids, config: ConvBertConfig) -> str | None:
     """Which ids an embedding lookup could not find, named after the argument and the config field."""
     for name, t, size, field in (("input_ids", input_ids, config.vocab_size, "vocab_size"),
@@ -151,6 +156,7 @@ class ConvBertModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> ConvBertOutput:
         _check_inputs(input_ids, attention_mask, token_type_ids)
+        input_ids, token_type_ids = _embedding_index(input_ids), _embedding_index(token_type_ids)
         try:
             x = self.embeddings(input_ids, token_type_ids)
         except IndexError as err:  # (values are only inspected on failure: no device sync on the normal path)
