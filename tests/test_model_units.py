@@ -354,6 +354,8 @@ def test_shared_embeddings_must_match_the_vocab_and_heads_their_label_count(tmp_
         ConvBertForSequenceClassification(d.config, 2.5)
     clf = ConvBertForSequenceClassification(d.config, 2, encoder=d)
     assert clf.convbert is d
+    with pytest.raises(ConvBertError, match="encoder is 64 wide but config.hidden_size is 128"):
+        ConvBertForSequenceClassification(d.config.replace(hidden_size=128, intermediate_size=512), 2, encoder=d)
     clf.save_pretrained(tmp_path / "c")
     head = tmp_path / "c" / "head.json"
     head.write_text(json.dumps({"num_labels": 2, "dropout": 1.5}))

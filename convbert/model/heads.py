@@ -78,6 +78,9 @@ class ConvBertForSequenceClassification(nn.Module):
         super().__init__()
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1")
+        if encoder is not None and encoder.config.hidden_size != config.hidden_size:
+            raise ConvBertError(f"encoder is {encoder.config.hidden_size} wide but config.hidden_size is "
+                                f"{config.hidden_size}: pass the encoder's own config (encoder.config)")
         self.num_labels = num_labels
         self.convbert = encoder if encoder is not None else ConvBertModel(config)  # a given one is used as it is
         dropout = config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
@@ -91,6 +94,7 @@ class ConvBertForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, num_labels] (a score [B, 1] for regression) from the final [CLS] vector."""
         return self.classifier(self.convbert(input_ids, attention_mask, token_type_ids).last_hidden_state)
 
     @classmethod
