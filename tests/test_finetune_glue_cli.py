@@ -298,6 +298,21 @@ def test_a_missing_prediction_file_makes_the_run_redo(env, full_run, tmp_path, c
     assert (out / "runs" / "rte-seed1" / "RTE.tsv").is_file()
 
 
+def test_the_python_api_routes_its_report_through_log(env, tmp_path, capsys):
+    """run_glue with a `log` callback writes nothing to stdout or stderr: the table comes through the callback."""
+    from convbert.finetune.runner import GlueOptions, run_glue
+    from convbert.finetune.trainer import FinetuneConfig
+
+    _, model, glue = env
+    lines = []
+    cfg = FinetuneConfig(epochs=1, batch_size=8, max_seq_length=32)
+    summary = run_glue(GlueOptions(model, glue, tmp_path / "o", ["rte"], [1], cfg, progress=False, log=lines.append))
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    assert any(line.startswith("# GLUE dev results") and "| RTE |" in line for line in lines)
+    assert "rte" in summary["tasks"]
+
+
 def test_save_models_writes_folders_that_load_again(env, tmp_path):
     from convbert.model.heads import ConvBertForSequenceClassification
 

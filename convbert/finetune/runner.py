@@ -91,6 +91,11 @@ def _log(opts: GlueOptions, msg: str) -> None:
     (opts.log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
 
+def _report(opts: GlueOptions, text: str) -> None:
+    """Results go to stdout (the CLI's output), or to `opts.log` when a caller gives one."""
+    (opts.log or print)(text)
+
+
 def model_identity(model_dir: Path) -> dict:
     """Hashes of config.json, the weights and vocab.txt: a run is only reused for the same model."""
     ident = {}
@@ -485,6 +490,9 @@ def render_markdown(summary: dict, header: str = "") -> str:
 
 
 def run_glue(opts: GlueOptions) -> dict:
+    """Fine-tune and evaluate every (task, seed) not finished in `opts.output`, write `results.md`/`.json` (and with
+    `predict` the submission), and return the summary. Notes and results go to `opts.log` if given, else to
+    stderr and stdout."""
     cfg = opts.cfg
     cfg.validate()
     if not opts.seeds:
@@ -585,7 +593,7 @@ def run_glue(opts: GlueOptions) -> dict:
     write_text_atomic(opts.output / "results.md", md)
     summary = finite_json(summary)
     write_json_atomic(opts.output / "results.json", summary)
-    print(md, end="")
+    _report(opts, md.rstrip("\n"))
 
     if opts.predict:
         sources: dict[str, Path | None] = {}
@@ -596,7 +604,7 @@ def run_glue(opts: GlueOptions) -> dict:
             sources[name] = (opts.output / chosen["predictions"][name]) if chosen else None
         zpath = build_submission(opts.output, sources, opts.glue_dir, opts.fill_missing, opts.wnli_majority,
                                  log=lambda m: _log(opts, m))
-        print(f"submission: {opts.output / 'submission'}/ and {zpath}")
+        _report(opts, f"submission: {opts.output / 'submission'}/ and {zpath}")
         summary["submission"] = str(zpath)
     return summary
 
