@@ -119,6 +119,19 @@ def test_config_notes_cannot_shadow_fields_and_number_fields_must_be_numbers(tmp
         ConvBertConfig.from_preset("tiny", num_attention_heads=3)
 
 
+def test_wrong_types_in_the_python_api_are_named(tmp_path):
+    with pytest.raises(ConvBertError, match="config is a dict: expected a ConvBertConfig"):
+        ConvBertModel({"hidden_size": 64})
+    with pytest.raises(ConvBertError, match="x.json: expected a JSON object of config fields, got list"):
+        ConvBertConfig.from_hf_dict([], source="x.json")
+    with pytest.raises(ConvBertError, match=r"generator fraction '0.25': expected a number in \(0, 1\]"):
+        ConvBertConfig.from_preset("tiny").generator_config("0.25")
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(ConvBertError, match="afile: exists and is not a folder"):
+        ConvBertModel(ConvBertConfig.from_preset("tiny")).save_pretrained(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 def test_initializer_range_zero_gives_zero_weights():
     model = ConvBertModel(ConvBertConfig.from_preset("tiny", initializer_range=0.0))
     assert model.encoder.layer[0].attention.self.query.weight.abs().max().item() == 0.0

@@ -133,6 +133,8 @@ def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBe
 def _write_model_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """`model.safetensors` (CPU, contiguous) and `config.json` into the folder `path`, each written atomically."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConvBertError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path / "model.safetensors") as tmp:

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from convbert.interop.hf import (GENERATOR_DIR, MODEL_FOLDER_FILES, check_and_lo
 from convbert.interop.tf_bundle import TFCheckpoint
 from convbert.model.config import PRESETS, ConvBertConfig
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
+
+if TYPE_CHECKING:
+    from convbert.model.modeling import ConvBertModel
 
 DISCRIMINATOR_SCOPE = "electra"
 GENERATOR_SCOPE = "generator"
@@ -243,7 +247,8 @@ def _read_head(ckpt: TFCheckpoint, rows: list[tuple[str, str, Transform]], used:
     return head
 
 
-def load_tf_encoder(ckpt: TFCheckpoint, scope: str, used: set[str], num_heads: int | None = None):
+def load_tf_encoder(ckpt: TFCheckpoint, scope: str, used: set[str],
+                    num_heads: int | None = None) -> ConvBertModel:
     """The `ConvBertModel` saved under `scope`, every parameter checked against its inferred configuration."""
     from convbert.model.modeling import ConvBertModel
 

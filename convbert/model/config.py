@@ -176,7 +176,7 @@ class ConvBertConfig:
 
     def generator_config(self, fraction: float) -> "ConvBertConfig":
         """The generator of spec §2.2: width and heads scaled by `fraction`, same depth, FFN 4x, same tables."""
-        if not 0 < fraction <= 1:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ConvBertError(f"generator fraction {fraction!r}: expected a number in (0, 1]")
         hidden = int(round(self.hidden_size * fraction))
         # max(1, N * f), then cast to int as the original does (truncation; the epsilon absorbs float noise in
@@ -263,6 +263,8 @@ class ConvBertConfig:
     def from_hf_dict(cls, values: dict[str, Any], source: str = "config.json") -> "ConvBertConfig":
         """A ConvBERT config.json (`model_type` "convbert" or the early "conv_bert"), or an ELECTRA one
         ("electra": e.g. the hub's google/electra-*-discriminator), which becomes plain attention."""
+        if not isinstance(values, dict):
+            raise ConvBertError(f"{source}: expected a JSON object of config fields, got {type(values).__name__}")
         model_type = values.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ConvBertError(f"{source}: field 'model_type' is {model_type!r}: expected "

@@ -127,6 +127,9 @@ class ConvBertModel(nn.Module):
 
     def __init__(self, config: ConvBertConfig, embeddings: ConvBertEmbeddings | None = None):
         super().__init__()
+        if not isinstance(config, ConvBertConfig):
+            raise ConvBertError(f"config is a {type(config).__name__}: expected a ConvBertConfig (from_preset, "
+                                "from_dict or from_json_file build one)")
         config.validate()
         self.config = config
         shared = embeddings is not None
