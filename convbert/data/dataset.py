@@ -28,6 +28,8 @@ from convbert.errors import ConvBertError
 
 
 class PretrainingDataset:
+    """A `convbert build-data` folder, memory-mapped: `len()`, `example(i)` and `batch(indices)` give
+    fixed-length `input_ids`, `input_mask` and `segment_ids` (docs/data.md)."""
     def __init__(self, path: str | os.PathLike, max_seq_length: int | None = None):
         self.path = Path(path)
         mpath = self.path / "manifest.json"
@@ -136,6 +138,7 @@ class PretrainingDataset:
         mask[:n] = 1
 
     def example(self, i: int) -> dict[str, np.ndarray]:
+        """Example `i` as int64 arrays of length `max_seq_length`, padded with the vocab's [PAD] id."""
         t = self.max_seq_length
         ids = np.full(t, self.pad_id, dtype=np.int64)
         mask = np.zeros(t, dtype=np.int64)
@@ -315,12 +318,14 @@ class PretrainingLoader:
         return {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def state_dict(self) -> dict:
+        """Where the loader is (seed, epoch, position, and the sizes it checks): JSON, for exact resume."""
         return {
             "seed": self.seed, "epoch": self.epoch, "position": self.position, "num_examples": self.num_examples,
             "batch_size": self.batch_size, "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()` (the batch size may differ; the order of examples is kept)."""
         if int(state["num_examples"]) != self.num_examples:
             raise ConvBertError(
                 f"loader state is for a dataset of {state['num_examples']} examples, this one has "

@@ -395,6 +395,7 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
 
 
 def summarize(records: list[dict]) -> dict:
+    """Per task and metric: median, mean and std over seeds, and both GLUE averages."""
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
@@ -466,6 +467,7 @@ def render_reference(comparison: dict) -> list[str]:
 
 
 def render_markdown(summary: dict, header: str = "") -> str:
+    """`summarize`'s output as the `results.md` table."""
     lines = ["# GLUE dev results", ""]
     if header:
         lines += [header, ""]

@@ -36,6 +36,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def read_config(path: Path) -> ConvBertConfig:
+    """The ConvBertConfig of an HF-layout folder's `config.json` (ConvBERT or ELECTRA)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConvBertError(f"{config_file}: not found (an HF-layout model folder needs config.json)")
@@ -268,6 +269,7 @@ def check_vocab_fits(vocab_file: str | os.PathLike, rows: int, source: str, hint
 
 
 def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> None:
+    """Copy `vocab_file` into `model_dir` as `vocab.txt`, atomically."""
     with atomic_path(Path(model_dir) / "vocab.txt") as tmp:
         shutil.copyfile(vocab_file, tmp)
 

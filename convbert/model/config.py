@@ -129,6 +129,7 @@ class ConvBertConfig:
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Check every field; the first bad one is a ConvBertError naming it and what was expected."""
         def need(ok: bool, field_name: str, expected: str) -> None:
             if not ok:
                 raise ConvBertError(f"config field '{field_name}' = {getattr(self, field_name)!r}: expected {expected}")
@@ -198,10 +199,12 @@ class ConvBertConfig:
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON values (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ConvBertConfig":
+        """A config from `to_dict`'s output; unknown fields and wrong types are errors naming `source`."""
         if not isinstance(values, dict):
             raise ConvBertError(f"{source}: expected a JSON object of config fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -220,12 +223,14 @@ class ConvBertConfig:
         return type(self).from_dict({**self.to_dict(), **changes}, source=source)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write `to_dict()` as JSON, atomically."""
         from convbert.utils import write_json_atomic
 
         write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ConvBertConfig":
+        """Read a file written by `to_json_file` (errors name the file)."""
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)

@@ -31,6 +31,7 @@ class GeneratorHead(nn.Module):
         nn.init.zeros_(self.dense.bias)
 
     def forward(self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor) -> torch.Tensor:
+        """MLM logits over the vocabulary, the output projection tied to `word_embeddings_weight`."""
         h = self.LayerNorm(gelu(self.dense(hidden)))
         return torch.nn.functional.linear(h, word_embeddings_weight, self.output_bias)
 
@@ -48,6 +49,7 @@ class DiscriminatorHead(nn.Module):
         nn.init.zeros_(self.dense_prediction.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One replaced-token logit per position: [B, T, H] -> [B, T]."""
         return self.dense_prediction(gelu(self.dense(hidden))).squeeze(-1)
 
 
@@ -65,6 +67,7 @@ class ClassificationHead(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the first ([CLS]) vector: [B, T, H] -> [B, num_labels]."""
         return self.out_proj(self.dropout(hidden[:, 0]))
 
 
@@ -121,6 +124,7 @@ class ConvBertForSequenceClassification(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ConvBertForSequenceClassification":
+        """A folder written by `save_pretrained` (encoder + `head.json` + head weights), in eval mode."""
         from safetensors.torch import load_file
 
         from convbert.interop.hf import check_and_load

@@ -40,6 +40,7 @@ class ConvBertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Word + position + segment embeddings, LayerNorm, dropout: [B, T] ids -> [B, T, E]."""
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:
             raise ConvBertError(f"sequence length {length} exceeds max_position_embeddings "
@@ -158,6 +159,9 @@ class ConvBertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> ConvBertOutput:
+        """Encode token ids [B, T]; `attention_mask` 1 = token, 0 = padding (masked in the self-attention branch
+        only, as the original, unless `mask_conv_padding`). `output_hidden_states` adds the (projected) embeddings
+        and every layer's output."""
         _check_inputs(input_ids, attention_mask, token_type_ids)
         input_ids, token_type_ids = _embedding_index(input_ids), _embedding_index(token_type_ids)
         try:
@@ -210,6 +214,7 @@ class ConvBertModel(nn.Module):
         save_pretrained(self, path)
 
     def num_parameters(self) -> int:
+        """The number of parameters (each tensor counted once)."""
         return sum(p.numel() for p in self.parameters())
 
 

@@ -62,6 +62,8 @@ def _check_output_folder(out: Path, ck: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
+    """Write a run's (or one checkpoint's) discriminator, and with `generator` the generator, as HF-layout
+    folders with `vocab.txt`; returns what was written and any notes."""
     from convbert.model.config import ConvBertConfig
     from convbert.model.modeling import ConvBertModel
 

@@ -164,6 +164,8 @@ def _finetune(model_dir: Path, train_tsv: Path, dev_tsv: Path, out: Path, seed: 
 def quickstart(output: str | Path = "convbert-quickstart", *, minutes: float = 6.0, seed: int = 0, size: str = "tiny",
                finetune: bool = True, threads: int | None = None, max_chars: int | None = 2_000_000,
                vocab_size: int = QUICK_VOCAB, max_seq_length: int = QUICK_SEQ) -> dict:
+    """The README's demo: corpus -> vocab -> data -> a few minutes of pre-training -> AUC, plots and a
+    small fine-tuning task, all under `output`; returns the summary it writes there."""
     from convbert.pretrain.config import resolve_config
     from convbert.pretrain.export import export_checkpoint
     from convbert.pretrain.logging import read_log

@@ -679,6 +679,8 @@ class Trainer:
 
 
 def run_pretraining(cfg: PretrainConfig, **kwargs) -> dict:
+    """Run (or resume) pre-training as `cfg` says; returns at least the step reached, whether it resumed and whether
+    the run is finished."""
     trainer = Trainer(cfg, **kwargs)
     try:
         return trainer.run()
