@@ -86,3 +86,23 @@ def test_torchrun_cli_two_processes_and_resume(tiny_data, tmp_path):
     assert st["world_size"] == 2 and st["step"] == 4
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_one_process_resumed_by_two_keeps_one_global_data_position(tiny_data, tmp_path):
+    """Every rank resumes from the global position: rank 1 used to restart at the beginning of epoch 0 (it had no
+    loader state of its own in a one-process checkpoint) and then re-read data already seen."""
+    out = tmp_path / "run"
+    flags = ["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(out), "--batch-size", "8",
+             "--eval-batches", "1", "--threads", "1", "--no-progress", "--device", "cpu", "--steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "convbert", *flags, "--stop-at-step", "2"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "convbert", *flags], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "checkpoint written by 1 rank(s), now 2" in two.stderr
+    st = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    positions = [(s["epoch"], s["position"]) for s in st["loader"]]
+    assert st["world_size"] == 2 and positions == [(0, 32), (0, 32)]  # 4 steps x 8 examples, on both ranks

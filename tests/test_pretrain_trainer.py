@@ -89,6 +89,11 @@ def test_a_run_resumes_on_moved_data_but_not_on_other_data(tiny_data, tmp_path):
     assert isinstance(saved, str) and len(saved) == 16
     with pytest.raises(ConvBertError, match=r"started on other training data than --data .*other"):
         run_pretraining(cfg_for({**tiny_data, "data": other}, run), progress=False)
+    # the same examples, but part of them now held out for evaluation (no eval/ folder beside them)
+    no_eval = shutil.copytree(data, tmp_path / "no_eval", ignore=shutil.ignore_patterns("eval"))
+    with pytest.raises(ConvBertError, match=r"trained on --data less a separate --eval-data set, this invocation on "
+                                            r"--data less \d+ held-out examples"):
+        run_pretraining(cfg_for({**tiny_data, "data": no_eval}, run), progress=False)
     resumed = run_pretraining(cfg_for({**tiny_data, "data": moved}, run), progress=False)
     assert resumed["resumed"] and resumed["finished"]
     full = tmp_path / "full"

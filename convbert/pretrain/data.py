@@ -181,8 +181,9 @@ def open_data(data: str, eval_data: str | None = None, max_seq_length: int | Non
 
 
 def data_fingerprint(bundle: DataBundle) -> str | None:
-    """What identifies the training examples wherever the folder lives: the manifest's shards, counts and vocab,
-    the split, and the first 64 KiB of the first shard. A run is not resumed on other data (None: no manifest)."""
+    """What identifies the --data folder's examples wherever it lives: the manifest's shards, counts and vocab,
+    and the first 64 KiB of the first shard. A run is not resumed on other data (None: no manifest). The
+    held-out split is checked on its own (`eval_holdout_examples`)."""
     manifest = bundle.manifest or {}
     shards = manifest.get("shards")
     if not shards:
@@ -190,7 +191,6 @@ def data_fingerprint(bundle: DataBundle) -> str | None:
     digest = hashlib.sha256(json.dumps({
         "shards": [[s.get("file"), s.get("examples"), s.get("bytes")] for s in shards],
         "counts": manifest.get("counts"), "vocab": (manifest.get("vocab") or {}).get("sha256"),
-        "train_examples": len(bundle.train), "holdout": bundle.holdout,
     }, sort_keys=True).encode())
     first = getattr(base_dataset(bundle.train), "path", None)
     if first is not None and (Path(first) / shards[0]["file"]).is_file():

@@ -337,6 +337,15 @@ class Trainer:
                 f"{self.out}: the run was started on other training data than --data {self.cfg.data} (data "
                 f"fingerprint {was}, now {now}); resume it on the same data, or start a new --output from its "
                 "weights (`convbert export`, then `convbert pretrain --init-from`)")
+        held, holding = saved.get("eval_holdout_examples"), self.data.holdout
+        if "eval_holdout_examples" in saved and held != holding:
+            def split(n):
+                return f"{n} held-out examples" if n else "a separate --eval-data set"
+
+            raise ConvBertError(
+                f"{self.out}: the run trained on --data less {split(held)}, this invocation on --data less "
+                f"{split(holding)} (--eval-batches x eval_batch_size and --eval-data decide it); resume with the "
+                "run's evaluation settings")
         # Paths may move with the run (the fingerprint above follows the data); --stop-at-step is per invocation.
         return [k for k in new if k in old and old[k] != new[k]
                 and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab")]
@@ -394,9 +403,8 @@ class Trainer:
                     "the random streams (masking, sampling, dropout) restart; weights, optimiser, schedule and the "
                     "position in the data are restored"
                 )
-            if self.dist.rank < len(loaders):
-                with contextlib.suppress(Exception):
-                    self.loader.load_state_dict(loaders[self.dist.rank])
+            if loaders:  # the position is global (every rank records the same one): each rank resumes from it
+                self.loader.load_state_dict(loaders[0])
         if changed and self.dist.is_main:
             self.print(f"note: resuming with changed settings: {', '.join(changed)} (the new values apply)")
         if self.dist.is_main:
