@@ -382,8 +382,8 @@ def test_init_from_an_export_starts_with_every_weight_and_resumes_without_it(tin
 
     from convbert.pretrain.export import export_checkpoint
 
-    source = tmp_path / "source"
-    run_pretraining(cfg_for(tiny_data, source, steps=2), progress=False)
+    source = tmp_path / "source"  # (dropout 0: a model config the size preset would not rebuild)
+    run_pretraining(cfg_for(tiny_data, source, steps=2, sets=["model.hidden_dropout_prob=0"]), progress=False)
     export_checkpoint(source, tmp_path / "exp", generator=True)
     run = tmp_path / "continued"
     run_pretraining(cfg_for(tiny_data, run, steps=1, save_every=1, lr=0.0, init_from=str(tmp_path / "exp")),
@@ -401,6 +401,14 @@ def test_init_from_an_export_starts_with_every_weight_and_resumes_without_it(tin
     res = run_pretraining(cfg_for(tiny_data, run, steps=2, save_every=1, lr=0.0, init_from=str(tmp_path / "exp")),
                           progress=False)
     assert res["resumed"] and res["step"] == 2
+    # Resumed without repeating --init-from: still the recorded model (it was rebuilt from the size preset)
+    capsys.readouterr()
+    res = run_pretraining(cfg_for(tiny_data, run, steps=3, save_every=1, lr=0.0), progress=False)
+    assert res["resumed"] and res["step"] == 3
+    assert not [line for line in capsys.readouterr().err.splitlines() if "changed settings" in line and "init_from"
+                in line]
+    again = json.loads((run / "run_config.json").read_text())
+    assert again["model_config"] == recorded["model_config"] and again["model_config"]["hidden_dropout_prob"] == 0
 
     # A discriminator-only folder (an HF hub download): the generator and the replaced-token head start fresh.
     hub = tmp_path / "hub"

@@ -187,7 +187,8 @@ class Trainer:
         if cfg.max_seq_length is None:
             cfg.max_seq_length = self.T
         self.n_pred = num_predictions(self.T, cfg.mask_prob)
-        self.init, recorded = self._init_weights() if cfg.init_from else (None, None)
+        # (a run started from --init-from resumes with its recorded model, whether or not the flag is repeated)
+        self.init, recorded = self._init_weights() if cfg.init_from or self._started_from_init() else (None, None)
         if recorded is not None:  # resuming a run that started from --init-from
             from convbert.model.config import ConvBertConfig
 
@@ -247,6 +248,13 @@ class Trainer:
         self.bad_total = 0
         self.tokens_seen = 0
         self.logger = NullLogger()
+
+    def _started_from_init(self) -> bool:
+        """Whether this output holds checkpoints of a run that started from `--init-from`."""
+        recorded = self.out / RUN_CONFIG
+        if ckpt_io.latest_checkpoint(self.ckpt_dir) is None or not recorded.is_file():
+            return False
+        return bool((load_json(recorded).get("pretrain") or {}).get("init_from"))
 
     def _init_weights(self):
         """`--init-from`: (the folder's weights, None) for a new run; (None, the recorded model config) for a run
@@ -348,7 +356,7 @@ class Trainer:
                 "run's evaluation settings")
         # Paths may move with the run (the fingerprint above follows the data); --stop-at-step is per invocation.
         return [k for k in new if k in old and old[k] != new[k]
-                and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab")]
+                and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab", "init_from")]
 
     def maybe_resume(self) -> bool:
         try:
