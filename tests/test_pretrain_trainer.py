@@ -348,6 +348,24 @@ def test_keep_checkpoints_counts_regular_checkpoints_and_keeps_every_milestone(t
     assert kept == [9, 19, 38, 75, 120, 130, 140, 150]  # 3 regular (120, 130, 140) + the 5 milestones
 
 
+def test_milestones_of_an_earlier_run_length_survive_a_resume_with_more_steps(tmp_path):
+    """A run of 32 steps resumed with --steps 40: its milestones (2, 4, 8, 16, 32) were pruned as regular ones."""
+    from convbert.pretrain import checkpoint as ckpt_io
+
+    for step, total in [(2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (33, 40), (34, 40), (35, 40), (36, 40)]:
+        folder = tmp_path / ckpt_io.checkpoint_name(step)
+        folder.mkdir()
+        (folder / ckpt_io.STATE_FILE).write_text(json.dumps({"lr_schedule": {"total_steps": total}}))
+    (tmp_path / ".step-00000037.abc.tmp").mkdir()  # a save interrupted by a crash
+    ckpt_io.prune_checkpoints(tmp_path, 1, ckpt_io.milestone_steps(40))
+    kept = [step for step, _ in ckpt_io.list_checkpoints(tmp_path)]
+    assert kept == [2, 4, 8, 16, 32, 36]  # the earlier milestones, and the newest regular one
+    assert not list(tmp_path.glob(".step-*.tmp"))
+    (tmp_path / ".step-00000038.abc.tmp").mkdir()
+    ckpt_io.prune_checkpoints(tmp_path, 0, set())  # --keep-checkpoints 0 keeps everything but still tidies up
+    assert not list(tmp_path.glob(".step-*.tmp"))
+
+
 def test_a_resumed_run_keeps_the_checkpoint_step_in_tensorboard(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -306,11 +306,18 @@ def rng_state_for_rank(ckpt: dict, rank: int) -> dict | None:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int, protected: set[int]) -> list[Path]:
-    """Keep the newest `keep_last` regular checkpoints and every protected (milestone) one; delete the rest."""
+    """Keep the newest `keep_last` regular checkpoints and every protected (milestone) one; delete the rest.
+
+    A checkpoint that was a milestone of the run length recorded in it stays protected too, so resuming with
+    another `--steps` never deletes the earlier milestones."""
     found = list_checkpoints(directory)
     removed = []
+    for p in Path(directory).glob(".step-*.tmp"):  # leftovers of an interrupted save
+        shutil.rmtree(p, ignore_errors=True)
     if keep_last <= 0:
         return removed
+    protected = set(protected) | {step for step, p in found if (total := _recorded_total_steps(p))
+                                  and step in milestone_steps(total)}
     regular = [step for step, _ in found if step not in protected]
     recent = set(regular[-keep_last:])
     for step, p in found:
@@ -318,7 +325,13 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int, protected: s
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
-    # Leftover temporary folders from an interrupted save.
-    for p in Path(directory).glob(".step-*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def _recorded_total_steps(checkpoint: Path) -> int:
+    """The run length a checkpoint was written for (0 if its state cannot be read)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state["lr_schedule"]["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
