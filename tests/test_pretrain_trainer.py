@@ -469,3 +469,25 @@ def test_init_from_refuses_what_would_not_mean_the_same(tiny_data, tmp_path):
     res = run_pretraining(cfg_for(tiny_data, tmp_path / "dropout", steps=1, init_from=str(tmp_path / "exp"),
                                   sets=["model.hidden_dropout_prob=0.0"]), progress=False)
     assert res["finished"]
+
+
+def test_export_of_a_moved_checkpoint_never_takes_a_foreign_vocab(tiny_data, tmp_path):
+    """Outside its run folder a checkpoint used to pick up any vocab.txt two folders up, unchecked."""
+    import shutil
+
+    from convbert.pretrain.export import export_checkpoint
+
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, steps=2, save_every=2), progress=False)
+    moved = tmp_path / "share" / "ck" / "step-00000002"
+    shutil.copytree(run / "checkpoints" / "step-00000002", moved)
+    real = Path(tiny_data["vocab"]).read_text()
+    (tmp_path / "share" / "vocab.txt").write_text(real.replace("[MASK]\n", "[MASK]\nforeign\n", 1))
+    export_checkpoint(moved, tmp_path / "exp")
+    assert (tmp_path / "exp" / "vocab.txt").read_text() == real  # the recorded data vocab, checked by its hash
+    state_file = moved / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["run_config"]["vocab_file"] = str(tmp_path / "gone" / "vocab.txt")
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConvBertError, match=r"cannot find the vocab the run was trained with \(sha256 [0-9a-f]{12}…; looked for "):
+        export_checkpoint(moved, tmp_path / "exp2")

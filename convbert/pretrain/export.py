@@ -22,7 +22,7 @@ from convbert.interop.hf import (DISCRIMINATOR_HEAD_KEYS, GENERATOR_DIR, GENERAT
                                  check_vocab_fits, copy_vocab, save_discriminator_pretrained,
                                  save_generator_pretrained, transformers_limits)
 from convbert.pretrain import checkpoint as ckpt_io
-from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
+from convbert.utils import refuse_foreign_folder, sha256_file, staged_folder, write_json_atomic
 
 RUN_VOCAB = "vocab.txt"
 EXPORT_RECORD = "export.json"
@@ -37,16 +37,20 @@ def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix
 
 
 def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
-    run_dir = checkpoint_dir.parent.parent
-    candidates = [run_dir / RUN_VOCAB]
+    """The vocab the run was trained with: the run folder's copy, else the data's file recorded in the run; when
+    the run recorded the vocab's sha256 (runs since stop 23), a file with another hash is never taken."""
+    candidates = [checkpoint_dir.parent.parent / RUN_VOCAB] if checkpoint_dir.parent.name == "checkpoints" else []
     if run_config.get("vocab_file"):
         candidates.append(Path(run_config["vocab_file"]))
+    expected = run_config.get("vocab_sha256")
     for c in candidates:
-        if c.is_file():
+        if c.is_file() and (expected is None or sha256_file(c) == expected):
             return c
+    what = f"sha256 {expected[:12]}…; " if expected else ""
     raise ConvBertError(
-        f"{checkpoint_dir}: cannot find the vocab the run was trained with (looked for "
-        + ", ".join(str(c) for c in candidates) + ")"
+        f"{checkpoint_dir}: cannot find the vocab the run was trained with ({what}looked for "
+        + ", ".join(str(c) for c in candidates) + "); keep the checkpoint in its run folder, or the data's vocab "
+        "where the run recorded it"
     )
 
 

@@ -249,6 +249,14 @@ class Trainer:
         self.tokens_seen = 0
         self.logger = NullLogger()
 
+    def _vocab_sha256(self) -> str | None:
+        """The data's vocab file hash (recorded, so `convbert export` can check the vocab it finds)."""
+        if not hasattr(self, "_vocab_digest"):
+            from convbert.utils import sha256_file
+
+            self._vocab_digest = sha256_file(self.data.vocab_path) if self.data.vocab_path else None
+        return self._vocab_digest
+
     def _started_from_init(self) -> bool:
         """Whether this output holds checkpoints of a run that started from `--init-from`."""
         recorded = self.out / RUN_CONFIG
@@ -315,6 +323,7 @@ class Trainer:
                 self.model.generator_config.to_dict() if self.model.generator_config is not None else None
             ),
             "vocab_file": str(self.data.vocab_path) if self.data.vocab_path else None,
+            "vocab_sha256": self._vocab_sha256(),
             "eval_holdout_examples": self.data.holdout,
             "data_fingerprint": data_fingerprint(self.data),
             "vocab_size": self.data.vocab_size,
