@@ -638,10 +638,13 @@ class Trainer:
             self._copy_vocab()
             self.logger = RunLogger(self.out, cfg.steps, progress=self.progress, log_every=cfg.log_every)
         if self.step >= cfg.steps:
-            self.print(f"{self.out}: already trained for {self.step} of {cfg.steps} steps; nothing to do")
+            if self.dist.is_main:
+                self.print(f"{self.out}: already trained for {self.step} of {cfg.steps} steps; nothing to do")
             return {"step": self.step, "resumed": resumed, "finished": True}
         if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
-            self.print(f"{self.out}: already at step {self.step} (--stop-at-step {cfg.stop_at_step}); nothing to do")
+            if self.dist.is_main:
+                self.print(f"{self.out}: already at step {self.step} (--stop-at-step {cfg.stop_at_step}); "
+                           "nothing to do")
             return {"step": self.step, "resumed": resumed, "finished": False}
         self.logger.start(self.step)
         if self.dist.is_main:
