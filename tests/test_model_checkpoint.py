@@ -88,7 +88,11 @@ def test_pickle_that_is_not_weights_is_refused(saved):
             return (print, ("executed",))
 
     torch.save({"x": Evil()}, path / "pytorch_model.bin")
-    with pytest.raises(ConvBertError, match="pytorch_model.bin"):
+    with pytest.raises(ConvBertError, match="pytorch_model.bin: refused to load: not plain tensors"):
+        ConvBertModel.from_pretrained(path)
+    # damaged bytes are called damaged, not unsafe
+    (path / "pytorch_model.bin").write_bytes(bytes(range(7, 250)) * 3)
+    with pytest.raises(ConvBertError, match="pytorch_model.bin: cannot read weights \\(truncated or corrupt file"):
         ConvBertModel.from_pretrained(path)
 
 

@@ -67,6 +67,9 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConvBertError(f"{weight_file}: cannot read weights (truncated or corrupt file?): {message}") from None
     except Exception as err:  # e.g. pickle.UnpicklingError for a file that is not weights-only
+        if not _looks_like_torch_save(weight_file):  # neither torch.save's zip nor a pickle: damaged bytes
+            raise ConvBertError(f"{weight_file}: cannot read weights (truncated or corrupt file?): not a zip "
+                                f"archive or pickle written by torch.save ({type(err).__name__})") from None
         first = (str(err).splitlines() or [""])[0].split(". ")[0]
         raise ConvBertError(
             f"{weight_file}: refused to load: not plain tensors (torch.load(weights_only=True) rejected it: "
@@ -75,6 +78,15 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvBertError(f"{weight_file}: expected a flat dict of tensors")
     return state, weight_file
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive (legacy files: a pickle, which starts with the PROTO opcode 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    return head == b"\x80" or zipfile.is_zipfile(path)
 
 
 def encoder_prefix(state: dict[str, torch.Tensor]) -> str:
