@@ -49,8 +49,8 @@ def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
     what = f"sha256 {expected[:12]}…; " if expected else ""
     raise ConvBertError(
         f"{checkpoint_dir}: cannot find the vocab the run was trained with ({what}looked for "
-        + ", ".join(str(c) for c in candidates) + "); keep the checkpoint in its run folder, or the data's vocab "
-        "where the run recorded it"
+        + ", ".join(str(c) for c in candidates) + "); restore the run's vocab.txt or the data's vocab file (a "
+        "checkpoint moved out of its run only finds the latter; a vocab edited since would not match the weights)"
     )
 
 
