@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import functools
-import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -34,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convbert.data.corpus import (DATASET_FORMAT, DOCS_MODES, Unit, UnitEnumerator, UnitStats, is_dataset_folder,
-                                   read_unit)
+from convbert.data.corpus import DATASET_FORMAT, DOCS_MODES, Unit, UnitEnumerator, UnitStats, read_unit
 from convbert.data.packing import SEGMENT_RULES, ExampleBuilder
 from convbert.data.shards import ShardReader, ShardWriter, token_dtype_for
 from convbert.data.tokenize import WordPieceTokenizer
@@ -367,7 +365,7 @@ def _fill_totals(m: dict) -> None:
 
 
 def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_bytes: int, inputs,
-                  out: Path) -> dict:
+                  files: list[list[tuple[str, str]]]) -> dict:
     zero = UnitStats().to_dict()
     return {
         "format": FORMAT,
@@ -385,30 +383,17 @@ def _new_manifest(settings: dict, tok: WordPieceTokenizer, vocab: str, token_byt
         "shards": [],
         "committed_units": 0,
         "inputs": [{"path": p, "units": 0, "complete": False, "counts": dict(zero)} for p in inputs],
-        "input_identity": input_identity(inputs, exclude=out),
+        "input_identity": input_identity(inputs, files),
         "counts": dict(zero),
     }
 
 
-def input_identity(inputs, exclude: Path | None = None) -> dict[str, list[int]]:
-    """Per input path: [files, bytes] (folders walked, globs expanded, the output folder left out). A changed
-    corpus is not resumed into a dataset built from the old one. No timestamps: a corpus copied or checked out
-    again is the same corpus, and the manifest stays reproducible."""
-    skip = os.path.abspath(exclude) if exclude is not None else None
-    ident = {}
-    for p in inputs:
-        files = []
-        for q in (sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]):
-            if os.path.isfile(q):
-                files.append(q)
-            for d, dirs, fs in os.walk(q):
-                if (skip is not None and os.path.abspath(d) == skip) or (d != q and is_dataset_folder(d)):
-                    dirs[:] = []
-                    continue
-                files += [os.path.join(d, f) for f in fs]
-        stats = [os.stat(f) for f in files if os.path.isfile(f)]
-        ident[os.path.abspath(p)] = [len(stats), sum(st.st_size for st in stats)]
-    return ident
+def input_identity(inputs, files: list[list[tuple[str, str]]]) -> dict[str, list[int]]:
+    """Per input path: [files, bytes] of the files the build reads from it (`UnitEnumerator.files`: the same walk,
+    so hidden entries, the output folder and earlier datasets are left out here too). A changed corpus is not
+    resumed into a dataset built from the old one. No timestamps: a corpus copied or checked out again is the
+    same corpus, and the manifest stays reproducible."""
+    return {os.path.abspath(p): [len(fs), sum(os.path.getsize(f) for f, _ in fs)] for p, fs in zip(inputs, files)}
 
 
 def _identity_changes(recorded: dict, fresh: dict) -> list[str]:
@@ -535,7 +520,7 @@ def build_dataset(
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
     enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out)  # validates the inputs exist
-    manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs, out))
+    manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs, enum.files))
     if manifest.get("complete"):
         if progress:
             print(f"build-data: {out} is already complete ({manifest['examples']} examples); nothing to do",
