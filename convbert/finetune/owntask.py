@@ -204,7 +204,7 @@ def finetune_own_task(
                             "classification needs at least two (or pass --regression)")
     if cfg.double_unordered and b is not None:
         a, b, y = a + b, b + a, y + y
-    feats = featurize(a, b, y, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
+    feats = featurize(a, b, y, tokenizer, cfg.max_seq_length, label_list, regression_scale=cfg.regression_scale)
     if dev_file is not None:  # read and check the dev file before spending time on training
         dcols, drows = read_table(dev_file, file_format)
         if not drows:
@@ -212,7 +212,8 @@ def finetune_own_task(
         da, db = _texts(dev_file, dcols, drows, text_columns)
         dy = _labels(dev_file, drows, _column_values(dev_file, dcols, drows, label_column, "label"), label_column,
                      regression, label_list)
-        dfeats = featurize(da, db, dy, tokenizer, cfg.max_seq_length, label_list, regression_scale=1.0)
+        dfeats = featurize(da, db, dy, tokenizer, cfg.max_seq_length, label_list,
+                           regression_scale=cfg.regression_scale)
 
     set_seed(seed)
     model = ConvBertForSequenceClassification.from_encoder(model_dir, 1 if regression else len(label_list))

@@ -249,13 +249,17 @@ class Trainer:
         self.tokens_seen = 0
         self.logger = NullLogger()
 
-    def _vocab_sha256(self) -> str | None:
+    @functools.cached_property
+    def vocab_sha256(self) -> str | None:
         """The data's vocab file hash (recorded, so `convbert export` can check the vocab it finds)."""
-        if not hasattr(self, "_vocab_digest"):
-            from convbert.utils import sha256_file
+        from convbert.utils import sha256_file
 
-            self._vocab_digest = sha256_file(self.data.vocab_path) if self.data.vocab_path else None
-        return self._vocab_digest
+        return sha256_file(self.data.vocab_path) if self.data.vocab_path else None
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str | None:
+        """`pretrain.data.data_fingerprint` of --data, computed once (it is recorded with every checkpoint)."""
+        return data_fingerprint(self.data)
 
     def _started_from_init(self) -> bool:
         """Whether this output holds checkpoints of a run that started from `--init-from`."""
@@ -323,9 +327,9 @@ class Trainer:
                 self.model.generator_config.to_dict() if self.model.generator_config is not None else None
             ),
             "vocab_file": str(self.data.vocab_path) if self.data.vocab_path else None,
-            "vocab_sha256": self._vocab_sha256(),
+            "vocab_sha256": self.vocab_sha256,
             "eval_holdout_examples": self.data.holdout,
-            "data_fingerprint": data_fingerprint(self.data),
+            "data_fingerprint": self.data_fingerprint,
             "vocab_size": self.data.vocab_size,
             "special_ids": self.data.special.__dict__,
             "max_predictions_per_seq": self.n_pred,
@@ -348,7 +352,7 @@ class Trainer:
                 f"{self.out}: the run was started with different {', '.join(changed)}; resume with the same "
                 "settings or choose a new --output"
             )
-        was, now = saved.get("data_fingerprint"), data_fingerprint(self.data)
+        was, now = saved.get("data_fingerprint"), self.data_fingerprint
         if was is not None and now is not None and was != now:
             raise ConvBertError(
                 f"{self.out}: the run was started on other training data than --data {self.cfg.data} (data "
