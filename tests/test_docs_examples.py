@@ -84,6 +84,12 @@ def test_python_api_walkthrough(tmp_path, transformers_module):
     diff = float(re.search(r"max \|ours - transformers\| = (\S+)", out).group(1))
     assert diff < 1e-5
     assert "torch.Size([1, 5, 64])" in out
+    config = json.loads((work / "model" / "config.json").read_text())
+    heads = config["num_attention_heads"] // config["head_ratio"]
+    assert f"{config['num_hidden_layers']} torch.Size([1, {heads}, 5, 5])" in out  # the attentions line
+    saliency = re.search(r"^tensor\(\[\[([^\]]*)\]\]\)$", out, re.M)  # one positive norm per token
+    assert saliency and len(saliency.group(1).split(",")) == 5, out
+    assert all(float(x) > 0 for x in saliency.group(1).split(",")), out
     results = json.loads((work / "glue" / "results.json").read_text())
     assert set(results["tasks"]) == {"rte", "sts"}
     assert "the paper's average still needs" in out

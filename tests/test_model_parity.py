@@ -169,3 +169,70 @@ def test_transformers_limits_says_exactly_when_transformers_can_load_a_folder(tr
         a = ours(ids, mask, types).last_hidden_state
         b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     assert (a - b).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_type": "plain"}, {"embedding_size": 64}])
+def test_attentions_and_inputs_embeds_match_transformers(transformers_module, overrides):
+    """`output_attentions` gives every layer's self-attention probabilities as transformers does (padding masked),
+    and `inputs_embeds` stands in for the word lookup in both; the explicit attention leaves outputs unchanged."""
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("small", num_hidden_layers=3, **overrides)
+    ours = ConvBertModel(config).eval()
+    # (transformers' ConvBERT has no plain attention: that case is compared with our own fast path only)
+    hf = None if overrides.get("attention_type") == "plain" else _hf_twin(transformers_module, ours)
+    ids, mask, types = _inputs(config.vocab_size)
+    with torch.no_grad():
+        fast = ours(ids, attention_mask=mask, token_type_ids=types)
+        a = ours(ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
+        embeds = ours.embeddings.word_embeddings(ids)
+        e = ours(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, output_attentions=True)
+    assert (a.last_hidden_state - fast.last_hidden_state).abs().max() <= TOL
+    assert torch.equal(e.last_hidden_state, a.last_hidden_state)
+    assert len(a.attentions) == config.num_hidden_layers and a[2] is a.attentions
+    for p in a.attentions:
+        assert p.shape == (3, config.reduced_heads, 48, 48)
+        assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+        assert p[1, :, :, 30:].max() < 1e-6 and p[2, :, :, 7:].max() < 1e-6  # padded keys get no weight
+    if hf is None:
+        return
+    with torch.no_grad():
+        b = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
+        h = hf(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types)
+    assert len(b.attentions) == len(a.attentions)
+    for i, (x, y) in enumerate(zip(a.attentions, b.attentions)):
+        assert (x - y).abs().max() <= TOL, f"layer {i}"
+    assert (e.last_hidden_state - h.last_hidden_state).abs().max() <= TOL
+
+
+def test_inputs_embeds_carry_gradients_and_bad_calls_are_named():
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("small", num_hidden_layers=2)
+    model = ConvBertModel(config).eval()
+    ids, mask, types = _inputs(config.vocab_size, length=16)
+    embeds = model.embeddings.word_embeddings(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    from convbert.errors import ConvBertError
+
+    with pytest.raises(ConvBertError, match="both input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=embeds)
+    with pytest.raises(ConvBertError, match="neither input_ids nor inputs_embeds"):
+        model()
+    with pytest.raises(ConvBertError, match=rf"inputs_embeds is \(3, 16, 7\).*\[batch, length, {config.embedding_size}\]"):
+        model(inputs_embeds=torch.zeros(3, 16, 7))
+    with pytest.raises(ConvBertError, match=r"attention_mask has shape \(3, 15\).*inputs_embeds' \[batch, length\] \(3, 16\)"):
+        model(inputs_embeds=embeds, attention_mask=mask[:, :15])
+
+
+def test_classifier_takes_inputs_embeds():
+    from convbert.model import ConvBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("small", num_hidden_layers=2)
+    model = ConvBertForSequenceClassification(config, num_labels=3).eval()
+    ids, mask, types = _inputs(config.vocab_size, length=16)
+    with torch.no_grad():
+        want = model(ids, mask, types)
+        got = model(attention_mask=mask, token_type_ids=types,
+                    inputs_embeds=model.convbert.embeddings.word_embeddings(ids))
+    assert torch.equal(got, want)

@@ -294,6 +294,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
 
 
+def test_gradient_checkpointing_with_attentions_gives_the_same_probabilities_and_gradients():
+    torch.manual_seed(0)
+    plain = ConvBertModel(_tiny()).train()
+    checkpointed = ConvBertModel(_tiny(gradient_checkpointing=True)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 200, (2, 12))
+    runs = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(7)
+        out = model(ids, output_attentions=True)
+        (out.last_hidden_state.pow(2).mean() + out.attentions[-1].pow(2).mean()).backward()
+        runs.append((out.attentions, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (probs_a, grads_a), (probs_b, grads_b) = runs
+    assert len(probs_a) == len(probs_b) == len(plain.encoder.layer)
+    assert all(torch.equal(a, b) for a, b in zip(probs_a, probs_b))
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], atol=1e-6), name
+
+
 # -- misuse is named, not crashed on -----------------------------------------------------------------------------
 
 

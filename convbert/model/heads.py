@@ -95,10 +95,12 @@ class ConvBertForSequenceClassification(nn.Module):
     def config(self) -> ConvBertConfig:
         return self.convbert.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, num_labels] (a score [B, 1] for regression) from the final [CLS] vector."""
-        return self.classifier(self.convbert(input_ids, attention_mask, token_type_ids).last_hidden_state)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, num_labels] (a score [B, 1] for regression) from the final [CLS] vector. `inputs_embeds`
+        [B, T, E] replaces the word-embedding lookup (e.g. for gradient attributions)."""
+        encoded = self.convbert(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds)
+        return self.classifier(encoded.last_hidden_state)
 
     @classmethod
     def from_encoder(cls, path: str | os.PathLike, num_labels: int, **config_overrides) -> "ConvBertForSequenceClassification":

@@ -80,7 +80,9 @@ class MixedAttention(nn.Module):
         layers = [self.query, self.key, self.value]
         return layers if self.plain else layers + [self.conv_out_layer]
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, token_mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, token_mask: torch.Tensor | None,
+                output_attentions: bool = False):
+        """[B, T, H] -> [B, T, 2A]; with `output_attentions`, also the self-attention probabilities [B, Nr, T, T]."""
         batch, length, _ = x.shape
         heads, size = self.num_heads, self.head_size
         layers = self._projections()
@@ -93,12 +95,17 @@ class MixedAttention(nn.Module):
         def per_head(t: torch.Tensor) -> torch.Tensor:  # [B, T, A] -> [B, T, Nr, d], a view: no copy
             return t.view(batch, length, heads, size)
 
-        context = kernels.attention(
+        attend = explicit_attention if output_attentions else kernels.attention
+        context = attend(
             per_head(query), per_head(key), per_head(value), additive_mask,
             scale=1.0 / math.sqrt(size), dropout_p=self.dropout_p, training=self.training,
         )  # [B, T, Nr, d]
+        probabilities = None
+        if output_attentions:
+            context, probabilities = context
         if self.plain:
-            return context.reshape(batch, length, heads * size)
+            mixed = context.reshape(batch, length, heads * size)
+            return (mixed, probabilities) if output_attentions else mixed
 
         conv_input = x if token_mask is None else x * token_mask
         separable, kernel_layer = self.key_conv_attn_layer, self.conv_kernel_layer
@@ -123,7 +130,18 @@ class MixedAttention(nn.Module):
         else:  # zero padding after the projection: outside the sequence the values are 0, not the bias
             conv = same_conv(conv_value.view(batch, length, heads, size), kernel.unsqueeze(-2))  # [B, T, Nr, d]
 
-        return torch.cat([context, conv.to(dtype)], dim=2).reshape(batch, length, 2 * heads * size)
+        mixed = torch.cat([context, conv.to(dtype)], dim=2).reshape(batch, length, 2 * heads * size)
+        return (mixed, probabilities) if output_attentions else mixed
+
+
+def explicit_attention(q, k, v, additive_mask, scale: float, dropout_p: float, training: bool):
+    """Attention as the original writes it, keeping the probabilities: [B, T, N, d] -> ([B, T, N, d], [B, N, T, T]).
+    The probabilities returned are the ones the context used: after dropout when training, as transformers'."""
+    scores = torch.einsum("bqnd,bknd->bnqk", q, k) * scale
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    probabilities = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training)
+    return torch.einsum("bnqk,bknd->bqnd", probabilities, v), probabilities
 
 
 class GroupedLinear(nn.Module):
@@ -182,12 +200,16 @@ class ConvBertLayer(nn.Module):
         self.output.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, token_mask: torch.Tensor | None,
-                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                compute_dtype: torch.dtype | None = None, output_attentions: bool = False):
         """`compute_dtype` (bf16 under CPU autocast): the sub-layers and their weights are cast to it, while the
-        residual stream and the LayerNorms stay in x's dtype (fp32), as CUDA autocast keeps them."""
+        residual stream and the LayerNorms stay in x's dtype (fp32), as CUDA autocast keeps them.
+        `output_attentions`: returns (output, self-attention probabilities)."""
         attention, out = self.attention, self.attention.output
         dtype = compute_dtype or x.dtype  # the casts below are no-ops unless compute_dtype is given
-        mixed = attention.self(x.to(dtype), additive_mask, token_mask)
+        mixed = attention.self(x.to(dtype), additive_mask, token_mask, output_attentions)
+        probabilities = None
+        if output_attentions:
+            mixed, probabilities = mixed
         h = kernels.layer_norm(kernels.linear_dropout_add(mixed, out.dense.weight.to(dtype), out.dense.bias.to(dtype),
                                                           x, out.dropout.p, self.training), out.LayerNorm)
         # GELU between the two (grouped) linears: its output is recomputed in backward, not stored
@@ -195,4 +217,5 @@ class ConvBertLayer(nn.Module):
         f = kernels.feed_forward_dropout_add(h.to(dtype), inner.weight.to(dtype), inner.bias.to(dtype),
                                              outer.weight.to(dtype), outer.bias.to(dtype), self.groups, h,
                                              self.output.dropout.p, self.training)
-        return kernels.layer_norm(f, self.output.LayerNorm)
+        y = kernels.layer_norm(f, self.output.LayerNorm)
+        return (y, probabilities) if output_attentions else y

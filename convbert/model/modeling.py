@@ -20,11 +20,15 @@ MASK_VALUE = -10000.0
 
 @dataclass
 class ConvBertOutput:
+    """`hidden_states`: the (projected) embeddings and every layer's output, with `output_hidden_states`;
+    `attentions`: every layer's self-attention probabilities [B, SA heads, T, T], with `output_attentions`."""
+
     last_hidden_state: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, index: int):
-        return (self.last_hidden_state, self.hidden_states)[index]
+        return (self.last_hidden_state, self.hidden_states, self.attentions)[index]
 
 
 class ConvBertEmbeddings(nn.Module):
@@ -39,13 +43,16 @@ class ConvBertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Word + position + segment embeddings, LayerNorm, dropout: [B, T] ids -> [B, T, E]."""
-        length = input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor | None, token_type_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Word + position + segment embeddings, LayerNorm, dropout: [B, T] ids -> [B, T, E]. `inputs_embeds`
+        [B, T, E] stands in for the word-embedding lookup (positions and segments are still added)."""
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        length = words.shape[1]
         if length > self.position_embeddings.num_embeddings:
             raise ConvBertError(f"sequence length {length} exceeds max_position_embeddings "
                              f"{self.position_embeddings.num_embeddings}")
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:length]
+        x = words + self.position_embeddings.weight[:length]
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -59,8 +66,28 @@ class ConvBertEncoder(nn.Module):
         self.layer = nn.ModuleList(ConvBertLayer(config) for _ in range(config.num_hidden_layers))
 
 
-def _check_inputs(input_ids, attention_mask, token_type_ids) -> None:
+def _check_embeds(inputs_embeds, width: int) -> None:
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+            or not inputs_embeds.is_floating_point() or inputs_embeds.shape[-1] != width:
+        what = (f"{tuple(inputs_embeds.shape)} {inputs_embeds.dtype}" if isinstance(inputs_embeds, torch.Tensor)
+                else type(inputs_embeds).__name__)
+        raise ConvBertError(f"inputs_embeds is {what}: expected floating-point word embeddings of shape "
+                            f"[batch, length, {width}] (config.embedding_size)")
+    if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+        raise ConvBertError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: expected at least one token "
+                            "per row and one row")
+
+
+def _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds=None, width: int = 0) -> None:
     """Shapes and dtypes only (no device sync): a wrong call is named here, not deep inside a kernel."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise ConvBertError("both input_ids and inputs_embeds were given: pass one of them")
+    if inputs_embeds is not None:
+        _check_embeds(inputs_embeds, width)
+        _check_like(inputs_embeds.shape[:2], attention_mask, token_type_ids)
+        return
+    if input_ids is None:
+        raise ConvBertError("neither input_ids nor inputs_embeds was given: pass one of them")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
             or input_ids.dtype == torch.bool:
         what = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
@@ -69,11 +96,14 @@ def _check_inputs(input_ids, attention_mask, token_type_ids) -> None:
     if input_ids.numel() == 0:
         raise ConvBertError(f"input_ids has shape {tuple(input_ids.shape)}: expected at least one token per row "
                             "and one row")
+    _check_like(input_ids.shape, attention_mask, token_type_ids, "input_ids")
+
+
+def _check_like(shape, attention_mask, token_type_ids, source: str = "inputs_embeds' [batch, length]") -> None:
     for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input_ids.shape):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ConvBertError(f"{name} has shape {shape}: expected the shape of input_ids "
-                                f"{tuple(input_ids.shape)}")
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConvBertError(f"{name} has shape {got}: expected the shape of {source} {tuple(shape)}")
     if token_type_ids is not None and (token_type_ids.is_floating_point() or token_type_ids.dtype == torch.bool):
         raise ConvBertError(f"token_type_ids is {token_type_ids.dtype}: expected integer segment ids")
 
@@ -154,32 +184,37 @@ class ConvBertModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> ConvBertOutput:
         """Encode token ids [B, T]; `attention_mask` 1 = token, 0 = padding (masked in the self-attention branch
         only, as the original, unless `mask_conv_padding`). `output_hidden_states` adds the (projected) embeddings
-        and every layer's output."""
-        _check_inputs(input_ids, attention_mask, token_type_ids)
+        and every layer's output; `output_attentions` every layer's self-attention probabilities (the conv heads
+        have none; this takes a slower explicit attention). `inputs_embeds` [B, T, E] replaces the word-embedding
+        lookup of `input_ids` (for gradients with respect to the input, or soft tokens)."""
+        _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, self.config.embedding_size)
         input_ids, token_type_ids = _embedding_index(input_ids), _embedding_index(token_type_ids)
         try:
-            x = self.embeddings(input_ids, token_type_ids)
+            x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         except IndexError as err:  # (values are only inspected on failure: no device sync on the normal path)
             raise ConvBertError(_out_of_range(input_ids, token_type_ids, self.config) or str(err)) from None
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
         compute_dtype = kernels.cpu_mixed_precision_dtype(x)
+        outputs = (output_hidden_states, output_attentions)
         if compute_dtype is not None and self.encoder.layer[0].output.LayerNorm.weight.dtype == torch.float32:
             # CPU bf16 autocast of an fp32 model: fp32 residual stream, bf16 layers (see ConvBertLayer); a model
             # cast to another dtype (.double(), .bfloat16()) is left to autocast itself, as transformers' is
             with torch.autocast("cpu", enabled=False):
-                return self._encode(x.float(), attention_mask, output_hidden_states, compute_dtype)
-        return self._encode(x, attention_mask, output_hidden_states, None)
+                return self._encode(x.float(), attention_mask, *outputs, compute_dtype)
+        return self._encode(x, attention_mask, *outputs, None)
 
     def _encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None, output_hidden_states: bool,
-                compute_dtype: torch.dtype | None) -> ConvBertOutput:
+                output_attentions: bool, compute_dtype: torch.dtype | None) -> ConvBertOutput:
         additive_mask = token_mask = None
         if attention_mask is not None:
             mask = attention_mask.to(compute_dtype or x.dtype)
@@ -189,15 +224,21 @@ class ConvBertModel(nn.Module):
                 token_mask = mask[:, :, None]
 
         hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layer:
+            args = (x, additive_mask, token_mask, compute_dtype, output_attentions)
             if recompute:  # the RNG state is replayed, so dropout masks are the same in the recomputation
-                x = checkpoint(layer, x, additive_mask, token_mask, compute_dtype, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, additive_mask, token_mask, compute_dtype)
+                x = layer(*args)
+            if attentions is not None:
+                x, probabilities = x
+                attentions.append(probabilities)
             if hidden_states is not None:
                 hidden_states.append(x)
-        return ConvBertOutput(x, tuple(hidden_states) if hidden_states is not None else None)
+        return ConvBertOutput(x, tuple(hidden_states) if hidden_states is not None else None,
+                              tuple(attentions) if attentions is not None else None)
 
     # ---- checkpoints (HF layout) -------------------------------------------------------------------------
     @classmethod
