@@ -860,6 +860,37 @@ def glue_test_header_missing(e, t):
 
 
 @case("glue")
+def glue_diagnostic_labels_out_of_order(e, t):
+    from test_finetune_diagnostic import write_full
+    from convbert.finetune.submission import write_prediction_file
+
+    labels = write_full(t / "diagnostic-full.tsv", e.glue)
+    lines = (t / "diagnostic-full.tsv").read_text().splitlines()
+    (t / "diagnostic-full.tsv").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
+    write_prediction_file(t / "AX.tsv", [str(i) for i in range(len(labels))], labels)
+    return dict(argv=["glue-diagnostic", "--predictions", str(t / "AX.tsv"), "--diagnostic-full",
+                      str(t / "diagnostic-full.tsv"), "--glue-dir", str(e.glue), "--output", str(t / "ax.json")],
+                expect=[f"{t / 'diagnostic-full.tsv'}:2: this row's premise and hypothesis differ",
+                        "in AX's order"], absent=[t / "ax.json"])
+
+
+@case("glue")
+def glue_diagnostic_unknown_label(e, t):
+    from test_finetune_diagnostic import write_full
+    from convbert.finetune.submission import write_prediction_file
+
+    labels = write_full(t / "diagnostic-full.tsv", e.glue)
+    lines = (t / "diagnostic-full.tsv").read_text().splitlines()
+    lines[3] = lines[3].rsplit("\t", 1)[0] + "\tunknown"
+    (t / "diagnostic-full.tsv").write_text("\n".join(lines) + "\n")
+    write_prediction_file(t / "AX.tsv", [str(i) for i in range(len(labels))], labels)
+    return dict(argv=["glue-diagnostic", "--predictions", str(t / "AX.tsv"), "--diagnostic-full",
+                      str(t / "diagnostic-full.tsv"), "--output", str(t / "ax.json")],
+                expect=[f"{t / 'diagnostic-full.tsv'}:4: label 'unknown' is not one of contradiction, entailment, "
+                        "neutral"], absent=[t / "ax.json"])
+
+
+@case("glue")
 def glue_negative_threads(e, t):
     return dict(argv=glue_argv(e.model, e.glue, t / "o", "rte", "--threads", "-1"),
                 expect=["--threads: expected 1..4096 (or 0: torch's choice), got -1"], absent=[t / "o"])

@@ -401,3 +401,18 @@ def test_reference_rows_and_the_automatic_choice():
                "paper_average": {"of_medians": None}}
     row = R.compare(summary, R.REFERENCES["electra-small-owt"])["tasks"]["cola"]
     assert row["gap"] == pytest.approx(-6.8) and row["gap_in_std"] is None
+
+
+def test_glue_diagnostic_scores_the_submission_of_a_glue_run(env, full_run, tmp_path, capsys):
+    """The AX.tsv that `convbert glue --predict` wrote is what `convbert glue-diagnostic` reads."""
+    from test_finetune_diagnostic import write_full
+
+    _, _, glue = env
+    labels = write_full(tmp_path / "diagnostic-full.tsv", glue)
+    out = tmp_path / "ax.json"
+    assert main(["glue-diagnostic", "--predictions", str(full_run), "--diagnostic-full",
+                 str(tmp_path / "diagnostic-full.tsv"), "--glue-dir", str(glue), "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    predicted = [r[1] for r in _rows((full_run / "submission" / "AX.tsv").read_text())]
+    assert scores["all"]["examples"] == len(labels) == len(predicted) == TEST_SIZES["AX"]
+    assert scores["accuracy"] == pytest.approx(100 * sum(p == y for p, y in zip(predicted, labels)) / len(labels))

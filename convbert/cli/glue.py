@@ -172,6 +172,29 @@ def cmd_glue_download(args) -> int:
     return 0
 
 
+def cmd_glue_diagnostic(args) -> int:
+    from convbert.finetune.diagnostic import (
+        check_alignment,
+        format_scores,
+        read_ax_predictions,
+        read_diagnostic_full,
+        score_diagnostic,
+    )
+    from convbert.utils import write_json_atomic
+
+    examples = read_diagnostic_full(args.diagnostic_full)
+    if args.glue_dir:
+        check_alignment(examples, args.glue_dir, args.diagnostic_full)
+    predictions = read_ax_predictions(args.predictions, len(examples))
+    scores = score_diagnostic(predictions, examples)
+    print(format_scores(scores))
+    if args.output:
+        write_json_atomic(args.output, {"predictions": str(args.predictions),
+                                        "diagnostic_full": str(args.diagnostic_full), **scores})
+        print(f"wrote {args.output}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `convbert` parser."""
     from convbert.finetune.glue_download import GLUE_BASE_URL, MRPC_BASE_URL
@@ -262,3 +285,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "msr_paraphrase_train.txt, msr_paraphrase_test.txt, mrpc_dev_ids.tsv)")
     p.add_argument("--mrpc-base-url", default=MRPC_BASE_URL, help=f"base URL of the MRPC files (default {MRPC_BASE_URL})")
     p.set_defaults(func=cmd_glue_download)
+
+    p = sub.add_parser(
+        "glue-diagnostic",
+        help="score AX (the GLUE diagnostic) locally: R3 overall and per linguistic category",
+        description="Score the AX predictions of `convbert glue --predict` against the labelled diagnostic-full.tsv "
+                    "(published apart from the GLUE folder, which has no AX labels): R3, the 3-class Matthews "
+                    "correlation the GLUE server reports, overall, per coarse category (Lexical Semantics, "
+                    "Predicate-Argument Structure, Logic, Knowledge) and per fine-grained phenomenon.",
+    )
+    p.add_argument("--predictions", required=True,
+                   help="AX.tsv, or a folder holding it (a `convbert glue` output folder: its submission/AX.tsv)")
+    p.add_argument("--diagnostic-full", required=True, help="the labelled diagnostic-full.tsv")
+    p.add_argument("--glue-dir", default=None,
+                   help="also check that the labelled rows are AX's sentence pairs in AX's order (this GLUE folder's "
+                        "diagnostic.tsv)")
+    p.add_argument("--output", default=None, help="write the scores as JSON here")
+    p.set_defaults(func=cmd_glue_diagnostic)
