@@ -478,3 +478,63 @@ def test_pre_training_continues_from_an_imported_checkpoint(tmp_path):
                        torch.from_numpy(tf["discriminator_predictions/dense_1/bias"]))
     recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["model_config"]
     assert (recorded["hidden_size"], recorded["conv_kernel_size"], recorded["num_groups"]) == (24, 5, 2)
+
+
+def _fine_tuned(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """The fixture as the original fine-tuning saves it: the encoder plus task_specific/<task>/dense heads (with
+    their Adam slots), no generator."""
+    rng = np.random.default_rng(0)
+    tensors = {k: v for k, v in fixture_tensors().items() if not k.startswith("generator")}
+    for task, labels in (("mnli", 3), ("sts", 1)):
+        tensors[f"task_specific/{task}/dense/kernel"] = rng.standard_normal((24, labels)).astype(np.float32)
+        tensors[f"task_specific/{task}/dense/bias"] = rng.standard_normal(labels).astype(np.float32)
+        tensors[f"task_specific/{task}/dense/kernel/adam_m"] = np.zeros((24, labels), np.float32)
+    write_bundle(tmp_path / "finetuned", tensors)
+    return tmp_path / "finetuned", tensors
+
+
+def test_a_fine_tuned_checkpoints_task_head_becomes_the_folders_classifier(tmp_path):
+    from convbert.model import ConvBertForSequenceClassification
+
+    prefix, tf = _fine_tuned(tmp_path)
+    out = tmp_path / "mnli-model"
+    result = subprocess.run([sys.executable, "-m", "convbert", "import-tf", "--checkpoint", str(prefix),
+                             "--output", str(out), "--task", "mnli"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "mnli classifier" in result.stdout
+    assert "head(s) sts under task_specific/ were left out" in result.stdout
+    record = json.loads((out / "import.json").read_text())
+    assert record["task"] == {"name": "mnli", "num_labels": 3}
+    model = ConvBertForSequenceClassification.from_pretrained(out)
+    assert model.num_labels == 3 and not model.training
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        logits = model(ids)
+        cls = model.convbert(ids).last_hidden_state[:, 0].numpy()
+    # TF's dense on the [CLS] vector: x @ kernel + bias
+    want = cls @ tf["task_specific/mnli/dense/kernel"] + tf["task_specific/mnli/dense/bias"]
+    np.testing.assert_allclose(logits.numpy(), want, rtol=1e-5, atol=1e-5)
+
+    # Without --task the heads are named in a note and nothing of an earlier classifier survives.
+    info = import_tf_checkpoint(prefix, out)
+    assert any("head(s) mnli, sts under task_specific/ were left out" in n for n in info["notes"])
+    assert info["task"] is None
+    assert not (out / "classifier.safetensors").exists() and not (out / "head.json").exists()
+
+
+def test_a_missing_or_misshapen_task_head_is_refused(tmp_path):
+    prefix, tf = _fine_tuned(tmp_path)
+    with pytest.raises(ConvBertError, match=r"--task qqp: .* has no task_specific/qqp/ head \(task heads found: "
+                                            r"mnli, sts\)"):
+        import_tf_checkpoint(prefix, tmp_path / "a", task="qqp")
+    with pytest.raises(ConvBertError, match=r"task heads found: none"):
+        import_tf_checkpoint(PREFIX, tmp_path / "b", task="mnli")
+    wide = {**tf, "task_specific/mnli/dense/kernel": np.zeros((12, 3), np.float32)}
+    write_bundle(tmp_path / "wide", wide)
+    with pytest.raises(ConvBertError, match=r"task_specific/mnli/dense/kernel is \[12, 3\], expected \[24, labels\]"):
+        import_tf_checkpoint(tmp_path / "wide", tmp_path / "c", task="mnli")
+    extra = {**tf, "task_specific/mnli/dense_1/kernel": np.zeros((3, 3), np.float32)}
+    write_bundle(tmp_path / "extra", extra)
+    with pytest.raises(ConvBertError, match=r"task_specific/mnli/dense_1/kernel are not part of the ConvBERT layout"):
+        import_tf_checkpoint(tmp_path / "extra", tmp_path / "d", task="mnli")
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator", action="store_true",
                    help="also write the generator (ConvBertForMaskedLM layout; ElectraForMaskedLM for ELECTRA) to "
                         "<output>/generator/")
+    p.add_argument("--task", default=None,
+                   help="a fine-tuned checkpoint: also write its task_specific/TASK/ head (e.g. mnli) as the folder's "
+                        "classifier (classifier.safetensors + head.json), loadable with "
+                        "ConvBertForSequenceClassification.from_pretrained; the note lists the heads found")
     p.set_defaults(func=run)
 
 
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from convbert.model.config import ConvBertConfig
 
     info = import_tf_checkpoint(args.checkpoint, args.output, vocab=args.vocab, generator=args.generator,
-                                num_heads=args.num_heads)
+                                num_heads=args.num_heads, task=args.task)
     c = ConvBertConfig.from_hf_dict(info["config"])  # the config.json written, in either HF layout
     step = f"step {info['step']}" if info["step"] is not None else "no global_step"
     size = f" (the {info['preset']} size)" if info["preset"] else ""

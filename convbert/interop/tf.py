@@ -28,6 +28,7 @@ from convbert.interop.hf import (GENERATOR_DIR, MODEL_FOLDER_FILES, check_and_lo
                                  save_discriminator_pretrained, save_generator_pretrained, transformers_limits)
 from convbert.interop.tf_bundle import TFCheckpoint
 from convbert.model.config import PRESETS, ConvBertConfig
+from convbert.model.heads import write_classifier_files
 from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ GENERATOR_SCOPE = "generator"
 # Optimiser slots and bookkeeping saved next to the weights: not part of the model.
 IGNORED = re.compile(r"(/adam_[mv]|/Adam(_1)?|/Momentum|/ExponentialMovingAverage)$|^global_step$")
 IMPORT_RECORD = "import.json"
-IMPORT_FILES = (*MODEL_FOLDER_FILES, IMPORT_RECORD)  # the folder is rewritten whole
+TASK_SCOPE = "task_specific"
+CLASSIFIER_FILES = ("classifier.safetensors", "head.json")  # ConvBertForSequenceClassification's own files
+IMPORT_FILES = (*MODEL_FOLDER_FILES, *CLASSIFIER_FILES, IMPORT_RECORD)  # the folder is rewritten whole
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -264,6 +267,28 @@ def _unused_model_variables(ckpt: TFCheckpoint, scopes: tuple[str, ...], used: s
             if n not in used and not IGNORED.search(n) and any(n.startswith(s + "/") for s in scopes)]
 
 
+def task_heads(ckpt: TFCheckpoint) -> list[str]:
+    """Names of the fine-tuning heads in a checkpoint (`task_specific/<task>/dense/kernel`)."""
+    found = (re.fullmatch(rf"{TASK_SCOPE}/(.+)/dense/kernel", n) for n in ckpt.names())
+    return sorted(m.group(1) for m in found if m)
+
+
+def read_task_head(ckpt: TFCheckpoint, task: str, hidden: int, used: set[str]) -> dict[str, torch.Tensor]:
+    """The original fine-tuning head of `task` (dense H -> labels on the [CLS] vector) as ClassificationHead's
+    `out_proj` tensors."""
+    names = task_heads(ckpt)
+    if task not in names:
+        found = ", ".join(names) if names else "none"
+        raise ConvBertError(f"--task {task}: {ckpt.prefix} has no {TASK_SCOPE}/{task}/ head (task heads found: "
+                            f"{found})")
+    head = _read(ckpt, [*_linear(f"{TASK_SCOPE}/{task}/dense", "out_proj")], used)
+    labels, width = head["out_proj.weight"].shape
+    if width != hidden:
+        raise ConvBertError(f"{ckpt.prefix}: {TASK_SCOPE}/{task}/dense/kernel is [{width}, {labels}], expected "
+                            f"[{hidden}, labels] for this encoder's hidden size {hidden}")
+    return head
+
+
 def find_vocab(prefix: Path) -> Path | None:
     """`vocab.txt` beside the checkpoint, or up to two folders above it: the original code keeps checkpoints in
     `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`."""
@@ -274,11 +299,12 @@ def find_vocab(prefix: Path) -> Path | None:
 
 
 def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, vocab: str | os.PathLike | None = None,
-                         generator: bool = False, num_heads: int | None = None) -> dict:
+                         generator: bool = False, num_heads: int | None = None, task: str | None = None) -> dict:
     """Write the discriminator of a TF ConvBERT checkpoint as an HF-layout folder (and the generator, in
     `ConvBertForMaskedLM` layout, under `generator/`). Everything is read and checked before anything is written.
     An ELECTRA checkpoint (no conv branch) becomes our plain-attention model; `num_heads` is its discriminator's head
-    count (default: hidden / 64), and its generator keeps the same head size."""
+    count (default: hidden / 64), and its generator keeps the same head size. `task`: also write the fine-tuning
+    head `task_specific/<task>/` as the folder's classifier (ConvBertForSequenceClassification.from_pretrained)."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
@@ -303,6 +329,11 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
                 "dense.weight": (gen.config.embedding_size, gen.config.hidden_size),
                 "output_bias": (gen.config.vocab_size,)})
             scopes += (GENERATOR_SCOPE, "generator_predictions")
+        classifier = None
+        if task is not None:
+            classifier = read_task_head(ckpt, task, disc.config.hidden_size, used)
+            scopes += (f"{TASK_SCOPE}/{task}",)
+        heads_found = task_heads(ckpt)
         disc_head = None
         if all(name in ckpt.entries for name, _, _ in DISCRIMINATOR_HEAD):
             hidden = disc.config.hidden_size
@@ -327,8 +358,10 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     else:
         notes.append("no vocab.txt next to the checkpoint and no --vocab: the folder has no tokenizer, so `convbert "
                      "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
-    if "task_specific" in present:
-        notes.append("task_specific/ heads (fine-tuning) were left out: only the encoder is converted")
+    others = [t for t in heads_found if t != task]
+    if others:
+        notes.append(f"fine-tuning head(s) {', '.join(others)} under {TASK_SCOPE}/ were left out: `--task NAME` "
+                     "writes one as this folder's classifier")
     if not generator and "generator" in present:
         notes.append("the checkpoint also holds a generator: add --generator to convert it")
 
@@ -339,17 +372,23 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     written = {"discriminator": str(out)}
     if gen is not None:
         written["generator"] = str(out / GENERATOR_DIR)
+    if classifier is not None:
+        written[f"{task} classifier"] = str(out / CLASSIFIER_FILES[0])
     info = {
         "checkpoint": str(prefix),
         "step": step,
         "vocab": str(vocab_file) if vocab_file is not None else None,
         "config": disc.config.to_hf_dict(),
         "preset": disc.config.extra.get("preset"),
+        "task": None if classifier is None else {"name": task,
+                                                 "num_labels": int(classifier["out_proj.weight"].shape[0])},
         "written": written,
         "notes": notes,
     }
     with staged_folder(out) as staging:  # renamed into place whole: nothing stale from an earlier import survives
         save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
+        if classifier is not None:  # what ConvBertForSequenceClassification.save_pretrained adds to the encoder
+            write_classifier_files(classifier, disc.config.hidden_dropout_prob, staging)
         if vocab_file is not None:
             copy_vocab(vocab_file, staging)
         if gen is not None:

@@ -71,6 +71,21 @@ class ClassificationHead(nn.Module):
         return self.out_proj(self.dropout(hidden[:, 0]))
 
 
+def write_classifier_files(head_state: dict[str, torch.Tensor], dropout: float, path: str | os.PathLike) -> None:
+    """A ClassificationHead's tensors (`out_proj.*`) as `classifier.safetensors` + `head.json` beside an encoder
+    folder: what `ConvBertForSequenceClassification.from_pretrained` reads."""
+    from safetensors.torch import save_file
+
+    from convbert.utils import atomic_path, write_json_atomic
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
+    with atomic_path(path / "classifier.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(path / ConvBertForSequenceClassification.HEAD_FILE,
+                      {"num_labels": int(tensors["out_proj.weight"].shape[0]), "dropout": dropout})
+
+
 class ConvBertForSequenceClassification(nn.Module):
     """Encoder + ClassificationHead. `num_labels=1` is regression (STS-B)."""
 
@@ -112,17 +127,9 @@ class ConvBertForSequenceClassification(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The encoder in HF layout (loadable by transformers.ConvBertModel) + `classifier.safetensors` + head.json."""
-        from safetensors.torch import save_file
-
-        from convbert.utils import atomic_path, write_json_atomic
-
         path = Path(path)
         self.convbert.save_pretrained(path)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}
-        with atomic_path(path / "classifier.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        write_json_atomic(path / self.HEAD_FILE, {"num_labels": self.num_labels,
-                                                  "dropout": self.classifier.dropout.p})
+        write_classifier_files(self.classifier.state_dict(), self.classifier.dropout.p, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ConvBertForSequenceClassification":
