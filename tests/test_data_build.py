@@ -517,3 +517,35 @@ def test_an_output_inside_the_input_folder_does_not_count_as_a_change(corpus, vo
     out = mine / "built"
     first = build_dataset([str(mine)], vocab, str(out), **SMALL)
     assert build_dataset([str(mine)], vocab, str(out), **SMALL)["examples"] == first["examples"]
+
+
+@pytest.mark.parametrize("where", ["outer", "inner"])
+def test_an_archive_cut_short_at_a_member_header_is_refused_not_half_read(corpus, vocab, tmp_path, where):
+    """Stream-mode tarfile ends quietly at a header cut short (an interrupted download) after the first member; the
+    end-of-archive block must be seen, or the build stops with the archive named."""
+    import lzma
+
+    docs = _owt_docs(corpus, 0)
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        for name, data in docs:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = plain.getvalue()
+    second = 512 + -(-len(docs[0][1]) // 512) * 512  # where the second member's header starts
+    cut = lzma.compress(raw[: second + 100], format=lzma.FORMAT_XZ)  # 100 bytes into that header
+    if where == "outer":
+        path = tmp_path / "corpus.tar.xz"
+        path.write_bytes(cut)
+    else:  # an OpenWebText sub-archive inside a complete outer archive
+        path = tmp_path / "openwebtext.tar.xz"
+        _tar_xz([("openwebtext/urlsf_subset00.xz", cut)], path)
+    with pytest.raises(ConvBertError, match=rf"ends early after member '{docs[0][0]}' \(no end-of-archive block\): "
+                                            "truncated or damaged"):
+        build_dataset([str(path)], vocab, str(tmp_path / "out"), docs="files", progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    # the complete archive builds
+    path.write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ)) if where == "outer" else \
+        _tar_xz([("openwebtext/urlsf_subset00.xz", lzma.compress(raw, format=lzma.FORMAT_XZ))], path)
+    assert build_dataset([str(path)], vocab, str(tmp_path / "ok"), docs="files", progress=False)["counts"]["files"] == 3

@@ -348,9 +348,11 @@ class UnitEnumerator:
             return unit
 
         try:
-            with tarfile.open(fileobj=counting, mode="r|*") as tar:
+            with open_tar_stream(None, fileobj=counting) as tar:
+                last = None
                 for member in tar:
                     tar.members = []  # stream mode would otherwise keep every member's header in memory
+                    last = member.name
                     if not check_member(path, member):
                         continue
                     data = _read_member(tar, member, path)
@@ -366,6 +368,7 @@ class UnitEnumerator:
                         group_bytes += len(data)
                         if len(group) >= MEMBERS_PER_UNIT or group_bytes >= MEMBER_BYTES_PER_UNIT:
                             yield flush()
+                check_tar_end(tar, path, last)  # before the last group: a cut archive yields nothing more
                 if group:
                     yield flush()
         except ConvBertError:  # an unsafe or unreadable member, already named (and itself a ValueError)
@@ -376,6 +379,34 @@ class UnitEnumerator:
             raise ConvBertError(f"{path}: not a readable tar archive ({err}); expected e.g. openwebtext.tar.xz")
         finally:
             counting.close()
+
+
+class _EndMarkingTarInfo(tarfile.TarInfo):
+    """Records on the TarFile when the archive's end-of-archive block (all zeros) was read. Stream-mode tarfile stops
+    without an error at a header cut short or garbled after the first member (an interrupted download): only this
+    mark tells a complete archive from one that ended early."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.convbert_reached_end = True
+            raise
+
+
+def open_tar_stream(source, **kwargs) -> tarfile.TarFile:
+    """`tarfile.open(..., mode="r|*")` whose end can be checked with `check_tar_end`."""
+    tar = tarfile.open(source, mode="r|*", tarinfo=_EndMarkingTarInfo, **kwargs)
+    tar.convbert_reached_end = False
+    return tar
+
+
+def check_tar_end(tar: tarfile.TarFile, label: str, last_member: str | None) -> None:
+    if not tar.convbert_reached_end:
+        after = f" after member {last_member!r}" if last_member else ""
+        raise ConvBertError(f"{label}: the tar archive ends early{after} (no end-of-archive block): truncated or "
+                            "damaged, e.g. an interrupted download; fetch it again")
 
 
 class _PositionReader(io.RawIOBase):
@@ -541,17 +572,17 @@ def _tar_blocks(unit: Unit, stats: UnitStats) -> Iterator[list]:
     src = unit.payload if unit.payload is not None else None
     label = unit.label()
     try:
-        if src is not None:
-            tar = tarfile.open(fileobj=io.BytesIO(src), mode="r|*")
-        else:
-            tar = tarfile.open(unit.path, mode="r|*")
+        tar = open_tar_stream(None, fileobj=io.BytesIO(src)) if src is not None else open_tar_stream(unit.path)
         with tar:
+            last = None
             for member in tar:
                 tar.members = []
+                last = member.name
                 if not check_member(label, member):
                     continue
                 data = _read_member(tar, member, label)
                 yield from _bytes_document(data, f"{label}!{member.name}", stats)
+            check_tar_end(tar, label, last)
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as err:
         if isinstance(err, OSError) and not isinstance(err, tarfile.TarError) and err.errno is not None:
             raise ConvBertError(f"{label}: cannot read ({err.strerror or err})")
