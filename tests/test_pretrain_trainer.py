@@ -491,3 +491,50 @@ def test_export_of_a_moved_checkpoint_never_takes_a_foreign_vocab(tiny_data, tmp
     state_file.write_text(json.dumps(state))
     with pytest.raises(ConvBertError, match=r"cannot find the vocab the run was trained with \(sha256 [0-9a-f]{12}…; looked for "):
         export_checkpoint(moved, tmp_path / "exp2")
+
+
+def test_a_cased_run_exports_its_casing_and_is_fine_tuned_cased(tmp_path):
+    """A vocabulary and data built with --no-lower-case: the export says so in tokenizer_config.json, so `glue` and
+    `finetune` keep capitals and accents (they had lower-cased and stripped them, turning cased words into [UNK])."""
+    from convbert.cli import main
+    from convbert.finetune.trainer import load_tokenizer
+
+    text = "\n\n".join(f"Hello World Café number {i}. The Quick Brown Fox visits Zürich and Paris." for i in range(300))
+    (tmp_path / "corpus.txt").write_text(text + "\n", encoding="utf-8")
+    assert main(["train-vocab", "--input", str(tmp_path / "corpus.txt"), "--no-lower-case", "--vocab-size", "200",
+                 "--output", str(tmp_path / "vocab.txt")]) == 0
+    assert main(["build-data", "--input", str(tmp_path / "corpus.txt"), "--vocab", str(tmp_path / "vocab.txt"),
+                 "--no-lower-case", "--max-seq-length", "32", "--output", str(tmp_path / "data"),
+                 "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(tmp_path / "data"), "--size", "tiny", "--output", str(run), "--steps",
+                 "2", "--batch-size", "4", "--eval-batches", "1", "--threads", "1", "--no-progress"]) == 0
+    assert json.loads((run / "run_config.json").read_text())["tokenizer"] == {"lower_case": False,
+                                                                              "strip_accents": False}
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exp"), "--generator"]) == 0
+    for folder in (tmp_path / "exp", tmp_path / "exp" / "generator"):
+        assert json.loads((folder / "tokenizer_config.json").read_text()) == {"do_lower_case": False,
+                                                                              "strip_accents": False}
+    tokens = load_tokenizer(tmp_path / "exp").tokenize("Hello World Café")
+    assert tokens == ["Hello", "World", "Café"], tokens
+
+    # A run recorded before the casing was (no "tokenizer" in its run config) takes it from the data's manifest.
+    latest = ckpt_io.latest_checkpoint(run / "checkpoints")
+    state_file = latest / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["run_config"]["tokenizer"]
+    state_file.write_text(json.dumps(state))
+    assert main(["export", "--checkpoint", str(latest), "--output", str(tmp_path / "old")]) == 0
+    assert load_tokenizer(tmp_path / "old").tokenize("Hello World Café") == ["Hello", "World", "Café"]
+
+
+def test_an_uncased_run_exports_lower_casing(tiny_data, tmp_path):
+    from convbert.finetune.trainer import load_tokenizer
+    from convbert.pretrain.export import export_checkpoint
+
+    out = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, out, steps=1, save_every=1), progress=False)
+    export_checkpoint(out, tmp_path / "exp")
+    assert json.loads((tmp_path / "exp" / "tokenizer_config.json").read_text()) == {"do_lower_case": True,
+                                                                                     "strip_accents": True}
+    assert load_tokenizer(tmp_path / "exp").lower_case and load_tokenizer(tmp_path / "exp").strip_accents

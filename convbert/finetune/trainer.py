@@ -99,14 +99,15 @@ def default_lr(config) -> float:
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The model folder's `vocab.txt`; lower-casing from an HF `tokenizer_config.json` when present (else on)."""
+    """The model folder's `vocab.txt`; lower-casing and accent stripping from an HF `tokenizer_config.json` when
+    present (else both on, as the released uncased models; `strip_accents` null or absent follows lower-casing)."""
     from convbert.data.tokenize import WordPieceTokenizer
 
     model_dir = Path(model_dir)
     vocab = model_dir / "vocab.txt"
     if not vocab.is_file():
         raise ConvBertError(f"{model_dir}: no vocab.txt (a model folder is HF layout plus the vocab.txt it was built with)")
-    lower = True
+    lower, strip = True, None
     tc = model_dir / "tokenizer_config.json"
     if tc.is_file():
         try:
@@ -115,8 +116,8 @@ def load_tokenizer(model_dir: str | os.PathLike):
             raise ConvBertError(f"{tc}: not valid JSON")
         if not isinstance(settings, dict):
             raise ConvBertError(f"{tc}: expected a JSON object (HF tokenizer settings), got {type(settings).__name__}")
-        lower = bool(settings.get("do_lower_case", True))
-    return WordPieceTokenizer.from_vocab(vocab, lower_case=lower, strip_accents=lower)
+        lower, strip = bool(settings.get("do_lower_case", True)), settings.get("strip_accents")
+    return WordPieceTokenizer.from_vocab(vocab, lower_case=lower, strip_accents=lower if strip is None else bool(strip))
 
 
 def check_vocab_matches(model, tokenizer, model_dir, max_seq_length: int | None = None) -> None:

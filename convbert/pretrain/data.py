@@ -180,6 +180,18 @@ def open_data(data: str, eval_data: str | None = None, max_seq_length: int | Non
                       int(base.max_seq_length), manifest, holdout)
 
 
+def casing(manifest: dict | None) -> dict:
+    """How a dataset's text was tokenized, from its manifest's settings (lower-cased and accents stripped where
+    they are absent, as every builder version did by default), so an exported model is fine-tuned the same way."""
+    settings = (manifest or {}).get("settings") or {}
+    lower = bool(settings.get("lower_case", True))
+    return {"lower_case": lower, "strip_accents": bool(settings.get("strip_accents", lower)) and lower}
+
+
+def tokenizer_settings(bundle: DataBundle) -> dict:
+    return casing(bundle.manifest)
+
+
 def data_fingerprint(bundle: DataBundle) -> str | None:
     """What identifies the --data folder's examples wherever it lives: the manifest's shards, counts and vocab,
     and the first 64 KiB of the first shard. A run is not resumed on other data (None: no manifest). The

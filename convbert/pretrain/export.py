@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,13 +21,14 @@ import torch
 from convbert.errors import ConvBertError
 from convbert.interop.hf import (DISCRIMINATOR_HEAD_KEYS, GENERATOR_DIR, GENERATOR_HEAD_KEYS, MODEL_FOLDER_FILES,
                                  check_vocab_fits, copy_vocab, save_discriminator_pretrained,
-                                 save_generator_pretrained, transformers_limits)
+                                 save_generator_pretrained, transformers_limits, write_tokenizer_config)
 from convbert.pretrain import checkpoint as ckpt_io
+from convbert.pretrain.data import casing
 from convbert.utils import refuse_foreign_folder, sha256_file, staged_folder, write_json_atomic
 
 RUN_VOCAB = "vocab.txt"
 EXPORT_RECORD = "export.json"
-EXPORT_FILES = (*MODEL_FOLDER_FILES, EXPORT_RECORD)  # the folder is rewritten whole
+EXPORT_FILES = (*MODEL_FOLDER_FILES, "tokenizer_config.json", EXPORT_RECORD)  # the folder is rewritten whole
 
 
 def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -63,6 +65,19 @@ def _check_output_folder(out: Path, ck: Path) -> None:
         if target == inside or inside in target.parents:
             raise ConvBertError(f"--output {out}: is inside the run folder {run_dir}; export to a folder of its own")
     refuse_foreign_folder(out, (EXPORT_RECORD,), "an earlier export", replaces=EXPORT_FILES)
+
+
+def _tokenizer_casing(run: dict) -> dict:
+    """How the run's data was tokenized: recorded in the run (since stop 24), else the data manifest's settings
+    when the data is still there, else lower-cased (the default of every builder version)."""
+    if isinstance(run.get("tokenizer"), dict):
+        return {k: bool(run["tokenizer"].get(k, True)) for k in ("lower_case", "strip_accents")}
+    manifest = Path(run.get("pretrain", {}).get("data") or "") / "manifest.json"
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    return casing(recorded if isinstance(recorded, dict) else None)
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
@@ -119,6 +134,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     written = {"discriminator": str(out)}
     if generator:
         written["generator"] = str(out / GENERATOR_DIR)
+    casing = _tokenizer_casing(run)
     notes: list[str] = []
     for which, cfg in (("discriminator", config), ("generator", gconfig)):
         if cfg is not None:
@@ -130,6 +146,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         "objective": objective,
         "attention": run.get("pretrain", {}).get("attention"),
         "size": run.get("pretrain", {}).get("size"),
+        "tokenizer": casing,
         "written": written,
         "notes": notes,
     }
@@ -137,8 +154,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     with staged_folder(out) as staging:
         save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
         copy_vocab(vocab, staging)
+        write_tokenizer_config(staging, **casing)
         if generator:
             save_generator_pretrained(gen, head, staging / GENERATOR_DIR)
             copy_vocab(vocab, staging / GENERATOR_DIR)
+            write_tokenizer_config(staging / GENERATOR_DIR, **casing)
         write_json_atomic(staging / EXPORT_RECORD, info)
     return info

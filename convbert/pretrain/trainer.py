@@ -43,6 +43,7 @@ from convbert.pretrain.data import (
     default_loader_factory,
     open_data,
     sequential_batches,
+    tokenizer_settings,
 )
 from convbert.pretrain.evaluate import evaluate
 from convbert.pretrain.logging import NullLogger, RunLogger
@@ -330,6 +331,7 @@ class Trainer:
             "vocab_sha256": self.vocab_sha256,
             "eval_holdout_examples": self.data.holdout,
             "data_fingerprint": self.data_fingerprint,
+            "tokenizer": tokenizer_settings(self.data),
             "vocab_size": self.data.vocab_size,
             "special_ids": self.data.special.__dict__,
             "max_predictions_per_seq": self.n_pred,
