@@ -115,3 +115,14 @@ def refuse_foreign_folder(path: str | os.PathLike, markers: tuple[str, ...], mad
         raise ConvBertError(f"--output {path}: {made_by} that also holds {', '.join(others[:3])}"
                             f"{' …' if len(others) > 3 else ''}, which rewriting the folder would delete; move "
                             "them out or use a new folder")
+
+
+def replace_lone_surrogates(text: str) -> tuple[str, int]:
+    """Lone UTF-16 surrogates (from JSON escapes such as "\\ud800") as U+FFFD, as invalid UTF-8 bytes are read, with
+    their count: the tokenizer drops U+FFFD, while the text's other characters are kept."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        fixed = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        return fixed, sum(1 for c in fixed if c == "\ufffd") - text.count("\ufffd")

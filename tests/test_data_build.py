@@ -549,3 +549,15 @@ def test_an_archive_cut_short_at_a_member_header_is_refused_not_half_read(corpus
     path.write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ)) if where == "outer" else \
         _tar_xz([("openwebtext/urlsf_subset00.xz", lzma.compress(raw, format=lzma.FORMAT_XZ))], path)
     assert build_dataset([str(path)], vocab, str(tmp_path / "ok"), docs="files", progress=False)["counts"]["files"] == 3
+
+
+def test_a_lone_surrogate_in_jsonl_text_is_dropped_like_invalid_utf8(vocab, tmp_path):
+    """JSON's "\\ud800" escape decodes to half a surrogate pair: it becomes U+FFFD (which the tokenizer drops) and is
+    counted, as an invalid UTF-8 byte is, not a '?' token (it had been encoded with errors="replace")."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "the\ud800 json module"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "the json module"}) + "\n")
+    ma = build_dataset([str(tmp_path / "a.jsonl")], vocab, str(tmp_path / "a"), docs="files", progress=False)
+    build_dataset([str(tmp_path / "b.jsonl")], vocab, str(tmp_path / "b"), docs="files", progress=False)
+    a, b = PretrainingDataset(tmp_path / "a"), PretrainingDataset(tmp_path / "b")
+    assert [x.tolist() for x in a.segments(0)] == [x.tolist() for x in b.segments(0)]
+    assert ma["counts"]["invalid_utf8"] == 1

@@ -206,3 +206,29 @@ def test_own_task_files_with_ambiguous_columns_or_labels_are_refused(model, tmp_
     assert main(["finetune", "--model", str(bad), "--train", str(ok), "--text-columns", "q", "--label-column",
                  "y", "--output", str(tmp_path / "o3"), *QUICK]) == 2
     assert "tokenizer_config.json: expected a JSON object" in capsys.readouterr().err
+
+
+def test_empty_labels_and_json_structures_as_text_are_refused(model, tmp_path, capsys):
+    train = _csv(tmp_path / "train.csv", PAIRS + [{"q": "a bird", "a": "flies", "y": "  "}])
+    rc = _finetune(model, train, tmp_path / "o")
+    assert rc == 2 and "train.csv:7: field 'y' is empty: expected a label" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "a", "y": "0"}\n{"q": ["a", "list"], "y": "1"}\n')
+    rc = main(["finetune", "--model", str(model), "--train", str(bad), "--text-columns", "q",
+               "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
+    assert rc == 2 and "bad.jsonl:2: field 'q' is a JSON list: expected a text" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_lone_surrogates_in_jsonl_text_are_replaced_not_a_crash(model, tmp_path):
+    """JSON may escape half a surrogate pair ("\\ud800"); the tokenizer cannot take it. It becomes U+FFFD (which the
+    tokenizer drops), as invalid UTF-8 does, in training and in prediction."""
+    rows = [{"q": f"the cat {i} \ud800sat", "y": "yes" if i % 2 else "no"} for i in range(8)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps escapes it as \ud800
+    assert "\\ud800" in train.read_text()
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "q",
+                 "--label-column", "y", "--output", str(out), *QUICK]) == 0
+    assert main(["predict", "--model", str(out), "--input", str(train), "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rows)

@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from convbert.errors import ConvBertError
+from convbert.utils import replace_lone_surrogates
 
 SNIFF_BYTES = 8192
 READ_BLOCK = 1 << 22
@@ -632,12 +633,8 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
                     if not isinstance(text, str):
                         raise ConvBertError(f"{path}:{_abs_line(unit, lineno)}: field {text_field!r} is "
                                             f"{_json_kind(text)}, expected a string")
-                    try:
-                        text.encode("utf-8")
-                    except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                        fixed = text.encode("utf-8", errors="replace").decode("utf-8")
-                        stats.invalid_utf8 += sum(1 for a, b in zip(text, fixed) if a != b) or 1
-                        text = fixed
+                    text, replaced = replace_lone_surrogates(text)  # \ud800-style escapes
+                    stats.invalid_utf8 += replaced
                     lines = _split_lines(text)
                     stats.files += 1
                     stats.lines += len(lines)

@@ -33,7 +33,8 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files
-from convbert.utils import atomic_path, refuse_foreign_folder, staged_folder, write_json_atomic
+from convbert.utils import (atomic_path, refuse_foreign_folder, replace_lone_surrogates, staged_folder,
+                            write_json_atomic)
 
 TASK_FILE = "finetune_task.json"
 # What a fine-tuned model folder holds (it is rewritten whole).
@@ -121,7 +122,13 @@ def _column_values(path: Path, cols: list[str], rows, name: str, what: str, allo
         if row[name] is None:
             raise ConvBertError(f"{path}:{ln}: field {name!r} is null: expected a {what} (a string or number)")
         v = row[name]
-        out.append(v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (list, dict)) else _scalar(v)))
+        if what == "text" and isinstance(v, (list, dict)):
+            raise ConvBertError(f"{path}:{ln}: field {name!r} is a JSON {'list' if isinstance(v, list) else 'object'}: "
+                                "expected a text (a string or number)")
+        if isinstance(v, str):
+            out.append(replace_lone_surrogates(v)[0])  # (JSON's lone \ud800 escapes: the tokenizer cannot take them)
+        else:
+            out.append(json.dumps(v) if isinstance(v, (list, dict)) else _scalar(v))
     return out
 
 
@@ -150,6 +157,9 @@ def _labels(path: Path, rows, raw: list[str], name: str, regression: bool, label
             raise ConvBertError(f"{path}:{ln}: field {name!r}: {v} is a JSON {type(row[name]).__name__}; expected a "
                                 "label (a string, number or true/false)")
     vals = [v.strip() for v in raw]
+    for (ln, _), v in zip(rows, vals):
+        if not v:
+            raise ConvBertError(f"{path}:{ln}: field {name!r} is empty: expected a label")
     if label_list is not None:
         known = set(label_list)
         for (ln, _), v in zip(rows, vals):
