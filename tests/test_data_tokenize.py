@@ -146,6 +146,21 @@ def test_matches_reference(vocab_file, corpus_text, lower, strip):
         assert tok.encode(text) == ids
 
 
+def test_a_capital_sigma_at_a_word_end_lowers_to_the_final_form_as_python_does(tmp_path):
+    """The original lower-cases with `str.lower`, which applies Unicode's Final_Sigma rule; HF's normaliser maps
+    each character alone (ΟΔΟΣ -> οδοσ). BERT's vocab holds both σ and ς, so the ids differed."""
+    tokens = SPECIALS + ["οδος", "οδοσ", "ας", "ασ", "σοφια", "ο", "δ", "σ", "ς", "α", "##ς", "##σ", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    tok = WordPieceTokenizer.from_vocab(tmp_path / "vocab.txt")
+    text = "ΟΔΟΣ ΑΣ. ΣΟΦΙΑ Σ ΟΔΟΣ.ΑΣ οδοσ"
+    want = ref_tokenize(text, tok.vocab)
+    # (in ΟΔΟΣ.ΑΣ the first Σ is not final: '.' is case-ignorable and a letter follows)
+    assert tok.tokenize(text) == want == ["οδος", "ας", ".", "σοφια", "σ", "οδοσ", ".", "ας", "οδοσ"]
+    assert tok.decode(tok.encode_batch([text, "no sigma here"])[0]) == want
+    cased = WordPieceTokenizer.from_vocab(tmp_path / "vocab.txt", lower_case=False)
+    assert cased.tokenize("ΟΔΟΣ") == ["[UNK]"]  # not lower-cased at all
+
+
 def test_word_length_limit_is_200(vocab_file):
     tok = WordPieceTokenizer.from_vocab(vocab_file)
     assert tok.decode(tok.encode("x" * 150)) == ["x" * 150]

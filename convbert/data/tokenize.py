@@ -101,6 +101,7 @@ class WordPieceTokenizer:
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self._tok = tok
         self._batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        self._prepare = python_lower if self.lower_case else _unchanged
 
     @classmethod
     def from_vocab(
@@ -115,10 +116,10 @@ class WordPieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without [CLS]/[SEP]."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(self._prepare(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        texts = list(texts)
+        texts = [self._prepare(t) for t in texts]
         if not texts:
             return []
         # One batch for the ordinary lines. A very long line (a 10 MB "sentence") costs ~500 bytes per token inside
@@ -157,6 +158,18 @@ class WordPieceTokenizer:
 
 
 _LONG_TEXT = 1 << 16  # characters
+_CAPITAL_SIGMA = "\u03a3"
+
+
+def python_lower(text: str) -> str:
+    """Python's lower-casing where it differs from the normaliser's: a capital sigma at the end of a word becomes
+    the final form ς (Unicode's Final_Sigma rule, which `str.lower` in the original applies and HF's per-character
+    lower-casing does not: ΟΔΟΣ -> οδος, not οδοσ). Other text is left to the normaliser (the same result)."""
+    return text.lower() if _CAPITAL_SIGMA in text else text
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 def _space_bounded_pieces(text: str, size: int) -> Iterator[str]:

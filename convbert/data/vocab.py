@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from convbert.data.corpus import iter_lines
-from convbert.data.tokenize import SPECIAL_TOKENS, WordPieceTokenizer
+from convbert.data.tokenize import SPECIAL_TOKENS, WordPieceTokenizer, python_lower
 from convbert.errors import ConvBertError
 from convbert.utils import write_text_atomic
 
@@ -57,7 +57,7 @@ def train_vocab(
     def lines():
         for line in iter_lines([str(p) for p in inputs], text_field=text_field):
             counted["lines"] += 1
-            yield line
+            yield python_lower(line) if lower_case else line  # as WordPieceTokenizer will read it
 
     def trained(size: int, specials: list[str]) -> Tokenizer:
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=200))
