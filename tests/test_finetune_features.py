@@ -125,3 +125,23 @@ def test_lr_zero_at_step_zero(tok):
         train(model, f, FinetuneConfig(batch_size=2), False, epochs=10, seed=1, peak_lr=1e-3,
               on_step=stop_after_first)
     assert seen == [1]
+
+
+def test_train_with_one_seed_is_one_run_whatever_ran_before(tok):
+    """`train`'s seed fixes the dropout masks too: two copies of one model give the same run even when torch's
+    global RNG was left in different states (dropout had drawn from it unseeded)."""
+    import copy
+
+    model = _tiny_classifier(tok.vocab_size)
+    f = featurize(["the cat sat", "a dog ran", "the sun"] * 4, None, ["1", "0", "1"] * 4, tok, 8, ["0", "1"])
+    runs = []
+    for disturbance in (1, 2):
+        torch.manual_seed(disturbance)
+        twin = copy.deepcopy(model)
+        stats = train(twin, f, FinetuneConfig(batch_size=4), False, epochs=2, seed=1, peak_lr=1e-3)
+        runs.append((stats.loss_history, [p.detach().clone() for p in twin.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    other = copy.deepcopy(model)
+    assert train(other, f, FinetuneConfig(batch_size=4), False, epochs=2, seed=2, peak_lr=1e-3).loss_history \
+        != runs[0][0]

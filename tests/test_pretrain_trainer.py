@@ -285,6 +285,42 @@ def test_time_limit_stops_with_checkpoint_and_eval_then_continues(tiny_data, tmp
     assert res["resumed"] and res["finished"] and res["step"] == 3
 
 
+def _eval_steps(run):
+    return [(r["step"], bool(r.get("at_stop"))) for r in read_log(Path(run) / "log.jsonl") if r["kind"] == "eval"]
+
+
+def test_time_limit_stops_leave_the_records_of_an_uninterrupted_run(tiny_data, tmp_path):
+    """The evaluation a time-limit stop adds off the schedule is marked and dropped on resume; a stop on the
+    schedule is not evaluated twice. The log then holds exactly the uninterrupted run's records."""
+    flags = dict(steps=8, save_every=8, eval_every=4)
+    full = tmp_path / "full"
+    run_pretraining(cfg_for(tiny_data, full, **flags), progress=False)
+    cut = tmp_path / "cut"
+    res = run_pretraining(cfg_for(tiny_data, cut, **flags, time_limit=1e-6), progress=False)  # stops at step 1
+    assert res["timed_out"] and res["step"] == 1 and res["eval"] is not None
+    assert _eval_steps(cut) == [(0, False), (1, True)]
+    res = run_pretraining(cfg_for(tiny_data, cut, **flags), progress=False)
+    assert res["finished"]
+    strip = ("time", "eval_seconds", "elapsed_s", "tokens_per_s")  # (timings)
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k not in strip} for r in read_log(Path(run) / "log.jsonl")
+                if r["kind"] in ("train", "eval")]
+
+    assert records(cut) == records(full)
+    assert _eval_steps(cut) == [(0, False), (4, False), (8, False)]
+
+
+def test_a_finished_run_asked_again_reports_its_last_evaluation_and_a_new_seed_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    first = run_pretraining(cfg_for(tiny_data, out, steps=2, save_every=2), progress=False)
+    again = run_pretraining(cfg_for(tiny_data, out, steps=2, save_every=2), progress=False)
+    assert again["finished"] and not again["timed_out"] and again["step"] == 2
+    assert again["eval"]["disc_auc"] == first["eval"]["disc_auc"]
+    with pytest.raises(ConvBertError, match="started with different seed"):
+        run_pretraining(cfg_for(tiny_data, out, steps=4, save_every=2, seed=7), progress=False)
+
+
 def test_checkpoints_and_exports_get_the_usual_file_permissions(tiny_data, tmp_path):
     """Written through private temporaries, but readable by the group/others the umask allows (like every file)."""
     import os

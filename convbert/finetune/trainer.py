@@ -146,6 +146,11 @@ class TrainStats:
     loss_history: list[float] = field(default_factory=list)  # per-example loss, every `log_every` steps
 
 
+# Dropout's seed is the run's seed shifted onto a stream of its own, apart from the one `set_seed(seed)` gave the
+# head's initialisation just before (the CLI and run_glue seed both from one number).
+DROPOUT_STREAM = 1 << 32
+
+
 def train_steps_for(n_train: int, batch_size: int, epochs: float) -> int:
     return max(1, int(math.ceil(n_train / batch_size) * epochs))
 
@@ -178,7 +183,11 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     log_every: int = 10,
 ) -> TrainStats:
-    """Fine-tune `model` in place on `feats`. `on_step(step, per_example_loss)` is called after every update."""
+    """Fine-tune `model` in place on `feats`. `on_step(step, per_example_loss)` is called after every update.
+
+    `seed` fixes the data order and the dropout masks (torch's RNG is seeded from it here, on its own stream), so
+    the same model, data, settings and seed give the same run. A fresh head is initialised when the model is built:
+    seed torch before that (`set_seed`) to fix it too."""
     n = len(feats)
     if n == 0:
         raise ConvBertError("no training examples left after reading the training file")
@@ -188,6 +197,7 @@ def train(
     opt = build_optimizer(model, cfg, peak_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed + DROPOUT_STREAM)
     device = next(model.parameters()).device
     model.train()
     # fp16 needs loss scaling (bf16 has fp32's range and does not)

@@ -51,13 +51,14 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 
 def truncate_log(path: str | os.PathLike, step: int) -> None:
-    """Keep the records up to `step` (inclusive) — used when resuming from a checkpoint at `step`."""
+    """Keep the records up to `step` (inclusive) — used when resuming from a checkpoint at `step` — less the
+    evaluations a time-limit stop added off the schedule (`at_stop`), which an uninterrupted run does not have."""
     from convbert.utils import write_text_atomic
 
     path = Path(path)
     if not path.is_file():
         return
-    kept = [r for r in read_log(path) if int(r.get("step", 0)) <= step]
+    kept = [r for r in read_log(path) if int(r.get("step", 0)) <= step and not r.get("at_stop")]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -206,7 +207,7 @@ class RunLogger:
 
     def eval(self, step: int, metrics: dict) -> None:
         self._write({"kind": "eval", "step": step, **metrics})
-        if self._tb is not None:
+        if self._tb is not None and not metrics.get("at_stop"):  # (TensorBoard's files cannot drop it on resume)
             self._tb.add_scalars(_scalars("eval", metrics, step))
         shown = ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items()

@@ -46,14 +46,16 @@ from convbert.pretrain.data import (
     tokenizer_settings,
 )
 from convbert.pretrain.evaluate import evaluate
-from convbert.pretrain.logging import NullLogger, RunLogger
+from convbert.pretrain.logging import NullLogger, RunLogger, read_log
 from convbert.pretrain.masking import MaskedBatch, mask_batch, num_predictions
 from convbert.pretrain.model import ElectraPretrainingModel
 from convbert.utils import refuse_foreign_folder
 
 RUN_CONFIG = "run_config.json"
 # Keys that must not change when a run is resumed (they change the model or the objective).
-FROZEN_KEYS = ("size", "objective", "attention", "generator_fraction", "model", "masking", "max_seq_length")
+# Settings a resumed run cannot change. The seed too: the data order and the masking come back from the checkpoint
+# whatever it says, while the held-out masks would follow the new one (the records would no longer be comparable).
+FROZEN_KEYS = ("size", "objective", "attention", "generator_fraction", "model", "masking", "max_seq_length", "seed")
 
 
 @dataclass
@@ -488,7 +490,19 @@ class Trainer:
             dist.barrier()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
-    def run_eval(self) -> dict | None:
+    def _logged_eval(self) -> dict | None:
+        """The last evaluation log.jsonl holds at or before this step (its metrics), if any."""
+        path = self.out / "log.jsonl"
+        if not self.dist.is_main or not path.is_file():
+            return None
+        evals = [r for r in read_log(path) if r.get("kind") == "eval" and int(r.get("step", -1)) <= self.step]
+        if not evals:
+            return None
+        return {k: v for k, v in evals[-1].items() if k not in ("kind", "step", "time", "at_stop")}
+
+    def run_eval(self, at_stop: bool = False) -> dict | None:
+        """Evaluate the held-out set (main rank). `at_stop`: an evaluation off the schedule at a time-limit stop,
+        marked so in log.jsonl and dropped when the run resumes (an uninterrupted run has no such record)."""
         if self.data.eval is None or self.cfg.eval_batches == 0:
             return None
         result = None
@@ -501,7 +515,7 @@ class Trainer:
                 autocast=self.autocast,
             )
             result["eval_seconds"] = time.perf_counter() - t0
-            self.logger.eval(self.step, result)
+            self.logger.eval(self.step, {**result, "at_stop": True} if at_stop else result)
         if self.dist.distributed:
             dist.barrier()
         return result
@@ -643,15 +657,14 @@ class Trainer:
                 save_config(self.out / RUN_CONFIG, self.resolved())
             self._copy_vocab()
             self.logger = RunLogger(self.out, cfg.steps, progress=self.progress, log_every=cfg.log_every)
-        if self.step >= cfg.steps:
+        if self.step >= cfg.steps or (cfg.stop_at_step is not None and self.step >= cfg.stop_at_step):
             if self.dist.is_main:
-                self.print(f"{self.out}: already trained for {self.step} of {cfg.steps} steps; nothing to do")
-            return {"step": self.step, "resumed": resumed, "finished": True}
-        if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
-            if self.dist.is_main:
-                self.print(f"{self.out}: already at step {self.step} (--stop-at-step {cfg.stop_at_step}); "
-                           "nothing to do")
-            return {"step": self.step, "resumed": resumed, "finished": False}
+                why = ("already trained for {} of {} steps".format(self.step, cfg.steps) if self.step >= cfg.steps
+                       else f"already at step {self.step} (--stop-at-step {cfg.stop_at_step})")
+                self.print(f"{self.out}: {why}; nothing to do")
+            # the same keys as a run that trained, its last evaluation read back from the log
+            return {"step": self.step, "resumed": resumed, "finished": self.step >= cfg.steps, "timed_out": False,
+                    "eval": self._logged_eval(), "bad_steps": self.bad_total}
         self.logger.start(self.step)
         if self.dist.is_main:
             r = self.resolved()
@@ -662,7 +675,7 @@ class Trainer:
                 f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
             )
         milestones = ckpt_io.milestone_steps(cfg.steps)
-        last_eval = None
+        last_eval = last_eval_step = None
         stop_at = cfg.stop_at_step
         finished = False
         timed_out = False
@@ -677,7 +690,7 @@ class Trainer:
                 self.logger.train(self.step, {k: v for k, v in metrics.items() if k != "tokens"}, metrics["tokens"])
                 at_end = self.step >= cfg.steps
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not at_end:
-                    last_eval = self.run_eval()
+                    last_eval, last_eval_step = self.run_eval(), self.step
                 stopping = stop_at is not None and self.step >= stop_at
                 if cfg.time_limit is not None and not at_end:
                     over = time.perf_counter() - t_train >= cfg.time_limit
@@ -696,8 +709,10 @@ class Trainer:
                     break
             else:
                 finished = True
-            if finished or timed_out:
+            if finished:
                 last_eval = self.run_eval()
+            elif timed_out and last_eval_step != self.step:  # (on the schedule, it has just been evaluated)
+                last_eval = self.run_eval(at_stop=True)
         finally:
             self.logger.close(plot=True)
         return {"step": self.step, "resumed": resumed, "finished": finished, "timed_out": timed_out,
