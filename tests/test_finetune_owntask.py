@@ -232,3 +232,4 @@ def test_lone_surrogates_in_jsonl_text_are_replaced_not_a_crash(model, tmp_path)
                  "--label-column", "y", "--output", str(out), *QUICK]) == 0
     assert main(["predict", "--model", str(out), "--input", str(train), "--output", str(tmp_path / "p.jsonl")]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rows)
+    assert json.loads((out / "finetune_task.json").read_text())["seed"] == 1  # the run is (model, data, settings, seed)

@@ -283,6 +283,7 @@ def finetune_own_task(
                 "max_seq_length": cfg.max_seq_length,
                 "pad_to_max": cfg.pad_to_max,
                 "source_model": str(model_dir),
+                "seed": seed,
                 "settings": cfg.to_dict(),
                 "result": result,
             },
