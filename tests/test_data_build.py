@@ -561,3 +561,64 @@ def test_a_lone_surrogate_in_jsonl_text_is_dropped_like_invalid_utf8(vocab, tmp_
     a, b = PretrainingDataset(tmp_path / "a"), PretrainingDataset(tmp_path / "b")
     assert [x.tolist() for x in a.segments(0)] == [x.tolist() for x in b.segments(0)]
     assert ma["counts"]["invalid_utf8"] == 1
+
+
+_PARENT = os.getpid()
+_REAL_PROCESS_UNIT = None
+
+
+def _dies_at_unit_3(unit):
+    """A worker killed at its fourth unit (in-process with one worker: the pool's own error, as a death gives)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    if unit.seq == 3:
+        if os.getpid() != _PARENT:
+            os._exit(9)
+        raise BrokenProcessPool("a child process terminated abruptly")
+    return _REAL_PROCESS_UNIT(unit)
+
+
+def test_a_worker_death_in_a_fresh_build_keeps_the_shards_for_the_re_run(corpus, vocab, tmp_path, monkeypatch):
+    """The error says finished shards are kept: the folder this call created must not be removed as it is for bad
+    input, and the re-run must give the uninterrupted build."""
+    global _REAL_PROCESS_UNIT
+    import convbert.data.build as build_module
+    from convbert.data.build import InterruptedBuild
+
+    build_dataset([str(corpus)], vocab, str(tmp_path / "whole"), workers=2, **SMALL)
+    _REAL_PROCESS_UNIT = build_module.process_unit
+    monkeypatch.setattr(build_module, "process_unit", _dies_at_unit_3)
+    out = tmp_path / "cut"
+    with pytest.raises(InterruptedBuild, match="a worker process died unexpectedly.*finished shards are kept"):
+        build_dataset([str(corpus)], vocab, str(out), workers=2, **SMALL)
+    assert (out / "manifest.json").is_file()
+    kept = json.loads((out / "manifest.json").read_text())
+    assert not kept["complete"] and kept["committed_units"] <= 3
+    monkeypatch.setattr(build_module, "process_unit", _REAL_PROCESS_UNIT)
+    build_dataset([str(corpus)], vocab, str(out), workers=2, **SMALL)
+    assert _files(out) == _files(tmp_path / "whole")
+
+
+def test_a_full_disk_keeps_the_folder_and_names_it(corpus, vocab, tmp_path, monkeypatch):
+    import errno
+
+    import convbert.data.build as build_module
+
+    real_close = build_module._Committer.close_shard
+    calls = []
+
+    def close_then_fill_the_disk(self, final=False):
+        calls.append(final)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_close(self, final)
+
+    monkeypatch.setattr(build_module._Committer, "close_shard", close_then_fill_the_disk)
+    out = tmp_path / "full"
+    with pytest.raises(ConvBertError, match=rf"{out}: no space left on the device .* re-run the same command"):
+        build_dataset([str(corpus)], vocab, str(out), **SMALL)
+    assert (out / "manifest.json").is_file()
+    monkeypatch.setattr(build_module._Committer, "close_shard", real_close)
+    build_dataset([str(corpus)], vocab, str(out), **SMALL)
+    build_dataset([str(corpus)], vocab, str(tmp_path / "whole"), **SMALL)
+    assert _files(out) == _files(tmp_path / "whole")

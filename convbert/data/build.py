@@ -18,7 +18,7 @@ How determinism and resume work:
 from __future__ import annotations
 
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
+import errno
 import functools
 import hashlib
 import json
@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from array import array
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -466,9 +467,14 @@ def _clean_temporaries(out: Path, committed: int) -> None:
     # Shard files not recorded in the manifest (written after its last update) are rebuilt.
 
 
+class InterruptedBuild(ConvBertError):
+    """A build stopped by its machine (a worker killed, a full disk), not by its input: the shards written so far
+    are kept for the re-run to continue from."""
+
+
 def _removes_new_output_on_bad_input(build):
     """Bad input (a `ConvBertError`) leaves nothing behind in an --output folder the call created; a folder that
-    already held a partial build is kept, so the build can be resumed."""
+    already held a partial build is kept, so the build can be resumed, and so is one an interruption stopped."""
 
     @functools.wraps(build)
     def wrapper(inputs, vocab, output, **options):
@@ -476,6 +482,13 @@ def _removes_new_output_on_bad_input(build):
         created = not out.exists()
         try:
             return build(inputs, vocab, output, **options)
+        except InterruptedBuild:
+            raise
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise InterruptedBuild(f"{out}: no space left on the device while writing the dataset; free some "
+                                       "and re-run the same command to continue (finished shards are kept)") from None
+            raise
         except ConvBertError:
             if created and out.is_dir():
                 shutil.rmtree(out, ignore_errors=True)
@@ -595,7 +608,7 @@ def build_dataset(
         bar.finish()
     except BrokenProcessPool:
         committer.abort()
-        raise ConvBertError(
+        raise InterruptedBuild(
             "a worker process died unexpectedly (out of memory or killed); re-run the same command to continue "
             "(finished shards are kept), perhaps with fewer --workers"
         ) from None
