@@ -574,3 +574,35 @@ def test_an_uncased_run_exports_lower_casing(tiny_data, tmp_path):
     assert json.loads((tmp_path / "exp" / "tokenizer_config.json").read_text()) == {"do_lower_case": True,
                                                                                      "strip_accents": True}
     assert load_tokenizer(tmp_path / "exp").lower_case and load_tokenizer(tmp_path / "exp").strip_accents
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tiny_data, tmp_path, monkeypatch, capsys):
+    from convbert.cli import main
+
+    class SafetensorError(Exception):  # what safetensors raises (its Rust I/O error in the text)
+        pass
+
+    real = ckpt_io.save_file
+    calls = []
+
+    def fills_the_disk_on_the_second_checkpoint(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 4:  # (three files per checkpoint)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_io, "save_file", fills_the_disk_on_the_second_checkpoint)
+    argv = ["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(tmp_path / "run"),
+            "--steps", "4", "--batch-size", "8", "--save-every", "2", "--eval-batches", "1", "--threads", "1",
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("convbert pretrain: error: ")
+    assert "cannot write the checkpoint (No space left on device (os error 28)); the earlier checkpoints are " \
+        "intact" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
+    monkeypatch.setattr(ckpt_io, "save_file", real)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())[
+        "step"] == 4

@@ -233,10 +233,25 @@ def save_checkpoint(
         _fsync_dir(tmp)
         replace_folder(tmp, final)  # a re-save of the same step (e.g. after a resume) replaces it
         _fsync_dir(directory)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(err):  # a full disk or a quota: the earlier checkpoints are whole, the run resumes
+            raise ConvBertError(f"{final}: cannot write the checkpoint ({_write_failure_text(err)}); the earlier "
+                                "checkpoints are intact: free some space and re-run the same command to resume "
+                                "from the last one") from None
         raise
     return final
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """OSError from Python, or safetensors' own error for the same failure (it reports I/O errors in its text)."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
+
+
+def _write_failure_text(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).split("I/O error: ", 1)[-1]
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
