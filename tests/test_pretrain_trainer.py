@@ -606,3 +606,26 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tiny_data, 
     assert main(argv) == 0
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())[
         "step"] == 4
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_its_end_when_asked_again(tiny_data, tmp_path):
+    """Killed between the final checkpoint and the final evaluation: the re-run has no steps left, but writes the
+    evaluation and the plot the uninterrupted run has (it used to say "nothing to do" and leave them out)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for run in (full, cut):
+        run_pretraining(cfg_for(tiny_data, run, steps=4, save_every=2, eval_every=2), progress=False)
+    log = cut / "log.jsonl"
+    records = read_log(log)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records if not (r["kind"] == "eval" and r["step"] == 4)))
+    (cut / "curves.png").unlink()
+    res = run_pretraining(cfg_for(tiny_data, cut, steps=4, save_every=2, eval_every=2), progress=False)
+    assert res["finished"] and res["eval"]["disc_auc"] == _last_eval(full)["disc_auc"]
+    assert _eval_steps(cut) == _eval_steps(full) == [(0, False), (2, False), (4, False)]
+    assert (cut / "curves.png").is_file()
+    again = run_pretraining(cfg_for(tiny_data, cut, steps=4, save_every=2, eval_every=2), progress=False)
+    assert _eval_steps(cut) == _eval_steps(full)  # nothing more to do, nothing appended
+    assert again["eval"]["disc_auc"] == res["eval"]["disc_auc"]
+
+
+def _last_eval(run):
+    return [r for r in read_log(Path(run) / "log.jsonl") if r["kind"] == "eval"][-1]

@@ -46,7 +46,7 @@ from convbert.pretrain.data import (
     tokenizer_settings,
 )
 from convbert.pretrain.evaluate import evaluate
-from convbert.pretrain.logging import NullLogger, RunLogger, read_log
+from convbert.pretrain.logging import LOG_FILE, PLOT_FILE, NullLogger, RunLogger, read_log
 from convbert.pretrain.masking import MaskedBatch, mask_batch, num_predictions
 from convbert.pretrain.model import ElectraPretrainingModel
 from convbert.utils import refuse_foreign_folder
@@ -490,9 +490,22 @@ class Trainer:
             dist.barrier()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
+    def _final_eval_missing(self) -> bool:
+        """A finished run whose final evaluation was never logged (the process was killed after the last
+        checkpoint). Decided on the main rank, for every rank (the evaluation has a barrier)."""
+        missing = False
+        if self.dist.is_main and self.data.eval is not None and self.cfg.eval_batches > 0:
+            records = read_log(self.out / LOG_FILE) if (self.out / LOG_FILE).is_file() else []
+            missing = not any(r.get("kind") == "eval" and r.get("step") == self.step for r in records)
+        if self.dist.distributed:
+            flag = torch.tensor([1.0 if missing else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            missing = bool(flag.item() > 0)
+        return missing
+
     def _logged_eval(self) -> dict | None:
         """The last evaluation log.jsonl holds at or before this step (its metrics), if any."""
-        path = self.out / "log.jsonl"
+        path = self.out / LOG_FILE
         if not self.dist.is_main or not path.is_file():
             return None
         evals = [r for r in read_log(path) if r.get("kind") == "eval" and int(r.get("step", -1)) <= self.step]
@@ -658,12 +671,24 @@ class Trainer:
             self._copy_vocab()
             self.logger = RunLogger(self.out, cfg.steps, progress=self.progress, log_every=cfg.log_every)
         if self.step >= cfg.steps or (cfg.stop_at_step is not None and self.step >= cfg.stop_at_step):
-            if self.dist.is_main:
-                why = ("already trained for {} of {} steps".format(self.step, cfg.steps) if self.step >= cfg.steps
+            finished = self.step >= cfg.steps
+            if finished and self._final_eval_missing():  # stopped after the last checkpoint, before the end
+                self.logger.start(self.step)
+                if self.dist.is_main:
+                    self.print(f"{self.out}: trained for {self.step} of {cfg.steps} steps; finishing the end of the "
+                               "run (final evaluation, plot)")
+                try:
+                    self.run_eval()
+                finally:
+                    self.logger.close(plot=True)
+            elif self.dist.is_main:
+                if finished and not (self.out / PLOT_FILE).is_file():
+                    self.logger.close(plot=True)  # (a kill while plotting; the logger has nothing open)
+                why = ("already trained for {} of {} steps".format(self.step, cfg.steps) if finished
                        else f"already at step {self.step} (--stop-at-step {cfg.stop_at_step})")
                 self.print(f"{self.out}: {why}; nothing to do")
             # the same keys as a run that trained, its last evaluation read back from the log
-            return {"step": self.step, "resumed": resumed, "finished": self.step >= cfg.steps, "timed_out": False,
+            return {"step": self.step, "resumed": resumed, "finished": finished, "timed_out": False,
                     "eval": self._logged_eval(), "bad_steps": self.bad_total}
         self.logger.start(self.step)
         if self.dist.is_main:
