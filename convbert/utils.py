@@ -126,3 +126,25 @@ def replace_lone_surrogates(text: str) -> tuple[str, int]:
     except UnicodeEncodeError:
         fixed = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
         return fixed, sum(1 for c in fixed if c == "\ufffd") - text.count("\ufffd")
+
+
+def read_json_object(path: str | os.PathLike, hint: str = "") -> dict:
+    """A JSON file that must hold an object: a missing, undecodable, malformed or other-typed file is a one-line
+    `ConvBertError` naming it (with `hint`, e.g. what to do next), not a traceback."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConvBertError(f"{path}: not found{tail}") from None
+    except OSError as err:
+        raise ConvBertError(f"{path}: cannot read ({err.strerror or err}){tail}") from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConvBertError(f"{path}: not UTF-8 (byte {err.start}): damaged{tail}") from None
+    except json.JSONDecodeError as err:
+        raise ConvBertError(f"{path}: line {err.lineno}: not valid JSON ({err.msg}){tail}") from None
+    if not isinstance(value, dict):
+        raise ConvBertError(f"{path}: holds a JSON {type(value).__name__}, expected an object{tail}")
+    return value

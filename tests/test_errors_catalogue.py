@@ -1062,6 +1062,36 @@ def resume_on_other_data(e, t):
 
 
 @case("checkpoint")
+def resume_run_config_damaged_bytes(e, t):
+    r = copy(e.run, t / "run")
+    raw = bytearray((r / "run_config.json").read_bytes())
+    raw[10] = 0xFF  # a flipped byte: not UTF-8 any more
+    (r / "run_config.json").write_bytes(bytes(raw))
+    return dict(argv=pretrain_argv(e.data, r, steps=3),
+                expect=[f"{r / 'run_config.json'}: not UTF-8 (byte 10): damaged; restore the run's record, "
+                        "or start a new --output"],
+                unchanged=[r])
+
+
+@case("checkpoint")
+def resume_run_config_not_an_object(e, t):
+    r = copy(e.run, t / "run")
+    (r / "run_config.json").write_text("[1, 2]")
+    return dict(argv=pretrain_argv(e.data, r, steps=3),
+                expect=[f"{r / 'run_config.json'}: holds a JSON list, expected an object"], unchanged=[r])
+
+
+@case("glue")
+def model_config_damaged_bytes(e, t):
+    m = copy(e.model, t / "model")
+    raw = bytearray((m / "config.json").read_bytes())
+    raw[5] = 0xC3  # half a two-byte character
+    (m / "config.json").write_bytes(bytes(raw))
+    return dict(argv=glue_argv(m, e.glue, t / "o"), expect=[f"{m / 'config.json'}: not UTF-8 (byte 5): damaged"],
+                absent=[t / "o"])
+
+
+@case("checkpoint")
 def resume_wrong_shapes(e, t):
     r = copy(e.run, t / "run")
     ck = latest_ckpt(r)

@@ -49,7 +49,7 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files, read_config
-from convbert.utils import sha256_file, write_json_atomic, write_text_atomic
+from convbert.utils import read_json_object, sha256_file, write_json_atomic, write_text_atomic
 
 DISPLAY = {
     "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
@@ -229,10 +229,7 @@ def check_inputs(opts: GlueOptions) -> None:
         raise ConvBertError(f"{md}: no config.json (expected an HF-layout ConvBERT folder with vocab.txt)")
     if not (md / "vocab.txt").is_file():
         raise ConvBertError(f"{md}: no vocab.txt (a model folder is HF layout plus its vocab.txt)")
-    try:
-        mp = json.loads((md / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (json.JSONDecodeError, AttributeError, OSError) as err:
-        raise ConvBertError(f"{md}/config.json: not a readable JSON object ({err})")
+    mp = read_json_object(md / "config.json").get("max_position_embeddings")
     if isinstance(mp, int) and opts.cfg.max_seq_length > mp:
         raise ConvBertError(
             f"--max-seq-length {opts.cfg.max_seq_length} exceeds the model's max_position_embeddings {mp} "

@@ -8,7 +8,6 @@ classes, and are read and written in that layout. Pickled weights are read with 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from convbert.errors import ConvBertError
 from convbert.model.config import ConvBertConfig
-from convbert.utils import atomic_path, write_json_atomic
+from convbert.utils import atomic_path, read_json_object, write_json_atomic
 
 if TYPE_CHECKING:
     from convbert.model.modeling import ConvBertModel
@@ -40,13 +39,7 @@ def read_config(path: Path) -> ConvBertConfig:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConvBertError(f"{config_file}: not found (an HF-layout model folder needs config.json)")
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConvBertError(f"{config_file}: line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(values, dict):
-        raise ConvBertError(f"{config_file}: expected a JSON object")
-    return ConvBertConfig.from_hf_dict(values, source=str(config_file))
+    return ConvBertConfig.from_hf_dict(read_json_object(config_file), source=str(config_file))
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:

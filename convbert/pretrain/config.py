@@ -7,7 +7,6 @@ Keys are the fields of `PretrainConfig`; `model.<field>` keys override `ConvBert
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from convbert.errors import ConvBertError
 from convbert.precision import PRECISIONS
+from convbert.utils import read_json_object
 
 SIZES = ("tiny", "small", "medium-small", "base")
 MASKINGS = ("with-replacement", "without-replacement")
@@ -274,10 +274,5 @@ def save_config(path: str | Path, obj: dict) -> None:
 
 
 def load_json(path: str | Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConvBertError(f"{path}: not found") from None
-    except json.JSONDecodeError as err:
-        raise ConvBertError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    """A run's JSON record (run_config.json): an object, or a one-line error naming the file."""
+    return read_json_object(path, "restore the run's record, or start a new --output")
