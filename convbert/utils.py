@@ -82,6 +82,34 @@ def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_temporaries(*folders: str | os.PathLike) -> None:
+    """Delete what an interrupted `atomic_path` write leaves (`.<name>.<random>.tmp` files) in `folders`: the
+    commands that write there call this when they start, so a kill does not leave litter for good."""
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+def recover_folder(final: str | os.PathLike) -> None:
+    """Undo what a kill inside `replace_folder`/`staged_folder` left: the old folder renamed aside with no new one
+    in its place is put back; staging folders and a superseded old folder are removed."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        os.replace(old, final)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    for staging in final.parent.glob(f".{glob_escape(final.name)}.tmp-*") if final.parent.is_dir() else ():
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
 @contextmanager
 def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder next to `final` to write the whole output into; on success it replaces `final`
@@ -89,6 +117,7 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     survives; on failure it is removed. It gets the usual permissions (mkdtemp's are private)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         fix_mode(staging)

@@ -439,3 +439,44 @@ def test_atomic_writes_sigkilled_leave_the_old_or_the_new_file(tmp_path):
             raise RuntimeError("crash inside the block")
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == temps  # its own one is gone
+
+
+def test_a_kill_between_the_two_renames_of_replace_folder_is_undone_by_the_next_write(tmp_path):
+    """replace_folder renames the old folder aside, then the new one in: killed in between, only `.X.old` is left.
+    The next staged write of X puts nothing half-done in place: it restores or supersedes the old folder and removes
+    the stale staging folders."""
+    from convbert.utils import recover_folder, staged_folder
+
+    final = tmp_path / "ex"
+    (tmp_path / ".ex.old").mkdir()
+    (tmp_path / ".ex.old" / "config.json").write_text("old")
+    (tmp_path / ".ex.tmp-abc").mkdir()  # the staging folder of the killed write
+    recover_folder(final)
+    assert (final / "config.json").read_text() == "old"
+    assert not (tmp_path / ".ex.old").exists() and not (tmp_path / ".ex.tmp-abc").exists()
+    # a stale .old beside a complete folder is removed; then a staged write replaces the folder whole
+    (tmp_path / ".ex.old").mkdir()
+    with staged_folder(final) as staging:
+        (staging / "config.json").write_text("new")
+    assert (final / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"]
+
+
+def test_temporaries_of_killed_writes_are_removed_when_the_command_starts_again(tmp_path):
+    """glue and pretrain clear the `.<name>.<random>.tmp` files an interrupted atomic write leaves."""
+    from convbert.cli import main
+    from test_finetune_data import make_tiny_model, write_glue
+
+    model = make_tiny_model(tmp_path / "model")
+    glue = write_glue(tmp_path / "glue", n_train=6, n_dev=3)
+    out = tmp_path / "o"
+    argv = ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "rte", "--output", str(out),
+            "--epochs", "1", "--batch-size", "4", "--max-seq-length", "24", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    litter = [out / ".results.json.x1.tmp", out / "runs" / ".rte-seed1.json.x2.tmp",
+              out / "runs" / "rte-seed1" / ".RTE.tsv.x3.tmp"]
+    for p in litter:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("torn")
+    assert main(argv) == 0
+    assert not any(p.exists() for p in litter)

@@ -618,10 +618,11 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_its_end_when_asked_agai
     records = read_log(log)
     log.write_text("".join(json.dumps(r) + "\n" for r in records if not (r["kind"] == "eval" and r["step"] == 4)))
     (cut / "curves.png").unlink()
+    (cut / ".curves.png.k1ll.tmp").write_bytes(b"torn")  # what a kill while plotting leaves
     res = run_pretraining(cfg_for(tiny_data, cut, steps=4, save_every=2, eval_every=2), progress=False)
     assert res["finished"] and res["eval"]["disc_auc"] == _last_eval(full)["disc_auc"]
     assert _eval_steps(cut) == _eval_steps(full) == [(0, False), (2, False), (4, False)]
-    assert (cut / "curves.png").is_file()
+    assert (cut / "curves.png").is_file() and not (cut / ".curves.png.k1ll.tmp").exists()
     again = run_pretraining(cfg_for(tiny_data, cut, steps=4, save_every=2, eval_every=2), progress=False)
     assert _eval_steps(cut) == _eval_steps(full)  # nothing more to do, nothing appended
     assert again["eval"]["disc_auc"] == res["eval"]["disc_auc"]

@@ -49,7 +49,8 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files, read_config
-from convbert.utils import read_json_object, sha256_file, write_json_atomic, write_text_atomic
+from convbert.utils import (read_json_object, remove_stale_temporaries, sha256_file, write_json_atomic,
+                            write_text_atomic)
 
 DISPLAY = {
     "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
@@ -507,6 +508,9 @@ def run_glue(opts: GlueOptions) -> dict:
     _check_model(opts, tokenizer)
     ident = model_identity(opts.model_dir)
     opts.output.mkdir(parents=True, exist_ok=True)
+    runs = opts.output / "runs"  # temporaries an interrupted earlier invocation left (records, predictions)
+    remove_stale_temporaries(opts.output, runs, opts.output / "submission",
+                             *(d for d in (runs.iterdir() if runs.is_dir() else ()) if d.is_dir()))
 
     # Plan: which (task, seed) runs are finished, which are pending.
     pending, done = [], []

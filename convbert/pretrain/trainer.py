@@ -49,7 +49,7 @@ from convbert.pretrain.evaluate import evaluate
 from convbert.pretrain.logging import LOG_FILE, PLOT_FILE, NullLogger, RunLogger, read_log
 from convbert.pretrain.masking import MaskedBatch, mask_batch, num_predictions
 from convbert.pretrain.model import ElectraPretrainingModel
-from convbert.utils import refuse_foreign_folder
+from convbert.utils import refuse_foreign_folder, remove_stale_temporaries
 
 RUN_CONFIG = "run_config.json"
 # Keys that must not change when a run is resumed (they change the model or the objective).
@@ -666,6 +666,7 @@ class Trainer:
         done = self.step >= cfg.steps or (cfg.stop_at_step is not None and self.step >= cfg.stop_at_step)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)  # an interrupted earlier invocation's (curves.png, run_config.json)
             if not done:  # a run with nothing to do keeps the settings it was trained with
                 save_config(self.out / RUN_CONFIG, self.resolved())
             self._copy_vocab()
