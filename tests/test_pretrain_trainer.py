@@ -630,3 +630,15 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_its_end_when_asked_agai
 
 def _last_eval(run):
     return [r for r in read_log(Path(run) / "log.jsonl") if r["kind"] == "eval"][-1]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_log(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"kind": "eval", "step": 0, "disc_auc": 0.5}) + "\n"
+                                   + json.dumps({"kind": "train", "step": 1, "loss": 9.0}) + "\n")
+    run_pretraining(cfg_for(tiny_data, out, steps=2, save_every=2), progress=False)
+    full = tmp_path / "full"
+    run_pretraining(cfg_for(tiny_data, full, steps=2, save_every=2), progress=False)
+    assert _eval_steps(out) == _eval_steps(full) == [(0, False), (2, False)]
+    assert [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"] == losses(full)

@@ -129,7 +129,9 @@ class RunLogger:
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self, step: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log(self.run_dir / LOG_FILE, step)
+        # From step 0 (no checkpoint to resume from) the log starts afresh: records of an invocation killed before
+        # its first checkpoint (its step-0 evaluation) would otherwise be doubled.
+        truncate_log(self.run_dir / LOG_FILE, step if step else -1)
         self._f = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
         self._start_step = step
         self._t0 = time.perf_counter()
@@ -137,9 +139,9 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # purge_step drops events past the resumed step (>= step + 1), like the JSONL truncation.
+                # purge_step drops events past the resumed step (>= step + 1; from step 0, all), like the JSONL.
                 self._tb = _TensorBoardThread(
-                    SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else None))
+                    SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else 0))
             except Exception as err:  # tensorboard not installed or broken
                 self.message(f"TensorBoard logging disabled ({type(err).__name__}: {err})")
                 self._tb = None
