@@ -633,10 +633,13 @@ def _last_eval(run):
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_log(tiny_data, tmp_path):
+    """What a kill before the first checkpoint leaves: run_config.json, log records and TensorBoard events, no
+    checkpoint. The re-run starts at step 0 and its log must be an uninterrupted run's, not the old records plus."""
+    import shutil
+
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "log.jsonl").write_text(json.dumps({"kind": "eval", "step": 0, "disc_auc": 0.5}) + "\n"
-                                   + json.dumps({"kind": "train", "step": 1, "loss": 9.0}) + "\n")
+    run_pretraining(cfg_for(tiny_data, out, steps=2, save_every=2), progress=False)
+    shutil.rmtree(out / "checkpoints")
     run_pretraining(cfg_for(tiny_data, out, steps=2, save_every=2), progress=False)
     full = tmp_path / "full"
     run_pretraining(cfg_for(tiny_data, full, steps=2, save_every=2), progress=False)
