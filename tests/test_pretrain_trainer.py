@@ -354,7 +354,7 @@ def test_a_re_export_rewrites_the_folder_whole_and_keeps_what_it_did_not_write(t
     assert (out / "generator" / "model.safetensors").is_file()
     export_checkpoint(run, out)  # without --generator: the earlier generator/ does not linger
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "discriminator_head.safetensors", "export.json",
-                                                     "model.safetensors", "vocab.txt"]
+                                                     "model.safetensors", "tokenizer_config.json", "vocab.txt"]
     # Results saved inside the export would be deleted by rewriting it: refused, folder untouched.
     (out / "glue-results").mkdir()
     (out / "glue-results" / "summary.json").write_text("{}")

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convbert.errors import ConvBertError
-from convbert.utils import fix_mode, replace_folder
+from convbert.utils import fix_mode, replace_folder, sha256_file
 
 STATE_FILE = "trainer_state.json"
 CKPT_RE = re.compile(r"^step-(\d+)$")
@@ -217,6 +217,8 @@ def save_checkpoint(
         save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata={"format": "pt"})
         state = dict(trainer_state)
         state.update(
+            # checked when read back: a flipped byte inside a tensor is otherwise loadable and silently wrong
+            files={name: sha256_file(tmp / name) for name in TENSOR_FILES},
             step=int(step),
             world_size=len(rng_states),
             model_aliases=aliases,
@@ -298,17 +300,32 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return state
 
 
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+_SET_ASIDE = "move that checkpoint folder aside to resume from the one before it"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint: {'state', 'model', 'optimizer_tensors', 'rng_tensors'}."""
     path = Path(path)
     state = read_trainer_state(path)
-    try:
-        model = load_file(str(path / "model.safetensors"))
-        opt = load_file(str(path / "optimizer.safetensors")) if (path / "optimizer.safetensors").is_file() else {}
-        rng = load_file(str(path / "rng.safetensors")) if (path / "rng.safetensors").is_file() else {}
-    except Exception as err:  # safetensors raises its own error types
-        raise ConvBertError(f"{path}: cannot read checkpoint tensors ({err})") from None
-    return {"state": state, "model": model, "optimizer_tensors": opt, "rng_tensors": rng}
+    recorded = state.get("files") if isinstance(state.get("files"), dict) else {}  # (checkpoints since stop 24)
+    tensors = {}
+    for name in TENSOR_FILES:
+        file = path / name
+        if not file.is_file():
+            if name == "model.safetensors" or name in recorded:
+                raise ConvBertError(f"{file}: missing; {_SET_ASIDE}")
+            tensors[name] = {}
+            continue
+        if name in recorded and sha256_file(file) != recorded[name]:
+            raise ConvBertError(f"{file}: its contents differ from what was written (sha256 recorded in "
+                                f"{STATE_FILE}): damaged; {_SET_ASIDE}")
+        try:
+            tensors[name] = load_file(str(file))
+        except Exception as err:  # safetensors raises its own error types
+            raise ConvBertError(f"{file}: cannot read the tensors ({err}); {_SET_ASIDE}") from None
+    return {"state": state, "model": tensors["model.safetensors"],
+            "optimizer_tensors": tensors["optimizer.safetensors"], "rng_tensors": tensors["rng.safetensors"]}
 
 
 def rng_state_for_rank(ckpt: dict, rank: int) -> dict | None:
