@@ -27,7 +27,13 @@ from convbert.errors import ConvBertError
 from convbert.finetune import metrics as M
 from convbert.finetune.features import featurize_examples
 from convbert.finetune.references import choose_reference, compare
-from convbert.finetune.submission import build_submission, format_predictions, write_prediction_file
+from convbert.finetune.submission import (
+    build_submission,
+    check_prediction_file,
+    format_predictions,
+    test_file_indexes,
+    write_prediction_file,
+)
 from convbert.finetune.tasks import (
     GLUE_TASKS,
     SUBMISSION_FILES,
@@ -254,6 +260,18 @@ def check_inputs(opts: GlueOptions) -> None:
                 f"{opts.glue_dir}: no diagnostic.tsv (AX) in diagnostic/ or mnli/; it is needed for AX.tsv "
                 "(or pass --fill-missing)"
             )
+
+
+def _intact_predictions(path: Path, name: str, glue_dir: Path) -> bool:
+    """A finished run's test predictions are there and pass the submission checks; a damaged file makes the run
+    be redone (it gives the same predictions), as a damaged run record does."""
+    if not path.is_file():
+        return False
+    try:
+        check_prediction_file(path, name, test_file_indexes(glue_dir, name))
+    except ConvBertError:
+        return False
+    return True
 
 
 def _finished(json_path: Path, task: str, seed: int) -> dict | None:
@@ -531,7 +549,7 @@ def run_glue(opts: GlueOptions) -> dict:
                     if t == "mnli" and find_split_file(opts.glue_dir, "ax", "AX") is not None:
                         need.add("AX")
                 have = {n for n, f in rec.get("predictions", {}).items()
-                        if isinstance(f, str) and (opts.output / f).is_file()}
+                        if isinstance(f, str) and _intact_predictions(opts.output / f, n, opts.glue_dir)}
                 no_model = opts.save_models and not (run_dir / "model" / "config.json").is_file()
                 if need - have or no_model:
                     pending.append((t, s))  # finished without test predictions or the model asked for: redo (same
