@@ -210,3 +210,28 @@ def test_a_vocab_path_that_is_not_a_regular_file_is_refused(tmp_path):
     for path in (tmp_path, "/dev/zero"):
         with pytest.raises(ConvBertError, match="not a regular file"):
             WordPieceTokenizer.from_vocab(path)
+
+
+def test_long_text_without_spaces_is_cut_at_cjk_punctuation_and_other_whitespace_with_the_same_ids(
+        vocab_file, monkeypatch):
+    """Chinese or minified text has no U+0020 to cut at: pieces still stay bounded (a 10 MB line had taken ~2 GB),
+    cut after an ideograph, punctuation or other whitespace, never before a combining mark or inside a word."""
+    import random as _random
+
+    import convbert.data.tokenize as tokenize
+
+    tok = WordPieceTokenizer.from_vocab(vocab_file, lower_case=True, strip_accents=False)
+    rng = _random.Random(0)
+    alphabet = list("東京日本中文字") + ["e\u0301", "a", "b", ",", ".", "(", ")", "\u3000", "\t", "\u00a0", "\u200b",
+                                           "—", "x" * 5]
+    line = "".join(rng.choice(alphabet) for _ in range(4000))
+    size = 50
+    monkeypatch.setattr(tokenize, "_LONG_TEXT", size)
+    pieces = list(tokenize._space_bounded_pieces(line, size))
+    assert "".join(pieces) == line and " " not in line
+    assert len(pieces) > 60 and max(map(len, pieces)) <= size
+    import unicodedata
+
+    assert all(not unicodedata.category(p[0]).startswith("M") for p in pieces[1:])
+    whole = tok.backend.encode(line, add_special_tokens=False).ids
+    assert tok.encode_batch([line])[0] == whole

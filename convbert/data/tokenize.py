@@ -173,11 +173,16 @@ def _unchanged(text: str) -> str:
 
 
 def _space_bounded_pieces(text: str, size: int) -> Iterator[str]:
-    """`text` cut into pieces of about `size` characters, only at U+0020 (a word boundary for BERT's
-    normaliser and pre-tokeniser alike; other whitespace-like characters may be removed or kept by them)."""
+    """`text` cut into pieces of about `size` characters, only where BERT's normaliser and pre-tokeniser end a word
+    whatever surrounds the cut: at U+0020 first, else after another whitespace character, a CJK ideograph or a
+    punctuation mark (each a token of its own) that no combining mark follows. Text without spaces (Chinese,
+    Japanese, minified code) is then cut too, so memory stays bounded; a run of `size` characters with no
+    boundary at all is one word anyway (longer than 200 characters: [UNK])."""
     start = 0
     while len(text) - start > size:
         cut = text.rfind(" ", start + 1, start + size)
+        if cut == -1:
+            cut = _boundary_before(text, start + size, start + 1)
         if cut == -1:
             cut = text.find(" ", start + size)
             if cut == -1:
@@ -185,3 +190,33 @@ def _space_bounded_pieces(text: str, size: int) -> Iterator[str]:
         yield text[start:cut]
         start = cut
     yield text[start:]
+
+
+_BOUNDARY_SCAN = 4096  # characters searched back for a boundary other than a space
+
+
+def _boundary_before(text: str, end: int, lowest: int) -> int:
+    """The largest i in [max(lowest, end - _BOUNDARY_SCAN), end] where a word ends between text[i-1] and text[i]."""
+    import unicodedata
+
+    for i in range(end, max(lowest, end - _BOUNDARY_SCAN) - 1, -1):
+        if _ends_a_word(text[i - 1]) and not unicodedata.category(text[i]).startswith("M"):
+            return i
+    return -1
+
+
+def _ends_a_word(c: str) -> bool:
+    """Whitespace, a CJK ideograph or punctuation as BERT's basic tokenizer defines them."""
+    import unicodedata
+
+    if c in " \t\n\r":
+        return True
+    cp = ord(c)
+    if (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F):
+        return True
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    category = unicodedata.category(c)
+    return category == "Zs" or category.startswith("P")
