@@ -56,3 +56,23 @@ def test_hidden_files_are_skipped_and_empty_folder_is_an_error(tmp_path):
     (tmp_path / ".git" / "x.txt").write_text("secret\n")
     with pytest.raises(ConvBertError, match="no files"):
         UnitEnumerator([str(tmp_path)], docs="files", chunk_bytes=100)
+
+
+def test_linked_folders_are_read_once_and_a_glob_reads_the_folders_it_matches(tmp_path, monkeypatch):
+    """A folder input follows linked folders (each real folder once: a link back up does not loop), and a glob
+    that matches a folder reads it (both had been dropped without a word)."""
+    from convbert.data.corpus import expand_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "tree" / "a.txt").write_text("alpha\n")
+    (tmp_path / "tree" / "sub" / "b.txt").write_text("beta\n")
+    (tmp_path / "elsewhere" / "c.txt").write_text("gamma\n")
+    (tmp_path / "tree" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "tree" / "sub" / "up").symlink_to(tmp_path / "tree", target_is_directory=True)  # a loop
+    [folder] = expand_inputs(["tree"])
+    assert [name for _, name in folder] == ["a.txt", "linked/c.txt", "sub/b.txt"]
+    for pattern in ("tree/*", "tree/**"):
+        [matched] = expand_inputs([pattern])
+        assert [name for _, name in matched] == ["tree/a.txt", "tree/linked/c.txt", "tree/sub/b.txt"], pattern

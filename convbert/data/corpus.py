@@ -200,17 +200,7 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
-            files = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                                 and os.path.realpath(os.path.join(root, d)) != skip
-                                 and not is_dataset_folder(os.path.join(root, d)))
-                for n in sorted(names):
-                    if n.startswith("."):
-                        continue
-                    full = Path(root) / n
-                    if full.is_file():
-                        files.append((str(full), full.relative_to(p).as_posix()))
+            files = [(path, Path(path).relative_to(p).as_posix()) for path in _walk(p, skip)]
             files.sort(key=lambda t: t[1])
             if not files:
                 raise ConvBertError(f"--input {arg}: folder contains no files")
@@ -220,13 +210,43 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
         elif p.exists():
             raise ConvBertError(f"--input {arg}: not a regular file or folder")
         elif _GLOB_CHARS & set(arg):
-            matches = sorted(m for m in glob.glob(arg, recursive=True) if Path(m).is_file())
+            found: dict[str, str] = {}  # real path -> the first name it was found under
+            seen: set[str] = set()
+            for m in sorted(glob.glob(arg, recursive=True)):
+                if Path(m).is_file():
+                    found.setdefault(os.path.realpath(m), m)
+                elif Path(m).is_dir() and _enterable(m, skip, set()):  # a folder the pattern names: read it all
+                    for f in _walk(Path(m), skip, seen):
+                        found.setdefault(os.path.realpath(f), f)
+            matches = sorted((name, name) for name in found.values())
             if not matches:
                 raise ConvBertError(f"--input {arg}: the pattern matches no files")
-            out.append([(m, m) for m in matches])
+            out.append(matches)
         else:
             raise ConvBertError(f"--input {arg}: no such file or folder")
     return out
+
+
+def _walk(folder: Path, skip: str | None, seen: set[str] | None = None) -> Iterator[str]:
+    """The regular files under `folder`, hidden ones left out, never entering `skip` (the output) or an earlier
+    dataset. Linked folders are followed, each real folder once (a link back up would otherwise loop)."""
+    seen = set() if seen is None else seen
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _enterable(os.path.join(root, d), skip, seen))
+        for n in sorted(names):
+            full = Path(root) / n
+            if not n.startswith(".") and full.is_file():
+                yield str(full)
+
+
+def _enterable(path: str, skip: str | None, seen: set[str]) -> bool:
+    real = os.path.realpath(path)
+    return real != skip and real not in seen and not is_dataset_folder(path)
 
 
 def _find_boundary(f, pos: int, size: int, blank_lines: bool) -> int:
