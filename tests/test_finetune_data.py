@@ -252,3 +252,23 @@ def test_a_file_that_lost_its_header_is_refused_not_read_one_example_short(tmp_p
             assert len(read_split(root, name, split).examples) == complete
             checked += 1
     assert checked >= 15
+
+
+def test_a_lone_carriage_return_inside_a_row_is_a_malformed_row_not_two(tmp_path):
+    """Lines end at \\n (CRLF too), as the original reads them: a lone \\r inside a train row made it two rows,
+    one skipped and one a wrong example with its label, and every later line number shifted."""
+    root = write_glue(tmp_path / "g", n_train=4, n_dev=2)
+    train = root / "SST-2" / "train.tsv"
+    lines = train.read_text().splitlines()
+    lines.insert(2, "lone\rcr\t1")
+    train.write_bytes(("\r\n".join(lines) + "\r\n").encode())  # CRLF endings elsewhere are fine
+    data = read_split(root, "sst", "train")
+    assert data.skipped == 1 and data.first_problem == "line 3: a carriage return (\\r) inside the line"
+    assert [e.text_a for e in data.examples] == [line.split("\t")[0] for i, line in enumerate(lines[1:], 2) if i != 3]
+    assert all("cr" != e.text_a for e in data.examples)
+    test = root / "SST-2" / "test.tsv"
+    lines = test.read_text().splitlines()
+    lines[1] = lines[1] + "\rtail"
+    test.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConvBertError, match=r"test.tsv:2: unreadable test row \(a carriage return"):
+        read_split(root, "sst", "test")

@@ -15,7 +15,6 @@ read raises `ConvBertError` naming the file and line, because a GLUE submission 
 from __future__ import annotations
 
 import csv
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,8 +251,9 @@ def require_split_file(glue_dir: str | os.PathLike, task: str, split: str) -> Pa
     return p
 
 
-def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """(1-based line number, fields) per line; tab-separated, quoting disabled."""
+def _read_rows(path: Path) -> list[tuple[int, list[str], bool]]:
+    """(1-based line number, fields, whether a carriage return sits inside the line) per line; tab-separated,
+    quoting disabled."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -265,13 +265,16 @@ def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ConvBertError(f"{path}:{line}: not valid UTF-8")
     if text.startswith("\ufeff"):
         text = text[1:]
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    # Lines end at "\n" only (a CRLF's "\r" is dropped), as the original reads them: a lone "\r" inside a line
+    # is then part of that line, and the row is malformed (skipped and counted, or refused in a test file) rather
+    # than silently split in two with the line numbers shifted.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
     rows = []
-    try:
-        for row in reader:
-            rows.append((reader.line_num, row))
-    except csv.Error as err:
-        raise ConvBertError(f"{path}:{reader.line_num}: cannot parse tab-separated line ({err})")
+    for number, line in enumerate(lines, start=1):
+        line = line[:-1] if line.endswith("\r") else line
+        rows.append((number, line.split("\t") if line else [], "\r" in line))
     return rows
 
 
@@ -328,9 +331,11 @@ def read_split(
         body.pop()
     out = SplitData(path=path, examples=[])
     labels = set(spec.labels) if spec.labels is not None else None
-    for eid, (line, row) in enumerate(body):
+    for eid, (line, row, stray_cr) in enumerate(body):
         problem = None
-        if ncols is not None and len(row) != ncols:
+        if stray_cr:
+            problem = "a carriage return (\\r) inside the line"
+        elif ncols is not None and len(row) != ncols:
             problem = f"expected {ncols} tab-separated fields, found {len(row)}"
         else:
             try:
