@@ -622,3 +622,45 @@ def test_a_full_disk_keeps_the_folder_and_names_it(corpus, vocab, tmp_path, monk
     build_dataset([str(corpus)], vocab, str(out), **SMALL)
     build_dataset([str(corpus)], vocab, str(tmp_path / "whole"), **SMALL)
     assert _files(out) == _files(tmp_path / "whole")
+
+
+def test_a_file_read_in_several_parts_counts_as_one_file(corpus, vocab, tmp_path):
+    one = sorted(corpus.iterdir())[0]
+    manifest = build_dataset([str(one)], vocab, str(tmp_path / "d"), **SMALL)  # chunk_bytes 3000: many units
+    assert one.stat().st_size > 3 * SMALL["chunk_bytes"] and manifest["committed_units"] > 3
+    assert manifest["counts"]["files"] == 1
+
+
+def test_dictionary_encoded_and_view_string_columns_read_like_plain_strings(corpus, vocab, tmp_path):
+    """pandas categoricals are saved dictionary-encoded; newer writers use string_view. Same text, same data (each
+    file named alike: the packing's random lengths are seeded from the file's name)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    docs = [p.read_text() for p in sorted(corpus.iterdir())][:3]
+    columns = {"plain": pa.array(docs), "dict": pa.array(docs).dictionary_encode()}
+    if hasattr(pa, "string_view"):
+        columns["view"] = pa.array(docs, type=pa.string_view())
+    shards = {}
+    for kind, column in columns.items():
+        (tmp_path / kind).mkdir()
+        pq.write_table(pa.table({"text": column}), tmp_path / kind / "c.parquet")
+        build_dataset([str(tmp_path / kind / "c.parquet")], vocab, str(tmp_path / f"out-{kind}"), docs="files",
+                      progress=False)
+        shards[kind] = _files(tmp_path / f"out-{kind}")["shard-00000.bin"]
+    assert len(set(shards.values())) == 1, list(shards)
+
+
+def test_a_jsonl_file_whose_first_line_is_only_a_byte_order_mark(vocab, tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf\n" + json.dumps({"text": "the json module"}).encode() + b"\n")
+    assert build_dataset([str(tmp_path / "a.jsonl")], vocab, str(tmp_path / "d"), docs="files",
+                         progress=False)["counts"]["files"] == 1
+
+
+def test_train_vocab_on_text_the_normaliser_removes_is_an_empty_corpus(tmp_path):
+    """Zero-width, byte-order-mark and control characters only: no vocabulary of five special tokens is written."""
+    corpus = tmp_path / "zw.txt"
+    corpus.write_text("\u200b\u200b\n\ufeff\u200d\n\x07\x08\n" * 50, encoding="utf-8")
+    with pytest.raises(ConvBertError, match="empty corpus: .*zw.txt holds no text the tokenizer keeps"):
+        train_vocab([str(corpus)], 100, str(tmp_path / "vocab.txt"))
+    assert not (tmp_path / "vocab.txt").exists()

@@ -92,7 +92,7 @@ def run_build(args: argparse.Namespace) -> int:
           f", two segments {100 * c['two_segment'] / ex:.1f} %; {dt:.1f} s")
     if c["invalid_utf8"]:
         print(f"  warning: {c['invalid_utf8']:,} invalid UTF-8 sequences replaced in {c['files_with_invalid_utf8']} "
-              "file(s)", file=sys.stderr)
+              "file(s) or 16 MiB parts of larger ones", file=sys.stderr)
     if c["binary_skipped"]:
         names = ", ".join(c["binary_files"][:5]) + (" …" if c["binary_skipped"] > 5 else "")
         print(f"  warning: {c['binary_skipped']} binary file(s) skipped: {names}", file=sys.stderr)

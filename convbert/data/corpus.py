@@ -541,9 +541,10 @@ def _iter_byte_blocks(f, length: int | None) -> Iterator[bytes]:
         yield buf[: cut + 1]
 
 
-def _text_stream(f, length: int | None, stats: UnitStats) -> Iterator[list]:
+def _text_stream(f, length: int | None, stats: UnitStats, first_part: bool = True) -> Iterator[list]:
+    """`first_part`: the unit starts the file (a large file is read in several units; it counts as one file)."""
     before = stats.invalid_utf8
-    stats.files += 1
+    stats.files += 1 if first_part else 0
     for block in _iter_byte_blocks(f, length):
         lines = _split_lines(decode_text(block, stats))
         stats.lines += len(lines)
@@ -557,7 +558,7 @@ def _text_blocks(unit: Unit, stats: UnitStats) -> Iterator[list]:
         with open(unit.path, "rb") as f:
             f.seek(unit.start)
             yield from _text_stream(f, (unit.end if unit.end is not None else os.path.getsize(unit.path)) - unit.start,
-                                    stats)
+                                    stats, first_part=unit.start == 0)
     except OSError as err:
         raise ConvBertError(f"{unit.path}: cannot read ({err.strerror or err})")
 
@@ -631,10 +632,10 @@ def _jsonl_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[lis
                 items: list = []
                 for raw in _split_lines(decode_text(block, stats)):
                     lineno += 1
-                    if not raw.strip():
-                        continue
                     if lineno == 1 and raw.startswith("\ufeff"):  # a byte-order mark some editors write
                         raw = raw[1:]
+                    if not raw.strip():
+                        continue
                     try:
                         obj = json.loads(raw)
                     except json.JSONDecodeError as err:
@@ -691,6 +692,14 @@ def _parquet_row_groups(path: str) -> list:
     return [meta.row_group(g) for g in range(meta.num_row_groups)]
 
 
+def _is_text_type(pa, kind) -> bool:
+    """string, large_string, string_view, or a dictionary-encoded one of those (as pandas' categoricals save)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind))
+
+
 def _parquet_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[list]:
     """One block per row group: each row's `text_field` is one document."""
     pa, _ = _pyarrow()
@@ -701,7 +710,7 @@ def _parquet_blocks(unit: Unit, text_field: str, stats: UnitStats) -> Iterator[l
         raise ConvBertError(f"{path}: no column {text_field!r} (columns: {', '.join(names[:8]) or 'none'}); "
                             "choose one with --text-field")
     kind = pf.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text_type(pa, kind):
         raise ConvBertError(f"{path}: column {text_field!r} holds {kind}, expected strings")
     first_row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
     for g in range(unit.start, unit.end):

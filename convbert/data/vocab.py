@@ -89,6 +89,9 @@ def train_vocab(
     if ordered[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):  # pragma: no cover - trainer contract
         raise ConvBertError("internal: the WordPiece trainer did not put the special tokens first")
     learned = ordered[len(SPECIAL_TOKENS):]
+    if not learned:  # only characters the normaliser removes (zero-width, control, byte-order marks)
+        raise ConvBertError(f"empty corpus: {', '.join(map(str, inputs))} holds no text the tokenizer keeps (only "
+                            "whitespace or control, zero-width and format characters); expected UTF-8 text")
     alphabet = sorted(t for t in learned if len(t) == 1)
     continuations = sorted(t for t in learned if _is_continuation_char(t))
     rest = [t for t in learned if len(t) != 1 and not _is_continuation_char(t)]
