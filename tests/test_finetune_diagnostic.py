@@ -111,7 +111,7 @@ def test_misaligned_labels_and_short_predictions_are_refused(fixture, capsys):
     write_prediction_file(root / "short.tsv", [str(i) for i in range(len(labels) - 1)], predictions[:-1])
     rc = main(["glue-diagnostic", "--predictions", str(root / "short.tsv"), "--diagnostic-full", str(full)])
     assert rc != 0
-    assert f"{len(labels) - 1} predictions but the AX test file has {len(labels)} examples" in capsys.readouterr().err
+    assert f"short.tsv: {len(labels) - 1} predictions but {full} has {len(labels)} examples" in capsys.readouterr().err
     rc = main(["glue-diagnostic", "--predictions", str(root / "glue"), "--diagnostic-full", str(full)])
     assert rc != 0 and "no AX.tsv in it or in its submission/ folder" in capsys.readouterr().err
 
@@ -150,3 +150,16 @@ def test_r3_of_many_examples_matches_sklearn_per_category_and_phenomenon():
             assert got["examples"] == len(sub) > 20
             want = matthews_corrcoef([examples[k].label for k in sub], [predictions[k] for k in sub])
             assert got["r3"] == pytest.approx(100 * want)
+
+
+def test_sentences_holding_line_separator_characters_and_trailing_spaces_read(fixture, capsys):
+    """Lines end at \\n only, as in the GLUE readers: U+2028, \\x1c or \\x85 inside a sentence stay in it, and a
+    last line of spaces is blank."""
+    root, glue, labels, predictions = fixture
+    full = root / "diagnostic-full.tsv"
+    lines = full.read_text(encoding="utf-8").split("\n")
+    lines[1] = lines[1].replace("\tArtificial\t", "\tArtificial\tA\u2028B\x1cC\x85 ", 1)
+    full.write_bytes(("\r\n".join(lines).rstrip("\r\n") + "\r\n   \r\n").encode("utf-8"))
+    examples = read_diagnostic_full(full)
+    assert len(examples) == len(labels) and examples[0].premise.startswith("A\u2028B\x1cC\x85 ")
+    assert [e.label for e in examples] == labels

@@ -529,7 +529,7 @@ def test_export_of_a_moved_checkpoint_never_takes_a_foreign_vocab(tiny_data, tmp
         export_checkpoint(moved, tmp_path / "exp2")
 
 
-def test_a_cased_run_exports_its_casing_and_is_fine_tuned_cased(tmp_path):
+def test_a_cased_run_exports_its_casing_and_is_fine_tuned_cased(tmp_path, capsys):
     """A vocabulary and data built with --no-lower-case: the export says so in tokenizer_config.json, so `glue` and
     `finetune` keep capitals and accents (they had lower-cased and stripped them, turning cased words into [UNK])."""
     from convbert.cli import main
@@ -549,8 +549,9 @@ def test_a_cased_run_exports_its_casing_and_is_fine_tuned_cased(tmp_path):
                                                                               "strip_accents": False}
     assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exp"), "--generator"]) == 0
     for folder in (tmp_path / "exp", tmp_path / "exp" / "generator"):
-        assert json.loads((folder / "tokenizer_config.json").read_text()) == {"do_lower_case": False,
-                                                                              "strip_accents": False}
+        positions = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+        assert json.loads((folder / "tokenizer_config.json").read_text()) == {
+            "do_lower_case": False, "strip_accents": False, "model_max_length": positions}
     tokens = load_tokenizer(tmp_path / "exp").tokenize("Hello World Café")
     assert tokens == ["Hello", "World", "Café"], tokens
 
@@ -562,6 +563,11 @@ def test_a_cased_run_exports_its_casing_and_is_fine_tuned_cased(tmp_path):
     state_file.write_text(json.dumps(state))
     assert main(["export", "--checkpoint", str(latest), "--output", str(tmp_path / "old")]) == 0
     assert load_tokenizer(tmp_path / "old").tokenize("Hello World Café") == ["Hello", "World", "Café"]
+    # ... and with the data moved away too, from the vocab (it has capitals), saying so
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert main(["export", "--checkpoint", str(latest), "--output", str(tmp_path / "older")]) == 0
+    assert "capitals in the vocab, so tokenizer_config.json says do_lower_case false" in capsys.readouterr().out
+    assert load_tokenizer(tmp_path / "older").tokenize("Hello World Café") == ["Hello", "World", "Café"]
 
 
 def test_an_uncased_run_exports_lower_casing(tiny_data, tmp_path):
@@ -571,8 +577,8 @@ def test_an_uncased_run_exports_lower_casing(tiny_data, tmp_path):
     out = tmp_path / "run"
     run_pretraining(cfg_for(tiny_data, out, steps=1, save_every=1), progress=False)
     export_checkpoint(out, tmp_path / "exp")
-    assert json.loads((tmp_path / "exp" / "tokenizer_config.json").read_text()) == {"do_lower_case": True,
-                                                                                     "strip_accents": True}
+    settings = json.loads((tmp_path / "exp" / "tokenizer_config.json").read_text())
+    assert settings["do_lower_case"] is True and settings["strip_accents"] is True
     assert load_tokenizer(tmp_path / "exp").lower_case and load_tokenizer(tmp_path / "exp").strip_accents
 
 

@@ -185,7 +185,7 @@ def cmd_glue_diagnostic(args) -> int:
     examples = read_diagnostic_full(args.diagnostic_full)
     if args.glue_dir:
         check_alignment(examples, args.glue_dir, args.diagnostic_full)
-    predictions = read_ax_predictions(args.predictions, len(examples))
+    predictions = read_ax_predictions(args.predictions, len(examples), args.diagnostic_full)
     scores = score_diagnostic(predictions, examples)
     print(format_scores(scores))
     if args.output:

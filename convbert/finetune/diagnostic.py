@@ -12,7 +12,6 @@ computes it); a category's R3 is taken over the examples tagged with any of its 
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,10 @@ def read_diagnostic_full(path: str | os.PathLike) -> list[DiagnosticExample]:
         raise ConvBertError(f"{path}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise ConvBertError(f"{path}: not UTF-8 (byte {err.start})") from None
-    rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    # Lines end at "\n" (CRLF too), as the GLUE readers take them: str.splitlines would also cut at characters a
+    # sentence may hold (U+2028, \x1c, ...). Tab-separated, no quoting.
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    rows = [line.split("\t") if line.strip() else [] for line in lines]
     if not rows or tuple(c.strip() for c in rows[0]) != COLUMNS:
         raise ConvBertError(f"{path}:1: expected the diagnostic-full.tsv header "
                             f"'{chr(9).join(COLUMNS)}' (tab-separated)")
@@ -66,7 +68,7 @@ def read_diagnostic_full(path: str | os.PathLike) -> list[DiagnosticExample]:
     return examples
 
 
-def read_ax_predictions(path: str | os.PathLike, count: int) -> list[str]:
+def read_ax_predictions(path: str | os.PathLike, count: int, labels_file: str | os.PathLike | None = None) -> list[str]:
     """AX.tsv's predictions in index order, checked as a submission file with indexes 0..count-1."""
     path = Path(path)
     if path.is_dir():
@@ -75,6 +77,10 @@ def read_ax_predictions(path: str | os.PathLike, count: int) -> list[str]:
             raise ConvBertError(f"{path}: no AX.tsv in it or in its submission/ folder (`convbert glue --predict` "
                                 "writes OUTPUT/submission/AX.tsv)")
         path = found[0]
+    rows = check_prediction_file(path, "AX", None)
+    if rows != count:
+        raise ConvBertError(f"{path}: {rows} predictions but {labels_file or 'the labelled file'} has {count} "
+                            "examples (the AX predictions and diagnostic-full.tsv must cover the same examples)")
     check_prediction_file(path, "AX", [str(i) for i in range(count)])
     return [line.split("\t")[1] for line in path.read_text(encoding="utf-8").splitlines()[1:]]
 

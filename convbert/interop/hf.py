@@ -282,12 +282,14 @@ def copy_vocab(vocab_file: str | os.PathLike, model_dir: str | os.PathLike) -> N
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
 
 
-def write_tokenizer_config(model_dir: str | os.PathLike, lower_case: bool, strip_accents: bool) -> None:
-    """The casing the vocab is used with, where transformers' tokenizers and `convbert glue`/`finetune` read it."""
-    from convbert.utils import write_json_atomic
-
-    write_json_atomic(Path(model_dir) / "tokenizer_config.json",
-                      {"do_lower_case": bool(lower_case), "strip_accents": bool(strip_accents) and bool(lower_case)})
+def write_tokenizer_config(model_dir: str | os.PathLike, lower_case: bool, strip_accents: bool,
+                           model_max_length: int | None = None) -> None:
+    """The casing the vocab is used with, where transformers' tokenizers and `convbert glue`/`finetune` read it,
+    and the model's position count (transformers' tokenizers truncate to it)."""
+    settings = {"do_lower_case": bool(lower_case), "strip_accents": bool(strip_accents) and bool(lower_case)}
+    if model_max_length is not None:
+        settings["model_max_length"] = int(model_max_length)
+    write_json_atomic(Path(model_dir) / "tokenizer_config.json", settings)
 
 
 def copy_tokenizer_files(source_dir: str | os.PathLike, model_dir: str | os.PathLike) -> None:

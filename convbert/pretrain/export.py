@@ -67,17 +67,25 @@ def _check_output_folder(out: Path, ck: Path) -> None:
     refuse_foreign_folder(out, (EXPORT_RECORD,), "an earlier export", replaces=EXPORT_FILES)
 
 
-def _tokenizer_casing(run: dict) -> dict:
+def _tokenizer_casing(run: dict, vocab: Path) -> tuple[dict, str | None]:
     """How the run's data was tokenized: recorded in the run (since stop 24), else the data manifest's settings
-    when the data is still there, else lower-cased (the default of every builder version)."""
+    when the data is still where the run read it, else guessed from the vocab (a lower-cased one has no capitals)
+    with a note saying so."""
     if isinstance(run.get("tokenizer"), dict):
-        return {k: bool(run["tokenizer"].get(k, True)) for k in ("lower_case", "strip_accents")}
-    manifest = Path(run.get("pretrain", {}).get("data") or "") / "manifest.json"
+        return {k: bool(run["tokenizer"].get(k, True)) for k in ("lower_case", "strip_accents")}, None
+    data = run.get("pretrain", {}).get("data")
     try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        recorded = json.loads((Path(data) / "manifest.json").read_text(encoding="utf-8")) if data else None
     except (OSError, ValueError):
         recorded = None
-    return casing(recorded if isinstance(recorded, dict) else None)
+    if isinstance(recorded, dict):
+        return casing(recorded), None
+    tokens = vocab.read_text(encoding="utf-8").split("\n")
+    cased = any(c.isupper() for t in tokens if not (t.startswith("[") and t.endswith("]")) for c in t)
+    guess = {"lower_case": not cased, "strip_accents": not cased}
+    return guess, (f"the run did not record its casing and its data ({data}) is not where it was: "
+                   f"{'capitals in' if cased else 'no capitals in'} the vocab, so tokenizer_config.json says "
+                   f"do_lower_case {str(not cased).lower()}; correct it if the data was built otherwise")
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
@@ -134,8 +142,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     written = {"discriminator": str(out)}
     if generator:
         written["generator"] = str(out / GENERATOR_DIR)
-    casing = _tokenizer_casing(run)
-    notes: list[str] = []
+    tokenizer, guessed = _tokenizer_casing(run, vocab)
+    notes: list[str] = [guessed] if guessed else []
     for which, cfg in (("discriminator", config), ("generator", gconfig)):
         if cfg is not None:
             notes += transformers_limits(which, cfg)
@@ -146,7 +154,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         "objective": objective,
         "attention": run.get("pretrain", {}).get("attention"),
         "size": run.get("pretrain", {}).get("size"),
-        "tokenizer": casing,
+        "tokenizer": tokenizer,
         "written": written,
         "notes": notes,
     }
@@ -154,10 +162,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     with staged_folder(out) as staging:
         save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
         copy_vocab(vocab, staging)
-        write_tokenizer_config(staging, **casing)
+        write_tokenizer_config(staging, **tokenizer, model_max_length=config.max_position_embeddings)
         if generator:
             save_generator_pretrained(gen, head, staging / GENERATOR_DIR)
             copy_vocab(vocab, staging / GENERATOR_DIR)
-            write_tokenizer_config(staging / GENERATOR_DIR, **casing)
+            write_tokenizer_config(staging / GENERATOR_DIR, **tokenizer,
+                                   model_max_length=gconfig.max_position_embeddings)
         write_json_atomic(staging / EXPORT_RECORD, info)
     return info
