@@ -168,3 +168,21 @@ def test_large_vocab_uses_uint32(tmp_path):
     tok = WordPieceTokenizer.from_vocab(vocab)
     ids = ds.example(0)["input_ids"]
     assert ids.max() > 65535 and set(tok.decode(ids[ds.example(0)["input_mask"] == 1][1:-1])) <= set(WORDS + ["[SEP]"])
+
+
+def test_a_damaged_length_table_is_found_before_training_not_when_the_example_is_drawn(built, tmp_path):
+    """One length entry changed but still within max_seq_length: every later example of the shard would be read
+    from the wrong offset. The lengths no longer add up to the shard's token count, which spot_check sees."""
+    import shutil
+
+    data = shutil.copytree(built, tmp_path / "data")
+    shard = sorted(data.glob("shard-*.bin"))[0]
+    reader = ShardReader(shard)
+    offset, first = reader.lengths_offset, [int(x) for x in reader.lengths[0]]
+    del reader
+    raw = bytearray(shard.read_bytes())
+    raw[offset:offset + 2] = (max(first[0] - 1, 0)).to_bytes(2, "little")  # segment A one token shorter
+    shard.write_bytes(bytes(raw))
+    ds = PretrainingDataset(data)
+    with pytest.raises(ConvBertError, match=rf"{shard.name}: shard is corrupt \(its length table adds up to"):
+        ds.spot_check()

@@ -105,9 +105,15 @@ class PretrainingDataset:
         return self._len
 
     def spot_check(self, tokens_per_shard: int = 1 << 20) -> None:
-        """Token ids of the start of every shard against the vocab size: a cheap check before a long run starts
-        (`batch` checks every batch it reads; `convbert data-stats` scans everything)."""
+        """Cheap checks before a long run starts: every shard's length table (each example fits, and the lengths
+        add up to the shard's tokens: a damaged table would shift every later example), and the token ids of its
+        start against the vocab size (`batch` checks every batch it reads; `convbert data-stats` scans all)."""
         for shard in self.shards:
+            check_example_lengths(shard, shard.lengths, self.max_seq_length)
+            total = int(np.asarray(shard.lengths, dtype=np.int64).sum())
+            if total != shard.n_tokens:
+                raise ConvBertError(f"{shard.path}: shard is corrupt (its length table adds up to {total} tokens, "
+                                    f"its header says {shard.n_tokens}); rebuild the dataset")
             check_token_ids(shard, shard.tokens[:tokens_per_shard], self.vocab_size)
 
     def _locate(self, i: int) -> tuple[ShardReader, int]:
