@@ -422,3 +422,23 @@ def test_glue_diagnostic_scores_the_submission_of_a_glue_run(env, full_run, tmp_
     predicted = [r[1] for r in _rows((full_run / "submission" / "AX.tsv").read_text())]
     assert scores["all"]["examples"] == len(labels) == len(predicted) == TEST_SIZES["AX"]
     assert scores["accuracy"] == pytest.approx(100 * sum(p == y for p, y in zip(predicted, labels)) / len(labels))
+
+
+def test_a_default_given_explicitly_is_the_same_setting_not_a_change(env, tmp_path, capsys):
+    """--lr at the size's default and --epochs at the task's default (10 for RTE, given as 10.0 by argparse) are
+    the settings the run already used: it is kept, not refused."""
+    from convbert.finetune.trainer import default_lr
+    from convbert.interop.hf import read_config
+
+    _, model, glue = env
+    out = tmp_path / "o"
+    base = ["glue", "--model", str(model), "--glue-dir", str(glue), "--tasks", "rte", "--seeds", "1",
+            "--output", str(out), "--batch-size", "8", "--max-seq-length", "32", "--no-progress",
+            "--max-train-examples", "8"]
+    assert main(base) == 0
+    capsys.readouterr()
+    lr = default_lr(read_config(model))
+    assert main(base + ["--lr", str(lr), "--epochs", "10"]) == 0
+    assert "resuming: 1 finished run(s) kept, 0 to do" in capsys.readouterr().err
+    assert main(base + ["--lr", str(lr * 2)]) == 2
+    assert f"lr: {lr!r} -> {lr * 2!r}" in capsys.readouterr().err

@@ -651,3 +651,18 @@ def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_log(tiny_data, 
     run_pretraining(cfg_for(tiny_data, full, steps=2, save_every=2), progress=False)
     assert _eval_steps(out) == _eval_steps(full) == [(0, False), (2, False)]
     assert [r["loss"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"] == losses(full)
+
+
+def test_eval_data_built_with_another_vocab_of_the_same_size_is_refused(tiny_data, tmp_path):
+    """Same size, other words at the ids (a shuffled vocab): every held-out metric would be computed on wrong ids."""
+    from convbert.data import build_dataset
+
+    words = Path(tiny_data["vocab"]).read_text(encoding="utf-8").splitlines()
+    specials, rest = words[:5], words[5:]
+    shuffled = tmp_path / "shuffled.txt"
+    shuffled.write_text("\n".join(specials + rest[::-1]) + "\n", encoding="utf-8")
+    held = tmp_path / "held.txt"
+    held.write_text("the json module\n\nthe tarfile module reads archives\n" * 40)
+    build_dataset([str(held)], str(shuffled), str(tmp_path / "ev"), max_seq_length=32, progress=False)
+    with pytest.raises(ConvBertError, match=r"--eval-data .*ev: built with another vocab than --data .* hashes differ"):
+        run_pretraining(cfg_for(tiny_data, tmp_path / "run", steps=1, eval_data=str(tmp_path / "ev")), progress=False)

@@ -135,10 +135,15 @@ def _fp_hash(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _what_changed(record: dict, fp: dict) -> list[str]:
-    """What differs between a finished run's record and this invocation, as `key: old -> new` items."""
+def _what_changed(record: dict, fp: dict, lr_default: float | None = None) -> list[str]:
+    """What differs between a finished run's record and this invocation, as `key: old -> new` items. Values are
+    compared as what the run uses: no --lr is the size's default lr, and 10 epochs equal 10.0."""
     changes = []
-    old_settings, new_settings = record.get("settings"), fp["settings"]
+    old_settings, new_settings = record.get("settings"), dict(fp["settings"])
+    if isinstance(old_settings, dict) and lr_default is not None:
+        old_settings = dict(old_settings)
+        for settings in (old_settings, new_settings):
+            settings["lr"] = lr_default if settings.get("lr") is None else settings["lr"]
     if isinstance(old_settings, dict):
         changes += [f"{k}: {old_settings.get(k)!r} -> {new_settings.get(k)!r}"
                     for k in sorted(set(old_settings) | set(new_settings)) if old_settings.get(k) != new_settings.get(k)]
@@ -525,6 +530,7 @@ def run_glue(opts: GlueOptions) -> dict:
     tokenizer = load_tokenizer(opts.model_dir)
     _check_model(opts, tokenizer)
     ident = model_identity(opts.model_dir)
+    lr_default = default_lr(read_config(opts.model_dir))
     opts.output.mkdir(parents=True, exist_ok=True)
     runs = opts.output / "runs"  # temporaries an interrupted earlier invocation left (records, predictions)
     remove_stale_temporaries(opts.output, runs, opts.output / "submission",
@@ -539,10 +545,12 @@ def run_glue(opts: GlueOptions) -> dict:
             rec = _finished(json_path, t, s)
             if rec is not None and not opts.overwrite:
                 if rec.get("fingerprint") != _fp_hash(fps[t]):
-                    changes = "; ".join(_what_changed(rec, fps[t])) or "different settings, data or another model"
-                    raise ConvBertError(
-                        f"{json_path}: finished with {changes}; use a new --output or --overwrite to redo it"
-                    )
+                    # (the same settings spelled otherwise, e.g. the default --lr given, hash apart: not a change)
+                    changes = _what_changed(rec, fps[t], lr_default)
+                    if changes or not isinstance(rec.get("settings"), dict) or not isinstance(rec.get("data"), dict):
+                        what = "; ".join(changes) or "different settings, data or another model"
+                        raise ConvBertError(f"{json_path}: finished with {what}; use a new --output or --overwrite "
+                                            "to redo it")
                 need = set()
                 if opts.predict:  # the test files that exist (with --fill-missing some may not)
                     need = {n for n in TASKS[t].test if find_split_file(opts.glue_dir, t, n) is not None}

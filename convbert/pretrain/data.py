@@ -168,8 +168,11 @@ def open_data(data: str, eval_data: str | None = None, max_seq_length: int | Non
     holdout = None
     if eval_dir is not None:
         eval_ds = _open_dataset(eval_dir, train.max_seq_length)
-        if int(eval_ds.vocab_size) != int(train.vocab_size):
-            raise ConvBertError(f"--eval-data {eval_dir}: built with another vocab than --data {data}")
+        ours = (manifest.get("vocab") or {}).get("sha256")
+        theirs = ((getattr(eval_ds, "manifest", None) or {}).get("vocab") or {}).get("sha256")
+        if int(eval_ds.vocab_size) != int(train.vocab_size) or (ours and theirs and ours != theirs):
+            raise ConvBertError(f"--eval-data {eval_dir}: built with another vocab than --data {data} (the manifests' "
+                                "vocab hashes differ: its token ids mean other words); rebuild it with --data's vocab")
     else:
         holdout = holdout_size(len(train), eval_examples)
         eval_ds = DatasetView(train, len(train) - holdout, len(train)) if holdout else None
