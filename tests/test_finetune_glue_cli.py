@@ -442,3 +442,9 @@ def test_a_default_given_explicitly_is_the_same_setting_not_a_change(env, tmp_pa
     assert "resuming: 1 finished run(s) kept, 0 to do" in capsys.readouterr().err
     assert main(base + ["--lr", str(lr * 2)]) == 2
     assert f"lr: {lr!r} -> {lr * 2!r}" in capsys.readouterr().err
+
+
+def test_submission_flags_without_predict_are_named_as_unused(env, tmp_path, capsys):
+    _, model, glue = env
+    assert _glue(model, glue, tmp_path / "o", "rte", "--wnli", "model", "--submission-seed", "1") == 0
+    assert "note: --wnli model, --submission-seed only apply with --predict" in capsys.readouterr().err

@@ -233,3 +233,16 @@ def test_lone_surrogates_in_jsonl_text_are_replaced_not_a_crash(model, tmp_path)
     assert main(["predict", "--model", str(out), "--input", str(train), "--output", str(tmp_path / "p.jsonl")]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rows)
     assert json.loads((out / "finetune_task.json").read_text())["seed"] == 1  # the run is (model, data, settings, seed)
+
+
+def test_symmetric_needs_a_pair_and_the_output_extension_hint_is_one_that_works(model, tmp_path, capsys):
+    train = _csv(tmp_path / "train.csv", PAIRS)
+    rc = main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "q",
+               "--label-column", "y", "--symmetric", "--output", str(tmp_path / "o"), *QUICK])
+    assert rc == 2 and "--symmetric: swaps the two sentences of a pair, but --text-columns names one" in \
+        capsys.readouterr().err
+    assert _finetune(model, train, tmp_path / "o") == 0
+    rc = main(["predict", "--model", str(tmp_path / "o"), "--input", str(train), "--output", str(tmp_path / "p.txt"),
+               "--format", "csv"])
+    assert rc == 2 and "p.txt: cannot tell the format from the extension (name the output .csv, .tsv or .jsonl; " \
+        "--format is the input's)" in capsys.readouterr().err

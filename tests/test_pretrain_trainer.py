@@ -666,3 +666,31 @@ def test_eval_data_built_with_another_vocab_of_the_same_size_is_refused(tiny_dat
     build_dataset([str(held)], str(shuffled), str(tmp_path / "ev"), max_seq_length=32, progress=False)
     with pytest.raises(ConvBertError, match=r"--eval-data .*ev: built with another vocab than --data .* hashes differ"):
         run_pretraining(cfg_for(tiny_data, tmp_path / "run", steps=1, eval_data=str(tmp_path / "ev")), progress=False)
+
+
+def test_settings_the_run_would_not_use_are_refused_or_named(tiny_data, tmp_path, capsys):
+    """--set model.attention_type was overwritten by --attention without a word, and a --size other than the YAML
+    recipe's mixed the two (a 'tiny' run with small's warmup of 10000 steps)."""
+    from convbert.cli import main
+    from convbert.pretrain.config import resolve_config
+
+    with pytest.raises(ConvBertError, match="model.attention_type = 'plain': the attention is chosen with --attention"):
+        run_pretraining(cfg_for(tiny_data, tmp_path / "a", steps=1, sets=["model.attention_type=plain"]),
+                        progress=False)
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConvBertError, match=r"size 'tiny' was asked for, but .*small.yaml is the recipe for size "
+                                            "'small'"):
+        resolve_config("tiny", str(root / "configs" / "small.yaml"), {"steps": 10, "data": str(tiny_data["data"]),
+                                                                  "output": str(tmp_path / "o")})
+    assert resolve_config(None, str(root / "configs" / "small.yaml"),
+                          {"steps": 100, "data": str(tiny_data["data"]), "output": str(tmp_path / "o")}).warmup_steps == 1
+    for argv, message in (
+        (["quickstart", "--minutes", "inf"], "--minutes inf: expected a positive number"),
+        (["quickstart", "--minutes", "nan"], "--minutes nan: expected a positive number"),
+        (["quickstart", "--seed", "-1", "--output", str(tmp_path / "qs")], "--seed: a seed must be in 0.."),
+        (["glue", "--model", "m", "--glue-dir", "g", "--output", str(tmp_path / "g"), "--seeds",
+          "99999999999999999999"], "--seeds 99999999999999999999: at most 1000 runs per task"),
+    ):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "qs").exists()

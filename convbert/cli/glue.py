@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from convbert.errors import ConvBertError
@@ -79,11 +80,12 @@ def _parse_seeds(text: str) -> list[int]:
         raise ConvBertError(f"--seeds must be a count N (seeds 1..N) or a comma list of seeds, got {text!r}")
     if count is not None and count < 1:
         raise ConvBertError(f"--seeds must be at least 1, got {count}")
+    if (count if count is not None else len(listed)) > 1000:  # (before a list of a billion seeds is built)
+        raise ConvBertError(f"--seeds {text if count is not None else f'lists {len(listed)} seeds'}: at most 1000 "
+                            "runs per task")
     seeds = listed if listed is not None else list(range(1, count + 1))
     if len(set(seeds)) != len(seeds):
         raise ConvBertError(f"--seeds lists a seed twice: {text}")
-    if count is not None and count > 1000:
-        raise ConvBertError(f"--seeds {count}: at most 1000 runs per task")
     for seed in seeds:
         _check_seed(seed, "--seeds")
     return seeds
@@ -99,6 +101,11 @@ def cmd_glue(args) -> int:
     from convbert.finetune.runner import GlueOptions, run_glue
     from convbert.finetune.tasks import parse_task_list
 
+    if not args.predict:  # these shape the submission only
+        given = [flag for flag, on in (("--fill-missing", args.fill_missing), ("--wnli model", args.wnli == "model"),
+                                       ("--submission-seed", args.submission_seed != "best")) if on]
+        if given:
+            print(f"note: {', '.join(given)} only apply with --predict (no submission is built)", file=sys.stderr)
     opts = GlueOptions(
         model_dir=Path(args.model),
         glue_dir=Path(args.glue_dir),
@@ -125,6 +132,9 @@ def cmd_finetune(args) -> int:
     cols = [c.strip() for c in args.text_columns.split(",") if c.strip()]
     if not 1 <= len(cols) <= 2:
         raise ConvBertError(f"--text-columns takes one or two column names (a or a,b), got {args.text_columns!r}")
+    if args.symmetric and len(cols) != 2:
+        raise ConvBertError(f"--symmetric: swaps the two sentences of a pair, but --text-columns names one "
+                            f"({args.text_columns!r}); name two (a,b) or leave --symmetric out")
     finetune_own_task(
         model_dir=Path(args.model),
         train_file=Path(args.train),

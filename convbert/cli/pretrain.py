@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from convbert.errors import ConvBertError
 
@@ -22,7 +23,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", help="dataset folder written by `convbert build-data`")
     p.add_argument("--eval-data", help="held-out dataset folder (default: an eval/ or heldout/ subfolder of --data; without one, "
-                   "the last --eval-batches x --eval-batch-size examples of --data are held out)")
+                   "the last --eval-batches x eval_batch_size examples of --data, at most 2 %% of it, are held out "
+                   "and not trained on)")
     p.add_argument("--vocab", help="the vocab.txt the data was built with (default: found via the data manifest)")
     p.add_argument("--size", choices=["tiny", "small", "medium-small", "base"],
                    help="model size; sets the recipe defaults of spec §3.8 (default medium-small)")
@@ -162,8 +164,10 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 def run_quickstart(args: argparse.Namespace) -> int:
     from convbert.pretrain.quickstart import quickstart
 
-    if args.minutes <= 0:
-        raise ConvBertError(f"--minutes {args.minutes}: expected a positive number")
+    if not (math.isfinite(args.minutes) and args.minutes > 0):  # (nan compares false both ways)
+        raise ConvBertError(f"--minutes {args.minutes}: expected a positive number of minutes")
+    if not 0 <= args.seed < 2**32:  # checked before the corpus, vocab and data are built
+        raise ConvBertError(f"--seed: a seed must be in 0..{2**32 - 1}, got {args.seed}")
     quickstart(args.output, minutes=args.minutes, seed=args.seed, size=args.size, finetune=not args.no_finetune)
     return 0
 

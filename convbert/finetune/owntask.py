@@ -43,7 +43,7 @@ FINETUNE_FILES = ("config.json", "model.safetensors", "classifier.safetensors", 
 csv.field_size_limit(1 << 30)
 
 
-def detect_format(path: Path, fmt: str | None) -> str:
+def detect_format(path: Path, fmt: str | None, hint: str = "use .csv, .tsv, .jsonl or --format") -> str:
     if fmt:
         return fmt
     suf = path.suffix.lower()
@@ -53,7 +53,7 @@ def detect_format(path: Path, fmt: str | None) -> str:
         return "tsv"
     if suf in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
-    raise ConvBertError(f"{path}: cannot tell the format from the extension (use .csv, .tsv, .jsonl or --format)")
+    raise ConvBertError(f"{path}: cannot tell the format from the extension ({hint})")
 
 
 def read_table(path: Path, fmt: str | None = None) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -347,7 +347,7 @@ def predict_file(
         cols_needed = list(text_columns)
     if batch_size < 1:
         raise ConvBertError(f"--batch-size must be at least 1, got {batch_size}")
-    out_fmt = detect_format(output_file, None)
+    out_fmt = detect_format(output_file, None, "name the output .csv, .tsv or .jsonl; --format is the input's")
     tokenizer = load_tokenizer(model_dir)
     model = ConvBertForSequenceClassification.from_pretrained(model_dir)
     heads = 1 if regression else len(labels)

@@ -231,7 +231,13 @@ def resolve_config(
     file_values = load_yaml(config_file) if config_file else {}
     set_values = parse_set(sets)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    chosen = set_values.get("size") or flags.get("size") or size or file_values.get("size") or "medium-small"
+    given = set_values.get("size") or flags.get("size") or size
+    if given and file_values.get("size") and given != file_values["size"]:
+        # the file's other values (its warmup, lr, model overrides) are that size's: mixing them with another
+        # size's defaults gives neither recipe
+        raise ConvBertError(f"size {given!r} was asked for, but {config_file} is the recipe for size "
+                            f"{file_values['size']!r}; use that file's size, or another file")
+    chosen = given or file_values.get("size") or "medium-small"
     if chosen not in SIZES:
         raise ConvBertError(f"size {chosen!r}: expected one of {', '.join(SIZES)}")
     cfg = PretrainConfig(size=chosen)

@@ -33,7 +33,7 @@ from convbert.errors import ConvBertError
 from convbert.precision import FP16_NEEDS_GPU, allow_tf32_under_autocast, autocast
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.pretrain.config import (
-    COMPILE_MODES_WITH_CUDA_GRAPHS, PretrainConfig, config_from_dict, load_json, save_config,
+    COMPILE_MODES_WITH_CUDA_GRAPHS, SIZE_DEFAULTS, PretrainConfig, config_from_dict, load_json, save_config,
 )
 from convbert.pretrain.data import (
     DataBundle,
@@ -117,6 +117,9 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, max_seq_length: int
     from convbert.model.config import ConvBertConfig
 
     overrides = dict(cfg.model)
+    if overrides.get("attention_type", cfg.attention) != cfg.attention:
+        raise ConvBertError(f"model.attention_type = {overrides['attention_type']!r}: the attention is chosen with "
+                            f"--attention (mixed or plain; now {cfg.attention!r}), which sets it for both networks")
     overrides.setdefault("pad_token_id", pad_id)  # recorded in the exported config.json (the [PAD] row is trained)
     if init is not None:
         from convbert.pretrain.init import model_config
@@ -286,6 +289,10 @@ class Trainer:
             return None, saved["model_config"]
         init = read_init_weights(cfg.init_from, self.data.vocab_path)
         if init.generator_fraction is not None:
+            chosen = abs(cfg.generator_fraction - SIZE_DEFAULTS[cfg.size]["generator_fraction"]) > 1e-9
+            if chosen and abs(init.generator_fraction - cfg.generator_fraction) > 1e-9:
+                self.print(f"note: generator_fraction {cfg.generator_fraction:g} is not used: the generator in "
+                           f"{cfg.init_from} is continued as it is (fraction {init.generator_fraction:g})")
             cfg.generator_fraction = init.generator_fraction  # the folder's generator, not the size's rule
         return init, None
 
