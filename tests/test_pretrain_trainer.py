@@ -694,3 +694,13 @@ def test_settings_the_run_would_not_use_are_refused_or_named(tiny_data, tmp_path
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "qs").exists()
+
+
+def test_a_time_limit_stop_at_the_last_step_still_gets_its_final_evaluation(tiny_data, tmp_path):
+    """Stopped by the time limit at step 1 (an at_stop evaluation there), then asked for 1 step in all: the run is
+    finished, and its final evaluation is written as such, not taken from the stop's."""
+    out = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, out, steps=4, save_every=4, time_limit=1e-6), progress=False)
+    assert _eval_steps(out) == [(0, False), (1, True)]
+    res = run_pretraining(cfg_for(tiny_data, out, steps=1, save_every=1), progress=False)
+    assert res["finished"] and _eval_steps(out) == [(0, False), (1, False)]

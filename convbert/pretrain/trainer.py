@@ -503,7 +503,8 @@ class Trainer:
         missing = False
         if self.dist.is_main and self.data.eval is not None and self.cfg.eval_batches > 0:
             records = read_log(self.out / LOG_FILE) if (self.out / LOG_FILE).is_file() else []
-            missing = not any(r.get("kind") == "eval" and r.get("step") == self.step for r in records)
+            missing = not any(r.get("kind") == "eval" and r.get("step") == self.step and not r.get("at_stop")
+                              for r in records)  # (a time-limit stop's evaluation is not the final one)
         if self.dist.distributed:
             flag = torch.tensor([1.0 if missing else 0.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
