@@ -186,3 +186,24 @@ def test_a_damaged_length_table_is_found_before_training_not_when_the_example_is
     ds = PretrainingDataset(data)
     with pytest.raises(ConvBertError, match=rf"{shard.name}: shard is corrupt \(its length table adds up to"):
         ds.spot_check()
+
+
+def test_a_damaged_offset_table_entry_is_found_by_spot_check_and_data_stats(built, tmp_path):
+    import shutil
+
+    from convbert.data.stats import data_stats
+
+    data = shutil.copytree(built, tmp_path / "data")
+    shard = sorted(data.glob("shard-*.bin"))[0]
+    reader = ShardReader(shard)
+    assert len(reader.blocks) >= 2, "the fixture's shard should have several blocks"
+    offset = reader.blocks_offset + 8  # the second block's token offset
+    value = int(reader.blocks[1])
+    del reader
+    raw = bytearray(shard.read_bytes())
+    raw[offset:offset + 8] = (value + 3).to_bytes(8, "little", signed=True)
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ConvBertError, match=rf"{shard.name}: shard is corrupt \(its offset table disagrees"):
+        PretrainingDataset(data).spot_check()
+    with pytest.raises(ConvBertError, match=r"offset table disagrees"):
+        data_stats(data)

@@ -114,6 +114,7 @@ class PretrainingDataset:
             if total != shard.n_tokens:
                 raise ConvBertError(f"{shard.path}: shard is corrupt (its length table adds up to {total} tokens, "
                                     f"its header says {shard.n_tokens}); rebuild the dataset")
+            check_block_offsets(shard)
             check_token_ids(shard, shard.tokens[:tokens_per_shard], self.vocab_size)
 
     def _locate(self, i: int) -> tuple[ShardReader, int]:
@@ -201,6 +202,18 @@ def check_example_lengths(shard: ShardReader, lengths: np.ndarray, max_seq_lengt
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and int((lengths.sum(1) + np.where(lengths[:, 1] > 0, 3, 2)).max()) > max_seq_length:
         raise ConvBertError(f"{shard.path}: shard is corrupt (an example longer than max_seq_length {max_seq_length})")
+
+
+def check_block_offsets(shard: ShardReader) -> None:
+    """The offset table (the token offset of every `block_size`-th example) must agree with the length table: a
+    damaged entry would send a whole block of examples to the wrong tokens."""
+    lengths = np.asarray(shard.lengths, dtype=np.int64).sum(1)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    want = starts[:: shard.block_size]
+    got = np.asarray(shard.blocks, dtype=np.int64)[: len(want)]
+    if len(got) != len(want) or not np.array_equal(got, want):
+        raise ConvBertError(f"{shard.path}: shard is corrupt (its offset table disagrees with its length table); "
+                            "rebuild the dataset")
 
 
 def check_token_ids(shard: ShardReader, tokens: np.ndarray, vocab_size: int) -> None:

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from convbert.data.dataset import PretrainingDataset, check_example_lengths, check_token_ids
+from convbert.data.dataset import PretrainingDataset, check_block_offsets, check_example_lengths, check_token_ids
 from convbert.errors import ConvBertError
 
 _CHUNK = 1 << 20
 
 
 def _check_shard(shard, max_seq_length: int, vocab_size: int) -> None:
-    """A full scan: the length table adds up to the tokens, every example fits, every token id is in the vocab."""
+    """A full scan: the length table adds up to the tokens and agrees with the offset table, every example fits,
+    every token id is in the vocab."""
     total = 0
     for s in range(0, shard.n_examples, _CHUNK):
         lens = shard.lengths[s : s + _CHUNK]
@@ -23,6 +24,7 @@ def _check_shard(shard, max_seq_length: int, vocab_size: int) -> None:
     if total != shard.n_tokens:
         raise ConvBertError(f"{shard.path}: shard is corrupt (its length table adds up to {total} tokens, "
                             f"the header says {shard.n_tokens})")
+    check_block_offsets(shard)
     for s in range(0, shard.n_tokens, _CHUNK * 64):
         check_token_ids(shard, shard.tokens[s : s + _CHUNK * 64], vocab_size)
 
