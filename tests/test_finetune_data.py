@@ -272,3 +272,17 @@ def test_a_lone_carriage_return_inside_a_row_is_a_malformed_row_not_two(tmp_path
     test.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConvBertError, match=r"test.tsv:2: unreadable test row \(a carriage return"):
         read_split(root, "sst", "test")
+
+
+def test_test_text_column_names_are_the_columns_the_test_readers_take(tmp_path):
+    """TEST_TEXT_COLUMNS (what `import-tf --task` writes for `convbert predict`) names the same header cells that
+    read_split takes the test texts from, task by task, in the GLUE layout's test files."""
+    from convbert.finetune.tasks import TASKS, TEST_TEXT_COLUMNS, find_split_file
+
+    root = write_glue(tmp_path / "g")
+    for task, names in TEST_TEXT_COLUMNS.items():
+        (stem, sp), = list(TASKS[task].test.items())[:1]
+        path = find_split_file(root, task, stem)
+        header = path.read_text(encoding="utf-8-sig").split("\n", 1)[0].split("\t")
+        taken = [header[sp.text_a]] + ([] if sp.text_b is None else [header[sp.text_b]])
+        assert tuple(taken) == names, task

@@ -538,3 +538,63 @@ def test_a_missing_or_misshapen_task_head_is_refused(tmp_path):
     with pytest.raises(ConvBertError, match=r"task_specific/mnli/dense_1/kernel are not part of the ConvBERT layout"):
         import_tf_checkpoint(tmp_path / "extra", tmp_path / "d", task="mnli")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_a_glue_task_head_predicts_the_glue_test_file_as_it_is(tmp_path):
+    """`import-tf --task mnli` also writes finetune_task.json with MNLI's labels and its test file's columns, so
+    `convbert predict` reads test_matched.tsv directly and its probabilities are the head's softmax; `--task sts` is
+    a regression; a head not named like a GLUE task gets a note and no task file."""
+    from convbert.finetune.trainer import load_tokenizer
+    from convbert.model import ConvBertForSequenceClassification
+
+    prefix, tf = _fine_tuned(tmp_path)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "ran"]) + "\n")
+    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+              "sentence2_parse\tsentence1\tsentence2")
+    pairs = [("the cat sat", "the dog ran"), ("the dog", "the cat ran ran"), ("cat", "dog sat")]
+    test = tmp_path / "test_matched.tsv"
+    test.write_text("\n".join([header] + [f"{i}\t1\t1\tfiction\t-\t-\t-\t-\t{a}\t{b}" for i, (a, b) in
+                                          enumerate(pairs)]) + "\n")
+    cli = [sys.executable, "-m", "convbert"]
+    for task in ("mnli", "sts"):
+        out = tmp_path / task
+        done = subprocess.run(cli + ["import-tf", "--checkpoint", str(prefix), "--output", str(out), "--task", task,
+                                     "--vocab", str(vocab)], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        assert f"predict settings {out / 'finetune_task.json'}" in done.stdout
+        pred = tmp_path / f"{task}.jsonl"
+        done = subprocess.run(cli + ["predict", "--model", str(out), "--input", str(test), "--output", str(pred)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        rows = [json.loads(line) for line in pred.read_text().splitlines()]
+        model = ConvBertForSequenceClassification.from_pretrained(out)
+        tok = load_tokenizer(out)
+        logits = []
+        width = json.loads((out / "finetune_task.json").read_text())["max_seq_length"]
+        assert width == model.config.max_position_embeddings  # 128 for GLUE, cut to the fixture's 32 positions
+        for a, b in pairs:  # [CLS] a [SEP] b [SEP], segments 0 then 1, padded to max_seq_length as in fine-tuning
+            ia, ib = tok.encode(a), tok.encode(b)
+            ids, types = [2] + ia + [3] + ib + [3], [0] * (len(ia) + 2) + [1] * (len(ib) + 1)
+            mask = [1] * len(ids) + [0] * (width - len(ids))
+            ids, types = ids + [0] * (width - len(ids)), types + [0] * (width - len(types))
+            with torch.no_grad():
+                logits.append(model(torch.tensor([ids]), attention_mask=torch.tensor([mask]),
+                                    token_type_ids=torch.tensor([types]))[0].numpy())
+        if task == "mnli":
+            assert [set(r["probabilities"]) for r in rows] == [{"contradiction", "entailment", "neutral"}] * 3
+            for r, z in zip(rows, logits):
+                want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+                got = [r["probabilities"][k] for k in ("contradiction", "entailment", "neutral")]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+                assert r["label"] == ("contradiction", "entailment", "neutral")[int(np.argmax(z))]
+        else:
+            np.testing.assert_allclose([r["score"] for r in rows], [float(z.reshape(-1)[0]) for z in logits],
+                                       rtol=1e-4, atol=1e-5)
+
+    renamed = {k.replace("task_specific/mnli/", "task_specific/my_nli/"): v for k, v in tf.items()}
+    write_bundle(tmp_path / "renamed", renamed)
+    info = import_tf_checkpoint(tmp_path / "renamed", tmp_path / "own", vocab=vocab, task="my_nli")
+    assert any("my_nli is not a GLUE task name" in n for n in info["notes"])
+    assert (tmp_path / "own" / "classifier.safetensors").exists()
+    assert not (tmp_path / "own" / "finetune_task.json").exists()

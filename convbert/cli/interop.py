@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default=None,
                    help="a fine-tuned checkpoint: also write its task_specific/TASK/ head (e.g. mnli) as the folder's "
                         "classifier (classifier.safetensors + head.json), loadable with "
-                        "ConvBertForSequenceClassification.from_pretrained; the note lists the heads found")
+                        "ConvBertForSequenceClassification.from_pretrained; the note lists the heads found. A GLUE "
+                        "task name (cola, sst, mrpc, sts, qqp, mnli, qnli, rte, wnli) also writes finetune_task.json, "
+                        "so `convbert predict` reads that task's GLUE test file")
     p.set_defaults(func=run)
 
 

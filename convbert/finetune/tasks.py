@@ -149,6 +149,15 @@ STANDARD_TEST_SIZES = {
     "MNLI-mm": 9847, "QNLI": 5463, "RTE": 3000, "WNLI": 146, "AX": 1104,
 }
 
+# The header names of each GLUE test file's text columns (AX: diagnostic.tsv). `import-tf --task` writes them into
+# finetune_task.json, so that `convbert predict` reads a GLUE test file as it is.
+TEST_TEXT_COLUMNS = {
+    "cola": ("sentence",), "sst": ("sentence",), "mrpc": ("#1 String", "#2 String"),
+    "sts": ("sentence1", "sentence2"), "qqp": ("question1", "question2"), "mnli": ("sentence1", "sentence2"),
+    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+    "ax": ("sentence1", "sentence2"),
+}
+
 _ALIASES = {
     "cola": "cola", "sst": "sst", "sst-2": "sst", "sst2": "sst", "mrpc": "mrpc", "sts": "sts", "sts-b": "sts",
     "stsb": "sts", "qqp": "qqp", "mnli": "mnli", "qnli": "qnli", "rte": "rte", "wnli": "wnli", "ax": "ax",

@@ -41,7 +41,9 @@ IGNORED = re.compile(r"(/adam_[mv]|/Adam(_1)?|/Momentum|/ExponentialMovingAverag
 IMPORT_RECORD = "import.json"
 TASK_SCOPE = "task_specific"
 CLASSIFIER_FILES = ("classifier.safetensors", "head.json")  # ConvBertForSequenceClassification's own files
-IMPORT_FILES = (*MODEL_FOLDER_FILES, *CLASSIFIER_FILES, IMPORT_RECORD)  # the folder is rewritten whole
+TASK_RECORD = "finetune_task.json"  # what `convbert predict` reads (convbert.finetune.owntask.TASK_FILE)
+IMPORT_FILES = (*MODEL_FOLDER_FILES, *CLASSIFIER_FILES, TASK_RECORD, IMPORT_RECORD)  # the folder is rewritten whole
+GLUE_MAX_SEQ_LENGTH = 128  # the original fine-tuning's max_seq_length for every GLUE task
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -289,6 +291,30 @@ def read_task_head(ckpt: TFCheckpoint, task: str, hidden: int, used: set[str]) -
     return head
 
 
+def glue_task_record(task: str, num_labels: int, checkpoint: Path, max_positions: int) -> dict | None:
+    """`finetune_task.json` for a head named like a GLUE task (ELECTRA's names: cola, sst, mrpc, sts, qqp, mnli,
+    qnli, rte, wnli), so that `convbert predict` reads that task's GLUE test file as it is; None for other names
+    or a head whose width is not the task's label count."""
+    from convbert.finetune.tasks import TASKS, TEST_TEXT_COLUMNS
+
+    spec = TASKS.get(task)
+    if spec is None or task == "ax" or spec.num_labels != num_labels:
+        return None
+    return {
+        "text_columns": list(TEST_TEXT_COLUMNS[task]),
+        "label_column": None,
+        "regression": spec.is_regression,
+        "labels": None if spec.labels is None else list(spec.labels),
+        "max_seq_length": min(GLUE_MAX_SEQ_LENGTH, max_positions),
+        "pad_to_max": True,
+        "source_model": str(checkpoint),
+        "seed": None,
+        "settings": None,
+        "result": None,
+        "glue_task": task,
+    }
+
+
 def find_vocab(prefix: Path) -> Path | None:
     """`vocab.txt` beside the checkpoint, or up to two folders above it: the original code keeps checkpoints in
     `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`."""
@@ -358,6 +384,15 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     else:
         notes.append("no vocab.txt next to the checkpoint and no --vocab: the folder has no tokenizer, so `convbert "
                      "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
+    task_record = None
+    if classifier is not None:
+        task_record = glue_task_record(task, int(classifier["out_proj.weight"].shape[0]), prefix,
+                                       disc.config.max_position_embeddings)
+        if task_record is None:
+            notes.append(f"{task} is not a GLUE task name with {int(classifier['out_proj.weight'].shape[0])} "
+                         "output(s), so the folder has no finetune_task.json: load it with "
+                         "ConvBertForSequenceClassification.from_pretrained (`convbert predict` needs the task's "
+                         "columns and labels)")
     others = [t for t in heads_found if t != task]
     if others:
         notes.append(f"fine-tuning head(s) {', '.join(others)} under {TASK_SCOPE}/ were left out: `--task NAME` "
@@ -374,6 +409,8 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         written["generator"] = str(out / GENERATOR_DIR)
     if classifier is not None:
         written[f"{task} classifier"] = str(out / CLASSIFIER_FILES[0])
+        if task_record is not None:
+            written["predict settings"] = str(out / TASK_RECORD)
     info = {
         "checkpoint": str(prefix),
         "step": step,
@@ -389,6 +426,8 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
         if classifier is not None:  # what ConvBertForSequenceClassification.save_pretrained adds to the encoder
             write_classifier_files(classifier, disc.config.hidden_dropout_prob, staging)
+            if task_record is not None:  # `convbert predict --model OUTPUT` reads the GLUE test file's columns
+                write_json_atomic(staging / TASK_RECORD, task_record)
         if vocab_file is not None:
             copy_vocab(vocab_file, staging)
         if gen is not None:
