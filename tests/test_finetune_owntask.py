@@ -246,3 +246,23 @@ def test_symmetric_needs_a_pair_and_the_output_extension_hint_is_one_that_works(
                "--format", "csv"])
     assert rc == 2 and "p.txt: cannot tell the format from the extension (name the output .csv, .tsv or .jsonl; " \
         "--format is the input's)" in capsys.readouterr().err
+
+
+def test_labels_that_are_one_number_spelt_two_ways_are_refused_not_two_classes(model, tmp_path, capsys):
+    """In a CSV `1` and `1.0` are different strings: as labels they would silently be separate classes."""
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("q,y\nthe cat,0\na dog,1\nthe mat,1.0\na bird,0\n")
+    rc = main(["finetune", "--model", str(model), "--train", str(mixed), "--text-columns", "q", "--label-column",
+               "y", "--output", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{mixed}:4: field 'y': label '1.0' is the same number as label '1' (line 3)" in err
+    assert not (tmp_path / "o").exists()
+    train = tmp_path / "train.csv"
+    train.write_text("q,y\nthe cat,0\na dog,1\nthe mat,1\na bird,0\n")
+    dev = tmp_path / "dev.csv"
+    dev.write_text("q,y\nthe cat,0.0\n")
+    rc = main(["finetune", "--model", str(model), "--train", str(train), "--dev", str(dev), "--text-columns", "q",
+               "--label-column", "y", "--output", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2 and "label '0.0' does not occur in the training file (labels: 0, 1); it is the same number as " \
+                       "the training label '0'" in err

@@ -164,11 +164,44 @@ def _labels(path: Path, rows, raw: list[str], name: str, regression: bool, label
         known = set(label_list)
         for (ln, _), v in zip(rows, vals):
             if v not in known:
+                twin = [k for k in label_list if _same_number(k, v)]
+                hint = f"; it is the same number as the training label {twin[0]!r}: write the labels alike" if twin else ""
                 raise ConvBertError(
                     f"{path}:{ln}: field {name!r}: label {v!r} does not occur in the training file "
-                    f"(labels: {', '.join(label_list)})"
+                    f"(labels: {', '.join(label_list)}){hint}"
                 )
+    else:
+        _refuse_numeric_twins(path, rows, vals, name)
     return vals
+
+
+def _number(text: str) -> float | None:
+    try:
+        f = float(text)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _same_number(a: str, b: str) -> bool:
+    x, y = _number(a), _number(b)
+    return a != b and x is not None and x == y
+
+
+def _refuse_numeric_twins(path: Path, rows, vals: list[str], name: str) -> None:
+    """Labels are strings, so `1` and `1.0` (a column written by two tools) would be two classes: refused, naming
+    the first line of each spelling."""
+    first: dict[float, tuple[str, int]] = {}
+    for (ln, _), v in zip(rows, vals):
+        x = _number(v)
+        if x is None:
+            continue
+        seen = first.setdefault(x, (v, ln))
+        if seen[0] != v:
+            raise ConvBertError(
+                f"{path}:{ln}: field {name!r}: label {v!r} is the same number as label {seen[0]!r} (line {seen[1]}) "
+                "but spelt differently, so the two would be separate classes; write the labels alike (or use "
+                "--regression for scores)")
 
 
 def _texts(path, cols, rows, text_columns):
