@@ -207,3 +207,39 @@ def test_a_damaged_offset_table_entry_is_found_by_spot_check_and_data_stats(buil
         PretrainingDataset(data).spot_check()
     with pytest.raises(ConvBertError, match=r"offset table disagrees"):
         data_stats(data)
+
+
+def test_a_changed_token_id_inside_the_vocab_is_found_by_its_shard_hash(built, tmp_path):
+    """A token id swapped for another valid id passes every structural check; the manifest's per-shard sha256
+    finds it before training, in data-stats and when build-data is run again. A manifest from before the hash
+    was recorded still opens."""
+    import hashlib
+    import shutil
+
+    from convbert.data.stats import data_stats
+
+    data = shutil.copytree(built, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        assert entry["sha256"] == hashlib.sha256((data / entry["file"]).read_bytes()).hexdigest()
+    shard = data / manifest["shards"][-1]["file"]
+    reader = ShardReader(shard)
+    at = 64 + reader.token_bytes * (reader.n_tokens // 2)  # a token in the middle of the shard
+    old = int.from_bytes(shard.read_bytes()[at:at + reader.token_bytes], "little")
+    del reader
+    raw = bytearray(shard.read_bytes())
+    raw[at:at + 2] = (7 if old != 7 else 8).to_bytes(2, "little")  # another word of the vocab
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ConvBertError, match=rf"{shard.name}: shard is corrupt \(its sha256 is [0-9a-f]+…, the "
+                                            r"manifest records [0-9a-f]+…\)"):
+        PretrainingDataset(data).spot_check()
+    with pytest.raises(ConvBertError, match=r"its sha256 is"):
+        data_stats(data)
+    vocab = Path(manifest["vocab"]["path"])
+    with pytest.raises(ConvBertError, match=rf"shard {shard.name} is missing or damaged"):
+        build_dataset([str(vocab.parent / "corpus.txt")], str(vocab), str(data), max_seq_length=32, seed=0,
+                      progress=False, shard_tokens=1500, chunk_bytes=2000)
+    for entry in manifest["shards"]:
+        del entry["sha256"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    PretrainingDataset(data).spot_check()  # no hash recorded: nothing to compare

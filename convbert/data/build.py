@@ -328,6 +328,7 @@ class _Committer:
             size = w.close()
             self.manifest["shards"].append({
                 "file": w.path.name, "examples": w.n_examples, "text_tokens": w.n_tokens, "bytes": size,
+                "sha256": sha256_file(w.path),  # the token bytes have no other check (pretrain and data-stats use it)
                 "first_unit": self.shard_first, "last_unit": self.next_seq - 1,
             })
             self.writer = None
@@ -430,7 +431,7 @@ def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
         good = []
         for s in old["shards"]:
             p = out / s["file"]
-            if not p.exists() or p.stat().st_size != s["bytes"]:
+            if not p.exists() or p.stat().st_size != s["bytes"] or ("sha256" in s and sha256_file(p) != s["sha256"]):
                 break
             good.append(s)
         if len(good) != len(old["shards"]):

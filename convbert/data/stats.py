@@ -53,6 +53,7 @@ def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:
             single += int((~has_b).sum())
             empty_a += int((la == 0).sum())
             seq_lens += np.bincount(n, minlength=t + 1)[: t + 1]
+    ds.check_hashes()  # after the structural checks, whose messages say more
     for k in range(bins):
         lo, hi = edges[k], edges[k + 1]
         hist[k] = seq_lens[lo + 1 : hi + 1].sum() if k else seq_lens[: hi + 1].sum()
