@@ -44,3 +44,23 @@ def test_compile_mode_and_cuda_graph_flags():
     assert cfg.compile_mode == "max-autotune" and cfg.cuda_graphs is True and cfg.compile is False
     with pytest.raises(ConvBertError, match="compile_mode = 'fast': expected one of default, reduce-overhead"):
         resolve_config("tiny", None, dict(data="d", output="o"), ["compile_mode=fast"])
+
+
+def test_the_defaults_pretrain_help_shows_are_the_ones_that_apply(tmp_path):
+    """--help states the per-size defaults from its own copy (it must not load torch); each is what resolve_config
+    gives that size, and --eval-batch-size reaches the config like the other flags."""
+    import argparse
+
+    from convbert.cli import pretrain as cli
+    from convbert.pretrain.config import PretrainConfig, SIZE_DEFAULTS, resolve_config
+
+    for key, per_size in cli.HELP_SIZE_DEFAULTS.items():
+        assert per_size == {size: SIZE_DEFAULTS[size][key] for size in SIZE_DEFAULTS}, key
+    base = PretrainConfig()
+    assert (base.keep_checkpoints, base.eval_batches, base.save_every, base.eval_every) == (3, 50, 10_000, 10_000)
+    assert (SIZE_DEFAULTS["tiny"]["save_every"], SIZE_DEFAULTS["tiny"]["eval_every"]) == (500, 500)
+    parser = argparse.ArgumentParser()
+    cli._add_pretrain(parser.add_subparsers())
+    args = parser.parse_args(["pretrain", "--size", "tiny", "--data", "d", "--output", "o", "--eval-batch-size", "8"])
+    assert resolve_config("tiny", None, cli.pretrain_flags(args), []).eval_batch_size == 8
+    assert "tiny 0.001, small 0.0003, medium-small 0.0005, base 0.0002" in cli._by_size("lr")

@@ -7,6 +7,24 @@ import math
 
 from convbert.errors import ConvBertError
 
+# = the per-size values of convbert.pretrain.config.SIZE_DEFAULTS that --help shows (a test keeps them equal; that
+# module loads torch, and --help should not)
+HELP_SIZE_DEFAULTS = {
+    "steps": {"tiny": 2000, "small": 1_000_000, "medium-small": 1_000_000, "base": 1_000_000},
+    "batch_size": {"tiny": 32, "small": 128, "medium-small": 128, "base": 256},
+    "eval_batch_size": {"tiny": 32, "small": 128, "medium-small": 128, "base": 256},
+    "lr": {"tiny": 1e-3, "small": 3e-4, "medium-small": 5e-4, "base": 2e-4},
+    "warmup_steps": {"tiny": 100, "small": 10_000, "medium-small": 10_000, "base": 10_000},
+}
+
+
+def _by_size(key: str) -> str:
+    """'default by size: tiny 32, small 128, …' for --help (%% escaped: argparse formats help with %)."""
+    def fmt(v):
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+    return "default by size: " + ", ".join(f"{size} {fmt(v)}" for size, v in HELP_SIZE_DEFAULTS[key].items())
+
+
 # = convbert.pretrain.config.COMPILE_MODES (not imported: that module loads torch, and --help should not)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -34,18 +52,26 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                         "`convbert import-tf` (discriminator, vocab.txt; generator/ and the replaced-token head if "
                         "there), or transformers' ELECTRA folders (discriminator, generator/ = its generator; with "
                         "--attention plain), e.g. to continue pre-training the released weights on your corpus")
-    p.add_argument("--steps", type=int, help="optimisation steps (default 1,000,000 for the paper sizes)")
-    p.add_argument("--batch-size", type=int, help="global batch size over all ranks and accumulation steps")
+    p.add_argument("--steps", type=int, help=f"optimisation steps ({_by_size('steps')})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"global batch size over all ranks and accumulation steps ({_by_size('batch_size')})")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation micro-steps per optimisation step")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (multiplied into the linear decay)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({_by_size('lr')})")
+    p.add_argument("--warmup-steps", type=int,
+                   help=f"linear warmup steps, multiplied into the linear decay ({_by_size('warmup_steps')}; a run "
+                        "shorter than 10x that warms up over 1 %% of its steps, tiny over at most 10 %%)")
     p.add_argument("--seed", type=int, help="random seed (default 42)")
     p.add_argument("--save-every", type=int,
-                   help="checkpoint every N steps (plus milestones and the last step; 0: only those)")
+                   help="checkpoint every N steps (plus milestones and the last step; 0: only those; default 10,000, "
+                        "tiny 500, at most --steps)")
     p.add_argument("--keep-checkpoints", type=int,
-                   help="keep the last N regular checkpoints (milestones are kept; 0: keep all)")
-    p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: only at start and end)")
-    p.add_argument("--eval-batches", type=int, help="batches per held-out evaluation (0: no held-out evaluation)")
+                   help="keep the last N regular checkpoints (milestones are kept; 0: keep all; default 3)")
+    p.add_argument("--eval-every", type=int,
+                   help="held-out evaluation every N steps (0: only at start and end; default 10,000, tiny 500)")
+    p.add_argument("--eval-batches", type=int,
+                   help="batches per held-out evaluation (0: no held-out evaluation; default 50)")
+    p.add_argument("--eval-batch-size", type=int,
+                   help=f"examples per held-out evaluation batch ({_by_size('eval_batch_size')})")
     p.add_argument("--config", help="YAML recipe file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting (repeatable), e.g. --set model.hidden_dropout_prob=0.0")
@@ -81,7 +107,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 FLAG_KEYS = (
     "data", "eval_data", "vocab", "output", "init_from", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "save_every",
-    "keep_checkpoints", "eval_every", "eval_batches", "precision", "compile", "compile_mode", "cuda_graphs", "masking",
+    "keep_checkpoints", "eval_every", "eval_batches", "eval_batch_size", "precision", "compile", "compile_mode", "cuda_graphs", "masking",
     "attention", "objective", "max_bad_steps", "device", "stop_at_step", "time_limit", "log_every", "threads",
 )
 
