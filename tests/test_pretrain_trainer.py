@@ -704,3 +704,70 @@ def test_a_time_limit_stop_at_the_last_step_still_gets_its_final_evaluation(tiny
     assert _eval_steps(out) == [(0, False), (1, True)]
     res = run_pretraining(cfg_for(tiny_data, out, steps=1, save_every=1), progress=False)
     assert res["finished"] and _eval_steps(out) == [(0, False), (1, False)]
+
+
+def test_sigterm_or_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_resumed_run_is_the_same(
+        tiny_data, tmp_path, monkeypatch):
+    """SIGTERM (Slurm, torchrun) or SIGINT arriving mid-run: the step finishes, a checkpoint is written there and
+    the run stops; re-running continues to exactly the uninterrupted run's records and weights. The handlers are
+    restored afterwards."""
+    import os
+    import signal
+
+    from convbert.pretrain.trainer import Trainer
+
+    flags = dict(steps=8, save_every=8, eval_every=4)
+    full = tmp_path / "full"
+    run_pretraining(cfg_for(tiny_data, full, **flags), progress=False)
+    step = Trainer.train_step
+    for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+        cut = tmp_path / name
+
+        def train_step_then_signal(self, _sig=sig):
+            out = step(self)
+            if self.step == 3:
+                os.kill(os.getpid(), _sig)
+            return out
+
+        monkeypatch.setattr(Trainer, "train_step", train_step_then_signal)
+        before = signal.getsignal(sig)
+        res = run_pretraining(cfg_for(tiny_data, cut, **flags), progress=False)
+        assert signal.getsignal(sig) is before
+        assert res["stopped_by"] == name and res["step"] == 3 and not res["finished"] and not res["timed_out"]
+        assert ckpt_io.latest_checkpoint(cut / "checkpoints").name == "step-00000003"
+        stops = [r for r in read_log(cut / "log.jsonl") if r["kind"] == "event" and r.get("event") == "stopped"]
+        assert stops and stops[-1]["reason"] == name
+        monkeypatch.setattr(Trainer, "train_step", step)
+        res = run_pretraining(cfg_for(tiny_data, cut, **flags), progress=False)
+        assert res["resumed"] and res["finished"] and res["stopped_by"] is None
+        assert losses(cut) == losses(full)
+        (a, _), (b, _) = final_weights(cut), final_weights(full)
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_sigterm_to_the_pretrain_command_checkpoints_and_exits_with_143(tiny_data, tmp_path):
+    """The CLI as a batch scheduler sees it: SIGTERM while training, exit status 128 + 15 after a checkpoint at the
+    last logged step; without the handler nothing was saved and the status was -15."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "convbert", "pretrain", "--size", "tiny", "--data", str(tiny_data["data"]),
+           "--output", str(out), "--steps", "100000", "--batch-size", "8", "--eval-every", "0", "--eval-batches",
+           "1", "--save-every", "0", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and '"kind": "train"' in log.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM: stopping after this step with a checkpoint" in err
+    last = max(r["step"] for r in read_log(log) if r["kind"] == "train")
+    assert ckpt_io.latest_checkpoint(out / "checkpoints").name == f"step-{last:08d}"

@@ -134,6 +134,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
             + (f"disc AUC {auc:.4f}, " if isinstance(auc, float) else "")
             + f"MLM accuracy {ev.get('masked_lm_accuracy', float('nan')):.4f}; run folder {cfg.output}"
         )
+    if result.get("stopped_by"):  # stopped by SIGINT/SIGTERM after a checkpoint: the shell's code for that signal
+        import signal
+
+        name = result["stopped_by"]
+        return 128 + int(getattr(signal, name, signal.SIGTERM)) if name.startswith("SIG") else 143
     return 0
 
 

@@ -19,7 +19,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -698,7 +700,7 @@ class Trainer:
                 self.print(f"{self.out}: {why}; nothing to do")
             # the same keys as a run that trained, its last evaluation read back from the log
             return {"step": self.step, "resumed": resumed, "finished": finished, "timed_out": False,
-                    "eval": self._logged_eval(), "bad_steps": self.bad_total}
+                    "stopped_by": None, "eval": self._logged_eval(), "bad_steps": self.bad_total}
         self.logger.start(self.step)
         if self.dist.is_main:
             r = self.resolved()
@@ -713,44 +715,53 @@ class Trainer:
         stop_at = cfg.stop_at_step
         finished = False
         timed_out = False
+        stopped_by = None  # the signal that stopped the run
+        signals = StopSignals(announce=self.dist.is_main)
         try:
-            if not resumed and cfg.eval_at_start:
-                last_eval = self.run_eval()
-            t_train = time.perf_counter()
-            while self.step < cfg.steps:
-                metrics = self.train_step()
-                if metrics is None:
-                    continue
-                self.logger.train(self.step, {k: v for k, v in metrics.items() if k != "tokens"}, metrics["tokens"])
-                at_end = self.step >= cfg.steps
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and not at_end:
-                    last_eval, last_eval_step = self.run_eval(), self.step
-                stopping = stop_at is not None and self.step >= stop_at
-                if cfg.time_limit is not None and not at_end:
-                    over = time.perf_counter() - t_train >= cfg.time_limit
+            with signals:
+                if not resumed and cfg.eval_at_start:
+                    last_eval = self.run_eval()
+                t_train = time.perf_counter()
+                while self.step < cfg.steps:
+                    metrics = self.train_step()
+                    if metrics is None:
+                        continue
+                    self.logger.train(self.step, {k: v for k, v in metrics.items() if k != "tokens"},
+                                      metrics["tokens"])
+                    at_end = self.step >= cfg.steps
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and not at_end:
+                        last_eval, last_eval_step = self.run_eval(), self.step
+                    stopping = stop_at is not None and self.step >= stop_at
+                    over = cfg.time_limit is not None and time.perf_counter() - t_train >= cfg.time_limit
+                    signalled = signals.received is not None
                     if self.dist.distributed:  # every rank must agree, or the collectives below would hang
-                        flag = torch.tensor([1.0 if over else 0.0], device=self.device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                        over = bool(flag.item() > 0)
-                    if over:
+                        flags = torch.tensor([float(over), float(signalled)], device=self.device)
+                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                        over, signalled = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+                    if not at_end and signalled:
+                        stopped_by = signals.received or "a signal on another rank"
+                        stopping = True
+                    elif not at_end and over:
                         timed_out = stopping = True
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step in milestones or at_end or stopping:
-                    self.save()
-                if stopping and not at_end:
-                    why = "the time limit" if timed_out else "--stop-at-step"
-                    self.logger.message(f"stopped at step {self.step} of {cfg.steps} ({why}); re-run to continue")
-                    self.logger.event(self.step, "stopped", reason=why)
-                    break
-            else:
-                finished = True
-            if finished:
-                last_eval = self.run_eval()
-            elif timed_out and last_eval_step != self.step:  # (on the schedule, it has just been evaluated)
-                last_eval = self.run_eval(at_stop=True)
+                    if ((cfg.save_every and self.step % cfg.save_every == 0) or self.step in milestones or at_end
+                            or stopping):
+                        self.save()
+                    if stopping and not at_end:
+                        why = stopped_by or ("the time limit" if timed_out else "--stop-at-step")
+                        self.logger.message(f"stopped at step {self.step} of {cfg.steps} ({why}); re-run the same "
+                                            "command to continue from this checkpoint")
+                        self.logger.event(self.step, "stopped", reason=why)
+                        break
+                else:
+                    finished = True
+                if finished:
+                    last_eval = self.run_eval()
+                elif timed_out and last_eval_step != self.step:  # (on the schedule, it has just been evaluated)
+                    last_eval = self.run_eval(at_stop=True)
         finally:
             self.logger.close(plot=True)
         return {"step": self.step, "resumed": resumed, "finished": finished, "timed_out": timed_out,
-                "eval": last_eval, "bad_steps": self.bad_total}
+                "stopped_by": stopped_by, "eval": last_eval, "bad_steps": self.bad_total}
 
     def close(self) -> None:
         if self.dist.initialized_here and dist.is_initialized():
@@ -759,6 +770,35 @@ class Trainer:
             with contextlib.suppress(Exception):
                 dist.barrier()
             dist.destroy_process_group()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what Slurm and torchrun send) ask the run to stop after the current step with a
+    checkpoint, as `--time-limit` does, instead of losing every step since the last one. A second signal stops at
+    once (KeyboardInterrupt). Handlers can only be set from the main thread; elsewhere this does nothing."""
+
+    def __init__(self, announce: bool) -> None:
+        self.received: str | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        if self.announce:  # (os.write: no lock that the interrupted code might hold)
+            os.write(2, f"\n{self.received}: stopping after this step with a checkpoint (send it again to stop at "
+                        "once and lose the steps since the last checkpoint)\n".encode())
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run_pretraining(cfg: PretrainConfig, **kwargs) -> dict:
