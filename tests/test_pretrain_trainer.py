@@ -771,3 +771,25 @@ def test_sigterm_to_the_pretrain_command_checkpoints_and_exits_with_143(tiny_dat
     assert "SIGTERM: stopping after this step with a checkpoint" in err
     last = max(r["step"] for r in read_log(log) if r["kind"] == "train")
     assert ckpt_io.latest_checkpoint(out / "checkpoints").name == f"step-{last:08d}"
+
+
+def test_a_resumed_run_keeps_its_own_settings_for_what_is_not_given_again(tiny_data, tmp_path, capsys):
+    """Re-running with fewer flags must not switch the run to the size's defaults: a batch size, learning rate or
+    data folder not given again is the run's own; what is given applies and is reported old -> new; another size is
+    refused with both values."""
+    from convbert.cli import main
+
+    out = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, out, steps=4, batch_size=4, lr=2e-3, save_every=2), progress=False)
+    again = resolve_config(None, None, {"output": str(out), "steps": 6}, [])
+    assert (again.size, again.batch_size, again.lr, again.save_every, again.data) == (
+        "tiny", 4, 2e-3, 2, str(tiny_data["data"]))
+    assert again.threads == 0  # the default, not the run's 1: machine settings are not taken from the run
+    capsys.readouterr()
+    assert main(["pretrain", "--output", str(out), "--steps", "6", "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed settings: steps 4 -> 6" in err and "batch_size" not in err
+    state = json.loads((out / "run_config.json").read_text())["pretrain"]
+    assert (state["batch_size"], state["lr"], state["steps"]) == (4, 2e-3, 6)
+    assert main(["pretrain", "--output", str(out), "--size", "small", "--steps", "8"]) == 2
+    assert "started with different size (size 'tiny', now 'small')" in capsys.readouterr().err

@@ -19,7 +19,7 @@ HELP_SIZE_DEFAULTS = {
 
 
 def _by_size(key: str) -> str:
-    """'default by size: tiny 32, small 128, …' for --help (%% escaped: argparse formats help with %)."""
+    """'default by size: tiny 32, small 128, …' for --help."""
     def fmt(v):
         return f"{v:,}" if isinstance(v, int) else f"{v:g}"
     return "default by size: " + ", ".join(f"{size} {fmt(v)}" for size, v in HELP_SIZE_DEFAULTS[key].items())
@@ -35,7 +35,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="pre-train ConvBERT with ELECTRA replaced-token detection (CPU, GPU, torchrun DDP)",
         description=(
             "Pre-train a ConvBERT discriminator with the original ELECTRA recipe (spec §3). Settings resolve as: "
-            "per-size defaults <- --config YAML <- flags <- --set key=value. Re-running the same command continues "
+            "per-size defaults <- --config YAML <- flags <- --set key=value. Re-running the command (settings not given again are the run's own) continues "
             "from the latest checkpoint in --output. Multi-GPU / multi-node: launch with torchrun."
         ),
     )

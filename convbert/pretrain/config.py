@@ -231,13 +231,15 @@ def resolve_config(
     file_values = load_yaml(config_file) if config_file else {}
     set_values = parse_set(sets)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    output = set_values.get("output") or flags.get("output") or file_values.get("output")
+    recorded, record_path = _recorded_settings(output)
     given = set_values.get("size") or flags.get("size") or size
     if given and file_values.get("size") and given != file_values["size"]:
         # the file's other values (its warmup, lr, model overrides) are that size's: mixing them with another
         # size's defaults gives neither recipe
         raise ConvBertError(f"size {given!r} was asked for, but {config_file} is the recipe for size "
                             f"{file_values['size']!r}; use that file's size, or another file")
-    chosen = given or file_values.get("size") or "medium-small"
+    chosen = given or file_values.get("size") or recorded.get("size") or "medium-small"
     if chosen not in SIZES:
         raise ConvBertError(f"size {chosen!r}: expected one of {', '.join(SIZES)}")
     cfg = PretrainConfig(size=chosen)
@@ -254,6 +256,14 @@ def resolve_config(
     explicit |= set(flags)
     apply_mapping(cfg, set_values, "--set")
     explicit |= {k.replace("-", "_") for k in set_values}
+    if recorded:  # resuming: what is not given now is the run's own setting, not this size's default
+        for key, value in recorded.items():
+            if key in NOT_RESUMED or key == "size" or key in explicit or key not in FIELDS:
+                continue
+            if key == "model" and any(k == "model" or k.startswith("model.") for k in explicit):
+                continue
+            apply_mapping(cfg, {key: value}, str(record_path))
+            explicit.add(key)
     cfg.size = chosen
     # A short run keeps the recipe's warmup fraction (1 %) unless the warmup was given explicitly.
     if "warmup_steps" not in explicit and cfg.steps < SIZE_DEFAULTS[chosen]["warmup_steps"] * 10:
@@ -263,6 +273,29 @@ def resolve_config(
         cfg.save_every = cfg.steps
     cfg.validate()
     return cfg
+
+
+# Per-invocation and machine settings: a resumed run takes these from the command line (or their defaults), not
+# from its record. Everything else not given again is the run's own.
+NOT_RESUMED = ("output", "stop_at_step", "time_limit", "device", "threads", "compile", "compile_mode", "cuda_graphs")
+
+
+def _recorded_settings(output) -> tuple[dict, Path | None]:
+    """The settings recorded in `output`/run_config.json when that run has a checkpoint to resume from, else {}."""
+    if not output or not isinstance(output, str):
+        return {}, None
+    run = Path(output)
+    record = run / "run_config.json"
+    try:
+        if not record.is_file() or not any((run / "checkpoints").glob("step-*")):
+            return {}, None
+    except OSError:
+        return {}, None
+    from convbert.utils import read_json_object
+
+    saved = read_json_object(record, "the run's settings; fix or remove the file, or choose a new --output")
+    values = saved.get("pretrain")
+    return (values, record) if isinstance(values, dict) else ({}, None)
 
 
 def config_from_dict(values: dict) -> PretrainConfig:

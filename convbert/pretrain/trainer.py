@@ -362,8 +362,9 @@ class Trainer:
         changed = [k for k in FROZEN_KEYS if k in old and old[k] != new.get(k)]
         if changed:
             raise ConvBertError(
-                f"{self.out}: the run was started with different {', '.join(changed)}; resume with the same "
-                "settings or choose a new --output"
+                f"{self.out}: the run was started with different {', '.join(changed)} "
+                f"({'; '.join(f'{k} {old[k]!r}, now {new.get(k)!r}' for k in changed)}); resume with the same "
+                "settings (a setting not given is the run's own) or choose a new --output"
             )
         was, now = saved.get("data_fingerprint"), self.data_fingerprint
         if was is not None and now is not None and was != now:
@@ -381,7 +382,7 @@ class Trainer:
                 f"{split(holding)} (--eval-batches x eval_batch_size and --eval-data decide it); resume with the "
                 "run's evaluation settings")
         # Paths may move with the run (the fingerprint above follows the data); --stop-at-step is per invocation.
-        return [k for k in new if k in old and old[k] != new[k]
+        return [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]
                 and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab", "init_from")]
 
     def maybe_resume(self) -> bool:
