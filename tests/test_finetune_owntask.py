@@ -142,11 +142,11 @@ def test_an_interrupted_finetune_leaves_the_previous_output_whole(model, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(owntask, "write_json_atomic", interrupted)  # dies after the weights, before the task file
-    assert _finetune(model, three, out) == 130
+    assert _finetune(model, three, out, "--overwrite") == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     monkeypatch.undo()
-    assert _finetune(model, three, out) == 0
+    assert _finetune(model, three, out, "--overwrite") == 0
     assert json.loads((out / "finetune_task.json").read_text())["labels"] == ["maybe", "no", "yes"]
 
 
@@ -266,3 +266,31 @@ def test_labels_that_are_one_number_spelt_two_ways_are_refused_not_two_classes(m
     err = capsys.readouterr().err
     assert rc == 2 and "label '0.0' does not occur in the training file (labels: 0, 1); it is the same number as " \
                        "the training label '0'" in err
+
+
+def test_an_earlier_output_of_another_model_or_training_file_is_not_replaced_silently(model, tmp_path, capsys):
+    """Two tasks left at one --output (the default ./finetuned, say): the second is refused unless --overwrite;
+    re-running the same fine-tuning replaces its own output. The Python API takes str paths too."""
+    from convbert.finetune.owntask import finetune_own_task, predict_file
+    from convbert.finetune.trainer import FinetuneConfig
+
+    first = _csv(tmp_path / "first.csv", PAIRS)
+    other = _csv(tmp_path / "other.csv", [dict(r, y="yes" if r["y"] == "yes" else "no") for r in PAIRS])
+    out = tmp_path / "ft"
+    assert _finetune(model, first, out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert _finetune(model, other, out) == 2
+    assert (f"--output {out}: holds an earlier fine-tuned model of --train {first.resolve()}; choose a new --output "
+            "or pass --overwrite") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    second_model = make_tiny_model(tmp_path / "m2", seed=1)
+    assert _finetune(second_model, first, out) == 2
+    assert f"holds an earlier fine-tuned model of --model {model}" in capsys.readouterr().err
+    assert _finetune(model, first, out, "--seed", "2") == 0  # the same fine-tuning again: replaced
+    assert _finetune(model, other, out, "--overwrite") == 0
+    assert json.loads((out / "finetune_task.json").read_text())["labels"] == ["no", "yes"]
+    cfg = FinetuneConfig(epochs=1, batch_size=8, max_seq_length=32)
+    finetune_own_task(str(model), str(first), None, ["q", "a"], "y", False, str(tmp_path / "api"), cfg,
+                      progress=False)
+    (tmp_path / "new.csv").write_text("q,a\nthe cat,sat\n")
+    assert predict_file(str(tmp_path / "api"), str(tmp_path / "new.csv"), str(tmp_path / "p.csv")) == 1

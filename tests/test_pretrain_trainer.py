@@ -793,3 +793,23 @@ def test_a_resumed_run_keeps_its_own_settings_for_what_is_not_given_again(tiny_d
     assert (state["batch_size"], state["lr"], state["steps"]) == (4, 2e-3, 6)
     assert main(["pretrain", "--output", str(out), "--size", "small", "--steps", "8"]) == 2
     assert "started with different size (size 'tiny', now 'small')" in capsys.readouterr().err
+
+
+def test_an_export_of_another_run_is_not_replaced_without_overwrite(tiny_data, tmp_path, capsys):
+    """Re-exporting a run (a later step) replaces its own export and says so; the export of another run in the
+    same --output is refused unless --overwrite, and left as it was."""
+    from convbert.cli import main
+
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "exp"
+    run_pretraining(cfg_for(tiny_data, a, steps=2, save_every=1), progress=False)
+    run_pretraining(cfg_for(tiny_data, b, steps=1), progress=False)
+    assert main(["export", "--checkpoint", str(a / "checkpoints" / "step-00000001"), "--output", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(a), "--output", str(out)]) == 0
+    assert "export: replaced the earlier export of this run (step 1)" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["export", "--checkpoint", str(b), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds an earlier export of {a / 'checkpoints' / 'step-00000002'}, another run" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["export", "--checkpoint", str(b), "--output", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "export.json").read_text())["checkpoint"].startswith(str(b))

@@ -147,6 +147,7 @@ def cmd_finetune(args) -> int:
         seed=_check_seed(args.seed, "--seed"),
         file_format=args.format,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -256,7 +257,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--regression", action="store_true", help="numeric labels, one output, squared error")
     p.add_argument("--symmetric", action="store_true",
                    help="sentence-pair task where order does not matter: double training with swapped sentences")
-    p.add_argument("--output", default="finetuned", help="output model folder (default ./finetuned)")
+    p.add_argument("--output", default="finetuned",
+                   help="output model folder (default ./finetuned; an earlier output of the same --model and --train "
+                        "there is replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier fine-tuned model of another --model or --train in --output")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="file format (default: extension)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -153,7 +153,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder for its latest checkpoint")
-    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--output", required=True,
+                   help="folder to write (an earlier export of the same run there is replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of another run in --output (refused without it)")
     p.add_argument("--generator", action="store_true",
                    help="also write the generator (ConvBertForMaskedLM layout; ElectraForMaskedLM for plain "
                         "attention) to <output>/generator/")
@@ -163,9 +166,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from convbert.pretrain.export import export_checkpoint
 
-    info = export_checkpoint(args.checkpoint, args.output, generator=args.generator)
+    info = export_checkpoint(args.checkpoint, args.output, generator=args.generator, overwrite=args.overwrite)
     print(f"export: step {info['step']} of {info['checkpoint']} -> " + ", ".join(
         f"{k} {v}" for k, v in info["written"].items()))
+    if info.get("replaced"):
+        print(f"export: {info['replaced']}")
     for note in info.get("notes", []):
         print(f"export: note: {note}")
     return 0

@@ -222,9 +222,15 @@ def finetune_own_task(
     seed: int = 1,
     file_format: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
+    """Fine-tune `model_dir` on a CSV/TSV/JSONL file and write the model, its vocab and `finetune_task.json` to
+    `output`. An earlier output of the same --model and --train there is replaced; one of another model or training
+    file only with `overwrite`."""
     from convbert.model.heads import ConvBertForSequenceClassification
 
+    model_dir, train_file, output = Path(model_dir), Path(train_file), Path(output)
+    dev_file = Path(dev_file) if dev_file is not None else None
     cfg.validate()
     cfg = dataclasses.replace(cfg, regression_scale=1.0)  # own scores are used as they are (GLUE's STS-B: / 5)
     if output.exists() and not output.is_dir():
@@ -232,6 +238,7 @@ def finetune_own_task(
     if output.is_dir() and output.resolve() == Path(model_dir).resolve():
         raise ConvBertError(f"--output {output}: is the --model folder; write the fine-tuned model to a new folder")
     refuse_foreign_folder(output, (TASK_FILE,), "an earlier `convbert finetune` output", replaces=FINETUNE_FILES)
+    _refuse_replacing_another_task(output, model_dir, train_file, overwrite)
     tokenizer = load_tokenizer(model_dir)
     cols, rows = read_table(train_file, file_format)
     if not rows:
@@ -316,6 +323,7 @@ def finetune_own_task(
                 "max_seq_length": cfg.max_seq_length,
                 "pad_to_max": cfg.pad_to_max,
                 "source_model": str(model_dir),
+                "train_file": str(train_file.resolve()),
                 "seed": seed,
                 "settings": cfg.to_dict(),
                 "result": result,
@@ -323,6 +331,27 @@ def finetune_own_task(
         )
     print(f"saved the fine-tuned model to {output}")
     return result
+
+
+def _refuse_replacing_another_task(output: Path, model_dir: Path, train_file: Path, overwrite: bool) -> None:
+    """Re-running a fine-tuning replaces its output; a different model or training file (two tasks both left at
+    the default --output ./finetuned, say) must not silently take the place of the earlier one."""
+    record = output / TASK_FILE
+    if overwrite or not record.is_file():
+        return
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+        was_model, was_train = earlier.get("source_model"), earlier.get("train_file")
+    except (OSError, ValueError, AttributeError):
+        was_model = was_train = None
+    differs = []
+    if was_model is None or Path(was_model).resolve() != model_dir.resolve():
+        differs.append(f"--model {was_model}" if was_model else "an unreadable record")
+    if was_train is not None and Path(was_train) != train_file.resolve():
+        differs.append(f"--train {was_train}")
+    if differs:
+        raise ConvBertError(f"--output {output}: holds an earlier fine-tuned model of {' and '.join(differs)}; choose "
+                            "a new --output or pass --overwrite to replace it")
 
 
 def _check_task_file(path: Path, task: dict, columns, regression: bool, labels, max_len: int) -> None:
@@ -353,6 +382,7 @@ def predict_file(
 ) -> int:
     from convbert.model.heads import ConvBertForSequenceClassification
 
+    model_dir, input_file, output_file = Path(model_dir), Path(input_file), Path(output_file)
     if output_file.exists() and input_file.exists() and output_file.resolve() == input_file.resolve():
         raise ConvBertError(f"--output {output_file}: is the --input file; it would overwrite it (choose another path)")
     if output_file.is_dir():

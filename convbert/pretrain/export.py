@@ -56,15 +56,35 @@ def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
     )
 
 
-def _check_output_folder(out: Path, ck: Path) -> None:
-    """Refuse an output inside the run being exported (it would overwrite the checkpoint's own files) or a folder
-    that already holds something other than an earlier export."""
-    run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck
+def _run_folder(ck: Path) -> Path:
+    return ck.parent.parent if ck.parent.name == "checkpoints" else ck
+
+
+def _check_output_folder(out: Path, ck: Path, overwrite: bool = False) -> str | None:
+    """Refuse an output inside the run being exported (it would overwrite the checkpoint's own files), a folder
+    that already holds something other than an earlier export, and (without `overwrite`) an earlier export of
+    another run. Returns a note when an earlier export of this run is replaced."""
+    run_dir = _run_folder(ck)
     target = out.resolve()
     for inside in (ck.resolve(), run_dir.resolve()):
         if target == inside or inside in target.parents:
             raise ConvBertError(f"--output {out}: is inside the run folder {run_dir}; export to a folder of its own")
     refuse_foreign_folder(out, (EXPORT_RECORD,), "an earlier export", replaces=EXPORT_FILES)
+    record = out / EXPORT_RECORD
+    if not record.is_file():
+        return None
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+        was = Path(earlier["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier, was = {}, None
+    if was is not None and _run_folder(was).resolve() == run_dir.resolve():
+        return f"replaced the earlier export of this run (step {earlier.get('step')}) in {out}"
+    if not overwrite:
+        source = f"of {was}" if was is not None else "whose export.json cannot be read"
+        raise ConvBertError(f"--output {out}: holds an earlier export {source}, another run; choose a new --output "
+                            "or pass --overwrite to replace it")
+    return f"replaced the earlier export of {was if was is not None else 'another run'} in {out} (--overwrite)"
 
 
 def _tokenizer_casing(run: dict, vocab: Path) -> tuple[dict, str | None]:
@@ -88,9 +108,11 @@ def _tokenizer_casing(run: dict, vocab: Path) -> tuple[dict, str | None]:
                    f"do_lower_case {str(not cased).lower()}; correct it if the data was built otherwise")
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False) -> dict:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: bool = False,
+                      overwrite: bool = False) -> dict:
     """Write a run's (or one checkpoint's) discriminator, and with `generator` the generator, as HF-layout
-    folders with `vocab.txt`; returns what was written and any notes."""
+    folders with `vocab.txt`; returns what was written and any notes. An earlier export of the same run in
+    `output` is replaced; one of another run only with `overwrite`."""
     from convbert.model.config import ConvBertConfig
     from convbert.model.modeling import ConvBertModel
 
@@ -107,7 +129,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
-    _check_output_folder(out, ck)
+    replaced = _check_output_folder(out, ck, overwrite)
     vocab = find_vocab(ck, run)
     rows = run["model_config"].get("vocab_size")
     if isinstance(rows, int):
@@ -169,4 +191,4 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
             write_tokenizer_config(staging / GENERATOR_DIR, **tokenizer,
                                    model_max_length=gconfig.max_position_embeddings)
         write_json_atomic(staging / EXPORT_RECORD, info)
-    return info
+    return {**info, "replaced": replaced}  # (not in export.json: what this invocation did to the folder)
