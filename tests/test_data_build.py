@@ -508,6 +508,14 @@ def test_earlier_datasets_inside_an_input_folder_are_not_read_as_text(corpus, vo
     build_dataset([str(mine)], vocab, str(mine / "earlier"), **SMALL)
     again = build_dataset([str(mine)], vocab, str(tmp_path / "again"), **SMALL)
     assert again["counts"] == alone["counts"] and _files(tmp_path / "again") == _files(tmp_path / "alone")
+    # A dataset given as the input itself (a --data/--input mix-up) is refused, not built from its manifest text.
+    from convbert.data import train_vocab
+
+    with pytest.raises(ConvBertError, match=r"--input .*alone: is a dataset folder written by `convbert build-data`"):
+        build_dataset([str(tmp_path / "alone")], vocab, str(tmp_path / "junk"), **SMALL)
+    with pytest.raises(ConvBertError, match=r"is a dataset folder written by `convbert build-data`"):
+        train_vocab([str(tmp_path / "alone")], 100, str(tmp_path / "v.txt"))
+    assert not (tmp_path / "junk").exists() and not (tmp_path / "v.txt").exists()
 
 
 def test_an_output_inside_the_input_folder_does_not_count_as_a_change(corpus, vocab, tmp_path):

@@ -199,6 +199,10 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
     out = []
     for arg in inputs:
         p = Path(arg)
+        if p.is_dir() and is_dataset_folder(p):  # its shards and manifest.json are not corpus text
+            raise ConvBertError(f"--input {arg}: is a dataset folder written by `convbert build-data` (its shards are "
+                                "token ids, not text); give the text it was built from, or use it as "
+                                "`convbert pretrain --data`")
         if p.is_dir():
             files = [(path, Path(path).relative_to(p).as_posix()) for path in _walk(p, skip)]
             files.sort(key=lambda t: t[1])
