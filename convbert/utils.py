@@ -177,3 +177,28 @@ def read_json_object(path: str | os.PathLike, hint: str = "") -> dict:
     if not isinstance(value, dict):
         raise ConvBertError(f"{path}: holds a JSON {type(value).__name__}, expected an object{tail}")
     return value
+
+
+def folder_kind_hint(path: str | os.PathLike, wanted: str = "model") -> str:
+    """Why `path` is not the kind of folder a command wanted, with what to do, for the errors of `--model`,
+    `--init-from` and `export --checkpoint`: "" when nothing more specific can be said. `wanted`: "model" (an
+    HF-layout model folder) or "checkpoint" (a pre-training run or checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return " (no such folder)"
+    if not path.is_dir():
+        return " (it is a file, not a folder)"
+    if wanted == "model":
+        if (path / "trainer_state.json").is_file():
+            return (f" ({path} is a pre-training checkpoint: export it first, `convbert export --checkpoint {path} "
+                    "--output DIR`, and use DIR)")
+        if (path / "run_config.json").is_file() or (path / "checkpoints").is_dir():
+            return (f" ({path} is a pre-training run folder: export it first, `convbert export --checkpoint {path} "
+                    "--output DIR`, and use DIR)")
+    if wanted == "checkpoint":
+        if (path / "export.json").is_file() or (path / "config.json").is_file():
+            return f" ({path} is already an exported model folder: give it as --model or --init-from as it is)"
+    manifest = path / "manifest.json"
+    if manifest.is_file() and "convbert-pretraining-data" in manifest.read_text("utf-8", errors="replace")[:4096]:
+        return f" ({path} is a dataset folder written by `convbert build-data`, for `convbert pretrain --data`)"
+    return ""

@@ -813,3 +813,39 @@ def test_an_export_of_another_run_is_not_replaced_without_overwrite(tiny_data, t
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(["export", "--checkpoint", str(b), "--output", str(out), "--overwrite"]) == 0
     assert json.loads((out / "export.json").read_text())["checkpoint"].startswith(str(b))
+
+
+def test_a_run_checkpoint_dataset_or_missing_folder_given_as_a_model_says_what_to_do(tiny_data, tmp_path, capsys):
+    """The commonest mix-ups (a run folder where an exported model is wanted, an export where a checkpoint is, a
+    folder that does not exist) name what the folder is and the command that fixes it."""
+    from convbert.cli import main
+    from convbert.pretrain.export import export_checkpoint
+
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, steps=1), progress=False)
+    export_checkpoint(run, tmp_path / "model")
+    train = tmp_path / "t.csv"
+    train.write_text("q,y\nthe cat,a\nthe dog,b\n")
+    step = run / "checkpoints" / "step-00000001"
+    cases = [
+        (["finetune", "--model", str(run), "--train", str(train), "--text-columns", "q", "--label-column", "y",
+          "--output", str(tmp_path / "ft")], f"{run} is a pre-training run folder: export it first, `convbert export "
+                                             f"--checkpoint {run} --output DIR`"),
+        (["finetune", "--model", str(step), "--train", str(train), "--text-columns", "q", "--label-column", "y",
+          "--output", str(tmp_path / "ft")], f"{step} is a pre-training checkpoint: export it first"),
+        (["pretrain", "--data", str(tiny_data["data"]), "--output", str(tmp_path / "r2"), "--size", "tiny",
+          "--init-from", str(run)], "is a pre-training run folder: export it first"),
+        (["glue", "--model", str(tmp_path / "nomodel"), "--glue-dir", str(tmp_path), "--tasks", "rte", "--output",
+          str(tmp_path / "g")], "(no such folder)"),
+        (["predict", "--model", str(run), "--input", str(train), "--output", str(tmp_path / "p.csv")],
+         "is a pre-training run folder: export it first"),
+        (["export", "--checkpoint", str(tmp_path / "model"), "--output", str(tmp_path / "x")],
+         "is already an exported model folder: give it as --model or --init-from as it is"),
+        (["finetune", "--model", str(tiny_data["data"]), "--train", str(train), "--text-columns", "q",
+          "--label-column", "y", "--output", str(tmp_path / "ft")], "is a dataset folder written by `convbert "
+                                                                    "build-data`, for `convbert pretrain --data`"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err, (argv, err)

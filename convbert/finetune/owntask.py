@@ -389,8 +389,11 @@ def predict_file(
         raise ConvBertError(f"--output {output_file}: is a folder; expected a file path such as {output_file}/pred.csv")
     task_path = model_dir / TASK_FILE
     if not task_path.is_file():
-        raise ConvBertError(f"{task_path}: not found (predict needs a folder written by `convbert finetune`, or by "
-                             "`convbert import-tf --task` with a GLUE task name)")
+        from convbert.utils import folder_kind_hint
+
+        hint = folder_kind_hint(model_dir)
+        raise ConvBertError(f"{task_path}: not found{hint or ''} (predict needs a folder written by `convbert "
+                            "finetune`, or by `convbert import-tf --task` with a GLUE task name)")
     try:
         task = json.loads(task_path.read_text(encoding="utf-8"))
         trained_columns = task["text_columns"]

@@ -55,8 +55,8 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files, read_config
-from convbert.utils import (read_json_object, remove_stale_temporaries, sha256_file, write_json_atomic,
-                            write_text_atomic)
+from convbert.utils import (folder_kind_hint, read_json_object, remove_stale_temporaries, sha256_file,
+                            write_json_atomic, write_text_atomic)
 
 DISPLAY = {
     "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
@@ -238,9 +238,11 @@ def check_inputs(opts: GlueOptions) -> None:
             raise ConvBertError(f"--submission-seed {seed}: not one of --seeds ({', '.join(map(str, opts.seeds))})")
     md = opts.model_dir
     if not (md / "config.json").is_file():
-        raise ConvBertError(f"{md}: no config.json (expected an HF-layout ConvBERT folder with vocab.txt)")
+        hint = folder_kind_hint(md) or " (expected an HF-layout ConvBERT folder with vocab.txt)"
+        raise ConvBertError(f"{md}: no config.json{hint}")
     if not (md / "vocab.txt").is_file():
-        raise ConvBertError(f"{md}: no vocab.txt (a model folder is HF layout plus its vocab.txt)")
+        hint = folder_kind_hint(md) or " (a model folder is HF layout plus its vocab.txt)"
+        raise ConvBertError(f"{md}: no vocab.txt{hint}")
     mp = read_json_object(md / "config.json").get("max_position_embeddings")
     if isinstance(mp, int) and opts.cfg.max_seq_length > mp:
         raise ConvBertError(

@@ -106,7 +106,11 @@ def load_tokenizer(model_dir: str | os.PathLike):
     model_dir = Path(model_dir)
     vocab = model_dir / "vocab.txt"
     if not vocab.is_file():
-        raise ConvBertError(f"{model_dir}: no vocab.txt (a model folder is HF layout plus the vocab.txt it was built with)")
+        from convbert.utils import folder_kind_hint
+
+        hint = folder_kind_hint(model_dir)
+        hint = hint or " (a model folder is HF layout plus the vocab.txt it was built with)"
+        raise ConvBertError(f"{model_dir}: no vocab.txt{hint}")
     lower, strip = True, None
     tc = model_dir / "tokenizer_config.json"
     if tc.is_file():

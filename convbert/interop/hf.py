@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from convbert.errors import ConvBertError
 from convbert.model.config import ConvBertConfig
-from convbert.utils import atomic_path, read_json_object, write_json_atomic
+from convbert.utils import atomic_path, folder_kind_hint, read_json_object, write_json_atomic
 
 if TYPE_CHECKING:
     from convbert.model.modeling import ConvBertModel
@@ -38,7 +38,8 @@ def read_config(path: Path) -> ConvBertConfig:
     """The ConvBertConfig of an HF-layout folder's `config.json` (ConvBERT or ELECTRA)."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ConvBertError(f"{config_file}: not found (an HF-layout model folder needs config.json)")
+        hint = folder_kind_hint(path)
+        raise ConvBertError(f"{config_file}: not found{hint or ' (an HF-layout model folder needs config.json)'}")
     return ConvBertConfig.from_hf_dict(read_json_object(config_file), source=str(config_file))
 
 

@@ -285,7 +285,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             return latest
     if not path.exists():
         raise ConvBertError(f"{path}: no such checkpoint or run folder")
-    raise ConvBertError(f"{path}: no complete checkpoint found (expected {STATE_FILE} in it or in checkpoints/step-*/)")
+    from convbert.utils import folder_kind_hint
+
+    hint = folder_kind_hint(path, "checkpoint")
+    hint = hint or f" (expected {STATE_FILE} in it or in checkpoints/step-*/)"
+    raise ConvBertError(f"{path}: no complete checkpoint found{hint}")
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:

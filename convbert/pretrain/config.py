@@ -293,7 +293,7 @@ def _recorded_settings(output) -> tuple[dict, Path | None]:
         return {}, None
     from convbert.utils import read_json_object
 
-    saved = read_json_object(record, "the run's settings; fix or remove the file, or choose a new --output")
+    saved = read_json_object(record, "restore the run's record, or start a new --output")
     values = saved.get("pretrain")
     return (values, record) if isinstance(values, dict) else ({}, None)
 
