@@ -448,3 +448,32 @@ def test_submission_flags_without_predict_are_named_as_unused(env, tmp_path, cap
     _, model, glue = env
     assert _glue(model, glue, tmp_path / "o", "rte", "--wnli", "model", "--submission-seed", "1") == 0
     assert "note: --wnli model, --submission-seed only apply with --predict" in capsys.readouterr().err
+
+
+def test_a_glue_folder_with_some_tasks_names_the_missing_and_the_found_ones(env, tmp_path, capsys):
+    """Only SST-2 and RTE downloaded: the default --tasks all names every missing task and the --tasks that runs
+    the ones there; with --predict and no WNLI folder the error says why WNLI is needed and how to do without it."""
+    import shutil
+
+    _, model, glue = env
+    part = tmp_path / "glue"
+    for name in ("SST-2", "RTE"):
+        shutil.copytree(glue / name, part / name)
+    base = ["glue", "--model", str(model), "--glue-dir", str(part), *QUICK]
+    assert main(base + ["--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{part}: no train.tsv for tasks cola, mrpc, sts, qqp, mnli, qnli, wnli (found: sst, rte; pass --tasks "
+            "sst,rte to run only those)") in err
+    assert main(base + ["--tasks", "sst,rte", "--predict", "--output", str(tmp_path / "b")]) == 2
+    assert "--predict needs every GLUE task" in capsys.readouterr().err
+    assert main(base + ["--tasks", "all", "--predict", "--output", str(tmp_path / "c")]) == 2
+    capsys.readouterr()
+    shutil.copytree(glue, tmp_path / "nownli")
+    shutil.rmtree(tmp_path / "nownli" / "WNLI")
+    args = ["glue", "--model", str(model), "--glue-dir", str(tmp_path / "nownli"), "--tasks",
+            "cola,sst,mrpc,sts,qqp,mnli,qnli,rte", "--predict", "--output", str(tmp_path / "d"), *QUICK]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ("no WNLI train.tsv; the submission's WNLI.tsv is its training majority class (the BERT/ELECTRA rule): "
+            "add the WNLI folder, pass --wnli model with wnli in --tasks, or --fill-missing") in err
+    assert not (tmp_path / "d" / "runs").exists()  # refused before training

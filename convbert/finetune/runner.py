@@ -251,6 +251,14 @@ def check_inputs(opts: GlueOptions) -> None:
         )
     if not opts.glue_dir.is_dir():
         raise ConvBertError(f"{opts.glue_dir}: GLUE folder not found (run `convbert glue-download --output DIR`)")
+    absent = [t for t in opts.tasks if t != "ax" and find_split_file(opts.glue_dir, t, "train") is None]
+    if absent:
+        present = [t for t in GLUE_TASKS if find_split_file(opts.glue_dir, t, "train") is not None]
+        where = (f"found: {', '.join(present)}; pass --tasks {','.join(present)} to run only those" if present else
+                 "no GLUE task folder found there; run `convbert glue-download` or point --glue-dir at the folder "
+                 "holding the task folders (CoLA/, SST-2/, … or cola/, sst/, …)")
+        which = f"task {absent[0]}" if len(absent) == 1 else f"tasks {', '.join(absent)}"
+        raise ConvBertError(f"{opts.glue_dir}: no train.tsv for {which} ({where})")
     for t in opts.tasks:
         if t == "ax":
             continue
@@ -655,14 +663,17 @@ def _check_submission_coverage(opts: GlueOptions, train_tasks: list[str]) -> Non
         n for n in SUBMISSION_FILES
         if SUBMISSION_SOURCE[n] not in covered and not (n == "WNLI" and opts.wnli_majority)
     ]
-    if opts.wnli_majority:
-        require_split_file(opts.glue_dir, "wnli", "train")  # the majority class
-        require_split_file(opts.glue_dir, "wnli", "test")  # the rows to fill
     if missing:
         raise ConvBertError(
             "--predict needs every GLUE task for a submission; not run: " + ", ".join(missing)
             + " (add them to --tasks, AX comes from mnli; or pass --fill-missing to fill them with a constant)"
         )
+    if opts.wnli_majority:
+        for split, why in (("train", "its training majority class"), ("test", "one row per test example")):
+            if find_split_file(opts.glue_dir, "wnli", split) is None:
+                raise ConvBertError(
+                    f"{opts.glue_dir}: no WNLI {split}.tsv; the submission's WNLI.tsv is {why} (the BERT/ELECTRA "
+                    "rule): add the WNLI folder, pass --wnli model with wnli in --tasks, or --fill-missing")
 
 
 def choose_run(cands: list[dict], how: str, task: str) -> dict | None:
