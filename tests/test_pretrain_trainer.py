@@ -849,3 +849,26 @@ def test_a_run_checkpoint_dataset_or_missing_folder_given_as_a_model_says_what_t
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert expected in err, (argv, err)
+
+
+def test_a_batch_job_log_gets_status_lines_not_a_progress_bar(tiny_data, tmp_path, capsys, monkeypatch):
+    """stderr that is not a terminal (pytest's capture, a Slurm log): no carriage-return frames, but a status line
+    with step, loss, tokens/s and ETA (here every step: status_every 0) and one line before each held-out
+    evaluation saying how many examples it reads."""
+    from convbert.pretrain import logging as run_logging
+
+    original = run_logging.RunLogger.__init__
+
+    def every_step(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "status_every": 0.0})
+
+    monkeypatch.setattr(run_logging.RunLogger, "__init__", every_step)
+    run_pretraining(cfg_for(tiny_data, tmp_path / "run", steps=3, eval_batches=2), progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "evaluating 64 held-out examples (2 batches)" in err  # 2 batches of tiny's eval_batch_size 32
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(",")[0] for line in lines] == ["step 1/3 (33.3 %)", "step 2/3 (66.7 %)", "step 3/3 (100.0 %)"]
+    assert "tok/s" in lines[1] and "ETA 0:00:00" in lines[-1] and "loss " in lines[0]
+    run_pretraining(cfg_for(tiny_data, tmp_path / "quiet", steps=2), progress=False)
+    assert "step 1/2" not in capsys.readouterr().err

@@ -101,7 +101,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float,
                    help="seconds of training in this invocation; then checkpoint, evaluate and stop (re-run continues)")
     p.add_argument("--log-every", type=int, help="write a JSONL/TensorBoard record every N steps (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a status line (step, loss, tokens/s, ETA) every minute instead, as when "
+                        "stderr is not a terminal (a batch job's log)")
     p.set_defaults(func=run_pretrain)
 
 
@@ -125,7 +127,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from convbert.pretrain.trainer import run_pretraining
 
     cfg = resolve_config(args.size, args.config, pretrain_flags(args), args.set)
-    result = run_pretraining(cfg, resume=True if args.resume else None, progress=not args.no_progress)
+    result = run_pretraining(cfg, resume=True if args.resume else None,
+                             progress="lines" if args.no_progress else True)
     ev = result.get("eval") or {}
     if result.get("finished") and ev:
         auc = ev.get("disc_auc")

@@ -111,14 +111,31 @@ class NullLogger:
     def message(self, *a, **k) -> None: ...
     def close(self, *a, **k) -> None: ...
 
+    def eval_batches(self, batches, total: int, examples: int):
+        return batches
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
 
 class RunLogger:
-    def __init__(self, run_dir: str | os.PathLike, total_steps: int, *, progress: bool = True,
-                 tensorboard: bool = True, log_every: int = 1) -> None:
+    """`progress`: True = a progress bar on a terminal, and a status line every `status_every` seconds where
+    stderr is not one (a batch job's log, where a bar's carriage returns pile up); "lines" = status lines only
+    (`--no-progress`); False = neither."""
+
+    def __init__(self, run_dir: str | os.PathLike, total_steps: int, *, progress: bool | str = True,
+                 tensorboard: bool = True, log_every: int = 1, status_every: float = 60.0) -> None:
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.log_every = max(1, int(log_every))
         self.progress = progress
+        isatty = getattr(sys.stderr, "isatty", lambda: False)
+        self.mode = ("bar" if progress is True and isatty() else "lines" if progress else "quiet")
+        self.status_every = float(status_every)
+        self._last_status = 0.0
         self._f = None
         self._bar = None
         self._tb = None
@@ -134,7 +151,7 @@ class RunLogger:
         truncate_log(self.run_dir / LOG_FILE, step if step else -1)
         self._f = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
         self._start_step = step
-        self._t0 = time.perf_counter()
+        self._t0 = self._last_status = time.perf_counter()
         if self._tb_enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -145,7 +162,7 @@ class RunLogger:
             except Exception as err:  # tensorboard not installed or broken
                 self.message(f"TensorBoard logging disabled ({type(err).__name__}: {err})")
                 self._tb = None
-        if self.progress:
+        if self.mode == "bar":
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -206,6 +223,26 @@ class RunLogger:
             if tps is not None:
                 post["tok/s"] = f"{tps:,.0f}"
             self._bar.set_postfix(post, refresh=False)
+        elif self.mode == "lines" and (now - self._last_status >= self.status_every or step == self.total_steps):
+            self._last_status = now
+            done = step - self._start_step
+            eta = (now - self._t0) / done * (self.total_steps - step) if done > 0 else float("nan")
+            rate = f", {tps:,.0f} tok/s" if tps is not None else ""
+            self.message(f"step {step:,}/{self.total_steps:,} ({100 * step / max(1, self.total_steps):.1f} %), "
+                         f"loss {metrics.get('loss', float('nan')):.4f}{rate}, elapsed {_duration(now - self._t0)}"
+                         + (f", ETA {_duration(eta)}" if math.isfinite(eta) else ""))
+
+    def eval_batches(self, batches, total: int, examples: int):
+        """The held-out batches, with a transient bar (or one line) saying what the pause is for: a large held-out
+        set takes minutes before the first step."""
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            return tqdm(batches, total=total, desc="held-out eval", unit="batch", leave=False, file=sys.stderr,
+                        dynamic_ncols=True)
+        if self.mode == "lines":
+            self.message(f"evaluating {examples:,} held-out examples ({total} batches)")
+        return batches
 
     def eval(self, step: int, metrics: dict) -> None:
         self._write({"kind": "eval", "step": step, **metrics})

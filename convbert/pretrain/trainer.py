@@ -532,9 +532,12 @@ class Trainer:
         result = None
         if self.dist.is_main:
             t0 = time.perf_counter()
+            n = min(self.cfg.eval_batches, -(-len(self.data.eval) // self.cfg.eval_batch_size))
+            examples = min(len(self.data.eval), self.cfg.eval_batches * self.cfg.eval_batch_size)
             result = evaluate(
                 self.model,
-                sequential_batches(self.data.eval, self.cfg.eval_batch_size, self.cfg.eval_batches),
+                self.logger.eval_batches(
+                    sequential_batches(self.data.eval, self.cfg.eval_batch_size, self.cfg.eval_batches), n, examples),
                 self.mask, device=self.device, seed=self.cfg.seed + 99991, max_batches=self.cfg.eval_batches,
                 autocast=self.autocast,
             )
