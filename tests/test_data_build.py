@@ -672,3 +672,23 @@ def test_train_vocab_on_text_the_normaliser_removes_is_an_empty_corpus(tmp_path)
     with pytest.raises(ConvBertError, match="empty corpus: .*zw.txt holds no text the tokenizer keeps"):
         train_vocab([str(corpus)], 100, str(tmp_path / "vocab.txt"))
     assert not (tmp_path / "vocab.txt").exists()
+
+
+def test_short_examples_from_blank_line_paragraphs_get_a_note_with_the_fix(vocab, tmp_path, capsys):
+    """Paragraphs separated by blank lines in one long document: --docs blank-lines (the default) makes each a
+    document of a few tokens, so most of every padded example is padding; build-data and data-stats say so and
+    name --docs files, which packs full examples and gets no note."""
+    words = Path(vocab).read_text(encoding="utf-8").split()[5:80]
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(120)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "book.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    common = ["--input", str(tmp_path / "in"), "--vocab", str(vocab), "--max-seq-length", "64", "--no-progress"]
+    assert cli_main(["build-data", *common, "--output", str(tmp_path / "blank")]) == 0
+    err = capsys.readouterr().err
+    assert "note: examples average" in err and "of 64 tokens" in err and "--docs files" in err
+    assert cli_main(["data-stats", str(tmp_path / "blank")]) == 0
+    assert "--docs files" in capsys.readouterr().out
+    assert cli_main(["build-data", *common, "--docs", "files", "--output", str(tmp_path / "files")]) == 0
+    assert "note: examples average" not in capsys.readouterr().err
+    assert cli_main(["data-stats", str(tmp_path / "files")]) == 0
+    assert "note: examples average" not in capsys.readouterr().out

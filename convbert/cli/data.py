@@ -75,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from convbert.data.build import build_dataset
+    from convbert.data.stats import short_examples_note
 
     t0 = time.monotonic()
     m = build_dataset(
@@ -90,6 +91,9 @@ def run_build(args: argparse.Namespace) -> int:
           f"{m['bytes_on_disk']:,} bytes ({m['bytes_per_token']} bytes/token)")
     print(f"  {c['files']:,} files or JSONL records, {c['lines']:,} lines; single segment {100 * c['single_segment'] / ex:.1f} %"
           f", two segments {100 * c['two_segment'] / ex:.1f} %; {dt:.1f} s")
+    note = short_examples_note(c["tokens"] / ex, m["max_seq_length"], m["settings"].get("docs"))
+    if note and c["examples"]:
+        print(f"  note: {note}", file=sys.stderr)
     if c["invalid_utf8"]:
         print(f"  warning: {c['invalid_utf8']:,} invalid UTF-8 sequences replaced in {c['files_with_invalid_utf8']} "
               "file(s) or 16 MiB parts of larger ones", file=sys.stderr)

@@ -88,6 +88,23 @@ def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:
     }
 
 
+def short_examples_note(mean_length: float, max_seq_length: int, docs: str | None) -> str | None:
+    """A note when examples fill less than half of max_seq_length on average: pre-training pads every example to
+    full length, so most of its compute would go to padding. With blank-line documents the usual cause is a corpus
+    whose blank lines separate paragraphs, not documents."""
+    if not max_seq_length or mean_length >= 0.5 * max_seq_length:
+        return None
+    note = (f"examples average {mean_length:.1f} of {max_seq_length} tokens, so pre-training (which pads to "
+            f"{max_seq_length}) would spend {100 * (1 - mean_length / max_seq_length):.0f} % of its compute on "
+            "padding")
+    if docs == "blank-lines":
+        note += ("; every blank line ends a document here (--docs blank-lines): if they separate paragraphs of "
+                 "longer documents, one document per file (--docs files) packs full examples")
+    else:
+        note += "; the documents are short (examples do not cross documents, as in the original builder)"
+    return note
+
+
 def format_stats(s: dict) -> str:
     lines = [
         f"dataset          {s['path']}",
@@ -112,4 +129,7 @@ def format_stats(s: dict) -> str:
         share = h["examples"] / s["examples"] if s["examples"] else 0.0
         bar = "#" * round(40 * h["examples"] / top)
         lines.append(f"  {h['from']:>5}-{h['to']:<5} {h['examples']:>12,} {100 * share:5.1f} % {bar}")
+    note = short_examples_note(s["mean_length"], s["max_seq_length"], s["settings"].get("docs"))
+    if note and s["examples"]:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
