@@ -872,3 +872,20 @@ def test_a_batch_job_log_gets_status_lines_not_a_progress_bar(tiny_data, tmp_pat
     assert "tok/s" in lines[1] and "ETA 0:00:00" in lines[-1] and "loss " in lines[0]
     run_pretraining(cfg_for(tiny_data, tmp_path / "quiet", steps=2), progress=False)
     assert "step 1/2" not in capsys.readouterr().err
+
+
+def test_init_from_with_another_size_names_the_architecture_and_the_recipe(tiny_data, tmp_path, capsys):
+    """--size with --init-from only picks the recipe: the header and export.json say which architecture it is."""
+    from convbert.pretrain.export import export_checkpoint
+
+    run_pretraining(cfg_for(tiny_data, tmp_path / "a", steps=1), progress=False)
+    export_checkpoint(tmp_path / "a", tmp_path / "m")
+    flags = dict(data=str(tiny_data["data"]), output=str(tmp_path / "b"), steps=1, batch_size=8, eval_batches=1,
+                 threads=1, init_from=str(tmp_path / "m"))
+    capsys.readouterr()
+    run_pretraining(resolve_config("small", None, flags, []), progress=False)
+    err = capsys.readouterr().err
+    assert f"pre-training the tiny model from {tmp_path / 'm'} with the small recipe" in err
+    assert "parameters (generator + discriminator, vocab 600)" in err
+    info = export_checkpoint(tmp_path / "b", tmp_path / "m2")
+    assert (info["size"], info["architecture"]) == ("small", "tiny")

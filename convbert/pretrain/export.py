@@ -56,6 +56,13 @@ def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
     )
 
 
+def _architecture(config) -> str | None:
+    """The preset whose architecture the exported model has (None for a custom one)."""
+    from convbert.interop.tf import matching_preset
+
+    return matching_preset(config)
+
+
 def _run_folder(ck: Path) -> Path:
     return ck.parent.parent if ck.parent.name == "checkpoints" else ck
 
@@ -175,7 +182,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         "total_steps": state.get("total_steps"),
         "objective": objective,
         "attention": run.get("pretrain", {}).get("attention"),
-        "size": run.get("pretrain", {}).get("size"),
+        "size": run.get("pretrain", {}).get("size"),  # the recipe's size (with --init-from, not the architecture)
+        "architecture": _architecture(config),
         "tokenizer": tokenizer,
         "written": written,
         "notes": notes,

@@ -708,9 +708,17 @@ class Trainer:
         self.logger.start(self.step)
         if self.dist.is_main:
             r = self.resolved()
+            what = cfg.size
+            if cfg.init_from:  # the architecture is the init model's; --size only chose the recipe
+                from convbert.interop.tf import matching_preset
+
+                mc = self.model_config
+                arch = matching_preset(mc) or f"{mc.num_hidden_layers}-layer, hidden {mc.hidden_size}"
+                what = f"the {arch} model from {cfg.init_from} with the {cfg.size} recipe"
             self.logger.message(
-                f"pre-training {cfg.size} ({cfg.objective}, attention {cfg.attention}): "
-                f"{r['parameters']['total']:,} parameters, {cfg.steps:,} steps, global batch {cfg.batch_size} "
+                f"pre-training {what} ({cfg.objective}, attention {cfg.attention}): "
+                f"{r['parameters']['total']:,} parameters (generator + discriminator, vocab "
+                f"{self.model_config.vocab_size:,}), {cfg.steps:,} steps, global batch {cfg.batch_size} "
                 f"({self.dist.world_size} rank(s) × {cfg.grad_accum} accumulation × {self.micro_batch}), "
                 f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
             )
