@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from convbert.cli import main
 
 
@@ -89,3 +91,28 @@ def test_info_kernels_follows_the_gemm_override():
     out = subprocess.run([sys.executable, "-m", "convbert", "info", "--kernels", "--json"], capture_output=True,
                          text=True, env=env, check=True).stdout
     assert json.loads(out)["cpu_gemm"] == "blas"
+
+
+def test_top_level_help_gives_the_workflow_and_an_interrupted_resumable_command_says_how_to_continue(
+        capsys, monkeypatch, tmp_path):
+    import convbert.data.build as build
+    from convbert.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse prints the help and exits 0
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    order = [out.index(f"convbert {c} ") for c in ("train-vocab", "build-data", "pretrain", "export", "glue")]
+    assert order == sorted(order) and "convbert quickstart" in out
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_dataset", interrupted)
+    (tmp_path / "c.txt").write_text("a b\n")
+    (tmp_path / "v.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb\n")
+    rc = main(["build-data", "--input", str(tmp_path / "c.txt"), "--vocab", str(tmp_path / "v.txt"), "--output",
+               str(tmp_path / "d")])
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == ("convbert build-data: interrupted; re-run the same command to continue "
+                                               "(finished shards are kept)")

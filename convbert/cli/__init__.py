@@ -70,10 +70,32 @@ def _remove_if_new_and_empty(path: str | None, existed: bool) -> None:
         pass
 
 
+# What re-running an interrupted command does (the others start over; their outputs are written whole or not at all)
+RESUMABLE = {
+    "build-data": "re-run the same command to continue (finished shards are kept)",
+    "pretrain": "re-run the same command to continue from the last checkpoint",
+    "glue": "re-run the same command to continue (finished runs are kept)",
+    "quickstart": "re-run the same command to continue",
+}
+
+WORKFLOW = """\
+the usual order:
+  convbert train-vocab   (or use a published vocab.txt)
+  convbert build-data    raw text -> packed 128-token shards
+  convbert pretrain      ELECTRA replaced-token detection (torchrun for several GPUs)
+  convbert export        a checkpoint -> an HF-layout model folder
+  convbert glue          GLUE fine-tuning, results and submission.zip
+  convbert finetune      your own CSV/TSV/JSONL task, then convbert predict
+released weights: convbert import-tf (TF checkpoints) or any HF-layout folder as --model / --init-from.
+a demo on CPU in minutes: convbert quickstart.  each command: convbert COMMAND --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convbert",
         description="ConvBERT: build data, pre-train (ELECTRA replaced-token detection), fine-tune and evaluate on GLUE.",
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"convbert {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full Python tracebacks on errors")
@@ -109,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convbert {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"convbert {args.command}: interrupted", file=sys.stderr)
+        again = RESUMABLE.get(args.command)
+        print(f"convbert {args.command}: interrupted" + (f"; {again}" if again else ""), file=sys.stderr)
         return 130
     except OSError as err:  # a path that cannot be created, read or written: name it, no traceback
         if debug:
