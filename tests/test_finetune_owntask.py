@@ -294,3 +294,34 @@ def test_an_earlier_output_of_another_model_or_training_file_is_not_replaced_sil
                       progress=False)
     (tmp_path / "new.csv").write_text("q,a\nthe cat,sat\n")
     assert predict_file(str(tmp_path / "api"), str(tmp_path / "new.csv"), str(tmp_path / "p.csv")) == 1
+
+
+def test_default_columns_and_kept_input_columns_in_predictions(model, tmp_path, capsys):
+    """A file whose header is text,label needs no column flags; --keep-columns copies input columns (an id, the
+    text) into each prediction row, in CSV and JSONL; an unknown or clashing column is refused."""
+    rows = ["text,label"] + [f"the {a} sat,{a}" for a in ("cat", "dog")] * 4
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    assert main(["finetune", "--model", str(model), "--train", str(tmp_path / "train.csv"), "--output",
+                 str(tmp_path / "ft"), *QUICK]) == 0
+    task = json.loads((tmp_path / "ft" / "finetune_task.json").read_text())
+    assert task["text_columns"] == ["text"] and task["label_column"] == "label"
+    (tmp_path / "new.csv").write_text('id,text\nA7,the cat sat\nB9,"the dog, sat"\n')
+    assert main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "new.csv"), "--output",
+                 str(tmp_path / "p.csv"), "--keep-columns", "id,text"]) == 0
+    with open(tmp_path / "p.csv", newline="") as f:
+        got = list(csv.reader(f))
+    assert got[0] == ["index", "id", "text", "label", "prob_cat", "prob_dog"]
+    assert [r[:3] for r in got[1:]] == [["0", "A7", "the cat sat"], ["1", "B9", "the dog, sat"]]
+    assert main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "new.csv"), "--output",
+                 str(tmp_path / "p.jsonl"), "--keep-columns", "id"]) == 0
+    first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert first["id"] == "A7" and first["index"] == 0 and set(first["probabilities"]) == {"cat", "dog"}
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "new.csv"), "--output",
+                 str(tmp_path / "q.csv"), "--keep-columns", "idx"]) == 2
+    assert "has no column 'idx' (columns: id, text)" in capsys.readouterr().err
+    (tmp_path / "clash.csv").write_text("label,text\nx,the cat\n")
+    assert main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "clash.csv"), "--output",
+                 str(tmp_path / "q.csv"), "--keep-columns", "label"]) == 2
+    assert "label would clash with the prediction's own columns" in capsys.readouterr().err
+    assert not (tmp_path / "q.csv").exists()

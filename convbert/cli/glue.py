@@ -162,6 +162,7 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         file_format=args.format,
         text_columns=[c.strip() for c in args.text_columns.split(",")] if args.text_columns else None,
+        keep_columns=[c.strip() for c in args.keep_columns.split(",")] if args.keep_columns else None,
     )
     return 0
 
@@ -252,8 +253,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="HF-layout ConvBERT folder with its vocab.txt")
     p.add_argument("--train", required=True, help="training file (.csv, .tsv or .jsonl)")
     p.add_argument("--dev", default=None, help="dev file in the same format (evaluated after training)")
-    p.add_argument("--text-columns", required=True, help="one or two text columns: a or a,b")
-    p.add_argument("--label-column", required=True, help="the label column")
+    p.add_argument("--text-columns", default="text", help="one or two text columns: a or a,b (default text)")
+    p.add_argument("--label-column", default="label", help="the label column (default label)")
     p.add_argument("--regression", action="store_true", help="numeric labels, one output, squared error")
     p.add_argument("--symmetric", action="store_true",
                    help="sentence-pair task where order does not matter: double training with swapped sentences")
@@ -280,6 +281,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-columns", default=None,
                    help="this file's text columns, if named otherwise than in training (as many as the model "
                         "was fine-tuned on)")
+    p.add_argument("--keep-columns", default=None,
+                   help="input columns to copy into the output beside each prediction (a comma list, e.g. id or "
+                        "id,text), so it need not be joined back by row number")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="input format (default: extension)")
     p.set_defaults(func=cmd_predict)

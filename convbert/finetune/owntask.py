@@ -379,7 +379,10 @@ def predict_file(
     batch_size: int = 32,
     file_format: str | None = None,
     text_columns: list[str] | None = None,
+    keep_columns: list[str] | None = None,
 ) -> int:
+    """Label `input_file` with the fine-tuned model in `model_dir`; `keep_columns`: input columns copied into each
+    output row (before the prediction), e.g. an id. Returns the number of rows written."""
     from convbert.model.heads import ConvBertForSequenceClassification
 
     model_dir, input_file, output_file = Path(model_dir), Path(input_file), Path(output_file)
@@ -425,17 +428,27 @@ def predict_file(
         raise ConvBertError(f"{task_path}: max_seq_length {max_len} is longer than the model's "
                             f"{model.config.max_position_embeddings} positions")
     cols, rows = read_table(input_file, file_format)
+    keep = list(keep_columns or [])
+    for name in keep:
+        if not name or name not in cols:
+            raise ConvBertError(f"--keep-columns {','.join(keep)}: {input_file} has no column {name!r} (columns: "
+                                f"{', '.join(cols) or 'none'})")
+    reserved = sorted(set(keep) & ({"index", "label", "score", "probabilities"} | {f"prob_{l}" for l in labels or []}))
+    if reserved:
+        raise ConvBertError(f"--keep-columns: {', '.join(reserved)} would clash with the prediction's own columns")
+    values = {name: _column_values(input_file, cols, rows, name, "text") for name in keep}
+    kept = [{name: values[name][i] for name in keep} for i in range(len(rows))]
     a, b = _texts(input_file, cols, rows, cols_needed)
     feats = featurize(a, b, [None] * len(a), tokenizer, max_len, labels, regression_scale=1.0)
     out = predict_logits(model, feats, batch_size, pad_to_max)
     records = []
     if regression:
         for i, v in enumerate(out.reshape(-1)):
-            records.append({"index": i, "score": float(v)})
+            records.append({"index": i, **kept[i], "score": float(v)})
     else:
         probs = softmax(out.astype(np.float64))
         for i, p in enumerate(probs):
-            records.append({"index": i, "label": labels[int(p.argmax())],
+            records.append({"index": i, **kept[i], "label": labels[int(p.argmax())],
                             "probabilities": {l: float(x) for l, x in zip(labels, p)}})
     with atomic_path(output_file) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -445,12 +458,13 @@ def predict_file(
             else:
                 w = csv.writer(f, delimiter="," if out_fmt == "csv" else "\t", lineterminator="\n")
                 if regression:
-                    w.writerow(["index", "score"])
+                    w.writerow(["index", *keep, "score"])
                     for r in records:
-                        w.writerow([r["index"], f"{r['score']:.6g}"])
+                        w.writerow([r["index"], *(r[k] for k in keep), f"{r['score']:.6g}"])
                 else:
-                    w.writerow(["index", "label"] + [f"prob_{l}" for l in labels])
+                    w.writerow(["index", *keep, "label"] + [f"prob_{l}" for l in labels])
                     for r in records:
-                        w.writerow([r["index"], r["label"]] + [f"{r['probabilities'][l]:.6f}" for l in labels])
+                        w.writerow([r["index"], *(r[k] for k in keep), r["label"]]
+                                   + [f"{r['probabilities'][l]:.6f}" for l in labels])
     print(f"wrote {len(records)} predictions to {output_file}")
     return len(records)
