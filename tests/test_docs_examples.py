@@ -36,7 +36,7 @@ def run_blocks(doc: str, cwd: Path, timeout: int = 600) -> str:
 
 
 def test_the_block_reader_finds_every_python_block_and_only_those():
-    assert len(python_blocks("docs/python-api.md")) == 5
+    assert len(python_blocks("docs/python-api.md")) == 6
     assert len(python_blocks("README.md")) == 1
     assert all("convbert" in b for b in python_blocks("docs/python-api.md"))
 
@@ -67,6 +67,7 @@ def test_python_api_walkthrough(tmp_path, transformers_module):
     work = tmp_path / "work"
     for path in ("vocab.txt", "data/manifest.json", "data/eval/manifest.json", "run/run_config.json",
                  "model/config.json", "model/vocab.txt", "copy/model.safetensors", "classifier/head.json",
+                 "own-task/finetune_task.json", "pred.csv",
                  "glue/results.md", "glue/runs/rte-seed2.json", "glue/runs/sts-seed1.json"):
         assert (work / path).is_file(), path
     # the pre-training ran its 40 steps and evaluated; transformers reads the export and agrees with ours
@@ -84,6 +85,10 @@ def test_python_api_walkthrough(tmp_path, transformers_module):
     diff = float(re.search(r"max \|ours - transformers\| = (\S+)", out).group(1))
     assert diff < 1e-5
     assert "torch.Size([1, 5, 64])" in out
+    # the file-based own task: as many predictions as training rows, with the text kept beside each
+    n = re.search(r"^(\d+) examples; (\d+) predictions$", out, re.M)
+    assert n and n.group(1) == n.group(2) and int(n.group(1)) > 100, out
+    assert (work / "pred.csv").read_text().splitlines()[0] == "index,text,label,prob_original,prob_shuffled"
     config = json.loads((work / "model" / "config.json").read_text())
     heads = config["num_attention_heads"] // config["head_ratio"]
     assert f"{config['num_hidden_layers']} torch.Size([1, {heads}, 5, 5])" in out  # the attentions line
