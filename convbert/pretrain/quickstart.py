@@ -283,6 +283,9 @@ def quickstart(output: str | Path = "convbert-quickstart", *, minutes: float = 6
             f"from pre-trained {ft['pretrained']['dev']['accuracy']:.4f}, "
             f"from untrained {ft['untrained']['dev']['accuracy']:.4f}"
         )
+        if ft["pretrained"]["dev"]["accuracy"] <= ft["untrained"]["dev"]["accuracy"]:
+            lines.append(f"note: {result['step']} pre-training steps were too few to help this task (it takes a few "
+                         "hundred: the default --minutes 6 gives ~600 on 2 CPU cores); give more --minutes")
     lines += [f"curves: {summary['plot']}", f"model:  {summary['model']}", f"summary: {out / 'summary.json'}"]
     print("\n".join(lines), flush=True)
     return summary
