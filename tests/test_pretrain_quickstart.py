@@ -46,3 +46,19 @@ def test_the_demo_takes_more_threads_only_when_they_are_clearly_faster():
     assert pick_threads({1: 0.200, 2: 0.180}) == 1  # 1.11x: not worth the risk of a busier machine later
     assert pick_threads({1: 0.186, 2: 0.123, 4: 0.110}) == 2  # 4 threads are not 1.25x faster than 2
     assert pick_threads({1: 0.3}) == 1
+
+
+def test_ctrl_c_in_pre_training_stops_the_demo_not_only_the_training(tmp_path, monkeypatch):
+    """Pre-training answers Ctrl-C by checkpointing and returning; the demo must then stop too (exit 130 from the
+    CLI), not go on to export and fine-tune a half-trained model as if it had finished."""
+    import convbert.pretrain.trainer as trainer
+    from convbert.pretrain.quickstart import quickstart
+
+    def stopped(cfg, **kwargs):
+        return {"step": 3, "resumed": False, "finished": False, "timed_out": False, "stopped_by": "SIGINT",
+                "eval": None, "bad_steps": 0}
+
+    monkeypatch.setattr(trainer, "run_pretraining", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        quickstart(tmp_path / "qs", minutes=0.6, max_chars=60_000, vocab_size=400, max_seq_length=32, threads=1)
+    assert not (tmp_path / "qs" / "model").exists()

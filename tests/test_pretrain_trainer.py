@@ -889,3 +889,46 @@ def test_init_from_with_another_size_names_the_architecture_and_the_recipe(tiny_
     assert "parameters (generator + discriminator, vocab 600)" in err
     info = export_checkpoint(tmp_path / "b", tmp_path / "m2")
     assert (info["size"], info["architecture"]) == ("small", "tiny")
+
+
+def test_a_signal_during_a_held_out_evaluation_checkpoints_at_once_and_the_evaluation_runs_on_resume(
+        tiny_data, tmp_path, monkeypatch):
+    """A scheduler's grace period (~30 s) may be shorter than an evaluation: the evaluation stops at the next batch,
+    the step is checkpointed, and the resumed run evaluates that step first, so the records and weights equal an
+    uninterrupted run's."""
+    import os
+    import signal
+
+    import convbert.pretrain.trainer as trainer_module
+
+    flags = dict(steps=8, save_every=8, eval_every=4, eval_batches=3, sets=["eval_batch_size=4"])
+    full = tmp_path / "full"
+    run_pretraining(cfg_for(tiny_data, full, **flags), progress=False)
+    cut = tmp_path / "cut"
+    original = trainer_module.sequential_batches
+    calls = []
+
+    def batches_then_signal(*args, **kwargs):
+        calls.append(1)
+        for i, batch in enumerate(original(*args, **kwargs)):
+            if len(calls) == 2 and i == 1:  # the second evaluation (step 4), after its first batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(trainer_module, "sequential_batches", batches_then_signal)
+    res = run_pretraining(cfg_for(tiny_data, cut, **flags), progress=False)
+    assert res["stopped_by"] == "SIGTERM" and res["step"] == 4 and not res["finished"]
+    assert ckpt_io.latest_checkpoint(cut / "checkpoints").name == "step-00000004"
+    assert _eval_steps(cut) == [(0, False)]  # the interrupted evaluation is not logged
+    monkeypatch.setattr(trainer_module, "sequential_batches", original)
+    res = run_pretraining(cfg_for(tiny_data, cut, **flags), progress=False)
+    assert res["finished"] and _eval_steps(cut) == [(0, False), (4, False), (8, False)]
+    strip = ("time", "eval_seconds", "elapsed_s", "tokens_per_s")
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k not in strip} for r in read_log(Path(run) / "log.jsonl")
+                if r["kind"] in ("train", "eval")]
+
+    assert records(cut) == records(full)
+    (a, _), (b, _) = final_weights(cut), final_weights(full)
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -220,6 +220,8 @@ def quickstart(output: str | Path = "convbert-quickstart", *, minutes: float = 6
                                       "eval_every": max(1, steps // 4), "warmup_steps": max(1, steps // 20),
                                       "time_limit": limit}, sets)
     result = run_pretraining(cfg, progress=True)
+    if result.get("stopped_by"):  # Ctrl-C: pre-training checkpointed and stopped; so does the demo
+        raise KeyboardInterrupt
     if result.get("timed_out"):
         _say(f"note: the machine was slower than measured; pre-training stopped at step {result['step']} of {steps} "
              "to stay within the time budget (re-run the same command to continue it)")

@@ -179,6 +179,8 @@ class Trainer:
         self.loader_factory = loader_factory or default_loader_factory
         self.resume_flag = resume
         self.progress = progress
+        self._signals: StopSignals | None = None  # set while run() trains
+        self.eval_interrupted = False  # a held-out evaluation stopped by a signal (not logged)
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
         self.print = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -500,9 +502,10 @@ class Trainer:
             dist.barrier()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
-    def _final_eval_missing(self) -> bool:
-        """A finished run whose final evaluation was never logged (the process was killed after the last
-        checkpoint). Decided on the main rank, for every rank (the evaluation has a barrier)."""
+    def _eval_missing_here(self) -> bool:
+        """Whether the evaluation at this step was never logged: a finished run's final one (the process was
+        killed after the last checkpoint), or a scheduled one a signal interrupted. Decided on the main rank, for
+        every rank (the evaluation has a barrier)."""
         missing = False
         if self.dist.is_main and self.data.eval is not None and self.cfg.eval_batches > 0:
             records = read_log(self.out / LOG_FILE) if (self.out / LOG_FILE).is_file() else []
@@ -534,18 +537,39 @@ class Trainer:
             t0 = time.perf_counter()
             n = min(self.cfg.eval_batches, -(-len(self.data.eval) // self.cfg.eval_batch_size))
             examples = min(len(self.data.eval), self.cfg.eval_batches * self.cfg.eval_batch_size)
-            result = evaluate(
-                self.model,
-                self.logger.eval_batches(
-                    sequential_batches(self.data.eval, self.cfg.eval_batch_size, self.cfg.eval_batches), n, examples),
-                self.mask, device=self.device, seed=self.cfg.seed + 99991, max_batches=self.cfg.eval_batches,
-                autocast=self.autocast,
-            )
-            result["eval_seconds"] = time.perf_counter() - t0
-            self.logger.eval(self.step, {**result, "at_stop": True} if at_stop else result)
+            batches = sequential_batches(self.data.eval, self.cfg.eval_batch_size, self.cfg.eval_batches)
+            try:
+                result = evaluate(
+                    self.model, self.logger.eval_batches(self._unless_signalled(batches), n, examples),
+                    self.mask, device=self.device, seed=self.cfg.seed + 99991, max_batches=self.cfg.eval_batches,
+                    autocast=self.autocast,
+                )
+            except _EvalInterrupted:  # a scheduler allows ~30 s after SIGTERM: checkpoint first, evaluate later
+                self.logger.message(f"held-out evaluation at step {self.step} interrupted "
+                                    f"({self._signals.received}); it runs when the run continues")
+                self.eval_interrupted = True
+            else:
+                result["eval_seconds"] = time.perf_counter() - t0
+                self.logger.eval(self.step, {**result, "at_stop": True} if at_stop else result)
         if self.dist.distributed:
             dist.barrier()
         return result
+
+    def _unless_signalled(self, batches):
+        """The batches, until SIGINT/SIGTERM arrives (then `_EvalInterrupted`)."""
+        for batch in batches:
+            if self._signals is not None and self._signals.received is not None:
+                raise _EvalInterrupted
+            yield batch
+
+    def _signalled(self) -> bool:
+        """Whether any rank has received SIGINT/SIGTERM (every rank must call it: it is a collective)."""
+        got = self._signals is not None and self._signals.received is not None
+        if self.dist.distributed:
+            flag = torch.tensor([float(got)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            got = bool(flag.item() > 0)
+        return got
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def train_step(self) -> dict | None:
@@ -687,7 +711,7 @@ class Trainer:
             self.logger = RunLogger(self.out, cfg.steps, progress=self.progress, log_every=cfg.log_every)
         if self.step >= cfg.steps or (cfg.stop_at_step is not None and self.step >= cfg.stop_at_step):
             finished = self.step >= cfg.steps
-            if finished and self._final_eval_missing():  # stopped after the last checkpoint, before the end
+            if finished and self._eval_missing_here():  # stopped after the last checkpoint, before the end
                 self.logger.start(self.step)
                 if self.dist.is_main:
                     self.print(f"{self.out}: trained for {self.step} of {cfg.steps} steps; finishing the end of the "
@@ -728,13 +752,19 @@ class Trainer:
         finished = False
         timed_out = False
         stopped_by = None  # the signal that stopped the run
-        signals = StopSignals(announce=self.dist.is_main)
+        signals = self._signals = StopSignals(announce=self.dist.is_main)
         try:
             with signals:
                 if not resumed and cfg.eval_at_start:
                     last_eval = self.run_eval()
+                elif resumed and cfg.eval_every and self.step % cfg.eval_every == 0 and self._eval_missing_here():
+                    last_eval, last_eval_step = self.run_eval(), self.step  # (a signal had interrupted it)
                 t_train = time.perf_counter()
-                while self.step < cfg.steps:
+                if self._signalled():  # during that evaluation: nothing trained in this invocation to save
+                    stopped_by = signals.received or "a signal on another rank"
+                    self.logger.message(f"stopped at step {self.step} of {cfg.steps} ({stopped_by}) before "
+                                        "training; re-run the same command to continue")
+                while self.step < cfg.steps and stopped_by is None:
                     metrics = self.train_step()
                     if metrics is None:
                         continue
@@ -765,9 +795,11 @@ class Trainer:
                         self.logger.event(self.step, "stopped", reason=why)
                         break
                 else:
-                    finished = True
+                    finished = stopped_by is None
                 if finished:
                     last_eval = self.run_eval()
+                    if self.eval_interrupted:  # trained to the end; re-running writes the final evaluation
+                        stopped_by = signals.received or "a signal on another rank"
                 elif timed_out and last_eval_step != self.step:  # (on the schedule, it has just been evaluated)
                     last_eval = self.run_eval(at_stop=True)
         finally:
@@ -782,6 +814,10 @@ class Trainer:
             with contextlib.suppress(Exception):
                 dist.barrier()
             dist.destroy_process_group()
+
+
+class _EvalInterrupted(Exception):
+    """Raised inside a held-out evaluation when SIGINT/SIGTERM arrives."""
 
 
 class StopSignals:
