@@ -932,3 +932,23 @@ def test_a_signal_during_a_held_out_evaluation_checkpoints_at_once_and_the_evalu
     assert records(cut) == records(full)
     (a, _), (b, _) = final_weights(cut), final_weights(full)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tiny_data, tmp_path, monkeypatch):
+    """--data given relative to where the run started: resuming from elsewhere (with --output only) finds it through
+    the folder recorded in run_config.json."""
+    import os
+    import shutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(tiny_data["data"], home / "data")
+    monkeypatch.chdir(home)
+    first = dict(data="data", output=str(tmp_path / "run"), steps=2, batch_size=8, eval_batches=1, threads=1,
+                 save_every=1)
+    run_pretraining(resolve_config("tiny", None, first, []), progress=False)
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["cwd"] == os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    again = resolve_config(None, None, {"output": str(tmp_path / "run"), "steps": 3}, [])
+    assert again.data == str(home / "data")
+    assert run_pretraining(again, progress=False)["step"] == 3

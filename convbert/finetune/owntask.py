@@ -322,7 +322,7 @@ def finetune_own_task(
                 "labels": label_list,
                 "max_seq_length": cfg.max_seq_length,
                 "pad_to_max": cfg.pad_to_max,
-                "source_model": str(model_dir),
+                "source_model": str(model_dir.resolve()),  # absolute: compared by a later fine-tuning
                 "train_file": str(train_file.resolve()),
                 "seed": seed,
                 "settings": cfg.to_dict(),

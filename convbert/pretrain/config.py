@@ -275,6 +275,7 @@ def resolve_config(
     return cfg
 
 
+RECORDED_PATHS = ("data", "eval_data", "vocab", "init_from")  # resolved against the run's recorded "cwd"
 # Per-invocation and machine settings: a resumed run takes these from the command line (or their defaults), not
 # from its record. Everything else not given again is the run's own.
 NOT_RESUMED = ("output", "stop_at_step", "time_limit", "device", "threads", "compile", "compile_mode", "cuda_graphs")
@@ -295,7 +296,15 @@ def _recorded_settings(output) -> tuple[dict, Path | None]:
 
     saved = read_json_object(record, "restore the run's record, or start a new --output")
     values = saved.get("pretrain")
-    return (values, record) if isinstance(values, dict) else ({}, None)
+    if not isinstance(values, dict):
+        return {}, None
+    base = saved.get("cwd")
+    if isinstance(base, str) and Path(base).is_absolute():  # relative paths of a run started in another folder
+        values = dict(values)
+        for key in RECORDED_PATHS:
+            if isinstance(values.get(key), str) and values[key] and not Path(values[key]).is_absolute():
+                values[key] = str(Path(base) / values[key])
+    return values, record
 
 
 def config_from_dict(values: dict) -> PretrainConfig:

@@ -177,7 +177,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         if cfg is not None:
             notes += transformers_limits(which, cfg)
     info = {
-        "checkpoint": str(ck),
+        "checkpoint": str(ck.resolve()),  # absolute: a later export compares runs by it from any folder
         "step": state.get("step"),
         "total_steps": state.get("total_steps"),
         "objective": objective,

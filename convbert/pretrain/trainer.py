@@ -336,6 +336,7 @@ class Trainer:
     def resolved(self) -> dict:
         return {
             "pretrain": self.cfg.to_dict(),
+            "cwd": os.getcwd(),  # what relative paths in "pretrain" are relative to (a resume may run elsewhere)
             "model_config": self.model_config.to_dict(),
             "generator_config": (
                 self.model.generator_config.to_dict() if self.model.generator_config is not None else None
