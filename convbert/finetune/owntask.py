@@ -370,6 +370,14 @@ def _check_task_file(path: Path, task: dict, columns, regression: bool, labels, 
         raise bad("labels", "a list of at least 2 label strings")
     if not 4 <= max_len <= 65535:
         raise bad("max_seq_length", "4..65535")
+    scale = task.get("score_scale", 1.0)
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+        raise bad("score_scale", "a positive number")
+    bounds = task.get("score_range")
+    if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2
+                                   and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                                   and bounds[0] < bounds[1]):
+        raise bad("score_range", "null or [low, high]")
 
 
 def predict_file(
@@ -443,7 +451,10 @@ def predict_file(
     out = predict_logits(model, feats, batch_size, pad_to_max)
     records = []
     if regression:
-        for i, v in enumerate(out.reshape(-1)):
+        scores = out.reshape(-1).astype(np.float64) * float(task.get("score_scale", 1.0))  # (STS-B: trained on /5)
+        if task.get("score_range") is not None:
+            scores = np.clip(scores, *task["score_range"])
+        for i, v in enumerate(scores):
             records.append({"index": i, **kept[i], "score": float(v)})
     else:
         probs = softmax(out.astype(np.float64))

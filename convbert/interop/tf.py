@@ -312,6 +312,9 @@ def glue_task_record(task: str, num_labels: int, checkpoint: Path, max_positions
         "settings": None,
         "result": None,
         "glue_task": task,
+        # STS-B is trained on score / 5 (ELECTRA's RegressionTask): predict scales back and clips to 0..5, as the
+        # GLUE submission does
+        **({"score_scale": 5.0, "score_range": [0.0, 5.0]} if spec.is_regression else {}),
     }
 
 
