@@ -516,6 +516,13 @@ def test_earlier_datasets_inside_an_input_folder_are_not_read_as_text(corpus, vo
     with pytest.raises(ConvBertError, match=r"is a dataset folder written by `convbert build-data`"):
         train_vocab([str(tmp_path / "alone")], 100, str(tmp_path / "v.txt"))
     assert not (tmp_path / "junk").exists() and not (tmp_path / "v.txt").exists()
+    big = shutil.copytree(tmp_path / "alone", tmp_path / "big")  # a large build's manifest runs to megabytes
+    manifest = json.loads((big / "manifest.json").read_text())
+    manifest["counts"]["binary_files"] = [f"file-{i:07d}.bin" for i in range(200_000)]
+    (big / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    assert (big / "manifest.json").stat().st_size > 4 << 20
+    with pytest.raises(ConvBertError, match=r"is a dataset folder written by `convbert build-data`"):
+        build_dataset([str(big)], vocab, str(tmp_path / "junk"), **SMALL)
 
 
 def test_an_output_inside_the_input_folder_does_not_count_as_a_change(corpus, vocab, tmp_path):

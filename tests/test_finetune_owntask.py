@@ -266,6 +266,11 @@ def test_labels_that_are_one_number_spelt_two_ways_are_refused_not_two_classes(m
     err = capsys.readouterr().err
     assert rc == 2 and "label '0.0' does not occur in the training file (labels: 0, 1); it is the same number as " \
                        "the training label '0'" in err
+    big = tmp_path / "big.csv"  # ids past 2**53 are different numbers, though equal as floats
+    big.write_text("q,y\nthe cat,9007199254740992\na dog,9007199254740993\n")
+    rc = main(["finetune", "--model", str(model), "--train", str(big), "--text-columns", "q", "--label-column", "y",
+               "--output", str(tmp_path / "o2"), *QUICK])
+    assert rc == 0, capsys.readouterr().err
 
 
 def test_an_earlier_output_of_another_model_or_training_file_is_not_replaced_silently(model, tmp_path, capsys):
@@ -325,3 +330,29 @@ def test_default_columns_and_kept_input_columns_in_predictions(model, tmp_path, 
                  str(tmp_path / "q.csv"), "--keep-columns", "label"]) == 2
     assert "label would clash with the prediction's own columns" in capsys.readouterr().err
     assert not (tmp_path / "q.csv").exists()
+
+
+def test_kept_columns_keep_their_json_values_and_tsv_output_is_unquoted(model, tmp_path, capsys):
+    rows = ["text,label"] + [f"the {a} sat,{a}" for a in ("cat", "dog")] * 4
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    assert main(["finetune", "--model", str(model), "--train", str(tmp_path / "train.csv"), "--output",
+                 str(tmp_path / "ft"), *QUICK]) == 0
+    src = tmp_path / "new.jsonl"
+    src.write_text('{"id": 7, "text": "he said \\"hi\\" to the cat"}\n{"id": null, "text": "the dog"}\n'
+                   '{"text": "the cat sat", "id": 8.5}\n')
+    predict = ["predict", "--model", str(tmp_path / "ft"), "--input", str(src), "--keep-columns", "id,text"]
+    assert main(predict + ["--output", str(tmp_path / "p.jsonl")]) == 0
+    got = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in got] == [7, None, 8.5] and got[0]["text"] == 'he said "hi" to the cat'
+    assert main(predict + ["--output", str(tmp_path / "p.tsv")]) == 0
+    from convbert.finetune.owntask import read_table
+
+    cols, back = read_table(tmp_path / "p.tsv")
+    assert cols[:4] == ["index", "id", "text", "label"]
+    assert [(r["id"], r["text"]) for _, r in back] == [("7", 'he said "hi" to the cat'), ("", "the dog"),
+                                                       ("8.5", "the cat sat")]
+    src.write_text('{"id": 1, "text": "a\\tb"}\n')
+    capsys.readouterr()
+    assert main(predict + ["--output", str(tmp_path / "q.tsv")]) == 2
+    assert "TSV cannot hold unquoted; write .csv or .jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "q.tsv").exists()

@@ -29,6 +29,7 @@ import io
 import json
 import lzma
 import os
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -181,10 +182,11 @@ def is_dataset_folder(path: str | os.PathLike) -> bool:
     if not manifest.is_file():
         return False
     try:
-        with open(manifest, encoding="utf-8") as f:
-            return json.loads(f.read(1 << 20)).get("format") == DATASET_FORMAT
-    except (OSError, ValueError, AttributeError):
+        with open(manifest, "rb") as f:
+            head = f.read(4096)  # "format" is the manifest's first key; a large build's manifest runs to MBs
+    except OSError:
         return False
+    return re.match(rb'\s*\{\s*"format"\s*:\s*"' + DATASET_FORMAT.encode() + rb'"', head) is not None
 
 
 def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> list[list[tuple[str, str]]]:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import sys
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,13 @@ def _column_values(path: Path, cols: list[str], rows, name: str, what: str, allo
     return out
 
 
+def _cell(v) -> str:
+    """A kept input value as CSV/TSV text (null: empty)."""
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else _scalar(v)
+
+
 def _scalar(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -175,12 +183,13 @@ def _labels(path: Path, rows, raw: list[str], name: str, regression: bool, label
     return vals
 
 
-def _number(text: str) -> float | None:
+def _number(text: str) -> Decimal | None:
+    """The exact decimal value of a label that is a finite number (not a float: 2**53 and 2**53 + 1 differ)."""
     try:
-        f = float(text)
-    except ValueError:
+        d = Decimal(text)
+    except InvalidOperation:
         return None
-    return f if math.isfinite(f) else None
+    return d if d.is_finite() else None
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -191,7 +200,7 @@ def _same_number(a: str, b: str) -> bool:
 def _refuse_numeric_twins(path: Path, rows, vals: list[str], name: str) -> None:
     """Labels are strings, so `1` and `1.0` (a column written by two tools) would be two classes: refused, naming
     the first line of each spelling."""
-    first: dict[float, tuple[str, int]] = {}
+    first: dict[Decimal, tuple[str, int]] = {}
     for (ln, _), v in zip(rows, vals):
         x = _number(v)
         if x is None:
@@ -444,8 +453,8 @@ def predict_file(
     reserved = sorted(set(keep) & ({"index", "label", "score", "probabilities"} | {f"prob_{l}" for l in labels or []}))
     if reserved:
         raise ConvBertError(f"--keep-columns: {', '.join(reserved)} would clash with the prediction's own columns")
-    values = {name: _column_values(input_file, cols, rows, name, "text") for name in keep}
-    kept = [{name: values[name][i] for name in keep} for i in range(len(rows))]
+    # Kept as they are: a JSONL id stays a number (or null) in JSONL output; CSV/TSV output writes its text
+    kept = [{name: row.get(name) for name in keep} for _, row in rows]
     a, b = _texts(input_file, cols, rows, cols_needed)
     feats = featurize(a, b, [None] * len(a), tokenizer, max_len, labels, regression_scale=1.0)
     out = predict_logits(model, feats, batch_size, pad_to_max)
@@ -467,15 +476,24 @@ def predict_file(
                 for r in records:
                     f.write(json.dumps(r) + "\n")
             else:
-                w = csv.writer(f, delimiter="," if out_fmt == "csv" else "\t", lineterminator="\n")
-                if regression:
-                    w.writerow(["index", *keep, "score"])
-                    for r in records:
-                        w.writerow([r["index"], *(r[k] for k in keep), f"{r['score']:.6g}"])
-                else:
-                    w.writerow(["index", *keep, "label"] + [f"prob_{l}" for l in labels])
-                    for r in records:
-                        w.writerow([r["index"], *(r[k] for k in keep), r["label"]]
-                                   + [f"{r['probabilities'][l]:.6f}" for l in labels])
+                # TSV as GLUE and our reader have it: no quoting (a tab or line break in a value is refused)
+                w = (csv.writer(f, lineterminator="\n") if out_fmt == "csv" else
+                     csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, quotechar=None))
+                def cells(r):
+                    return [_cell(r[k]) for k in keep]
+
+                try:
+                    if regression:
+                        w.writerow(["index", *keep, "score"])
+                        for r in records:
+                            w.writerow([r["index"], *cells(r), f"{r['score']:.6g}"])
+                    else:
+                        w.writerow(["index", *keep, "label"] + [f"prob_{l}" for l in labels])
+                        for r in records:
+                            w.writerow([r["index"], *cells(r), r["label"]]
+                                       + [f"{r['probabilities'][l]:.6f}" for l in labels])
+                except csv.Error:
+                    raise ConvBertError(f"--output {output_file}: a kept column or label holds a tab or line break, "
+                                        "which TSV cannot hold unquoted; write .csv or .jsonl") from None
     print(f"wrote {len(records)} predictions to {output_file}")
     return len(records)
