@@ -952,3 +952,17 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tiny_data
     again = resolve_config(None, None, {"output": str(tmp_path / "run"), "steps": 3}, [])
     assert again.data == str(home / "data")
     assert run_pretraining(again, progress=False)["step"] == 3
+
+
+def test_progress_is_a_bar_on_a_terminal_or_in_jupyter_and_lines_elsewhere(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from convbert.pretrain.logging import RunLogger
+
+    assert RunLogger(tmp_path, 10, progress=True).mode == "lines"  # pytest's captured stderr is no terminal
+    assert RunLogger(tmp_path, 10, progress="lines").mode == "lines"
+    assert RunLogger(tmp_path, 10, progress=False).mode == "quiet"
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert RunLogger(tmp_path, 10, progress=True).mode == "bar"
+    assert RunLogger(tmp_path, 10, progress="lines").mode == "lines"
