@@ -351,8 +351,18 @@ def test_kept_columns_keep_their_json_values_and_tsv_output_is_unquoted(model, t
     assert cols[:4] == ["index", "id", "text", "label"]
     assert [(r["id"], r["text"]) for _, r in back] == [("7", 'he said "hi" to the cat'), ("", "the dog"),
                                                        ("8.5", "the cat sat")]
-    src.write_text('{"id": 1, "text": "a\\tb"}\n')
+    for bad in ('{"id": 1, "text": "a\\tb"}', '{"id": "a\\rb", "text": "the cat"}'):
+        src.write_text(bad + "\n")
+        capsys.readouterr()
+        assert main(predict + ["--output", str(tmp_path / "q.tsv")]) == 2
+        assert "TSV cannot hold unquoted; write .csv or .jsonl" in capsys.readouterr().err
+        assert not (tmp_path / "q.tsv").exists()
+    src.write_text('{"id": "a\\ud800b", "text": "the cat"}\n{"id": 1e400, "text": "the dog"}\n')
+    assert main(predict + ["--output", str(tmp_path / "s.tsv")]) == 0  # a lone surrogate: U+FFFD, as in the text
+    assert [r["id"] for _, r in read_table(tmp_path / "s.tsv")[1]] == ["a\ufffdb", "inf"]
+    assert main(predict + ["--output", str(tmp_path / "s.jsonl")]) == 0
+    assert [json.loads(line)["id"] for line in (tmp_path / "s.jsonl").read_text().splitlines()] == ["a\ufffdb", "inf"]
+    src.write_text('{"id": 1, "text": "the cat"}\n{"text": "the dog"}\n')
     capsys.readouterr()
-    assert main(predict + ["--output", str(tmp_path / "q.tsv")]) == 2
-    assert "TSV cannot hold unquoted; write .csv or .jsonl" in capsys.readouterr().err
-    assert not (tmp_path / "q.tsv").exists()
+    assert main(predict + ["--output", str(tmp_path / "m.jsonl")]) == 2
+    assert "new.jsonl:2: field 'id' is missing (--keep-columns)" in capsys.readouterr().err

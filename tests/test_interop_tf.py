@@ -592,6 +592,15 @@ def test_a_glue_task_head_predicts_the_glue_test_file_as_it_is(tmp_path):
             # trained on score / 5 (ELECTRA's STS-B): scaled back and clipped to 0..5, as the submission does
             want = np.clip([5.0 * float(z.reshape(-1)[0]) for z in logits], 0.0, 5.0)
             np.testing.assert_allclose([r["score"] for r in rows], want, rtol=1e-4, atol=1e-5)
+            # a folder imported before the scale was recorded: the same scores (its glue_task says sts)
+            record = json.loads((out / "finetune_task.json").read_text())
+            del record["score_scale"], record["score_range"]
+            (out / "finetune_task.json").write_text(json.dumps(record))
+            done = subprocess.run(cli + ["predict", "--model", str(out), "--input", str(test), "--output",
+                                         str(tmp_path / "old.jsonl")], capture_output=True, text=True, cwd=REPO)
+            assert done.returncode == 0, done.stderr
+            old = [json.loads(line)["score"] for line in (tmp_path / "old.jsonl").read_text().splitlines()]
+            np.testing.assert_allclose(old, want, rtol=1e-4, atol=1e-5)
 
     renamed = {k.replace("task_specific/mnli/", "task_specific/my_nli/"): v for k, v in tf.items()}
     write_bundle(tmp_path / "renamed", renamed)

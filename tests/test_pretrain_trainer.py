@@ -966,3 +966,34 @@ def test_progress_is_a_bar_on_a_terminal_or_in_jupyter_and_lines_elsewhere(tmp_p
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     assert RunLogger(tmp_path, 10, progress=True).mode == "bar"
     assert RunLogger(tmp_path, 10, progress="lines").mode == "lines"
+
+
+def test_re_export_through_a_linked_checkpoints_folder_and_resume_of_a_moved_project(tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    """checkpoints/ linked to a scratch disk is still the same run for a re-export; a project folder moved
+    elsewhere resumes with --output only, its relative --data taken from where it is now."""
+    import os
+    import shutil
+
+    from convbert.cli import main
+
+    run = tmp_path / "run"
+    run_pretraining(cfg_for(tiny_data, run, steps=2, save_every=1), progress=False)
+    shutil.move(str(run / "checkpoints"), str(tmp_path / "scratch"))
+    os.symlink(tmp_path / "scratch", run / "checkpoints")
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exp")]) == 0
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "exp")]) == 0  # same run: replaced
+
+    project = tmp_path / "p1"
+    project.mkdir()
+    shutil.copytree(tiny_data["data"], project / "data")
+    monkeypatch.chdir(project)
+    flags = dict(data="data", output="r", steps=2, batch_size=8, eval_batches=1, threads=1, save_every=1,
+                 stop_at_step=1)
+    run_pretraining(resolve_config("tiny", None, flags, []), progress=False)
+    moved = tmp_path / "p2"
+    shutil.move(str(project), str(moved))
+    monkeypatch.chdir(moved)
+    again = resolve_config(None, None, {"output": "r"}, [])
+    assert again.data == "data"  # the recorded folder is gone: the path as given, from here
+    assert run_pretraining(again, progress=False)["step"] == 2

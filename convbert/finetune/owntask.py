@@ -134,10 +134,25 @@ def _column_values(path: Path, cols: list[str], rows, name: str, what: str, allo
 
 
 def _cell(v) -> str:
-    """A kept input value as CSV/TSV text (null: empty)."""
+    """A kept input value as CSV/TSV text (null: empty; JSON's lone surrogates as U+FFFD)."""
     if v is None:
         return ""
-    return v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else _scalar(v)
+    if isinstance(v, str):
+        return replace_lone_surrogates(v)[0]
+    return replace_lone_surrogates(json.dumps(v))[0] if isinstance(v, (list, dict)) else _scalar(v)
+
+
+def _json_safe(v):
+    """A kept JSON value for JSONL output: lone surrogates replaced, non-finite numbers (1e400) as strings."""
+    if isinstance(v, str):
+        return replace_lone_surrogates(v)[0]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
 
 
 def _scalar(v) -> str:
@@ -454,15 +469,21 @@ def predict_file(
     if reserved:
         raise ConvBertError(f"--keep-columns: {', '.join(reserved)} would clash with the prediction's own columns")
     # Kept as they are: a JSONL id stays a number (or null) in JSONL output; CSV/TSV output writes its text
-    kept = [{name: row.get(name) for name in keep} for _, row in rows]
+    for name in keep:
+        for ln, row in rows:
+            if name not in row:
+                raise ConvBertError(f"{input_file}:{ln}: field {name!r} is missing (--keep-columns)")
+    kept = [{name: _json_safe(row[name]) for name in keep} for _, row in rows]
     a, b = _texts(input_file, cols, rows, cols_needed)
     feats = featurize(a, b, [None] * len(a), tokenizer, max_len, labels, regression_scale=1.0)
     out = predict_logits(model, feats, batch_size, pad_to_max)
     records = []
     if regression:
-        scores = out.reshape(-1).astype(np.float64) * float(task.get("score_scale", 1.0))  # (STS-B: trained on /5)
-        if task.get("score_range") is not None:
-            scores = np.clip(scores, *task["score_range"])
+        sts = task.get("glue_task") == "sts"  # (an STS-B head imported before the scale was recorded: the same)
+        scores = out.reshape(-1).astype(np.float64) * float(task.get("score_scale", 5.0 if sts else 1.0))
+        bounds = task.get("score_range", [0.0, 5.0] if sts else None)  # (STS-B: trained on score / 5)
+        if bounds is not None:
+            scores = np.clip(scores, *bounds)
         for i, v in enumerate(scores):
             records.append({"index": i, **kept[i], "score": float(v)})
     else:
@@ -480,7 +501,10 @@ def predict_file(
                 w = (csv.writer(f, lineterminator="\n") if out_fmt == "csv" else
                      csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, quotechar=None))
                 def cells(r):
-                    return [_cell(r[k]) for k in keep]
+                    row = [_cell(r[k]) for k in keep]
+                    if out_fmt == "tsv" and any("\r" in c for c in row):  # (the writer itself refuses \t, \n)
+                        raise csv.Error("carriage return")
+                    return row
 
                 try:
                     if regression:

@@ -302,8 +302,9 @@ def _recorded_settings(output) -> tuple[dict, Path | None]:
     if isinstance(base, str) and Path(base).is_absolute():  # relative paths of a run started in another folder
         values = dict(values)
         for key in RECORDED_PATHS:
-            if isinstance(values.get(key), str) and values[key] and not Path(values[key]).is_absolute():
-                values[key] = str(Path(base) / values[key])
+            given = values.get(key)
+            if isinstance(given, str) and given and not Path(given).is_absolute() and (Path(base) / given).exists():
+                values[key] = str(Path(base) / given)  # (a moved project: the path as given, from here)
     return values, record
 
 

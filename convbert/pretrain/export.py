@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -85,7 +86,8 @@ def _check_output_folder(out: Path, ck: Path, overwrite: bool = False) -> str | 
         was = Path(earlier["checkpoint"])
     except (OSError, ValueError, KeyError, TypeError):
         earlier, was = {}, None
-    if was is not None and _run_folder(was).resolve() == run_dir.resolve():
+    if was is not None and (os.path.abspath(_run_folder(was)) == os.path.abspath(run_dir)
+                            or _run_folder(was).resolve() == run_dir.resolve()):
         return f"replaced the earlier export of this run (step {earlier.get('step')}) in {out}"
     if not overwrite:
         source = f"of {was}" if was is not None else "whose export.json cannot be read"
@@ -177,7 +179,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         if cfg is not None:
             notes += transformers_limits(which, cfg)
     info = {
-        "checkpoint": str(ck.resolve()),  # absolute: a later export compares runs by it from any folder
+        # absolute, links kept (checkpoints/ may link to a scratch disk): a later export compares runs by it
+        "checkpoint": os.path.abspath(ck),
         "step": state.get("step"),
         "total_steps": state.get("total_steps"),
         "objective": objective,
