@@ -202,3 +202,45 @@ def folder_kind_hint(path: str | os.PathLike, wanted: str = "model") -> str:
     if manifest.is_file() and "convbert-pretraining-data" in manifest.read_text("utf-8", errors="replace")[:4096]:
         return f" ({path} is a dataset folder written by `convbert build-data`, for `convbert pretrain --data`)"
     return ""
+
+
+def interactive_stderr() -> bool:
+    """A terminal, or a Jupyter kernel (whose stderr is no TTY, but where tqdm draws a notebook bar)."""
+    import sys
+
+    try:
+        if sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    return "ipykernel" in sys.modules
+
+
+class _LinesOnly:
+    """tqdm's output for a log file (a batch job's stderr): each redraw, at most one a minute, becomes a plain line
+    instead of carriage-return frames that pile up into one huge line."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar on stderr: drawn as usual on a terminal or in Jupyter; elsewhere one plain status line a minute
+    (a transient `leave=False` bar then prints nothing)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if interactive_stderr():
+        return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
+    if not kwargs.get("leave", True):
+        kwargs["disable"] = True
+    return tqdm(file=_LinesOnly(sys.stderr), mininterval=60.0, maxinterval=60.0, ncols=100, ascii=True, **kwargs)

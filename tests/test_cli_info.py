@@ -116,3 +116,24 @@ def test_top_level_help_gives_the_workflow_and_an_interrupted_resumable_command_
     assert rc == 130
     assert capsys.readouterr().err.strip() == ("convbert build-data: interrupted; re-run the same command to continue "
                                                "(finished shards are kept)")
+
+
+def test_progress_bars_in_a_log_file_are_plain_lines_not_carriage_return_frames(capsys, monkeypatch):
+    """Where stderr is not a terminal (a batch job's log) the fine-tuning, GLUE and build-data bars write at most
+    one plain line a minute; a transient bar writes nothing; Jupyter keeps its notebook bar."""
+    import sys
+    import types
+
+    from convbert.utils import interactive_stderr, progress_bar
+
+    assert not interactive_stderr()  # pytest's captured stderr
+    with progress_bar(total=5, unit="step", desc="fine-tuning") as bar:
+        for _ in range(5):
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.strip().splitlines()[-1].startswith("fine-tuning: 100%")
+    with progress_bar(total=3, unit="ex", leave=False, desc="predicting") as bar:
+        bar.update(3)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert interactive_stderr()

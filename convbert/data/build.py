@@ -641,10 +641,10 @@ class _Progress:
         self.t0 = time.monotonic()
         self.bar = None
         if enabled:
-            from tqdm import tqdm
+            from convbert.utils import progress_bar
 
-            self.bar = tqdm(total=enum.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="build-data",
-                            file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+            self.bar = progress_bar(total=enum.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                                    desc="build-data", smoothing=0.1)
 
     def skipped(self, unit: Unit) -> None:
         if self.bar is not None:

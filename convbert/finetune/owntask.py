@@ -13,7 +13,6 @@ import dataclasses
 import io
 import json
 import math
-import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -297,9 +296,9 @@ def finetune_own_task(
     total = train_steps_for(len(feats), cfg.batch_size, epochs)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from convbert.utils import progress_bar
 
-        bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, desc="fine-tuning")
+        bar = progress_bar(total=total, unit="step", desc="fine-tuning")
 
     def on_step(step, loss):
         if bar is not None:

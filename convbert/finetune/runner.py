@@ -55,8 +55,8 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files, read_config
-from convbert.utils import (folder_kind_hint, read_json_object, remove_stale_temporaries, sha256_file,
-                            write_json_atomic, write_text_atomic)
+from convbert.utils import (folder_kind_hint, progress_bar, read_json_object, remove_stale_temporaries,
+                            sha256_file, write_json_atomic, write_text_atomic)
 
 DISPLAY = {
     "cola": "CoLA", "sst": "SST-2", "mrpc": "MRPC", "sts": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI",
@@ -365,10 +365,8 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
     def predict(f, what):
         if bar is None:
             return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max, precision=cfg.precision)
-        from tqdm import tqdm
-
-        with tqdm(total=len(f), unit="ex", file=sys.stderr, leave=False, dynamic_ncols=True,
-                  desc=f"{DISPLAY[task]} seed {seed}: predicting {what}") as pbar:
+        with progress_bar(total=len(f), unit="ex", leave=False,
+                          desc=f"{DISPLAY[task]} seed {seed}: predicting {what}") as pbar:
             return predict_logits(model, f, cfg.eval_batch_size, cfg.pad_to_max, on_batch=pbar.update,
                                   precision=cfg.precision)
 
@@ -590,9 +588,7 @@ def run_glue(opts: GlueOptions) -> dict:
         total_steps += train_steps_for(len(ex), cfg.batch_size, epochs) * sum(1 for tt, _ in pending if tt == t)
     bar = None
     if pending and opts.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
+        bar = progress_bar(total=total_steps, unit="step", smoothing=0.05)
     records = list(done)
     cache: dict = {}
     try:

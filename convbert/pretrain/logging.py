@@ -115,17 +115,6 @@ class NullLogger:
         return batches
 
 
-def _interactive() -> bool:
-    """A terminal, or a Jupyter kernel (whose stderr is no TTY, but where tqdm.auto draws a notebook bar)."""
-    isatty = getattr(sys.stderr, "isatty", lambda: False)
-    try:
-        if isatty():
-            return True
-    except ValueError:  # a closed stream
-        return False
-    return "ipykernel" in sys.modules
-
-
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -143,7 +132,9 @@ class RunLogger:
         self.total_steps = total_steps
         self.log_every = max(1, int(log_every))
         self.progress = progress
-        self.mode = ("bar" if progress is True and _interactive() else "lines" if progress else "quiet")
+        from convbert.utils import interactive_stderr
+
+        self.mode = ("bar" if progress is True and interactive_stderr() else "lines" if progress else "quiet")
         self.status_every = float(status_every)
         self._last_status = 0.0
         self._f = None
