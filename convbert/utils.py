@@ -232,6 +232,11 @@ class _LinesOnly:
         self.stream.flush()
 
 
+# tqdm's default layout with the remaining time spelled out: "[01:12, ETA 03:40, 1.16step/s]" rather than
+# "[01:12<03:40, ...]", which few users read as an ETA. Only where the total is known (otherwise tqdm has none).
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]"
+
+
 def progress_bar(**kwargs):
     """A tqdm bar on stderr: drawn as usual on a terminal or in Jupyter; elsewhere one plain status line a minute
     (a transient `leave=False` bar then prints nothing)."""
@@ -239,6 +244,8 @@ def progress_bar(**kwargs):
 
     from tqdm.auto import tqdm
 
+    if kwargs.get("total") is not None:
+        kwargs.setdefault("bar_format", BAR_FORMAT)
     if interactive_stderr():
         return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
     if not kwargs.get("leave", True):

@@ -132,6 +132,10 @@ def test_progress_bars_in_a_log_file_are_plain_lines_not_carriage_return_frames(
             bar.update(1)
     err = capsys.readouterr().err
     assert "\r" not in err and err.strip().splitlines()[-1].startswith("fine-tuning: 100%")
+    assert "5/5 [" in err and ", ETA 00:00," in err.strip().splitlines()[-1]  # the remaining time, named
+    with progress_bar(unit="doc", desc="reading") as bar:  # no total: no made-up ETA
+        bar.update(2)
+    assert "ETA" not in capsys.readouterr().err
     with progress_bar(total=3, unit="ex", leave=False, desc="predicting") as bar:
         bar.update(3)
     assert capsys.readouterr().err == ""

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..utils import BAR_FORMAT
+
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "curves.png"
 
@@ -167,7 +169,7 @@ class RunLogger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
-                             file=sys.stderr, desc="pretrain", smoothing=0.05)
+                             file=sys.stderr, desc="pretrain", smoothing=0.05, bar_format=BAR_FORMAT)
 
     def close(self, plot: bool = True) -> None:
         if self._bar is not None:
@@ -240,7 +242,7 @@ class RunLogger:
             from tqdm.auto import tqdm
 
             return tqdm(batches, total=total, desc="held-out eval", unit="batch", leave=False, file=sys.stderr,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, bar_format=BAR_FORMAT)
         if self.mode == "lines":
             self.message(f"evaluating {examples:,} held-out examples ({total} batches)")
         return batches
