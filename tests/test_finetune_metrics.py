@@ -93,3 +93,14 @@ def test_leaderboard_average_reproduces_bert_base():
     assert round(M.leaderboard_average(s), 1) == 78.3
     # The paper average ignores WNLI and the second metrics.
     assert M.paper_average(s) == pytest.approx((52.1 + 93.5 + 84.8 + 85.8 + 89.2 + 84.6 + 90.5 + 66.4) / 8)
+
+
+def test_the_averages_name_as_missing_only_what_each_needs():
+    """The paper average needs MNLI-m alone: without the mismatched dev file it is computed and MNLI is not listed
+    as missing for it; the leaderboard average (MNLI as the mean of m and mm) is not computed and names MNLI."""
+    s = _scores(67.8, 95.7, (88.3, 0.0), (0.0, 89.7), (90.0, 0.0), (88.3, 0.0), 93.2, 77.9, wnli=65.1)
+    s["mnli"] = {"accuracy_m": 88.3, "accuracy_mm": None}
+    assert M.paper_average(s) == pytest.approx(86.3625) and M.paper_missing(s) == []
+    assert M.leaderboard_average(s) is None and M.missing_for(s, M.LEADERBOARD_TASKS) == ["mnli"]
+    del s["rte"]
+    assert M.paper_average(s) is None and M.paper_missing(s) == ["rte"]

@@ -111,15 +111,21 @@ def regression_metrics(preds, labels) -> dict[str, float]:
     }
 
 
+def _defined(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def paper_average(scores: Mapping[str, Mapping[str, float]]) -> float | None:
     """Mean over the 8 paper tasks of their single paper metric; None if any is missing."""
-    vals = []
-    for t in PAPER_TASKS:
-        m = scores.get(t, {}).get(PAPER_METRIC[t])
-        if m is None or (isinstance(m, float) and math.isnan(m)):
-            return None
-        vals.append(m)
+    vals = [scores.get(t, {}).get(PAPER_METRIC[t]) for t in PAPER_TASKS]
+    if not all(_defined(v) for v in vals):
+        return None
     return float(sum(vals) / len(vals))
+
+
+def paper_missing(scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The paper tasks without their paper metric (MNLI needs only the matched accuracy here)."""
+    return [t for t in PAPER_TASKS if not _defined(scores.get(t, {}).get(PAPER_METRIC[t]))]
 
 
 def leaderboard_task_score(task: str, metrics: Mapping[str, float]) -> float | None:

@@ -455,7 +455,7 @@ def summarize(records: list[dict]) -> dict:
     return {
         "tasks": table,
         "paper_average": {"of_medians": M.paper_average(medians), "of_means": M.paper_average(means),
-                          "missing": M.missing_for(medians, M.PAPER_TASKS), "label": PAPER_AVG_LABEL},
+                          "missing": M.paper_missing(medians), "label": PAPER_AVG_LABEL},
         "leaderboard_average": {"of_medians": M.leaderboard_average(medians),
                                 "of_means": M.leaderboard_average(means),
                                 "missing": M.missing_for(medians, M.LEADERBOARD_TASKS),
