@@ -127,7 +127,7 @@ def cmd_glue(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from convbert.finetune.owntask import finetune_own_task
+    from convbert.finetune.owntask import default_output, finetune_own_task
 
     cols = [c.strip() for c in args.text_columns.split(",") if c.strip()]
     if not 1 <= len(cols) <= 2:
@@ -135,6 +135,7 @@ def cmd_finetune(args) -> int:
     if args.symmetric and len(cols) != 2:
         raise ConvBertError(f"--symmetric: swaps the two sentences of a pair, but --text-columns names one "
                             f"({args.text_columns!r}); name two (a,b) or leave --symmetric out")
+    output = Path(args.output) if args.output is not None else default_output(args.model, args.train)
     finetune_own_task(
         model_dir=Path(args.model),
         train_file=Path(args.train),
@@ -142,7 +143,7 @@ def cmd_finetune(args) -> int:
         text_columns=cols,
         label_column=args.label_column,
         regression=args.regression,
-        output=Path(args.output),
+        output=output,
         cfg=_cfg(args, double_default=args.symmetric),
         seed=_check_seed(args.seed, "--seed"),
         file_format=args.format,
@@ -258,9 +259,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--regression", action="store_true", help="numeric labels, one output, squared error")
     p.add_argument("--symmetric", action="store_true",
                    help="sentence-pair task where order does not matter: double training with swapped sentences")
-    p.add_argument("--output", default="finetuned",
-                   help="output model folder (default ./finetuned; an earlier output of the same --model and --train "
-                        "there is replaced)")
+    p.add_argument("--output", default=None,
+                   help="output model folder (an earlier output of the same --model and --train there is replaced; "
+                        "default ./finetuned, or the first free ./finetuned-2, -3, … if that holds another task's "
+                        "model)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier fine-tuned model of another --model or --train in --output")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")

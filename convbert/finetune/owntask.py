@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
+import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -354,6 +356,31 @@ def finetune_own_task(
         )
     print(f"saved the fine-tuned model to {output}")
     return result
+
+
+DEFAULT_OUTPUT = "finetuned"
+
+
+def default_output(model_dir: str | os.PathLike, train_file: str | os.PathLike,
+                   base: str | os.PathLike = DEFAULT_OUTPUT) -> Path:
+    """Where `convbert finetune` writes when --output is not given: ./finetuned, unless that holds another task's
+    model (or other files), then the first free ./finetuned-2, -3, …. A default must not fail, nor replace someone
+    else's work; an explicit --output that would is refused instead."""
+    base = Path(base)
+    for n in itertools.count(1):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            if candidate.exists() and not candidate.is_dir():
+                continue
+            refuse_foreign_folder(candidate, (TASK_FILE,), "an earlier `convbert finetune` output",
+                                  replaces=FINETUNE_FILES)
+            _refuse_replacing_another_task(candidate, Path(model_dir), Path(train_file), overwrite=False)
+        except ConvBertError:
+            continue
+        if n > 1:
+            print(f"{base} holds another fine-tuned model (or other files); writing to {candidate}")
+        return candidate
+    raise AssertionError("unreachable")
 
 
 def _refuse_replacing_another_task(output: Path, model_dir: Path, train_file: Path, overwrite: bool) -> None:
