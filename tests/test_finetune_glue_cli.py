@@ -338,6 +338,9 @@ def test_mnli_without_mismatched_dev_is_noted_and_an_empty_test_file_refused(env
     (mine / "MNLI" / "dev_mismatched.tsv").unlink()
     assert _glue(model, mine, tmp_path / "o", "mnli") == 0
     assert "MNLI: no dev_mismatched file" in capsys.readouterr().err
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "mnli" not in results["paper_average"]["missing"]  # it needs MNLI-m only
+    assert "mnli" in results["leaderboard_average"]["missing"]  # the mean of m and mm
     test = mine / "SST-2" / "test.tsv"
     test.write_text(test.read_text().splitlines()[0] + "\n")
     assert _glue(model, mine, tmp_path / "o2", "sst", "--predict", "--fill-missing") == 2
@@ -477,3 +480,21 @@ def test_a_glue_folder_with_some_tasks_names_the_missing_and_the_found_ones(env,
     assert ("no WNLI train.tsv; the submission's WNLI.tsv is its training majority class (the BERT/ELECTRA rule): "
             "add the WNLI folder, pass --wnli model with wnli in --tasks, or --fill-missing") in err
     assert not (tmp_path / "d" / "runs").exists()  # refused before training
+
+
+def test_a_test_file_cut_inside_its_last_row_or_of_a_non_standard_size_is_noted(env, tmp_path, capsys):
+    """A cut inside the last row's last field leaves a well-formed row: nothing can refuse it, but the missing final
+    newline (GLUE's files end with one) and a row count other than GLUE's are both named before training."""
+    import shutil
+
+    _, model, glue = env
+    mine = shutil.copytree(glue, tmp_path / "glue")
+    test = mine / "RTE" / "test.tsv"
+    test.write_bytes(test.read_bytes()[:-3])
+    assert _glue(model, mine, tmp_path / "o", "rte", "--predict", "--fill-missing") == 0
+    err = capsys.readouterr().err
+    assert f"note: {test}: the last line has no newline" in err
+    assert f"note: {test}: {TEST_SIZES['RTE']:,} test rows, where GLUE's RTE test set has 3,000" in err
+    test.write_bytes(test.read_bytes() + b"\n")
+    assert _glue(model, mine, tmp_path / "o2", "rte", "--predict", "--fill-missing") == 0
+    assert "the last line has no newline" not in capsys.readouterr().err

@@ -36,6 +36,7 @@ from convbert.finetune.submission import (
 )
 from convbert.finetune.tasks import (
     GLUE_TASKS,
+    STANDARD_TEST_SIZES,
     SUBMISSION_FILES,
     SUBMISSION_SOURCE,
     TASKS,
@@ -184,8 +185,19 @@ def _check_eval_splits(opts: GlueOptions, task: str) -> None:
         for name in tests:
             t_task = "ax" if name == "AX" else task
             path = find_split_file(opts.glue_dir, t_task, name)
-            if path is not None and not read_split(None, t_task, name, path=path).examples:
+            if path is None:
+                continue
+            data = read_split(None, t_task, name, path=path)
+            if not data.examples:
                 raise ConvBertError(f"{path}: no test rows; a GLUE submission needs every test example")
+            # Notes, not errors (a hand-made test file is fine to predict): what the GLUE server would refuse.
+            if data.unterminated:
+                _log(opts, f"note: {path}: the last line has no newline; GLUE's files end with one, so if this file "
+                           "was cut short its last row is incomplete (re-download to be sure)")
+            standard = STANDARD_TEST_SIZES.get(name)
+            if standard is not None and len(data.examples) != standard:
+                _log(opts, f"note: {path}: {len(data.examples):,} test rows, where GLUE's {name} test set has "
+                           f"{standard:,}; the GLUE server scores complete files only")
 
 
 def _train_examples(glue_dir: Path, task: str, cfg: FinetuneConfig):

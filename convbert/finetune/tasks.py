@@ -210,6 +210,7 @@ class SplitData:
     skipped: int = 0
     skipped_lines: list[int] = field(default_factory=list)  # the first few skipped line numbers (1-based)
     first_problem: str = ""  # what was wrong with the first skipped row
+    unterminated: bool = False  # the last line has no newline (GLUE's files end with one: cut short?)
 
 
 def _candidate_roots(glue_dir: Path) -> list[Path]:
@@ -260,9 +261,9 @@ def require_split_file(glue_dir: str | os.PathLike, task: str, split: str) -> Pa
     return p
 
 
-def _read_rows(path: Path) -> list[tuple[int, list[str], bool]]:
-    """(1-based line number, fields, whether a carriage return sits inside the line) per line; tab-separated,
-    quoting disabled."""
+def _read_rows(path: Path) -> tuple[list[tuple[int, list[str], bool]], bool]:
+    """(1-based line number, fields, whether a carriage return sits inside the line) per line, tab-separated,
+    quoting disabled; and whether the file's last line lacks its newline."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -278,13 +279,14 @@ def _read_rows(path: Path) -> list[tuple[int, list[str], bool]]:
     # is then part of that line, and the row is malformed (skipped and counted, or refused in a test file) rather
     # than silently split in two with the line numbers shifted.
     lines = text.split("\n")
-    if lines[-1] == "":
+    unterminated = lines[-1] != ""
+    if not unterminated:
         lines.pop()
     rows = []
     for number, line in enumerate(lines, start=1):
         line = line[:-1] if line.endswith("\r") else line
         rows.append((number, line.split("\t") if line else [], "\r" in line))
-    return rows
+    return rows, unterminated
 
 
 def _check_header(path: Path, spec: TaskSpec, sp: SplitSpec, header: list[str]) -> None:
@@ -325,7 +327,7 @@ def read_split(
     sp = _split_spec(spec, split)
     path = Path(path) if path is not None else require_split_file(glue_dir, task, split)
     is_test = sp.label is None
-    rows = _read_rows(path)
+    rows, unterminated = _read_rows(path)
     if sp.header:
         if not rows:
             raise ConvBertError(f"{path}: empty file (expected a header line)")
@@ -338,7 +340,7 @@ def read_split(
     # Blank lines at the very end of a file are ignored.
     while body and body[-1][1] == []:
         body.pop()
-    out = SplitData(path=path, examples=[])
+    out = SplitData(path=path, examples=[], unterminated=unterminated and bool(body) and body[-1][1] != [])
     labels = set(spec.labels) if spec.labels is not None else None
     for eid, (line, row, stray_cr) in enumerate(body):
         problem = None
