@@ -997,3 +997,34 @@ def test_re_export_through_a_linked_checkpoints_folder_and_resume_of_a_moved_pro
     again = resolve_config(None, None, {"output": "r"}, [])
     assert again.data == "data"  # the recorded folder is gone: the path as given, from here
     assert run_pretraining(again, progress=False)["step"] == 2
+
+
+def test_a_small_dataset_still_holds_out_an_example_to_evaluate_on(tiny_data, tmp_path, capsys):
+    """2 % of --data is held out, but at least one example: a dataset under 50 examples is evaluated too (it had
+    no held-out set, and no evaluation, silently); a one-example dataset cannot spare one, which is said."""
+    from convbert.cli import main
+    from convbert.data import build_dataset
+    from convbert.pretrain.data import holdout_size
+
+    assert [holdout_size(n, 64) for n in (0, 1, 2, 49, 50, 99, 100, 10_000)] == [0, 0, 1, 1, 1, 1, 2, 64]
+    assert holdout_size(10_000, 0) == 0
+    assert [holdout_size(n, 64, min_train=4) for n in (4, 5, 49)] == [0, 1, 1]  # a batch is left to train on
+    text = (Path(tiny_data["corpus"]) / "train.txt").read_text(encoding="utf-8")[:6_000]
+    (tmp_path / "small.txt").write_text(text, encoding="utf-8")
+    m = build_dataset([str(tmp_path / "small.txt")], str(tiny_data["vocab"]), str(tmp_path / "small"),
+                      max_seq_length=32, progress=False)
+    assert 2 <= m["examples"] < 50
+    rc = main(["pretrain", "--data", str(tmp_path / "small"), "--size", "tiny", "--output", str(tmp_path / "run"),
+               "--steps", "2", "--batch-size", "4", "--eval-every", "1", "--eval-batches", "1", "--threads", "1",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    evals = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2] and all(0 <= r["disc_auc"] <= 1 for r in evals)
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["eval_holdout_examples"] == 1
+    assert "no held-out evaluation" not in capsys.readouterr().err
+    (tmp_path / "one.txt").write_text("the cat sat on the mat.\n", encoding="utf-8")
+    assert build_dataset([str(tmp_path / "one.txt")], str(tiny_data["vocab"]), str(tmp_path / "one"),
+                         max_seq_length=32, progress=False)["examples"] == 1
+    assert main(["pretrain", "--data", str(tmp_path / "one"), "--size", "tiny", "--output", str(tmp_path / "run1"),
+                 "--steps", "1", "--batch-size", "1", "--threads", "1", "--no-progress"]) == 0
+    assert "note: no held-out evaluation: --data has 1 example(s)" in capsys.readouterr().err

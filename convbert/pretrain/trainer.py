@@ -175,7 +175,8 @@ class Trainer:
         self.autocast = _autocast_factory(cfg.precision, self.device)  # refuses fp16 without a GPU, early
         allow_tf32_under_autocast(cfg.precision, self.device)  # the fp32 MLM head on tensor cores
         self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
-                                      eval_examples=cfg.eval_batches * cfg.eval_batch_size)
+                                      eval_examples=cfg.eval_batches * cfg.eval_batch_size,
+                                      min_train=cfg.batch_size)
         self.loader_factory = loader_factory or default_loader_factory
         self.resume_flag = resume
         self.progress = progress
@@ -747,6 +748,9 @@ class Trainer:
                 f"({self.dist.world_size} rank(s) × {cfg.grad_accum} accumulation × {self.micro_batch}), "
                 f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
             )
+            if self.data.eval is None and cfg.eval_batches > 0:
+                self.logger.message(f"note: no held-out evaluation: --data has {len(self.data.train):,} example(s), "
+                                    "too few to hold one out and still fill a batch; give --eval-data for one")
         milestones = ckpt_io.milestone_steps(cfg.steps)
         last_eval = last_eval_step = None
         stop_at = cfg.stop_at_step
