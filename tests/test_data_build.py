@@ -422,6 +422,11 @@ def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):
     assert s["single_segment"] + s["two_segment"] == s["examples"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert s["bytes_on_disk"] == manifest["bytes_on_disk"]  # the shards only, as build-data reports them
+    assert s["documents"] == s["sources"] == manifest["counts"]["files"] >= 1  # --docs files: one document a file
+    assert build_dataset([str(corpus)], vocab, str(tmp_path / "bl"), docs="blank-lines", progress=False)
+    assert cli_main(["data-stats", str(tmp_path / "bl"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["documents"] is None and s["sources"] >= 1  # blank-line documents are not counted: not the files
     rc = cli_main(["build-data", "--input", str(tmp_path / "nope"), "--vocab", vocab, "--output",
                    str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err

@@ -79,7 +79,10 @@ def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:
         "shards": len(ds.shards),
         "bytes_on_disk": disk,
         "bytes_per_token": disk / tokens if tokens else None,
-        "documents": c.get("files"),
+        # Files, archive members, JSONL records or parquet rows read; each is one document only with --docs files
+        # (with blank-lines documents the builder does not count them).
+        "sources": c.get("files"),
+        "documents": c.get("files") if m["settings"].get("docs") == "files" else None,
         "invalid_utf8_replaced": c.get("invalid_utf8"),
         "binary_files_skipped": c.get("binary_skipped"),
         "settings": {k: m["settings"][k] for k in ("segment_rule", "docs", "seed", "lower_case", "strip_accents")},
