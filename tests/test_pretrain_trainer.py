@@ -1028,3 +1028,28 @@ def test_a_small_dataset_still_holds_out_an_example_to_evaluate_on(tiny_data, tm
     assert main(["pretrain", "--data", str(tmp_path / "one"), "--size", "tiny", "--output", str(tmp_path / "run1"),
                  "--steps", "1", "--batch-size", "1", "--threads", "1", "--no-progress"]) == 0
     assert "note: no held-out evaluation: --data has 1 example(s)" in capsys.readouterr().err
+
+
+def test_fp16_on_the_cpu_trains_with_a_gradient_scaler_and_resumes_bit_exact(tiny_data, tmp_path, capsys):
+    """fp16 runs on the CPU as on a GPU (autocast + loss scaling), so its set-up can be checked without one: the
+    scaler skips the first overflowing steps and halves its scale, a resumed run restores that scale (else it
+    would skip them again) and gives the uninterrupted run's losses and weights, and the CLI says it is slow."""
+    from convbert.cli import main
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_pretraining(cfg_for(tiny_data, full, steps=10, precision="fp16"), progress=False)
+    records = [r for r in read_log(full / "log.jsonl") if r["kind"] == "train"]
+    skipped = [r["step"] for r in records if not math.isfinite(float(r["grad_norm"]))]  # JSON: "inf"
+    assert skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) < 10  # overflow, then trains
+    assert run_pretraining(cfg_for(tiny_data, part, steps=10, precision="fp16", stop_at_step=4),
+                           progress=False)["step"] == 4
+    state = json.loads((part / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert 0 < state["grad_scaler"]["scale"] < 65536.0  # halved at each skipped step
+    assert run_pretraining(cfg_for(tiny_data, part, steps=10, precision="fp16"), progress=False)["resumed"]
+    assert losses(full) == losses(part)
+    wa, _ = final_weights(full)
+    wb, _ = final_weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert main(["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(tmp_path / "cli"),
+                 "--steps", "1", "--batch-size", "4", "--threads", "1", "--precision", "fp16", "--no-progress"]) == 0
+    assert "note: --precision fp16 on the CPU runs through autocast with a gradient scaler" in capsys.readouterr().err

@@ -34,7 +34,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32 (default), bf16 autocast (GPU, or a CPU with native bf16: ~1.7x faster there), or fp16 "
-                        "autocast with loss scaling (GPU only); losses and reported logits are fp32")
+                        "autocast with loss scaling (a GPU's; runs on the CPU too, slowly); losses and reported "
+                        "logits are fp32")
 
 
 def _cfg(args, double_default=True):
@@ -68,6 +69,16 @@ def _cfg(args, double_default=True):
         precision=args.precision,
     )
     cfg.validate()
+    if cfg.precision == "fp16":
+        import sys
+
+        import torch
+
+        from convbert.precision import fp16_note
+
+        note = fp16_note(torch.device(device))
+        if note:
+            print(note, file=sys.stderr)
     return cfg
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from convbert.errors import ConvBertError
 from convbert.finetune.features import Features
 from convbert.optim import AdamWeightDecay, layerwise_lr_scale, linear_warmup_decay, param_groups
-from convbert.precision import FP16_NEEDS_GPU, PRECISIONS, autocast
+from convbert.precision import PRECISIONS, autocast
 
 SIZE_LR = {"small": 3e-4, "medium-small": 3e-4, "base": 1e-4}
 
@@ -55,7 +55,7 @@ class FinetuneConfig:
     max_train_examples: int | None = None
     regression_scale: float = 5.0
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ... (the CLI resolves "auto")
-    precision: str = "fp32"  # "fp32", "bf16" (autocast; CPU or GPU) or "fp16" (autocast + gradient scaler; GPU)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaler; slow on most CPUs)
 
     def validate(self) -> None:
         def need(ok, what):
@@ -82,8 +82,6 @@ class FinetuneConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConvBertError(f"--device {self.device}: CUDA is not available here (use --device cpu)")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
-        need(self.precision != "fp16" or self.device.startswith("cuda"),
-             FP16_NEEDS_GPU)
         need(
             self.max_train_examples is None or self.max_train_examples >= 1,
             f"--max-train-examples must be at least 1, got {self.max_train_examples}",

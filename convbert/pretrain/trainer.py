@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from convbert.errors import ConvBertError
-from convbert.precision import FP16_NEEDS_GPU, allow_tf32_under_autocast, autocast
+from convbert.precision import allow_tf32_under_autocast, autocast, fp16_note
 from convbert.pretrain import checkpoint as ckpt_io
 from convbert.pretrain.config import (
     COMPILE_MODES_WITH_CUDA_GRAPHS, SIZE_DEFAULTS, PretrainConfig, config_from_dict, load_json, save_config,
@@ -102,8 +102,6 @@ def setup_distributed(device_pref: str = "auto") -> DistInfo:
 def _autocast_factory(precision: str, device: torch.device):
     if precision == "fp32":
         return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConvBertError(FP16_NEEDS_GPU)
     return functools.partial(autocast, precision, device)
 
 
@@ -172,7 +170,7 @@ class Trainer:
         refuse_foreign_folder(out_path, (RUN_CONFIG, "checkpoints"), "a `convbert pretrain` run")
         self.dist = dist_info or setup_distributed(cfg.device)
         self.device = self.dist.device
-        self.autocast = _autocast_factory(cfg.precision, self.device)  # refuses fp16 without a GPU, early
+        self.autocast = _autocast_factory(cfg.precision, self.device)
         allow_tf32_under_autocast(cfg.precision, self.device)  # the fp32 MLM head on tensor cores
         self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
                                       eval_examples=cfg.eval_batches * cfg.eval_batch_size,
@@ -238,8 +236,8 @@ class Trainer:
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
         )
         self.scaler = None
-        if cfg.precision == "fp16" and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")
+        if cfg.precision == "fp16":  # fp16's range needs loss scaling (bf16 has fp32's range and does not)
+            self.scaler = torch.amp.GradScaler(self.device.type)
         if cfg.compile:  # the encoders, heads, losses and sampler, in place (parameter names unchanged)
             self.model.compile_pieces(mode=cfg.compile_mode)
             self.optimizer.compile_update()  # the multi-tensor update (GPUs; the CPU runs the per-tensor loop)
@@ -748,6 +746,8 @@ class Trainer:
                 f"({self.dist.world_size} rank(s) × {cfg.grad_accum} accumulation × {self.micro_batch}), "
                 f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
             )
+            if cfg.precision == "fp16" and fp16_note(self.device):
+                self.logger.message(fp16_note(self.device))
             if self.data.eval is None and cfg.eval_batches > 0:
                 self.logger.message(f"note: no held-out evaluation: --data has {len(self.data.train):,} example(s), "
                                     "too few to hold one out and still fill a batch; give --eval-data for one")
