@@ -38,8 +38,15 @@ def machine_info(threads: int) -> dict:
 
     from convbert.model.kernels import cpu_kernel_choices
 
+    try:  # the HF port compared against, where a script compares with it
+        from importlib.metadata import version
+
+        transformers = version("transformers")
+    except Exception:  # not installed
+        transformers = None
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers,
+            "threads": threads,
             "cpu_kernels": cpu_kernel_choices()}  # the CPU model and the kernels it picked (`convbert info --kernels`)
 
 

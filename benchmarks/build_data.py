@@ -12,15 +12,13 @@ and reports tokens/s of both (tokens = WordPiece tokens of the corpus, the same 
 bytes per token on disk (goal <= 2.1). Raw and build runs are interleaved; the best of --repeats is kept. Without --input it writes a corpus of Python standard
 library documentation (pydoc text) of about --corpus-mb MiB. Prints a table and writes JSON to --output.
 
-    python benchmarks/build_data.py --workers 1 2 --corpus-mb 8 --output bench_build_data.json
+    python benchmarks/build_data.py --workers 1 2 --corpus-mb 8 --output benchmarks/results/build_data.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -31,6 +29,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench import machine_info, write_report  # noqa: E402
 
 STDLIB_MODULES = [
     "os", "json", "tarfile", "argparse", "collections", "random", "re", "textwrap", "pathlib", "subprocess",
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; the best is kept")
-    ap.add_argument("--output", default="bench_build_data.json")
+    ap.add_argument("--output", default="benchmarks/results/build_data.json")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="convbert-bench-") as tmp:
@@ -180,9 +180,7 @@ def main(argv=None) -> int:
         "corpus_bytes": corpus_bytes,
         "corpus_tokens": rows[0]["raw"]["tokens"],
         "vocab": args.vocab or "trained (8000 tokens)",
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
+        "machine": machine_info(threads=1),  # each worker process tokenises on one thread
         "rows": rows,
     }
     print(f"corpus: {corpus_bytes / (1 << 20):.1f} MiB, {result['corpus_tokens']:,} WordPiece tokens")
@@ -195,8 +193,7 @@ def main(argv=None) -> int:
         print(f"{r['workers']:>7} | {r['raw']['tokens_per_s']:>12,.0f} | {b['tokens_per_s']:>12,.0f} | "
               f"{100 * r['ratio']:>5.1f}% | {100 * r['cpu_ratio']:>8.1f}% | {b['seconds']:>7.2f} | {b['bytes_per_token']:>11.3f} | "
               f"{b['bytes_per_text_token']:>16.3f}")
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, result)
     return 0
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import write_report  # noqa: E402
+from _bench import machine_info, write_report  # noqa: E402
 
 from convbert.model import kernels  # noqa: E402
 
@@ -173,7 +173,8 @@ def main() -> None:
                      f"{p['optimiser']['ops']:,} | {r['ops']:,} | {r['non_view_ops']:,} |")
     text = "\n".join(lines)
     print(text)
-    write_report(args.output, {"settings": vars(args), "results": rows, "table": text})
+    write_report(args.output, {"settings": vars(args), "machine": machine_info(torch.get_num_threads()), "results": rows,
+                               "table": text})
 
 
 if __name__ == "__main__":

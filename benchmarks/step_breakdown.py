@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model (median), after 2 warm-ups")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default="benchmarks/results/step_breakdown.json")
+    parser.add_argument("--output", default=None,
+                        help="JSON report (default benchmarks/results/step_breakdown.json for medium-small, "
+                             "step_breakdown_SIZE.json for another size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -118,6 +120,9 @@ def main() -> None:
                   f"{share.get('convolutions', 0):6.0%} {share.get('rest', 0):6.0%}  {others}")
         print(f"{phase:10s} speed-up {result['speedup']:.2f}x; if only our matrix products cost time: "
               f"{result['ours_products_only_seconds']:.3f} s, {result['speedup_bound_if_only_products_cost']:.2f}x")
+    if args.output is None:
+        suffix = "" if args.size == "medium-small" else f"_{args.size}"
+        args.output = f"benchmarks/results/step_breakdown{suffix}.json"
     write_report(args.output, report)
 
 
