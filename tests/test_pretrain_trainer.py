@@ -1053,3 +1053,36 @@ def test_fp16_on_the_cpu_trains_with_a_gradient_scaler_and_resumes_bit_exact(tin
     assert main(["pretrain", "--data", str(tiny_data["data"]), "--size", "tiny", "--output", str(tmp_path / "cli"),
                  "--steps", "1", "--batch-size", "4", "--threads", "1", "--precision", "fp16", "--no-progress"]) == 0
     assert "note: --precision fp16 on the CPU runs through autocast with a gradient scaler" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", ["zero", "absent"])
+def test_a_small_dataset_run_begun_before_the_one_example_holdout_resumes_on_its_own_split(
+        tiny_data, tmp_path, monkeypatch, record):
+    """Runs recorded before a dataset under 50 examples held one out (0 held out, or no record of it) resume on
+    the split they trained on, giving the losses of the same run not stopped, instead of a refusal."""
+    import convbert.pretrain.data as pdata
+    from convbert.data import build_dataset
+
+    text = (Path(tiny_data["corpus"]) / "train.txt").read_text(encoding="utf-8")[:6_000]
+    (tmp_path / "small.txt").write_text(text, encoding="utf-8")
+    build_dataset([str(tmp_path / "small.txt")], str(tiny_data["vocab"]), str(tmp_path / "small"),
+                  max_seq_length=32, progress=False)
+    small = {"data": tmp_path / "small"}
+    new_rule = pdata.holdout_size
+    monkeypatch.setattr(pdata, "holdout_size", lambda n, e, *a, **k: max(0, min(e, n // 50)))  # the old rule
+    run_pretraining(cfg_for(small, tmp_path / "full", steps=4, batch_size=4, save_every=2), progress=False)
+    run_pretraining(cfg_for(small, tmp_path / "part", steps=4, batch_size=4, save_every=2, stop_at_step=2),
+                    progress=False)
+    monkeypatch.setattr(pdata, "holdout_size", new_rule)
+    config = tmp_path / "part" / "run_config.json"
+    recorded = json.loads(config.read_text())
+    assert recorded["eval_holdout_examples"] == 0
+    if record == "absent":
+        del recorded["eval_holdout_examples"]
+        config.write_text(json.dumps(recorded))
+    result = run_pretraining(cfg_for(small, tmp_path / "part", steps=4, batch_size=4, save_every=2), progress=False)
+    assert result["resumed"] and result["finished"]
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    fresh = run_pretraining(cfg_for(small, tmp_path / "new", steps=1, batch_size=4), progress=False)
+    assert fresh["finished"] and json.loads((tmp_path / "new" / "run_config.json").read_text())[
+        "eval_holdout_examples"] == 1  # a new run on the same data holds one out

@@ -115,14 +115,15 @@ def base_dataset(ds):
     return ds
 
 
-def holdout_size(n: int, eval_examples: int, min_train: int = 1) -> int:
+def holdout_size(n: int, eval_examples: int, min_train: int = 1, min_holdout: int = 1) -> int:
     """Examples held out at the end of a dataset without a separate eval split: 2 %, no more than one evaluation
-    reads, and at least one, so that a small dataset is still evaluated, where that leaves `min_train` (a global
-    batch) to train on."""
+    reads, and at least `min_holdout` (one, so that a small dataset is still evaluated; 0 for a run begun before
+    that rule, which held none out of a dataset under 50 examples), where that leaves `min_train` (a global batch)
+    to train on."""
     if eval_examples <= 0:
         return 0
     if n // 50 == 0:
-        return 1 if n - 1 >= max(1, min_train) else 0
+        return min_holdout if n - min_holdout >= max(1, min_train) else 0
     return min(eval_examples, n // 50)
 
 
@@ -161,7 +162,8 @@ def find_vocab(directory: Path, manifest: dict, explicit: str | None = None) -> 
 
 
 def open_data(data: str, eval_data: str | None = None, max_seq_length: int | None = None, *,
-              vocab: str | None = None, eval_examples: int = 0, min_train: int = 1) -> DataBundle:
+              vocab: str | None = None, eval_examples: int = 0, min_train: int = 1,
+              min_holdout: int = 1) -> DataBundle:
     """Open --data (and --eval-data, or an eval/ subfolder, or else hold out the last examples of --data)."""
     directory = Path(data)
     if not directory.is_dir():
@@ -180,7 +182,7 @@ def open_data(data: str, eval_data: str | None = None, max_seq_length: int | Non
             raise ConvBertError(f"--eval-data {eval_dir}: built with another vocab than --data {data} (the manifests' "
                                 "vocab hashes differ: its token ids mean other words); rebuild it with --data's vocab")
     else:
-        holdout = holdout_size(len(train), eval_examples, min_train)
+        holdout = holdout_size(len(train), eval_examples, min_train, min_holdout)
         eval_ds = DatasetView(train, len(train) - holdout, len(train)) if holdout else None
         train = DatasetView(train, 0, len(train) - holdout) if holdout else train
     base = base_dataset(train)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import platform
@@ -99,6 +100,18 @@ def setup_distributed(device_pref: str = "auto") -> DistInfo:
     return info
 
 
+def _min_holdout(run_dir: Path) -> int:
+    """1, or 0 for a run recorded before a dataset under 50 examples held one out (its run_config.json has no
+    held-out examples, or no record of them): resuming it keeps the split it trained on."""
+    try:
+        recorded = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1
+    if not isinstance(recorded, dict) or not (run_dir / "checkpoints").is_dir():
+        return 1
+    return 0 if not recorded.get("eval_holdout_examples") else 1
+
+
 def _autocast_factory(precision: str, device: torch.device):
     if precision == "fp32":
         return None
@@ -174,7 +187,7 @@ class Trainer:
         allow_tf32_under_autocast(cfg.precision, self.device)  # the fp32 MLM head on tensor cores
         self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
                                       eval_examples=cfg.eval_batches * cfg.eval_batch_size,
-                                      min_train=cfg.batch_size)
+                                      min_train=cfg.batch_size, min_holdout=_min_holdout(out_path))
         self.loader_factory = loader_factory or default_loader_factory
         self.resume_flag = resume
         self.progress = progress
@@ -377,7 +390,7 @@ class Trainer:
         held, holding = saved.get("eval_holdout_examples"), self.data.holdout
         if "eval_holdout_examples" in saved and held != holding:
             def split(n):
-                return f"{n} held-out examples" if n else "a separate --eval-data set"
+                return f"{n} held-out examples" if n else "no held-out examples (a separate --eval-data set, or none)"
 
             raise ConvBertError(
                 f"{self.out}: the run trained on --data less {split(held)}, this invocation on --data less "
