@@ -276,20 +276,21 @@ def test_labels_that_are_one_number_spelt_two_ways_are_refused_not_two_classes(m
 def test_two_tasks_left_at_the_default_output_keep_both_models(model, tmp_path, capsys, monkeypatch):
     """Without --output the model goes to ./finetuned; a second task whose default would replace another task's
     model goes to ./finetuned-2 (named on stdout) and exits 0; the same fine-tuning again replaces its own folder;
-    a ./finetuned holding other files is skipped too."""
+    a folder holding other files, or a dangling link, is skipped too; --overwrite replaces ./finetuned."""
     monkeypatch.chdir(tmp_path)
     first = _csv(tmp_path / "first.csv", PAIRS)
     other = _csv(tmp_path / "other.csv", [dict(r, y="yes" if r["y"] == "yes" else "no") for r in PAIRS])
 
-    def run(train):
+    def run(train, *extra):
         return main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "q,a",
-                     "--label-column", "y", *QUICK])
+                     "--label-column", "y", *QUICK, *extra])
 
     assert run(first) == 0 and (tmp_path / "finetuned" / "finetune_task.json").is_file()
     first_model = {p.name: p.read_bytes() for p in (tmp_path / "finetuned").iterdir()}
     capsys.readouterr()
     assert run(other) == 0
-    assert "finetuned holds another fine-tuned model (or other files); writing to finetuned-2" in capsys.readouterr().out
+    assert "finetuned is taken (another task's fine-tuned model, other files, or not a folder); writing to " \
+           "finetuned-2" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (tmp_path / "finetuned").iterdir()} == first_model
     task2 = json.loads((tmp_path / "finetuned-2" / "finetune_task.json").read_text())
     assert task2["train_file"] == str(other.resolve())
@@ -301,6 +302,11 @@ def test_two_tasks_left_at_the_default_output_keep_both_models(model, tmp_path, 
     (tmp_path / "third.csv").write_text((tmp_path / "first.csv").read_text().replace("yes", "YES"))
     assert run(tmp_path / "third.csv") == 0 and "writing to finetuned-4" in capsys.readouterr().out
     assert (tmp_path / "finetuned-3" / "notes.txt").read_text() == "mine"
+    (tmp_path / "finetuned-5").symlink_to(tmp_path / "gone")  # dangling: skipped, not written through
+    (tmp_path / "fourth.csv").write_text((tmp_path / "first.csv").read_text().replace("no", "NO"))
+    assert run(tmp_path / "fourth.csv") == 0 and "writing to finetuned-6" in capsys.readouterr().out
+    assert run(other, "--overwrite") == 0 and "writing to" not in capsys.readouterr().out  # ./finetuned replaced
+    assert json.loads((tmp_path / "finetuned" / "finetune_task.json").read_text())["train_file"] == str(other.resolve())
 
 
 def test_an_earlier_output_of_another_model_or_training_file_is_not_replaced_silently(model, tmp_path, capsys):

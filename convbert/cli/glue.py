@@ -146,7 +146,7 @@ def cmd_finetune(args) -> int:
     if args.symmetric and len(cols) != 2:
         raise ConvBertError(f"--symmetric: swaps the two sentences of a pair, but --text-columns names one "
                             f"({args.text_columns!r}); name two (a,b) or leave --symmetric out")
-    output = Path(args.output) if args.output is not None else default_output(args.model, args.train)
+    output = Path(args.output) if args.output is not None else default_output(args.model, args.train, overwrite=args.overwrite)
     finetune_own_task(
         model_dir=Path(args.model),
         train_file=Path(args.train),
@@ -275,7 +275,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default ./finetuned, or the first free ./finetuned-2, -3, … if that holds another task's "
                         "model)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier fine-tuned model of another --model or --train in --output")
+                   help="replace an earlier fine-tuned model of another --model or --train in --output (or in "
+                        "./finetuned, without --output)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="file format (default: extension)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

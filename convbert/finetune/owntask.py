@@ -362,23 +362,27 @@ DEFAULT_OUTPUT = "finetuned"
 
 
 def default_output(model_dir: str | os.PathLike, train_file: str | os.PathLike,
-                   base: str | os.PathLike = DEFAULT_OUTPUT) -> Path:
+                   base: str | os.PathLike = DEFAULT_OUTPUT, overwrite: bool = False) -> Path:
     """Where `convbert finetune` writes when --output is not given: ./finetuned, unless that holds another task's
-    model (or other files), then the first free ./finetuned-2, -3, …. A default must not fail, nor replace someone
-    else's work; an explicit --output that would is refused instead."""
+    model (or other files, or is not a folder), then the first free ./finetuned-2, -3, …. A default must not fail,
+    nor replace someone else's work; an explicit --output that would is refused instead. With `overwrite`,
+    ./finetuned is replaced if it is an earlier fine-tuned model (of any task)."""
     base = Path(base)
     for n in itertools.count(1):
         candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if candidate.is_symlink() and not candidate.exists():
+            continue  # a dangling link: writing through it would fail at the end
+        if candidate.exists() and not candidate.is_dir():
+            continue
         try:
-            if candidate.exists() and not candidate.is_dir():
-                continue
             refuse_foreign_folder(candidate, (TASK_FILE,), "an earlier `convbert finetune` output",
                                   replaces=FINETUNE_FILES)
-            _refuse_replacing_another_task(candidate, Path(model_dir), Path(train_file), overwrite=False)
+            _refuse_replacing_another_task(candidate, Path(model_dir), Path(train_file), overwrite=overwrite)
         except ConvBertError:
             continue
         if n > 1:
-            print(f"{base} holds another fine-tuned model (or other files); writing to {candidate}")
+            print(f"{base} is taken (another task's fine-tuned model, other files, or not a folder); writing to "
+                  f"{candidate}")
         return candidate
     raise AssertionError("unreachable")
 
