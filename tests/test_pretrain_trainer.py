@@ -91,8 +91,8 @@ def test_a_run_resumes_on_moved_data_but_not_on_other_data(tiny_data, tmp_path):
         run_pretraining(cfg_for({**tiny_data, "data": other}, run), progress=False)
     # the same examples, but part of them now held out for evaluation (no eval/ folder beside them)
     no_eval = shutil.copytree(data, tmp_path / "no_eval", ignore=shutil.ignore_patterns("eval"))
-    with pytest.raises(ConvBertError, match=r"trained on --data less a separate --eval-data set, this invocation on "
-                                            r"--data less \d+ held-out examples"):
+    with pytest.raises(ConvBertError, match=r"trained on --data less no held-out examples \(a separate --eval-data "
+                                            r"set, or none\), this invocation on --data less \d+ held-out examples"):
         run_pretraining(cfg_for({**tiny_data, "data": no_eval}, run), progress=False)
     resumed = run_pretraining(cfg_for({**tiny_data, "data": moved}, run), progress=False)
     assert resumed["resumed"] and resumed["finished"]
