@@ -1009,6 +1009,8 @@ def test_a_small_dataset_still_holds_out_an_example_to_evaluate_on(tiny_data, tm
     assert [holdout_size(n, 64) for n in (0, 1, 2, 49, 50, 99, 100, 10_000)] == [0, 0, 1, 1, 1, 1, 2, 64]
     assert holdout_size(10_000, 0) == 0
     assert [holdout_size(n, 64, min_train=4) for n in (4, 5, 49)] == [0, 1, 1]  # a batch is left to train on
+    assert holdout_size(60, 64, min_train=60) == 0 and holdout_size(120, 64, min_train=119) == 1  # 2 % too
+    assert holdout_size(20, 64, min_holdout=0) == 0  # a run begun before the one-example rule
     text = (Path(tiny_data["corpus"]) / "train.txt").read_text(encoding="utf-8")[:6_000]
     (tmp_path / "small.txt").write_text(text, encoding="utf-8")
     m = build_dataset([str(tmp_path / "small.txt")], str(tiny_data["vocab"]), str(tmp_path / "small"),

@@ -118,13 +118,13 @@ def base_dataset(ds):
 def holdout_size(n: int, eval_examples: int, min_train: int = 1, min_holdout: int = 1) -> int:
     """Examples held out at the end of a dataset without a separate eval split: 2 %, no more than one evaluation
     reads, and at least `min_holdout` (one, so that a small dataset is still evaluated; 0 for a run begun before
-    that rule, which held none out of a dataset under 50 examples), where that leaves `min_train` (a global batch)
-    to train on."""
+    that rule, which held none out of a dataset under 50 examples); never so many that fewer than `min_train` (the
+    loader's batch) are left to train on."""
     if eval_examples <= 0:
         return 0
-    if n // 50 == 0:
-        return min_holdout if n - min_holdout >= max(1, min_train) else 0
-    return min(eval_examples, n // 50)
+    want = min(eval_examples, max(min_holdout, n // 50))
+    spare = n - max(1, min_train)  # what can go without leaving training less than a batch
+    return want if want <= spare else (max(0, spare) if n // 50 else 0)
 
 
 def _vocab_matches(path: Path, manifest: dict) -> bool:

@@ -187,7 +187,9 @@ class Trainer:
         allow_tf32_under_autocast(cfg.precision, self.device)  # the fp32 MLM head on tensor cores
         self.data = data or open_data(cfg.data, cfg.eval_data, cfg.max_seq_length, vocab=cfg.vocab,
                                       eval_examples=cfg.eval_batches * cfg.eval_batch_size,
-                                      min_train=cfg.batch_size, min_holdout=_min_holdout(out_path))
+                                      # the loader's batch: micro-batch x ranks (one accumulation step)
+                                      min_train=max(1, cfg.batch_size // max(1, cfg.grad_accum)),
+                                      min_holdout=_min_holdout(out_path))
         self.loader_factory = loader_factory or default_loader_factory
         self.resume_flag = resume
         self.progress = progress
