@@ -70,8 +70,6 @@ def _cfg(args, double_default=True):
     )
     cfg.validate()
     if cfg.precision == "fp16":
-        import sys
-
         import torch
 
         from convbert.precision import fp16_note
@@ -146,7 +144,8 @@ def cmd_finetune(args) -> int:
     if args.symmetric and len(cols) != 2:
         raise ConvBertError(f"--symmetric: swaps the two sentences of a pair, but --text-columns names one "
                             f"({args.text_columns!r}); name two (a,b) or leave --symmetric out")
-    output = Path(args.output) if args.output is not None else default_output(args.model, args.train, overwrite=args.overwrite)
+    output = (Path(args.output) if args.output is not None
+              else default_output(args.model, args.train, overwrite=args.overwrite))
     finetune_own_task(
         model_dir=Path(args.model),
         train_file=Path(args.train),

@@ -123,8 +123,7 @@ def holdout_size(n: int, eval_examples: int, min_train: int = 1, min_holdout: in
     if eval_examples <= 0:
         return 0
     want = min(eval_examples, max(min_holdout, n // 50))
-    spare = n - max(1, min_train)  # what can go without leaving training less than a batch
-    return want if want <= spare else (max(0, spare) if n // 50 else 0)
+    return max(0, min(want, n - max(1, min_train)))  # (the rest must still fill a batch)
 
 
 def _vocab_matches(path: Path, manifest: dict) -> bool:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..utils import BAR_FORMAT
+from ..utils import interactive_stderr, progress_bar
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "curves.png"
@@ -134,8 +134,6 @@ class RunLogger:
         self.total_steps = total_steps
         self.log_every = max(1, int(log_every))
         self.progress = progress
-        from convbert.utils import interactive_stderr
-
         self.mode = ("bar" if progress is True and interactive_stderr() else "lines" if progress else "quiet")
         self.status_every = float(status_every)
         self._last_status = 0.0
@@ -165,11 +163,9 @@ class RunLogger:
             except Exception as err:  # tensorboard not installed or broken
                 self.message(f"TensorBoard logging disabled ({type(err).__name__}: {err})")
                 self._tb = None
-        if self.mode == "bar":
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
-                             file=sys.stderr, desc="pretrain", smoothing=0.05, bar_format=BAR_FORMAT)
+        if self.mode == "bar":  # (a terminal or Jupyter: progress_bar draws tqdm's bar there)
+            self._bar = progress_bar(total=self.total_steps, initial=step, unit="step", desc="pretrain",
+                                     smoothing=0.05)
 
     def close(self, plot: bool = True) -> None:
         if self._bar is not None:
@@ -239,10 +235,7 @@ class RunLogger:
         """The held-out batches, with a transient bar (or one line) saying what the pause is for: a large held-out
         set takes minutes before the first step."""
         if self.mode == "bar":
-            from tqdm.auto import tqdm
-
-            return tqdm(batches, total=total, desc="held-out eval", unit="batch", leave=False, file=sys.stderr,
-                        dynamic_ncols=True, bar_format=BAR_FORMAT)
+            return progress_bar(iterable=batches, total=total, desc="held-out eval", unit="batch", leave=False)
         if self.mode == "lines":
             self.message(f"evaluating {examples:,} held-out examples ({total} batches)")
         return batches

@@ -761,8 +761,9 @@ class Trainer:
                 f"({self.dist.world_size} rank(s) × {cfg.grad_accum} accumulation × {self.micro_batch}), "
                 f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
             )
-            if cfg.precision == "fp16" and fp16_note(self.device):
-                self.logger.message(fp16_note(self.device))
+            note = fp16_note(self.device) if cfg.precision == "fp16" else None
+            if note:
+                self.logger.message(note)
             if self.data.eval is None and cfg.eval_batches > 0:
                 self.logger.message(f"note: no held-out evaluation: --data has {len(self.data.train):,} example(s), "
                                     "too few to hold one out and still fill a batch; give --eval-data for one")
