@@ -11,6 +11,7 @@ the message column of docs/errors.md is produced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -937,6 +938,34 @@ def model_weights_truncated(e, t):
     truncate(m / "model.safetensors", 2000)
     return dict(argv=glue_argv(m, e.glue, t / "o"), expect=[str(m / "model.safetensors"), "truncated or corrupt"],
                 absent=[t / "o"])
+
+
+@case("checkpoint")
+def model_weights_flipped_byte(e, t):
+    m = copy(e.model, t / "model")
+    raw = bytearray((m / "model.safetensors").read_bytes())
+    raw[-100] ^= 0x40  # inside a tensor: safetensors still reads the file, with one wrong weight
+    (m / "model.safetensors").write_bytes(bytes(raw))
+    return dict(argv=glue_argv(m, e.glue, t / "o"),
+                expect=[f"{m / 'model.safetensors'}: the tensors differ from the checksum stored in the file",
+                        "damaged"], absent=[t / "o"])
+
+
+@case("checkpoint")
+def finetuned_classifier_flipped_byte(e, t):
+    ft = t / "ft"
+    f = t / "train.csv"
+    f.write_text("q,y\n" + "".join(f"{w} {w},{'yes' if i % 2 else 'no'}\n" for i, w in enumerate(WORDS[:16])))
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # this step is set-up, not the case
+        assert main(finetune_argv(e.model, f, "q", "y", ft) + ["--epochs", "1", "--max-seq-length", "32"]) == 0, \
+            log.getvalue()
+    raw = bytearray((ft / "classifier.safetensors").read_bytes())
+    raw[-3] ^= 0x01
+    (ft / "classifier.safetensors").write_bytes(bytes(raw))
+    return dict(argv=["predict", "--model", str(ft), "--input", str(f), "--output", str(t / "p.csv")],
+                expect=[f"{ft / 'classifier.safetensors'}: the tensors differ from the checksum stored in the file"],
+                absent=[t / "p.csv"])
 
 
 @case("checkpoint")

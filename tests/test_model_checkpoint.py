@@ -107,3 +107,86 @@ def test_missing_folder_and_files(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(ConvBertError, match="line 1"):
         ConvBertModel.from_pretrained(tmp_path)
+
+
+# -- the checksum convbert stores in its own weight files ------------------------------------------------------------
+
+
+def _flip_byte_in_a_tensor(file, offset=-100):
+    raw = bytearray(file.read_bytes())
+    raw[offset] ^= 0x40
+    file.write_bytes(bytes(raw))
+
+
+def test_saved_weights_carry_a_checksum_of_their_tensors_that_loading_verifies(saved):
+    from safetensors import safe_open
+
+    from convbert.weights import CHECKSUM_KEY, tensors_sha256
+
+    model, path = saved
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        stored, keys = f.metadata()[CHECKSUM_KEY], list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    assert stored == tensors_sha256(tensors)
+    assert stored == tensors_sha256(dict(reversed(list(tensors.items()))))  # the digest is in name order
+    _flip_byte_in_a_tensor(path / "model.safetensors")
+    with pytest.raises(ConvBertError, match=r"model\.safetensors: the tensors differ from the checksum stored in "
+                                            r"the file .*damaged"):
+        ConvBertModel.from_pretrained(path)
+
+
+def test_the_checksum_covers_names_dtypes_and_shapes_not_only_bytes():
+    from convbert.weights import tensors_sha256
+
+    a = torch.arange(6, dtype=torch.float32)
+    base = tensors_sha256({"w": a})
+    assert tensors_sha256({"v": a}) != base
+    assert tensors_sha256({"w": a.view(2, 3)}) != base
+    assert tensors_sha256({"w": a.view(torch.int32)}) != base
+    assert tensors_sha256({"w": a.clone()}) == base
+    assert tensors_sha256({"w": a[::2]}) == tensors_sha256({"w": a[::2].contiguous()})  # a view hashes its values
+    assert len(tensors_sha256({"b": torch.zeros(0), "c": torch.ones(2, dtype=torch.bfloat16)})) == 64
+
+
+def test_weights_without_a_checksum_load_as_before(saved):
+    """Files from other tools (the hub, transformers' save_pretrained) have no checksum: nothing to verify."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from convbert.weights import CHECKSUM_KEY
+
+    model, path = saved
+    save_file(load_file(str(path / "model.safetensors")), str(path / "model.safetensors"), metadata={"format": "pt"})
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert CHECKSUM_KEY not in (f.metadata() or {})
+    assert _same(model, ConvBertModel.from_pretrained(path))
+
+
+def test_a_flipped_byte_in_the_classifier_or_the_replaced_token_head_is_refused(tmp_path):
+    from convbert.interop.hf import DISCRIMINATOR_HEAD_FILE, read_discriminator_head, save_discriminator_head
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("tiny", vocab_size=300)
+    clf = ConvBertForSequenceClassification(config, num_labels=3)
+    clf.save_pretrained(tmp_path / "clf")
+    ConvBertForSequenceClassification.from_pretrained(tmp_path / "clf")  # loads as written
+    _flip_byte_in_a_tensor(tmp_path / "clf" / "classifier.safetensors", offset=-2)
+    with pytest.raises(ConvBertError, match=r"classifier\.safetensors: the tensors differ from the checksum"):
+        ConvBertForSequenceClassification.from_pretrained(tmp_path / "clf")
+
+    head = {"dense.weight": torch.randn(32, 32), "dense.bias": torch.randn(32),
+            "dense_prediction.weight": torch.randn(1, 32), "dense_prediction.bias": torch.randn(1)}
+    save_discriminator_head(head, tmp_path)
+    assert all(torch.equal(head[k], v) for k, v in read_discriminator_head(tmp_path).items())
+    _flip_byte_in_a_tensor(tmp_path / DISCRIMINATOR_HEAD_FILE, offset=-2)
+    with pytest.raises(ConvBertError, match=r"discriminator_head\.safetensors: the tensors differ from the checksum"):
+        read_discriminator_head(tmp_path)
+
+
+def test_transformers_reads_a_file_with_the_checksum(saved):
+    transformers = pytest.importorskip("transformers")
+    model, path = saved
+    hf = transformers.ConvBertModel.from_pretrained(str(path)).eval()
+    ids = torch.randint(0, 300, (2, 10))
+    assert torch.allclose(hf(ids).last_hidden_state, model(ids).last_hidden_state, atol=1e-5)

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from convbert.errors import ConvBertError
 from convbert.model.config import ConvBertConfig
 from convbert.utils import atomic_path, folder_kind_hint, read_json_object, write_json_atomic
+from convbert.weights import load_weights, save_weights
 
 if TYPE_CHECKING:
     from convbert.model.modeling import ConvBertModel
@@ -53,10 +53,12 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
         raise ConvBertError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
     try:
         if weight_file.suffix == ".safetensors":
-            return load_file(str(weight_file)), weight_file
+            return load_weights(weight_file), weight_file
         with warnings.catch_warnings():  # torch's pickle warnings would break the one-line error
             warnings.simplefilter("ignore")
             state = torch.load(weight_file, map_location="cpu", weights_only=True)
+    except ConvBertError:  # the tensors differ from the checksum stored in the file
+        raise
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConvBertError(f"{weight_file}: cannot read weights (truncated or corrupt file?): {message}") from None
@@ -143,9 +145,7 @@ def _write_model_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     if path.exists() and not path.is_dir():
         raise ConvBertError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_weights(tensors, path / "model.safetensors", metadata={"format": "pt"})
     write_json_atomic(path / "config.json", config)
 
 
@@ -237,9 +237,8 @@ def save_discriminator_pretrained(model: "ConvBertModel", head: dict[str, torch.
 def save_discriminator_head(head: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """The replaced-token head beside an HF-layout discriminator (transformers has no ConvBERT class for it, and
     ignores the file): `convbert pretrain --init-from` continues from it."""
-    tensors = {k: head[k].detach().cpu().float().contiguous() for k in DISCRIMINATOR_HEAD_KEYS}
-    with atomic_path(Path(path) / DISCRIMINATOR_HEAD_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_weights({k: head[k].float() for k in DISCRIMINATOR_HEAD_KEYS}, Path(path) / DISCRIMINATOR_HEAD_FILE,
+                 metadata={"format": "pt"})
 
 
 def read_discriminator_head(path: str | os.PathLike,
@@ -251,7 +250,7 @@ def read_discriminator_head(path: str | os.PathLike,
     if head_file.is_file():
         source, marker = head_file, ""
         try:
-            head = load_file(str(head_file))
+            head = load_weights(head_file)
         except (SafetensorError, OSError) as err:
             raise ConvBertError(f"{head_file}: cannot read ({err})") from None
     else:

@@ -74,14 +74,12 @@ class ClassificationHead(nn.Module):
 def write_classifier_files(head_state: dict[str, torch.Tensor], dropout: float, path: str | os.PathLike) -> None:
     """A ClassificationHead's tensors (`out_proj.*`) as `classifier.safetensors` + `head.json` beside an encoder
     folder: what `ConvBertForSequenceClassification.from_pretrained` reads."""
-    from safetensors.torch import save_file
-
-    from convbert.utils import atomic_path, write_json_atomic
+    from convbert.utils import write_json_atomic
+    from convbert.weights import save_weights
 
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
-    with atomic_path(path / "classifier.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    tensors = {k: v.detach().cpu() for k, v in head_state.items()}
+    save_weights(tensors, path / "classifier.safetensors")
     write_json_atomic(path / ConvBertForSequenceClassification.HEAD_FILE,
                       {"num_labels": int(tensors["out_proj.weight"].shape[0]), "dropout": dropout})
 
@@ -134,9 +132,8 @@ class ConvBertForSequenceClassification(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ConvBertForSequenceClassification":
         """A folder written by `save_pretrained` (encoder + `head.json` + head weights), in eval mode."""
-        from safetensors.torch import load_file
-
         from convbert.interop.hf import check_and_load
+        from convbert.weights import load_weights
 
         path = Path(path)
         head_file = path / cls.HEAD_FILE
@@ -155,7 +152,9 @@ class ConvBertForSequenceClassification(nn.Module):
             raise ConvBertError(f"{head_file}: {err}") from None
         weights = path / "classifier.safetensors"
         try:
-            state = load_file(str(weights))
+            state = load_weights(weights)
+        except ConvBertError:  # the tensors differ from the checksum stored in the file
+            raise
         except Exception as err:
             raise ConvBertError(f"{weights}: cannot read the classifier weights: {err}") from None
         check_and_load(model.classifier, state, str(weights))
