@@ -190,3 +190,47 @@ def test_transformers_reads_a_file_with_the_checksum(saved):
     hf = transformers.ConvBertModel.from_pretrained(str(path)).eval()
     ids = torch.randint(0, 300, (2, 10))
     assert torch.allclose(hf(ids).last_hidden_state, model(ids).last_hidden_state, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.uint8, torch.bool])
+def test_weights_of_every_dtype_and_shape_round_trip_through_the_checksum(tmp_path, dtype):
+    from convbert.weights import load_weights, save_weights
+
+    torch.manual_seed(0)
+    full = (torch.randn(4, 6) * 50).to(dtype)
+    tensors = {"matrix": full, "column_view": full[:, 1], "empty": full[:0], "scalar": full[1, 2].clone(),
+               "transposed": full.t()}
+    save_weights(tensors, tmp_path / "w.safetensors")
+    back = load_weights(tmp_path / "w.safetensors")
+    assert sorted(back) == sorted(tensors)
+    assert all(back[k].dtype == dtype and torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_the_checksum_is_of_little_endian_bytes_whatever_the_machine(monkeypatch):
+    """safetensors stores little-endian and swaps on big-endian hosts: the digest must not change with the host."""
+    import sys
+
+    from convbert.weights import tensors_sha256
+
+    t = torch.randn(5, 3)
+    here = tensors_sha256({"w": t, "b": torch.ones(3, dtype=torch.uint8)})
+    assert sys.byteorder == "little"  # (the machines this runs on; the swap below stands in for a big-endian one)
+    as_big_endian_memory = t.view(torch.uint8).view(-1, 4).flip(-1).contiguous().view(torch.float32).view(5, 3)
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert tensors_sha256({"w": as_big_endian_memory, "b": torch.ones(3, dtype=torch.uint8)}) == here
+    assert tensors_sha256({"w": t, "b": torch.ones(3, dtype=torch.uint8)}) != here
+
+
+def test_a_file_another_tool_rewrote_keeping_convbert_metadata_names_both_causes(saved):
+    from safetensors import safe_open
+
+    model, path = saved
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).half() for k in f.keys()}
+    save_file(tensors, str(path / "model.safetensors"), metadata=meta)
+    with pytest.raises(ConvBertError, match=r"damaged .*, or a tool other than convbert changed its tensors and kept "
+                                            r"convbert's metadata \(save it again without 'convbert_tensors_sha256'\)"):
+        ConvBertModel.from_pretrained(path)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})  # as the message says
+    assert ConvBertModel.from_pretrained(path).embeddings.word_embeddings.weight.dtype == torch.float32

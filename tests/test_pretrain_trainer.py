@@ -254,6 +254,13 @@ def test_options_bf16_accumulation_plain_attention_without_replacement(tiny_data
     # tiny has a grouped FFN: plain attention with it is neither transformers' ConvBERT nor its ELECTRA, and the
     # export says so instead of leaving it to fail there
     info = export_checkpoint(out, tmp_path / "export", generator=True)
+    from safetensors import safe_open
+
+    from convbert.weights import CHECKSUM_KEY
+
+    for weights in ("model.safetensors", "discriminator_head.safetensors", "generator/model.safetensors"):
+        with safe_open(str(tmp_path / "export" / weights), framework="pt") as f:  # every exported weight file
+            assert len((f.metadata() or {}).get(CHECKSUM_KEY, "")) == 64, weights
     assert [n.split(":")[0] for n in info["notes"]] == [
         "the discriminator uses plain self-attention with a grouped FFN (2 groups)",
         "the generator uses plain self-attention with a grouped FFN (2 groups)"]
