@@ -258,6 +258,24 @@ def test_import_writes_hf_layout_folders_that_load_and_run(tmp_path):
         assert generator(ids).last_hidden_state.shape == (2, 9, 12)
 
 
+def test_the_vocab_two_folders_up_is_found_from_a_relative_checkpoint_path(tmp_path, monkeypatch):
+    """`--checkpoint convbert_tiny/model.ckpt-1234` typed inside DATA_DIR/models/: the search climbs above the working
+    folder as it does from an absolute path (it stopped at `.`: the import had no vocab)."""
+    from convbert.interop.tf import find_vocab
+
+    ckpt = tmp_path / "models" / "convbert_tiny"
+    ckpt.mkdir(parents=True)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n")
+    monkeypatch.chdir(tmp_path / "models")
+    for prefix in ("convbert_tiny/model.ckpt-1234", "./convbert_tiny/model.ckpt-1234"):
+        assert find_vocab(Path(prefix)) == vocab
+    monkeypatch.chdir(ckpt)
+    assert find_vocab(Path("model.ckpt-1234")) == vocab
+    vocab.unlink()
+    assert find_vocab(Path("model.ckpt-1234")) is None
+
+
 def test_transformers_reads_the_converted_discriminator_and_agrees(tmp_path):
     transformers = pytest.importorskip("transformers")
     import_tf_checkpoint(PREFIX, tmp_path / "model")

@@ -320,7 +320,9 @@ def glue_task_record(task: str, num_labels: int, checkpoint: Path, max_positions
 
 def find_vocab(prefix: Path) -> Path | None:
     """`vocab.txt` beside the checkpoint, or up to two folders above it: the original code keeps checkpoints in
-    `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`."""
+    `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`. A relative prefix is made absolute first, so the search
+    climbs above the working folder as it would from an absolute path."""
+    prefix = Path(os.path.abspath(prefix))
     for folder in (prefix.parent, prefix.parent.parent, prefix.parent.parent.parent):
         if (folder / "vocab.txt").is_file():
             return folder / "vocab.txt"
@@ -385,8 +387,9 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
             raise ConvBertError(f"--vocab {vocab_file}: not found")
         check_vocab_fits(vocab_file, disc.config.vocab_size, "the checkpoint", "not this model's vocab?")
     else:
-        notes.append("no vocab.txt next to the checkpoint and no --vocab: the folder has no tokenizer, so `convbert "
-                     "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
+        notes.append("no vocab.txt beside the checkpoint or up to two folders above it, and no --vocab: the folder "
+                     "has no tokenizer, so `convbert glue`/`finetune` cannot use it until you copy the model's "
+                     "vocab.txt into it")
     task_record = None
     if classifier is not None:
         task_record = glue_task_record(task, int(classifier["out_proj.weight"].shape[0]), prefix,
