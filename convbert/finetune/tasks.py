@@ -342,6 +342,7 @@ def read_split(
         body.pop()
     out = SplitData(path=path, examples=[], unterminated=unterminated and bool(body) and body[-1][1] != [])
     labels = set(spec.labels) if spec.labels is not None else None
+    first_line: dict[str | None, int] = {}  # test files: where each index was first seen
     for eid, (line, row, stray_cr) in enumerate(body):
         problem = None
         if stray_cr:
@@ -383,13 +384,12 @@ def read_split(
             if len(out.skipped_lines) < 20:
                 out.skipped_lines.append(line)
             continue
+        if is_test:
+            if index in first_line:
+                raise ConvBertError(f"{path}:{line}: index {index} appears twice (first on line {first_line[index]}); "
+                                    "a GLUE test file has unique indexes")
+            first_line[index] = line
         out.examples.append(Example(eid, text_a, text_b, label, index))
-    if is_test:
-        seen: set[str] = set()
-        for ex in out.examples:
-            if ex.index in seen:
-                raise ConvBertError(f"{path}: index {ex.index} appears twice; a GLUE test file has unique indexes")
-            seen.add(ex.index)
     return out
 
 
