@@ -408,6 +408,18 @@ def test_parquet_errors_name_the_file_column_and_row(vocab, tmp_path, monkeypatc
         build_dataset([str(f)], vocab, str(tmp_path / "o_none"), docs="files", progress=False)
 
 
+def test_a_file_given_twice_is_packed_once_and_the_build_says_so(corpus, vocab, tmp_path, capsys):
+    once = build_dataset([str(corpus)], vocab, str(tmp_path / "once"), **SMALL)
+    capsys.readouterr()
+    twice = build_dataset([str(corpus / "json.txt"), str(corpus)], vocab, str(tmp_path / "twice"),
+                          **{**SMALL, "progress": True})
+    err = capsys.readouterr().err
+    assert "build-data: 1 file(s) reached through more than one --input are read once, under the first (e.g. " \
+           f"{corpus / 'json.txt'})" in err
+    assert twice["counts"]["files"] == once["counts"]["files"] == len(MODULES)
+    assert twice["counts"]["lines"] == once["counts"]["lines"]
+
+
 def test_cli_build_stats_and_errors(corpus, vocab, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = cli_main(["build-data", "--input", str(corpus), "--vocab", vocab, "--output", str(out), "--workers", "1",

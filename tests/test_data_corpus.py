@@ -34,10 +34,33 @@ def test_large_text_files_are_cut_at_safe_boundaries(tmp_path, docs):
 
 
 def test_unit_keys_depend_on_input_position_and_name(tmp_path):
-    (tmp_path / "a.txt").write_text("x\n")
-    (tmp_path / "b.txt").write_text("y\n")
-    keys = [u.key for u in UnitEnumerator([str(tmp_path), str(tmp_path / "a.txt")], docs="files", chunk_bytes=100)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("x\n")
+    (tmp_path / "d" / "b.txt").write_text("y\n")
+    (tmp_path / "a.txt").write_text("z\n")
+    keys = [u.key for u in UnitEnumerator([str(tmp_path / "d"), str(tmp_path / "a.txt")], docs="files",
+                                          chunk_bytes=100)]
     assert keys == ["0:a.txt", "0:b.txt", "1:a.txt"]
+
+
+def test_a_file_reached_through_two_inputs_is_read_once_under_the_first(tmp_path, monkeypatch):
+    """`--input corpus/ 'corpus/*.txt' extra.txt`: packing a text twice would also put it on both sides of the
+    held-out split. An input that adds nothing new is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "sub/c.txt"):
+        (tmp_path / "corpus" / name).write_text(name + "\n")
+    (tmp_path / "extra.txt").write_text("extra\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "corpus" / "a.txt")
+    enum = UnitEnumerator(["corpus/*.txt", "corpus", "extra.txt"], docs="files", chunk_bytes=100)
+    assert [[rel for _, rel in files] for files in enum.files] == [["corpus/a.txt", "corpus/b.txt"], ["sub/c.txt"],
+                                                                   ["extra.txt"]]
+    assert sorted(enum.repeated) == ["corpus/a.txt", "corpus/b.txt"]
+    assert enum.total_files == 4
+    for twice in (["corpus", "corpus/a.txt"], ["corpus", "link.txt"], ["extra.txt", "extra.txt"]):
+        with pytest.raises(ConvBertError, match=rf"--input {twice[1]}: every file it names is already read through an "
+                                                rf"earlier --input \({twice[0]}\); give each file once"):
+            UnitEnumerator(twice, docs="files", chunk_bytes=100)
 
 
 def test_classify_and_binary_sniffing():

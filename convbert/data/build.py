@@ -534,6 +534,9 @@ def build_dataset(
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
     enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out)  # validates the inputs exist
+    if enum.repeated and progress:
+        print(f"build-data: {len(enum.repeated)} file(s) reached through more than one --input are read once, "
+              f"under the first (e.g. {enum.repeated[0]})", file=sys.stderr)
     manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs, enum.files))
     if manifest.get("complete"):
         if progress:

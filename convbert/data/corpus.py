@@ -189,11 +189,14 @@ def is_dataset_folder(path: str | os.PathLike) -> bool:
     return re.match(rb'\s*\{\s*"format"\s*:\s*"' + DATASET_FORMAT.encode() + rb'"', head) is not None
 
 
-def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -> list[list[tuple[str, str]]]:
+def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None,
+                  repeated: list[str] | None = None) -> list[list[tuple[str, str]]]:
     """For each input argument: the sorted list of (path, name relative to the argument).
 
     Folders are walked recursively; `exclude` (the output folder) and earlier datasets inside an input folder
-    (their manifest.json is not corpus text) are never entered.
+    (their manifest.json is not corpus text) are never entered. A file reached through more than one argument
+    (`--input corpus/ 'corpus/*.txt'`) is read once, under the first; the later paths go to `repeated`. An argument
+    all of whose files came earlier is an error: it adds nothing, so it is probably not what was meant.
     """
     if not inputs:
         raise ConvBertError("--input: expected at least one file, folder or glob")
@@ -230,6 +233,30 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None) -
             out.append(matches)
         else:
             raise ConvBertError(f"--input {arg}: no such file or folder")
+    return _read_once(inputs, out, repeated)
+
+
+def _read_once(inputs: list[str], expanded: list[list[tuple[str, str]]],
+               repeated: list[str] | None) -> list[list[tuple[str, str]]]:
+    """Each real file in the first argument that reaches it only (packing a text twice would also put it on both
+    sides of the held-out split)."""
+    first: dict[str, str] = {}  # real path -> the argument that read it
+    out = []
+    for arg, files in zip(inputs, expanded):
+        kept = []
+        for path, rel in files:
+            real = os.path.realpath(path)
+            if real in first:
+                if repeated is not None:
+                    repeated.append(path)
+                continue
+            first[real] = arg
+            kept.append((path, rel))
+        if not kept:
+            earlier = sorted({first[os.path.realpath(p)] for p, _ in files})
+            raise ConvBertError(f"--input {arg}: every file it names is already read through an earlier --input "
+                                f"({', '.join(earlier)}); give each file once")
+        out.append(kept)
     return out
 
 
@@ -281,7 +308,8 @@ class UnitEnumerator:
     """Yields the units of all inputs in a fixed order; records per-input progress as it goes."""
 
     def __init__(self, inputs: list[str], *, docs: str, chunk_bytes: int, exclude: str | None = None):
-        self.files = expand_inputs(inputs, exclude)
+        self.repeated: list[str] = []  # files reached through a second --input: read once, under the first
+        self.files = expand_inputs(inputs, exclude, self.repeated)
         self.inputs = list(inputs)
         self.docs = docs
         self.chunk_bytes = max(1, int(chunk_bytes))
