@@ -106,3 +106,25 @@ def test_one_process_resumed_by_two_keeps_one_global_data_position(tiny_data, tm
     st = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     positions = [(s["epoch"], s["position"]) for s in st["loader"]]
     assert st["world_size"] == 2 and positions == [(0, 32), (0, 32)]  # 4 steps x 8 examples, on both ranks
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_train_as_one_run(tiny_data, tmp_path):
+    """docs/pretraining.md's multi-node launch, as two "nodes" on this machine: torchrun on each with
+    `--nnodes 2` and one rendezvous endpoint. On the second node LOCAL_RANK is 0 while RANK is 1 (a single-node launch
+    never separates them); the run is one run, written by global rank 0, and the second node stays silent."""
+    out = tmp_path / "run"
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
+                               "-m", "convbert", "pretrain", "--data", str(tiny_data["data"]), "--size", "tiny",
+                               "--output", str(out), "--steps", "2", "--batch-size", "8", "--eval-batches", "1",
+                               "--threads", "1", "--no-progress", "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    logs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in logs]
+    st = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert st["world_size"] == 2 and [s["position"] for s in st["loader"]] == [16, 16]
+    finished = [out_ + err for out_, err in logs if "pretrain: finished 2 steps" in out_ + err]
+    assert len(finished) == 1  # only global rank 0 reports (which node gets it is the rendezvous' choice)
