@@ -106,6 +106,20 @@ def recover_folder(final: str | os.PathLike) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def shell_abspath(path: str | os.PathLike) -> Path:
+    """`path` made absolute from the shell's working folder: `$PWD` when it is the process's working folder (so a
+    folder entered through a link keeps the link's parents, as the shell shows them), else `os.getcwd()`."""
+    path = os.fspath(path)
+    if os.path.isabs(path):
+        return Path(os.path.normpath(path))
+    cwd, pwd = os.getcwd(), os.environ.get("PWD")
+    try:
+        base = pwd if pwd and os.path.isabs(pwd) and os.path.samefile(pwd, cwd) else cwd
+    except OSError:
+        base = cwd
+    return Path(os.path.normpath(os.path.join(base, path)))
+
+
 def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 

@@ -272,8 +272,34 @@ def test_the_vocab_two_folders_up_is_found_from_a_relative_checkpoint_path(tmp_p
         assert find_vocab(Path(prefix)) == vocab
     monkeypatch.chdir(ckpt)
     assert find_vocab(Path("model.ckpt-1234")) == vocab
+    # Entered through a linked folder, the shell's $PWD keeps the link's parents (getcwd() has the target's).
+    elsewhere = tmp_path / "scratch" / "a" / "b" / "c" / "run"
+    elsewhere.mkdir(parents=True)
+    (ckpt / "linked").symlink_to(elsewhere, target_is_directory=True)
+    monkeypatch.chdir(ckpt / "linked")
+    monkeypatch.setenv("PWD", str(ckpt / "linked"))
+    assert find_vocab(Path("../../model.ckpt-1234")) == vocab  # ckpt/linked/../.. is models/, then tmp_path
+    monkeypatch.setenv("PWD", "/somewhere/else")  # a stale $PWD is not trusted
+    assert find_vocab(Path("../../model.ckpt-1234")) is None  # from the link's target: scratch/a/b and above
     vocab.unlink()
+    monkeypatch.chdir(ckpt)
     assert find_vocab(Path("model.ckpt-1234")) is None
+
+
+def test_import_tf_of_the_working_folder_itself(tmp_path, monkeypatch, capsys):
+    """`--checkpoint .` inside the checkpoint's folder: it raised a ValueError traceback (Path('.') has no name)."""
+    from convbert.cli import main
+
+    (tmp_path / "models").mkdir()
+    prefix = copy_fixture(tmp_path / "models")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                  [f"w{i}" for i in range(35)]) + "\n")
+    monkeypatch.chdir(prefix.parent)
+    monkeypatch.setenv("PWD", str(prefix.parent))
+    for checkpoint in (".", "./"):
+        out = tmp_path / f"out{len(checkpoint)}"
+        assert main(["import-tf", "--checkpoint", checkpoint, "--output", str(out)]) == 0, capsys.readouterr().err
+        assert (out / "vocab.txt").is_file() and (out / "model.safetensors").is_file()
 
 
 def test_transformers_reads_the_converted_discriminator_and_agrees(tmp_path):

@@ -29,7 +29,7 @@ from convbert.interop.hf import (GENERATOR_DIR, MODEL_FOLDER_FILES, check_and_lo
 from convbert.interop.tf_bundle import TFCheckpoint
 from convbert.model.config import PRESETS, ConvBertConfig
 from convbert.model.heads import write_classifier_files
-from convbert.utils import refuse_foreign_folder, staged_folder, write_json_atomic
+from convbert.utils import refuse_foreign_folder, shell_abspath, staged_folder, write_json_atomic
 
 if TYPE_CHECKING:
     from convbert.model.modeling import ConvBertModel
@@ -318,15 +318,16 @@ def glue_task_record(task: str, num_labels: int, checkpoint: Path, max_positions
     }
 
 
+def vocab_folders(prefix: Path) -> list[Path]:
+    """Where `import-tf` looks for `vocab.txt`: beside the checkpoint and up to two folders above it (the original
+    code keeps checkpoints in `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`). A relative prefix is made
+    absolute first, from the shell's working folder, so the search climbs as it would from the absolute path."""
+    prefix = shell_abspath(prefix)
+    return [prefix.parent, prefix.parent.parent, prefix.parent.parent.parent]
+
+
 def find_vocab(prefix: Path) -> Path | None:
-    """`vocab.txt` beside the checkpoint, or up to two folders above it: the original code keeps checkpoints in
-    `DATA_DIR/models/NAME/` and the vocab in `DATA_DIR/`. A relative prefix is made absolute first, so the search
-    climbs above the working folder as it would from an absolute path."""
-    prefix = Path(os.path.abspath(prefix))
-    for folder in (prefix.parent, prefix.parent.parent, prefix.parent.parent.parent):
-        if (folder / "vocab.txt").is_file():
-            return folder / "vocab.txt"
-    return None
+    return next((f / "vocab.txt" for f in vocab_folders(prefix) if (f / "vocab.txt").is_file()), None)
 
 
 def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, vocab: str | os.PathLike | None = None,
@@ -387,9 +388,9 @@ def import_tf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
             raise ConvBertError(f"--vocab {vocab_file}: not found")
         check_vocab_fits(vocab_file, disc.config.vocab_size, "the checkpoint", "not this model's vocab?")
     else:
-        notes.append("no vocab.txt beside the checkpoint or up to two folders above it, and no --vocab: the folder "
-                     "has no tokenizer, so `convbert glue`/`finetune` cannot use it until you copy the model's "
-                     "vocab.txt into it")
+        notes.append(f"no vocab.txt in {', '.join(str(f) for f in vocab_folders(prefix))} (beside the checkpoint "
+                     "and up to two folders above it) and no --vocab: the folder has no tokenizer, so `convbert "
+                     "glue`/`finetune` cannot use it until you copy the model's vocab.txt into it")
     task_record = None
     if classifier is not None:
         task_record = glue_task_record(task, int(classifier["out_proj.weight"].shape[0]), prefix,

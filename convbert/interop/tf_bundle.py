@@ -192,6 +192,10 @@ def resolve_prefix(path: str | os.PathLike) -> Path:
     """The checkpoint prefix for `path`: the prefix itself, its `.index` file, or a folder holding one checkpoint (or
     a TensorFlow `checkpoint` file that names the latest)."""
     p = Path(path)
+    if p.name in ("", ".", ".."):  # `--checkpoint .`: a folder with no name of its own to put ".index" after
+        from convbert.utils import shell_abspath
+
+        p = shell_abspath(p)
     if p.name.endswith(".index") and p.is_file():
         return p.with_name(p.name[: -len(".index")])
     if p.with_name(p.name + ".index").is_file():
