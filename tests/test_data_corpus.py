@@ -1,5 +1,7 @@
 """Corpus readers: unit cutting of large files, line reading, binary sniffing."""
 
+import os
+
 import pytest
 
 from convbert.data.corpus import UnitEnumerator, UnitStats, classify, is_binary, read_unit
@@ -57,10 +59,19 @@ def test_a_file_reached_through_two_inputs_is_read_once_under_the_first(tmp_path
                                                                    ["extra.txt"]]
     assert sorted(enum.repeated) == ["corpus/a.txt", "corpus/b.txt"]
     assert enum.total_files == 4
-    for twice in (["corpus", "corpus/a.txt"], ["corpus", "link.txt"], ["extra.txt", "extra.txt"]):
+    os.link(tmp_path / "extra.txt", tmp_path / "hard.txt")  # another name for the same inode
+    for twice in (["corpus", "corpus/a.txt"], ["corpus", "link.txt"], ["extra.txt", "extra.txt"],
+                  ["extra.txt", "hard.txt"]):
         with pytest.raises(ConvBertError, match=rf"--input {twice[1]}: every file it names is already read through an "
                                                 rf"earlier --input \({twice[0]}\); give each file once"):
             UnitEnumerator(twice, docs="files", chunk_bytes=100)
+    # The name decides how a file is read: one file under a .jsonl and a .txt name is refused, not read either way.
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "a.jsonl").write_text('{"text": "a record"}\n')
+    (tmp_path / "records" / "alias.txt").symlink_to(tmp_path / "records" / "a.jsonl")
+    with pytest.raises(ConvBertError, match=r"--input records: records/alias\.txt is the same file as records/a\.jsonl, "
+                                            r"but their names say to read it as text and as jsonl"):
+        UnitEnumerator(["records"], docs="files", chunk_bytes=100)
 
 
 def test_classify_and_binary_sniffing():

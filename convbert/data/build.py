@@ -404,7 +404,9 @@ def _identity_changes(recorded: dict, fresh: dict) -> list[str]:
     return [p for p in paths if (recorded.get(p) or [])[:2] != (fresh.get(p) or [])[:2]]
 
 
-def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
+def _open_output(out: Path, settings: dict, fresh: dict, reads_once: bool = False) -> dict:
+    """The manifest to continue: the one in `out` if it was built with the same settings and inputs, else `fresh`.
+    `reads_once`: some file is reached twice and read once (older builds read it twice: say so if refused)."""
     mpath = out / MANIFEST
     if mpath.exists():
         try:
@@ -423,9 +425,11 @@ def _open_output(out: Path, settings: dict, fresh: dict) -> dict:
         recorded = old.get("input_identity")
         changed = _identity_changes(recorded, fresh.get("input_identity") or {}) if recorded is not None else []
         if changed:
+            why = ("; or, if the files did not change, it was built before a file reached twice was read once: "
+                   "rebuild it" if reads_once else "")
             raise ConvBertError(
                 f"--output {out}: the inputs changed since this dataset was built ({', '.join(changed) or 'the list'}"
-                "); use a new folder or delete this one"
+                f"){why}; use a new folder or delete this one"
             )
         # Drop shards that went missing or do not match the manifest (and everything after them).
         good = []
@@ -534,10 +538,12 @@ def build_dataset(
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
     enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out)  # validates the inputs exist
-    if enum.repeated and progress:
-        print(f"build-data: {len(enum.repeated)} file(s) reached through more than one --input are read once, "
-              f"under the first (e.g. {enum.repeated[0]})", file=sys.stderr)
-    manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs, enum.files))
+    if enum.repeated:  # a note on what is read, not progress: --no-progress keeps it
+        print(f"build-data: note: {len(enum.repeated)} file(s) reached twice (through links or overlapping --input "
+              f"arguments) are read once, where first reached (e.g. {enum.repeated[0]} is not read again)",
+              file=sys.stderr)
+    manifest = _open_output(out, settings, _new_manifest(settings, tok, vocab, token_bytes, inputs, enum.files),
+                            reads_once=bool(enum.repeated))
     if manifest.get("complete"):
         if progress:
             print(f"build-data: {out} is already complete ({manifest['examples']} examples); nothing to do",

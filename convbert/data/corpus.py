@@ -238,22 +238,28 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None,
 
 def _read_once(inputs: list[str], expanded: list[list[tuple[str, str]]],
                repeated: list[str] | None) -> list[list[tuple[str, str]]]:
-    """Each real file in the first argument that reaches it only (packing a text twice would also put it on both
-    sides of the held-out split)."""
-    first: dict[str, str] = {}  # real path -> the argument that read it
+    """Each file (by device and inode: links, hard links and overlapping arguments alike) in the first argument that
+    reaches it only: packing a text twice would also put copies of it on both sides of the held-out split."""
+    first: dict[tuple[int, int], tuple[str, str, str]] = {}  # file -> (argument, path, name) it was first read under
     out = []
     for arg, files in zip(inputs, expanded):
         kept = []
         for path, rel in files:
-            real = os.path.realpath(path)
-            if real in first:
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key in first:
+                _, first_path, first_rel = first[key]
+                if classify(rel) != classify(first_rel):  # the name decides how a file is read
+                    raise ConvBertError(f"--input {arg}: {path} is the same file as {first_path}, but their names "
+                                        f"say to read it as {classify(rel)} and as {classify(first_rel)}; give it "
+                                        "once, under a name that says what it holds")
                 if repeated is not None:
                     repeated.append(path)
                 continue
-            first[real] = arg
+            first[key] = (arg, path, rel)
             kept.append((path, rel))
         if not kept:
-            earlier = sorted({first[os.path.realpath(p)] for p, _ in files})
+            earlier = sorted({first[(os.stat(p).st_dev, os.stat(p).st_ino)][0] for p, _ in files})
             raise ConvBertError(f"--input {arg}: every file it names is already read through an earlier --input "
                                 f"({', '.join(earlier)}); give each file once")
         out.append(kept)
