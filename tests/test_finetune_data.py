@@ -204,6 +204,15 @@ def test_unreadable_test_row_is_an_error(tmp_path):
         read_split(root, "qqp", "test")
 
 
+def test_a_test_index_given_twice_is_an_error_whatever_its_leading_zeros(tmp_path):
+    root = write_glue(tmp_path / "g")
+    p = root / "QNLI" / "test.tsv"
+    lines = p.read_text().splitlines()  # header, then indexes 0, 1, 2
+    p.write_text("\n".join(lines + ["01\twhy is the sky\tit is blue"]) + "\n")
+    with pytest.raises(ConvBertError, match=r"test\.tsv:5: index 01 appears twice \(first on line 3\)"):
+        read_split(root, "qnli", "test")
+
+
 def test_unknown_label_in_dev_is_skipped(tmp_path):
     root = write_glue(tmp_path / "g")
     p = root / "RTE" / "dev.tsv"

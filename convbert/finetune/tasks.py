@@ -342,7 +342,7 @@ def read_split(
         body.pop()
     out = SplitData(path=path, examples=[], unterminated=unterminated and bool(body) and body[-1][1] != [])
     labels = set(spec.labels) if spec.labels is not None else None
-    first_line: dict[str | None, int] = {}  # test files: where each index was first seen
+    first_line: dict[int | None, int] = {}  # test files: where each index was first seen
     for eid, (line, row, stray_cr) in enumerate(body):
         problem = None
         if stray_cr:
@@ -385,10 +385,11 @@ def read_split(
                 out.skipped_lines.append(line)
             continue
         if is_test:
-            if index in first_line:
-                raise ConvBertError(f"{path}:{line}: index {index} appears twice (first on line {first_line[index]}); "
+            number = int(index) if index is not None else None  # "1" and "01" are the same example
+            if number in first_line:
+                raise ConvBertError(f"{path}:{line}: index {index} appears twice (first on line {first_line[number]}); "
                                     "a GLUE test file has unique indexes")
-            first_line[index] = line
+            first_line[number] = line
         out.examples.append(Example(eid, text_a, text_b, label, index))
     return out
 
