@@ -40,10 +40,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--data", help="dataset folder written by `convbert build-data`")
-    p.add_argument("--eval-data", help="held-out dataset folder (default: the first eval/, heldout/, held-out/, valid/, validation/ or dev/ subfolder of --data; "
-                   "without one, "
-                   "the last 2 %% of --data, at least one example and at most --eval-batches x eval_batch_size, is "
-                   "held out and not trained on)")
+    p.add_argument("--eval-data", help="held-out dataset folder (default: the first eval/, heldout/, held-out/, "
+                   "valid/, validation/ or dev/ subfolder of --data; without one, the last 2 %% of --data, at least "
+                   "one example and at most --eval-batches x eval_batch_size, is held out and not trained on)")
     p.add_argument("--vocab", help="the vocab.txt the data was built with (default: found via the data manifest)")
     p.add_argument("--size", choices=["tiny", "small", "medium-small", "base"],
                    help="model size; sets the recipe defaults of spec §3.8 (default medium-small)")
