@@ -243,10 +243,8 @@ def _read_once(inputs: list[str], expanded: list[list[tuple[str, str]]],
     first: dict[tuple[int, int], tuple[str, str, str]] = {}  # file -> (argument, path, name) it was first read under
     out = []
     for arg, files in zip(inputs, expanded):
-        kept = []
-        for path, rel in files:
-            st = os.stat(path)
-            key = (st.st_dev, st.st_ino)
+        kept, keys = [], [(st.st_dev, st.st_ino) for st in map(os.stat, (path for path, _ in files))]
+        for (path, rel), key in zip(files, keys):
             if key in first:
                 _, first_path, first_rel = first[key]
                 if classify(rel) != classify(first_rel):  # the name decides how a file is read
@@ -259,7 +257,7 @@ def _read_once(inputs: list[str], expanded: list[list[tuple[str, str]]],
             first[key] = (arg, path, rel)
             kept.append((path, rel))
         if not kept:
-            earlier = sorted({first[(os.stat(p).st_dev, os.stat(p).st_ino)][0] for p, _ in files})
+            earlier = sorted({first[key][0] for key in keys})
             raise ConvBertError(f"--input {arg}: every file it names is already read through an earlier --input "
                                 f"({', '.join(earlier)}); give each file once")
         out.append(kept)

@@ -23,6 +23,7 @@ import google_crc32c
 import numpy as np
 
 from convbert.errors import ConvBertError
+from convbert.utils import shell_abspath
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -193,8 +194,6 @@ def resolve_prefix(path: str | os.PathLike) -> Path:
     a TensorFlow `checkpoint` file that names the latest)."""
     p = Path(path)
     if p.name in ("", ".", ".."):  # `--checkpoint .`: a folder with no name of its own to put ".index" after
-        from convbert.utils import shell_abspath
-
         p = shell_abspath(p)
     if p.name.endswith(".index") and p.is_file():
         return p.with_name(p.name[: -len(".index")])

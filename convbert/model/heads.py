@@ -78,10 +78,9 @@ def write_classifier_files(head_state: dict[str, torch.Tensor], dropout: float, 
     from convbert.weights import save_weights
 
     path = Path(path)
-    tensors = {k: v.detach().cpu() for k, v in head_state.items()}
-    save_weights(tensors, path / "classifier.safetensors")
+    save_weights(head_state, path / "classifier.safetensors")
     write_json_atomic(path / ConvBertForSequenceClassification.HEAD_FILE,
-                      {"num_labels": int(tensors["out_proj.weight"].shape[0]), "dropout": dropout})
+                      {"num_labels": int(head_state["out_proj.weight"].shape[0]), "dropout": dropout})
 
 
 class ConvBertForSequenceClassification(nn.Module):
