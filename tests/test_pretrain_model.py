@@ -217,3 +217,30 @@ def test_compiled_pieces_match_eager():
     assert sorted(grads) == sorted(eager_grads)
     for name, grad in grads.items():
         assert torch.allclose(grad, eager_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_compiled_pieces_evaluate_as_eager_after_training_steps():
+    """The trainer's held-out evaluation after compiled training steps: eval mode, no gradients, another batch size,
+    so every piece is traced again (a second graph each, not a graph break). Dynamo and AOTAutograd only
+    (`aot_eager`): Inductor's C++ for these forward-only graphs would add ~50 s of compiling here, and the Inductor
+    step is checked above."""
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny(), 0.25)
+    mb, held_out = batch(), batch(B=6, seed=7)
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            out = model(held_out, sample_generator=torch.Generator().manual_seed(5))
+        model.train()
+        return out
+
+    eager = evaluate()
+    torch._dynamo.reset()
+    model.compile_pieces(backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    _step(model, mb)
+    compiled = evaluate()
+    assert torch.equal(compiled.sampled_ids, eager.sampled_ids)
+    for name in ("loss", "gen_loss", "disc_loss"):
+        assert torch.allclose(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-6), name
+    assert torch.allclose(compiled.disc_logits, eager.disc_logits, rtol=1e-5, atol=1e-5)
