@@ -436,6 +436,7 @@ def onednn_everywhere(monkeypatch):
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_WIDTH", 0)
     monkeypatch.setattr(kernels, "_cpu_gemm", "onednn")
     monkeypatch.setattr(kernels, "onednn_gelu_epilogue", True)  # the AVX-512 default, whatever this CPU is
+    monkeypatch.setattr(kernels, "onednn_weight_gradients", True)  # the Zen 5 default, whatever this CPU is
     return epilogues
 
 
@@ -473,6 +474,71 @@ def test_onednn_gelu_without_the_epilogue_is_an_in_place_gelu_after_the_product(
         assert torch.allclose(result.double(), reference, atol=1e-5)
     assert torch.equal(target[:, 6:18], result)
     assert onednn_everywhere == ["none", "none"]  # both ran on oneDNN, neither with the epilogue
+
+
+def test_weight_gradients_on_onednn_only_on_amd_zen_5_and_later():
+    """MKL measured the faster for X^T dY on the Zen 3, Zen 4 and the Intel; oneDNN on the Zen 5 (family 26)."""
+    assert kernels.default_onednn_weight_gradients("AuthenticAMD", "26")
+    assert kernels.default_onednn_weight_gradients("AuthenticAMD", "27")
+    assert not kernels.default_onednn_weight_gradients("AuthenticAMD", "25")  # Zen 3, Zen 4
+    assert not kernels.default_onednn_weight_gradients("GenuineIntel", "6")
+    assert not kernels.default_onednn_weight_gradients("AuthenticAMD", "")
+    assert not kernels.default_onednn_weight_gradients("", "unknown")
+    assert kernels.cpu_kernel_choices()["onednn_weight_gradients"] == kernels.onednn_weight_gradients
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_weight_gradients_on_onednn_give_the_blas_gradients(onednn_everywhere, monkeypatch, groups):
+    """A training step with the weight gradients on oneDNN and on BLAS (everything else on oneDNN both times): the
+    same gradients, and the oneDNN run really made one more call per weight gradient."""
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, num_groups=groups)
+    model = ConvBertModel(config).train()
+    ids = torch.randint(0, 100, (3, 20))
+    target = torch.randn(3, 20, config.hidden_size)
+
+    def run(on_onednn: bool):
+        monkeypatch.setattr(kernels, "onednn_weight_gradients", on_onednn)
+        onednn_everywhere.clear()
+        model.zero_grad(set_to_none=True)
+        (model(ids).last_hidden_state * target).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(onednn_everywhere)
+
+    onednn_grads, onednn_calls = run(True)
+    blas_grads, blas_calls = run(False)
+    # per layer: the fused projection, the attention output, the span-kernel generator's two (pointwise conv, kernel
+    # logits: at these test sizes nothing counts as narrow) and the FFN's two products, each per group
+    assert onednn_calls - blas_calls == config.num_hidden_layers * (4 + 2 * groups)
+    for name, grad in blas_grads.items():
+        assert (onednn_grads[name] - grad).abs().max().item() <= 1e-4 * grad.abs().max().item() + 1e-6, name
+
+
+@pytest.mark.parametrize("layout, onednn_calls", [("x block, g whole", 1), ("x whole, g block", 1),
+                                                   ("both blocks", 0), ("both whole", 1)])
+def test_mm_weight_gradient_matches_the_definition_on_both_libraries(onednn_everywhere, monkeypatch, layout,
+                                                                      onednn_calls):
+    """Operands as the grouped products pass them (column blocks), into a given block or not. oneDNN gets a dense
+    operand as its weight (a column block there ran ~1000x slower), so with two column blocks the product stays on
+    BLAS."""
+    torch.manual_seed(0)
+    x_block, g_block = layout.startswith("x block") or layout == "both blocks", layout.endswith("g block") or \
+        layout == "both blocks"
+    x = torch.randn(50, 24)[:, 4:20] if x_block else torch.randn(50, 16)  # [M, 16]
+    g = torch.randn(50, 30)[:, 6:18] if g_block else torch.randn(50, 12)  # [M, 12]
+    reference = x.double().t() @ g.double()
+    for flag in (True, False):
+        monkeypatch.setattr(kernels, "onednn_weight_gradients", flag)
+        onednn_everywhere.clear()
+        target = torch.full((3, 16, 12), 7.0)
+        result = kernels._mm_weight_gradient(x.t(), g, out=target[1])
+        assert torch.allclose(result.double(), reference, atol=1e-5) and torch.equal(target[1], result)
+        assert (target[0] == 7).all() and (target[2] == 7).all()
+        fresh = kernels._mm_weight_gradient(x.t(), g)
+        assert fresh.is_contiguous() and torch.allclose(fresh.double(), reference, atol=1e-5)
+        assert len(onednn_everywhere) == 2 * onednn_calls * flag
 
 
 @pytest.mark.parametrize("groups", [1, 2])

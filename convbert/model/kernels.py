@@ -142,6 +142,20 @@ def _cpu_capability() -> str:
 onednn_gelu_epilogue = default_onednn_gelu_epilogue(_cpu_capability())
 
 
+def default_onednn_weight_gradients(vendor: str, family: str) -> bool:
+    """Whether the weight gradients (X^T dY, a sum over the tokens) run on oneDNN too where `cpu_gemm()` is oneDNN,
+    by the CPU's vendor and family. Measured shape by shape at M = 4096 (benchmarks/gemm_backends.py): on an AMD
+    Zen 5 (family 26) oneDNN reached 232-276 GFLOP/s against MKL's 143-177 for four of medium-small's six weight
+    gradients (one tied, the 36-wide one stays on BLAS anyway); on the Zen 4 and the Zen 3 (family 25) MKL was the
+    faster at that transposed shape (149-187 against 106-146 GFLOP/s on the Zen 4, 127-148 against 83-93 on the
+    Zen 3)."""
+    return vendor == "AuthenticAMD" and family.strip().isdigit() and int(family) >= 26
+
+
+# Set by the CPU at import; tests and benchmarks may flip it (same maths either way).
+onednn_weight_gradients = default_onednn_weight_gradients(cpu_vendor(), _cpuinfo().get("cpu family", ""))
+
+
 def cpu_kernel_choices() -> dict:
     """What this process runs fp32 CPU work with, and the CPU those choices were made for: the facts to quote
     beside a timing (`convbert info --kernels`; every benchmark report stores them)."""
@@ -153,6 +167,7 @@ def cpu_kernel_choices() -> dict:
         "onednn_linear_available": _ONEDNN_LINEAR is not None,
         "cpu_gemm": _cpu_gemm,
         "onednn_gelu_epilogue": onednn_gelu_epilogue,
+        "onednn_weight_gradients": onednn_weight_gradients,
         "fold_residual_in_inference": fold_residual_in_inference,
         "cpu_depthwise_conv2d": cpu_depthwise_conv2d,
         "cpu_span_conv_banded": cpu_span_conv_banded,
@@ -175,8 +190,9 @@ def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     With `set_cpu_gemm("onednn")` (the default on AMD), large fp32 CPU products go to oneDNN: on the AMD Zen 4 of
     our benchmarks its kernels reach ~195-212 GFLOP/s at the encoder's shapes where MKL's reach ~175-190
-    (`benchmarks/gemm_backends.py`). Weight gradients (X^T dY) stay on BLAS, which is the faster of the two at that
-    transposed shape.
+    (`benchmarks/gemm_backends.py`), and on a Zen 5 ~345-404 where MKL's reach ~160-180. Weight gradients (X^T dY)
+    go through `_mm_weight_gradient`: BLAS, the faster at that transposed shape, except where
+    `onednn_weight_gradients` (the Zen 5).
     """
     if _on_onednn(x, weight):
         fused = gelu and onednn_gelu_epilogue
@@ -193,8 +209,34 @@ def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.aten.gelu_(y) if gelu else y
 
 
+def _dense(matrix: torch.Tensor) -> bool:
+    """Whether a 2-D view is a whole matrix, row- or column-major. oneDNN's linear takes any strides for its input
+    but not for its weight: a column block as the weight (leading dimension wider than the block) ran at
+    0.2 GFLOP/s on a Zen 5, against ~250 for the same product with the operands' roles swapped."""
+    return matrix.is_contiguous() or matrix.t().is_contiguous()
+
+
+def _mm_weight_gradient(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [N, M] @ b [M, K], the weight-gradient form (a is a transposed view, X^T or dY^T: the sum runs over the M
+    tokens), into `out` if given: on oneDNN where `onednn_weight_gradients` and the product is large and neither
+    side narrow, else on BLAS, the faster of the two for this form on most CPUs measured. On oneDNN the dense one
+    of the two operands is the weight: b (a @ b), or else a (the product transposed, (b^T a^T)^T); BLAS where
+    neither is dense."""
+    rows, depth, width = a.shape[0], a.shape[1], b.shape[1]
+    if (onednn_weight_gradients and _cpu_gemm == "onednn" and a.dtype == b.dtype == torch.float32
+            and a.device.type == "cpu" and min(rows, width) >= _ONEDNN_MIN_WIDTH
+            and rows * width * depth >= _ONEDNN_MIN_MACS and (_dense(b) or _dense(a))):
+        if _dense(b):
+            y = _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
+        else:
+            y = _ONEDNN_LINEAR(b.t(), a, None, "none", [], "").t()
+        return y.contiguous() if out is None else out.copy_(y)
+    return a.mm(b) if out is None else torch.mm(a, b, out=out)
+
+
 class _Linear(torch.autograd.Function):
-    """F.linear with its forward and input-gradient products on `_mm_nt`, the weight gradient on BLAS."""
+    """F.linear with its forward and input-gradient products on `_mm_nt`, the weight gradient on
+    `_mm_weight_gradient`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -208,7 +250,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = _mm_nt(g, weight.t()).view(x.shape) if need_x else None
-        grad_w = g.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_w = _mm_weight_gradient(g.t(), x.reshape(-1, x.shape[-1])) if need_w else None
         grad_b = g.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b
 
@@ -424,9 +466,9 @@ def _block_products(lhs, rhs, out=None, bias: torch.Tensor | None = None, gelu: 
 
 
 def _weight_gradient_blocks(lhs, rhs, out):
-    """out[g] = lhs[g] @ rhs[g], in place, on BLAS: the X^T dY products of weight gradients."""
+    """out[g] = lhs[g] @ rhs[g], in place: the X^T dY products of weight gradients (`_mm_weight_gradient`)."""
     for a, b, o in zip(lhs, rhs, out):
-        torch.mm(a, b, out=o)
+        _mm_weight_gradient(a, b, out=o)
     return out
 
 
@@ -540,7 +582,7 @@ class _GeluLinear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_bias = g2.sum(0)
         if groups == 1:
-            grad_weight = g2.t().mm(activated.reshape(-1, activated.shape[-1]))
+            grad_weight = _mm_weight_gradient(g2.t(), activated.reshape(-1, activated.shape[-1]))
             grad_act = _mm_nt(g2, weight.t()).view(*grad_out.shape[:-1], weight.shape[1])
         else:  # (grouped FFNs on the CPU path use _GroupedFeedForward instead)
             in_g, out_g = weight.shape[1], weight.shape[2]
@@ -963,14 +1005,14 @@ class _SpanKernelLogits(torch.autograd.Function):
         x, depthwise_taps, pointwise_weight, query, kernel_weight, span_key = ctx.saved_tensors
         width = span_key.shape[-1]
         g = grad.reshape(-1, grad.shape[-1])
-        grad_kernel_weight = g.t().mm((span_key * query).view(-1, width))
+        grad_kernel_weight = _mm_weight_gradient(g.t(), (span_key * query).view(-1, width))
         grad_kernel_bias = g.sum(0)
         grad_product = _mm_nt(g, kernel_weight.t()).view(span_key.shape)
         grad_query = grad_product * span_key
         grad_span = grad_product.mul_(query).view(-1, width)
         grad_pointwise_bias = grad_span.sum(0)
         depthwise = _same_conv_forward(x, depthwise_taps)
-        grad_pointwise_weight = grad_span.t().mm(depthwise.view(-1, depthwise.shape[-1]))
+        grad_pointwise_weight = _mm_weight_gradient(grad_span.t(), depthwise.view(-1, depthwise.shape[-1]))
         del depthwise
         grad_depthwise = _mm_nt(grad_span, pointwise_weight.t()).view(x.shape)
         grad_x, grad_taps = _same_conv_backward(grad_depthwise, x, depthwise_taps,
