@@ -219,14 +219,16 @@ def _dense(matrix: torch.Tensor) -> bool:
 def _mm_weight_gradient(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a [N, M] @ b [M, K], the weight-gradient form (a is a transposed view, X^T or dY^T: the sum runs over the M
     tokens), into `out` if given: on oneDNN where `onednn_weight_gradients` and the product is large and neither
-    side narrow, else on BLAS, the faster of the two for this form on most CPUs measured. On oneDNN the dense one
-    of the two operands is the weight: b (a @ b), or else a (the product transposed, (b^T a^T)^T); BLAS where
-    neither is dense."""
+    side narrow, else on BLAS, the faster of the two for this form on most CPUs measured. On oneDNN a dense operand
+    is the weight: b (a @ b), or a (the product transposed, (b^T a^T)^T); BLAS where neither is dense. The op copies
+    its input (a transposed view here) into a contiguous matrix, so where both are dense the one with fewer rows is
+    the input."""
     rows, depth, width = a.shape[0], a.shape[1], b.shape[1]
+    dense_a, dense_b = _dense(a), _dense(b)
     if (onednn_weight_gradients and _cpu_gemm == "onednn" and a.dtype == b.dtype == torch.float32
             and a.device.type == "cpu" and min(rows, width) >= _ONEDNN_MIN_WIDTH
-            and rows * width * depth >= _ONEDNN_MIN_MACS and (_dense(b) or _dense(a))):
-        if _dense(b):
+            and rows * width * depth >= _ONEDNN_MIN_MACS and (dense_a or dense_b)):
+        if dense_b and (rows <= width or not dense_a):
             y = _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
         else:
             y = _ONEDNN_LINEAR(b.t(), a, None, "none", [], "").t()
