@@ -176,10 +176,11 @@ def cpu_kernel_choices() -> dict:
 
 
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy)."""
+    """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy). Only
+    with a dense weight (`_dense`: a strided one ran ~1000x slower there); every caller passes one today."""
     rows, (width, depth) = x.shape[0], weight.shape
     return (_cpu_gemm == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu"
-            and width >= _ONEDNN_MIN_WIDTH and rows * width * depth >= _ONEDNN_MIN_MACS)
+            and width >= _ONEDNN_MIN_WIDTH and rows * width * depth >= _ONEDNN_MIN_MACS and _dense(weight))
 
 
 def _mm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
