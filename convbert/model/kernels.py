@@ -224,15 +224,14 @@ def _mm_weight_gradient(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | No
     is the weight: b (a @ b), or a (the product transposed, (b^T a^T)^T); BLAS where neither is dense. The op copies
     its input (a transposed view here) into a contiguous matrix, so where both are dense the one with fewer rows is
     the input."""
-    rows, depth, width = a.shape[0], a.shape[1], b.shape[1]
-    dense_a, dense_b = _dense(a), _dense(b)
-    if (onednn_weight_gradients and _cpu_gemm == "onednn" and a.dtype == b.dtype == torch.float32
-            and a.device.type == "cpu" and min(rows, width) >= _ONEDNN_MIN_WIDTH
-            and rows * width * depth >= _ONEDNN_MIN_MACS and (dense_a or dense_b)):
-        if dense_b and (rows <= width or not dense_a):
+    rows, width = a.shape[0], b.shape[1]
+    y = None
+    if onednn_weight_gradients and a.dtype == b.dtype and min(rows, width) >= _ONEDNN_MIN_WIDTH:
+        if _on_onednn(a, b.t()) and (rows <= width or not _dense(a)):  # b dense
             y = _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
-        else:
+        elif _on_onednn(b.t(), a):  # a dense
             y = _ONEDNN_LINEAR(b.t(), a, None, "none", [], "").t()
+    if y is not None:
         return y.contiguous() if out is None else out.copy_(y)
     return a.mm(b) if out is None else torch.mm(a, b, out=out)
 
