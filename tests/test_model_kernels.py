@@ -554,6 +554,45 @@ def test_mm_weight_gradient_matches_the_definition_on_both_libraries(onednn_ever
         assert len(onednn_everywhere) == 2 * onednn_calls * flag
 
 
+@pytest.mark.parametrize("source", ["matrix", "column block", "contiguous"])
+def test_onednn_input_is_the_view_copied_in_blocks(monkeypatch, source):
+    """The blocked copy of a weight gradient's transposed operand: the view's values exactly, in a contiguous
+    tensor, including a last block shorter than the others; the view itself when already contiguous or when
+    `blocked_transposes` is off (oneDNN then copies it)."""
+    monkeypatch.setattr(kernels, "_TRANSPOSE_BLOCK", 7)  # 50 tokens: blocks of 7, the last one of 1
+    torch.manual_seed(0)
+    view = {"matrix": torch.randn(50, 12).t(), "column block": torch.randn(50, 30)[:, 6:18].t(),
+            "contiguous": torch.randn(12, 50)}[source]
+    copy = kernels._onednn_input(view)
+    assert copy.is_contiguous() and torch.equal(copy, view)
+    assert (copy is view) == (source == "contiguous")
+    monkeypatch.setattr(kernels, "blocked_transposes", False)
+    assert kernels._onednn_input(view) is view
+    assert kernels.cpu_kernel_choices()["blocked_transposes"] is False
+
+
+def test_weight_gradients_give_onednn_contiguous_inputs(onednn_everywhere, monkeypatch):
+    """With `blocked_transposes`, oneDNN's input is already contiguous (its own transposing copy is the slower);
+    the product is the same either way."""
+    real, inputs = kernels._ONEDNN_LINEAR, []
+
+    def recording(x, *args):
+        inputs.append(x.is_contiguous())
+        return real(x, *args)
+
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", recording)
+    torch.manual_seed(0)
+    x, g = torch.randn(50, 24)[:, 4:20], torch.randn(50, 12)
+    results = {}
+    for blocked in (True, False):
+        monkeypatch.setattr(kernels, "blocked_transposes", blocked)
+        inputs.clear()
+        results[blocked] = kernels._mm_weight_gradient(x.t(), g)
+        assert inputs == [blocked]
+    assert torch.equal(results[True], results[False])
+    assert torch.allclose(results[True].double(), x.double().t() @ g.double(), atol=1e-5)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_onednn_products_give_the_blas_model(onednn_everywhere, monkeypatch, groups):
     """The whole model, trained one step and run for inference, with its products on oneDNN and on BLAS."""
