@@ -9,6 +9,12 @@ The bound it prints answers "how fast could our step be if everything but its ma
 wall time scaled by the products' share of the profile, and HF's step over that. Products run at the rate the
 libraries reach on these shapes, so no implementation of the same maths on this machine beats that bound.
 
+The profiler's self times inflate short ops (an elementwise pass over a [4096, 768] tensor: ~2.3 ms profiled, ~1 ms
+on the wall clock), so the products are also timed on the wall clock: each product op timed alone inside a step
+(a dispatch mode around every ATen op; the step runs unchanged otherwise), the rest being the step's median wall
+time minus them. From those, for training: the MFU of the step (model FLOPs over the wall time and the n x n
+matmul rate measured in the same run, as `model_speed.py`) and the MFU if everything but the products were free.
+
 Usage:  python benchmarks/step_breakdown.py --size medium-small --output benchmarks/results/step_breakdown.json
 """
 
@@ -26,7 +32,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from model_speed import build_pair, infer, inputs, train_step  # noqa: E402
+from model_speed import build_pair, infer, inputs, matmul_flops, train_step  # noqa: E402
+
+from convbert.model.flops import encoder_forward_flops_per_token  # noqa: E402
 
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
             "mkldnn::_linear_pointwise"}
@@ -60,6 +68,30 @@ def profile_split(step) -> dict:
     top = sorted(rest.items(), key=lambda kv: -kv[1])[:12]
     return {"profiled_seconds": total, "seconds_by_kind": dict(by_kind),
             "share_by_kind": {k: v / total for k, v in by_kind.items()}, "largest_other_ops": dict(top)}
+
+
+def product_wall_seconds(step, steps: int = 2) -> float:
+    """Wall-clock seconds per call of `step` spent inside matrix-product ops, each timed on its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    # (under inference mode composite ops reach the mode undecomposed: `linear` and `matmul` are products too)
+    names = {op.replace("::", ".") for op in PRODUCTS} | {"aten.linear", "aten.matmul", "aten.einsum"}
+    total = 0.0
+
+    class ProductTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal total
+            if str(func.overloadpacket) not in names:
+                return func(*args, **(kwargs or {}))
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            total += time.perf_counter() - start
+            return out
+
+    with ProductTimer():
+        for _ in range(steps):
+            step()
+    return total / steps
 
 
 def main() -> None:
@@ -102,7 +134,15 @@ def main() -> None:
         result = {}
         for name in ("ours", "hf"):
             split = profile_split(step(name, phase))
-            result[name] = {"wall_seconds": statistics.median(wall[name]), **split}
+            seconds = statistics.median(wall[name])
+            products = product_wall_seconds(step(name, phase))
+            result[name] = {"wall_seconds": seconds, **split, "products_wall_seconds": products,
+                            "products_wall_share": products / seconds, "rest_wall_seconds": seconds - products}
+            if phase == "train":
+                roofline = matmul_flops(repeats=5)
+                flops = 3 * encoder_forward_flops_per_token(ours.config, args.length) * args.batch * args.length
+                result[name].update(matmul_flops_per_s=roofline, mfu=flops / seconds / roofline,
+                                    mfu_if_only_products_cost=flops / products / roofline)
         products_only = result["ours"]["wall_seconds"] * result["ours"]["share_by_kind"].get("matrix products", 0.0)
         result["speedup"] = result["hf"]["wall_seconds"] / result["ours"]["wall_seconds"]
         result["ours_products_only_seconds"] = products_only
@@ -120,6 +160,12 @@ def main() -> None:
                   f"{share.get('convolutions', 0):6.0%} {share.get('rest', 0):6.0%}  {others}")
         print(f"{phase:10s} speed-up {result['speedup']:.2f}x; if only our matrix products cost time: "
               f"{result['ours_products_only_seconds']:.3f} s, {result['speedup_bound_if_only_products_cost']:.2f}x")
+        for name in ("ours", "hf"):
+            r = result[name]
+            mfu = (f"; MFU {r['mfu']:.0%}, {r['mfu_if_only_products_cost']:.0%} if only the products cost "
+                   f"(matmul {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)" if "mfu" in r else "")
+            print(f"{phase:10s} {name:5s} wall clock: products {r['products_wall_seconds']:.3f} s "
+                  f"({r['products_wall_share']:.0%}), the rest {r['rest_wall_seconds']:.3f} s{mfu}")
     if args.output is None:
         suffix = "" if args.size == "medium-small" else f"_{args.size}"
         args.output = f"benchmarks/results/step_breakdown{suffix}.json"
