@@ -11,8 +11,8 @@ libraries reach on these shapes, so no implementation of the same maths on this 
 
 The profiler's self times inflate short ops (an elementwise pass over a [4096, 768] tensor: ~2.3 ms profiled, ~1 ms
 on the wall clock), so the products are also timed on the wall clock: each product op timed alone inside a step
-(a dispatch mode around every ATen op; the step runs unchanged otherwise), the rest being the step's median wall
-time minus them. From those, for training: the MFU of the step (model FLOPs over the wall time and the n x n
+(a dispatch mode around every ATen op, in a second run of each interleaved step), the rest being the step's
+median wall time minus the products' median. From those, for training: the MFU of the step (model FLOPs over the wall time and the n x n
 matmul rate measured in the same run, as `model_speed.py`) and the MFU if everything but the products were free.
 
 Usage:  python benchmarks/step_breakdown.py --size medium-small --output benchmarks/results/step_breakdown.json
@@ -123,26 +123,31 @@ def main() -> None:
     report = {"machine": machine_info(args.threads), "allocator": ALLOCATOR_ENV, "size": args.size,
               "batch": args.batch, "length": args.length, "phases": {}}
     for phase in ("train", "inference"):
-        wall = {"ours": [], "hf": []}
-        for i in range(2 + args.steps):  # interleaved: A B A B
+        wall, products, rooflines = {"ours": [], "hf": []}, {"ours": [], "hf": []}, []
+        for i in range(2 + args.steps):  # interleaved: A B A B; each step once plain, once with its products timed
             for name in ("ours", "hf"):
                 fn = step(name, phase)
                 t = time.perf_counter()
                 fn()
+                seconds = time.perf_counter() - t
                 if i >= 2:
-                    wall[name].append(time.perf_counter() - t)
+                    wall[name].append(seconds)
+                    products[name].append(product_wall_seconds(fn, steps=1))
+            if i >= 2 and phase == "train":
+                rooflines.append(matmul_flops(repeats=5))  # between steps, as model_speed.py: the VM drifts
         result = {}
         for name in ("ours", "hf"):
             split = profile_split(step(name, phase))
-            seconds = statistics.median(wall[name])
-            products = product_wall_seconds(step(name, phase))
-            result[name] = {"wall_seconds": seconds, **split, "products_wall_seconds": products,
-                            "products_wall_share": products / seconds, "rest_wall_seconds": seconds - products}
+            seconds, product_seconds = statistics.median(wall[name]), statistics.median(products[name])
+            result[name] = {"wall_seconds": seconds, **split, "products_wall_seconds": product_seconds,
+                            "products_wall_share": product_seconds / seconds,
+                            "rest_wall_seconds": seconds - product_seconds}
             if phase == "train":
-                roofline = matmul_flops(repeats=5)
+                roofline = statistics.median(rooflines)
                 flops = 3 * encoder_forward_flops_per_token(ours.config, args.length) * args.batch * args.length
-                result[name].update(matmul_flops_per_s=roofline, mfu=flops / seconds / roofline,
-                                    mfu_if_only_products_cost=flops / products / roofline)
+                result[name].update(matmul_flops_per_s=roofline, matmul_flops_per_s_between_steps=rooflines,
+                                    mfu=flops / seconds / roofline,
+                                    mfu_if_only_products_cost=flops / product_seconds / roofline)
         products_only = result["ours"]["wall_seconds"] * result["ours"]["share_by_kind"].get("matrix products", 0.0)
         result["speedup"] = result["hf"]["wall_seconds"] / result["ours"]["wall_seconds"]
         result["ours_products_only_seconds"] = products_only
