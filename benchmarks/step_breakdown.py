@@ -12,8 +12,9 @@ libraries reach on these shapes, so no implementation of the same maths on this 
 The profiler's self times inflate short ops (an elementwise pass over a [4096, 768] tensor: ~2.3 ms profiled, ~1 ms
 on the wall clock), so the products are also timed on the wall clock: each product op timed alone inside a step
 (a dispatch mode around every ATen op, in a second run of each interleaved step), the rest being the step's
-median wall time minus the products' median. From those, for training: the MFU of the step (model FLOPs over the wall time and the n x n
-matmul rate measured in the same run, as `model_speed.py`) and the MFU if everything but the products were free.
+median wall time minus the products' median. From those, for training: the MFU of the step (model FLOPs over the
+wall time and the n x n matmul rate measured between its steps, as `model_speed.py`) and the MFU if everything but
+the products were free.
 
 Usage:  python benchmarks/step_breakdown.py --size medium-small --output benchmarks/results/step_breakdown.json
 """
@@ -70,8 +71,8 @@ def profile_split(step) -> dict:
             "share_by_kind": {k: v / total for k, v in by_kind.items()}, "largest_other_ops": dict(top)}
 
 
-def product_wall_seconds(step, steps: int = 2) -> float:
-    """Wall-clock seconds per call of `step` spent inside matrix-product ops, each timed on its own."""
+def product_wall_seconds(step) -> float:
+    """Wall-clock seconds of one call of `step` spent inside matrix-product ops, each timed on its own."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     # (under inference mode composite ops reach the mode undecomposed: `linear` and `matmul` are products too)
@@ -89,9 +90,8 @@ def product_wall_seconds(step, steps: int = 2) -> float:
             return out
 
     with ProductTimer():
-        for _ in range(steps):
-            step()
-    return total / steps
+        step()
+    return total
 
 
 def main() -> None:
@@ -132,19 +132,19 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 if i >= 2:
                     wall[name].append(seconds)
-                    products[name].append(product_wall_seconds(fn, steps=1))
+                    products[name].append(product_wall_seconds(fn))
             if i >= 2 and phase == "train":
                 rooflines.append(matmul_flops(repeats=5))  # between steps, as model_speed.py: the VM drifts
         result = {}
+        flops = 3 * encoder_forward_flops_per_token(ours.config, args.length) * args.batch * args.length
+        roofline = statistics.median(rooflines) if rooflines else None
         for name in ("ours", "hf"):
             split = profile_split(step(name, phase))
             seconds, product_seconds = statistics.median(wall[name]), statistics.median(products[name])
             result[name] = {"wall_seconds": seconds, **split, "products_wall_seconds": product_seconds,
                             "products_wall_share": product_seconds / seconds,
                             "rest_wall_seconds": seconds - product_seconds}
-            if phase == "train":
-                roofline = statistics.median(rooflines)
-                flops = 3 * encoder_forward_flops_per_token(ours.config, args.length) * args.batch * args.length
+            if roofline is not None:  # training
                 result[name].update(matmul_flops_per_s=roofline, matmul_flops_per_s_between_steps=rooflines,
                                     mfu=flops / seconds / roofline,
                                     mfu_if_only_products_cost=flops / product_seconds / roofline)

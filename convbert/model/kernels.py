@@ -222,8 +222,8 @@ def _dense(matrix: torch.Tensor) -> bool:
 # transposed view (X^T or dY^T, [R, M]), and PyTorch's transposing copy is slow: single-threaded, or strided element
 # by element for a column block. Copied here instead in blocks of _TRANSPOSE_BLOCK tokens (each block's source rows
 # stay in cache): on a Zen 5, [4096, 384] -> [384, 4096] 1.48 -> 0.99 ms, a [4096, 192] column block 0.57 -> 0.46 ms;
-# a medium-small training step 2.3 % faster (paired, `benchmarks/kernel_ab.py --flag blocked_transposes`).
-# False: the op's own copy.
+# a medium-small training step 0.4-2.3 % faster in three paired runs, within the VM's noise
+# (`benchmarks/kernel_ab.py --flag blocked_transposes`). False: the op's own copy.
 blocked_transposes = True
 _TRANSPOSE_BLOCK = 512
 
