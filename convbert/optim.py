@@ -2,6 +2,8 @@
 
 * `AdamWeightDecay`: Adam with beta 0.9/0.999, eps 1e-6 and **no bias correction**; decoupled weight decay is added
   to the update before the learning-rate multiply. Each parameter group may carry `lr_scale` (layer-wise decay).
+  Three interchangeable update paths: PyTorch's fused single-pass kernel on the CPU, multi-tensor kernels on GPUs,
+  a per-parameter loop otherwise (`update_path` says which a parameter list gets).
 * `param_groups`: splits a model's parameters into decayed / not-decayed groups (names containing `LayerNorm`,
   `layer_norm` or `bias` are not decayed), optionally with a per-parameter `lr_scale`.
 * `linear_warmup_decay`: the factor on the peak learning rate at a step (linear decay from step 0, times the warmup
@@ -28,7 +30,14 @@ class AdamWeightDecay(torch.optim.Optimizer):
     Per parameter:  m = b1·m + (1−b1)·g;  v = b2·v + (1−b2)·g²;  u = m / (√v + eps) (+ wd·p if the group's
     weight_decay > 0);  p ← p − lr·lr_scale·u.  `lr` is the group's current learning rate (a scheduler may set it);
     `lr_scale` (default 1.0) is a fixed per-group multiplier.  State (`exp_avg`, `exp_avg_sq`, `step`) is saved by
-    `state_dict()` like any torch optimiser.
+    `state_dict()` like any torch optimiser, the same whichever update path wrote it.
+
+    `fused` (default: on for CPU tensors) runs the update as PyTorch's fused AdamW kernel, one pass over each
+    parameter, gradient and pair of moments instead of the loop's ~9: 4× faster on the CPU (medium-small's 19.6M
+    parameters: ~12 ms against ~50 ms, `benchmarks/optimizer_step.py`). That kernel applies Adam's bias correction
+    1 − βᵗ; it is given t = ∞, where the correction is exactly 1, so it computes this optimiser's update (within an ulp
+    or two per step: it decays the weights as p·(1 − lr·wd) before the step, and the original adds lr·wd·p to it).
+    `foreach` (default: on for CUDA tensors) picks the multi-tensor kernels, and wins over `fused` when both are set.
     """
 
     def __init__(
@@ -39,6 +48,7 @@ class AdamWeightDecay(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.01,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ConvBertError(f"learning rate must be >= 0, got {lr}")
@@ -51,6 +61,7 @@ class AdamWeightDecay(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lr_scale=1.0)
         super().__init__(params, defaults)
         self.foreach = foreach
+        self.fused = fused
         self._multi_tensor_update = _foreach_update
 
     def compile_update(self) -> None:
@@ -65,6 +76,17 @@ class AdamWeightDecay(torch.optim.Optimizer):
         if self.foreach is not None:
             return self.foreach
         return bool(params) and all(p.device.type == "cuda" for p in params)
+
+    def update_path(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> str:
+        """Which kernels update these parameters: "foreach", "fused" or "loop"."""
+        if self._use_foreach(params):
+            return "foreach"
+        if self.fused is not False and _fusable(params, grads if grads is not None else [p.grad for p in params]):
+            return "fused"
+        if self.fused:
+            raise ConvBertError("AdamWeightDecay(fused=True) needs dense, contiguous float32/float64 CPU parameters "
+                                "and gradients of one dtype, and a PyTorch with the fused AdamW kernel (2.4 or later)")
+        return "loop"
 
     def _gather(self, group: dict, count: bool) -> tuple[list, list, list, list]:
         """The group's parameters that have a gradient, with their moments (created at zero on first use)."""
@@ -100,7 +122,10 @@ class AdamWeightDecay(torch.optim.Optimizer):
             tensors = self._gather(group, count=True)
             if not tensors[0]:  # (multi-tensor ops refuse empty lists)
                 continue
-            update = self._multi_tensor_update if self._use_foreach(tensors[0]) else _update
+            path = self.update_path(tensors[0], tensors[1])
+            if path == "fused" and not all(m.is_contiguous() for moments in tensors[2:] for m in moments):
+                path = "loop"  # (moments loaded from an unusual state dict)
+            update = {"foreach": self._multi_tensor_update, "fused": _fused_update, "loop": _update}[path]
             update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], group["lr"] * group.get("lr_scale", 1.0))
         return loss
 
@@ -135,6 +160,28 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_si
         if wd > 0.0:
             update.add_(p, alpha=wd)
         p.add_(update, alpha=-step_size)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> bool:
+    """Whether PyTorch's fused CPU AdamW kernel takes these tensors as they are (the cases tested here)."""
+    if not params or not hasattr(torch, "_fused_adamw_"):
+        return False
+    dtype = params[0].dtype
+    return dtype in _FUSED_DTYPES and all(
+        p.device.type == "cpu" and p.dtype == dtype and p.is_contiguous()
+        and g is not None and g.layout == torch.strided and g.dtype == dtype and g.is_contiguous()
+        for p, g in zip(params, grads))
+
+
+def _fused_update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:
+    """`_update` as PyTorch's fused AdamW kernel, its bias correction switched off by a step count of infinity
+    (1 − β^∞ = 1 exactly). The kernel needs contiguous moments: they are made like their parameters."""
+    never_corrected = [torch.full((), math.inf)] * len(params)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], never_corrected, lr=float(step_size), beta1=beta1,
+                        beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
 
 
 def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:

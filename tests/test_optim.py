@@ -147,7 +147,8 @@ def test_foreach_update_is_bit_identical_to_the_per_parameter_loop():
         params = [torch.nn.Parameter(t.clone()) for t in start]
         opt = AdamWeightDecay([{"params": params[:2], "weight_decay": 0.01},
                                {"params": params[2:], "weight_decay": 0.0, "lr_scale": 0.3}], lr=1e-2,
-                              foreach=foreach)
+                              foreach=foreach, fused=False)
+        assert opt.update_path(params, [torch.zeros_like(p) for p in params]) == ("foreach" if foreach else "loop")
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()
@@ -232,3 +233,84 @@ def test_capturable_step_reads_the_lr_from_a_tensor_and_matches_step():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
     assert not torch.equal(got[0], start[0]) and torch.equal(got[2], start[2])
     assert {k: v["step"] for k, v in got_state.items()} == {k: v["step"] for k, v in ref_state.items()} == {0: 3, 1: 3}
+
+
+def _run_steps(dtype, fused, steps=5):
+    """Two groups (decayed with lr_scale, not decayed), one parameter without a gradient, `steps` updates."""
+    torch.manual_seed(1)
+    shapes = [(33, 17), (17,), (4, 5, 6), (3,)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype) * 0.05) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = AdamWeightDecay([{"params": params[:2], "weight_decay": 0.01, "lr_scale": 0.5},
+                           {"params": params[2:], "weight_decay": 0.0}], lr=1e-3, fused=fused)
+    paths = set()
+    for _ in range(steps):
+        for p in params[:3]:
+            p.grad = torch.randn_like(p) * 1e-2
+        paths |= {opt.update_path([p for p in g["params"] if p.grad is not None]) for g in opt.param_groups}
+        opt.step()
+    return params, start, opt, paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cpu_update_matches_the_loop(dtype):
+    """The fused kernel with its bias correction switched off computes the original update: within an ulp or two
+    of the loop each step (fp32 and fp64), the same moments and step counts, and no bias correction (the first
+    step of a bias-corrected Adam would move each weight by ~lr, ours by lr·0.1/√0.001 ≈ 3.2·lr)."""
+    fused, start, fused_opt, fused_paths = _run_steps(dtype, fused=None)
+    loop, _, loop_opt, loop_paths = _run_steps(dtype, fused=False)
+    assert fused_paths == {"fused"} and loop_paths == {"loop"}
+    tol = dict(rtol=1e-5, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-18)
+    for a, b in zip(fused, loop):
+        assert torch.allclose(a, b, **tol)
+    assert not torch.equal(fused[0], start[0]) and torch.equal(fused[3], start[3])
+    fused_state, loop_state = fused_opt.state_dict()["state"], loop_opt.state_dict()["state"]
+    assert fused_state.keys() == loop_state.keys() and len(fused_state) == 3
+    for k in fused_state:
+        assert fused_state[k]["step"] == loop_state[k]["step"] == 5
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(fused_state[k][moment], loop_state[k][moment], **tol)
+
+
+def test_fused_first_step_has_no_bias_correction():
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = AdamWeightDecay([{"params": [w], "weight_decay": 0.0}], lr=1e-3)
+    w.grad = torch.full((4,), 0.5)
+    assert opt.update_path([w]) == "fused"
+    opt.step()
+    # m = 0.05, v = 0.00025: u = 0.05 / (0.0158114 + 1e-6) = 3.16208; bias-corrected Adam would give 1.0.
+    assert torch.allclose(w.detach(), torch.full((4,), -1e-3 * 0.05 / (math.sqrt(0.00025) + 1e-6)), rtol=1e-6)
+
+
+def test_fused_and_loop_checkpoints_are_interchangeable():
+    """A state dict written by one path resumes on the other and gives the same next step."""
+    params, _, opt, _ = _run_steps(torch.float64, fused=None, steps=2)
+    saved, saved_params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) * 1e-2 for p in params[:3]]
+    after = []
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in saved_params]
+        o = AdamWeightDecay([{"params": ps[:2], "weight_decay": 0.01, "lr_scale": 0.5},
+                             {"params": ps[2:], "weight_decay": 0.0}], lr=1e-3, fused=fused)
+        o.load_state_dict(copy.deepcopy(saved))  # (loading shares the tensors, and the step updates them in place)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step()
+        assert o.state_dict()["state"][0]["step"] == 3
+        after.append(ps)
+    for a, b in zip(*after):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-18)
+
+
+def test_fused_is_skipped_where_the_kernel_does_not_apply():
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    w.grad = torch.ones(4, 3).t()  # a non-contiguous gradient
+    opt = AdamWeightDecay([w], lr=1e-3)
+    assert opt.update_path([w]) == "loop"
+    opt.step()  # the loop handles it
+    assert (w.detach() < 0).all()
+    half = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    half.grad = torch.ones(3, dtype=torch.bfloat16)
+    assert AdamWeightDecay([half], lr=1e-3).update_path([half]) == "loop"
+    with pytest.raises(ConvBertError, match="fused=True"):
+        AdamWeightDecay([w], lr=1e-3, fused=True).update_path([w])
