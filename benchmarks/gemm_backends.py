@@ -68,7 +68,7 @@ def step_comparison(size: str, steps: int) -> dict:
 
     ours, _ = model_speed.build_pair(size)
     ids, mask, types = model_speed.inputs(32, 128)
-    optimizer = torch.optim.AdamW(ours.parameters(), lr=0.0)
+    optimizer = model_speed.make_optimizer(ours)
     times = {f"{gemm}_{kind}": [] for gemm in ("blas", "onednn") for kind in ("train", "infer")}
     before = kernels.cpu_gemm()
     try:

@@ -33,7 +33,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from model_speed import build_pair, infer, inputs, matmul_flops, train_step  # noqa: E402
+from model_speed import (OPTIMIZER, OPTIMIZERS, build_pair, infer, inputs, make_optimizer,  # noqa: E402
+                         matmul_flops, train_step)
 
 from convbert.model.flops import encoder_forward_flops_per_token  # noqa: E402
 
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model (median), after 2 warm-ups")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER,
+                        help="the training step's optimiser, the same for both models (as model_speed.py)")
     parser.add_argument("--output", default=None,
                         help="JSON report (default benchmarks/results/step_breakdown.json for medium-small, "
                              "step_breakdown_SIZE.json for another size)")
@@ -109,7 +112,7 @@ def main() -> None:
 
     ours, hf = build_pair(args.size)
     ids, mask, types = inputs(args.batch, args.length)
-    optimizers = {"ours": torch.optim.AdamW(ours.parameters(), lr=0.0), "hf": torch.optim.AdamW(hf.parameters(), lr=0.0)}
+    optimizers = {"ours": make_optimizer(ours, args.optimizer), "hf": make_optimizer(hf, args.optimizer)}
     models = {"ours": ours, "hf": hf}
 
     def step(name: str, phase: str):
@@ -121,7 +124,7 @@ def main() -> None:
         return lambda: infer(model, ids, mask, types, is_hf)
 
     report = {"machine": machine_info(args.threads), "allocator": ALLOCATOR_ENV, "size": args.size,
-              "batch": args.batch, "length": args.length, "phases": {}}
+              "batch": args.batch, "length": args.length, "optimizer": args.optimizer, "phases": {}}
     for phase in ("train", "inference"):
         wall, products, rooflines = {"ours": [], "hf": []}, {"ours": [], "hf": []}, []
         for i in range(2 + args.steps):  # interleaved: A B A B; each step once plain, once with its products timed
@@ -154,7 +157,8 @@ def main() -> None:
         result["speedup_bound_if_only_products_cost"] = result["hf"]["wall_seconds"] / products_only
         report["phases"][phase] = result
 
-    print(f"{args.size}, batch {args.batch} x {args.length}, {args.threads} threads, torch {torch.__version__}")
+    print(f"{args.size}, batch {args.batch} x {args.length}, {args.threads} threads, torch {torch.__version__}, "
+          f"optimizer {args.optimizer}")
     print(f"{'phase':10s} {'model':5s} {'wall s':>7s} {'products':>9s} {'convs':>6s} {'rest':>6s}  largest other ops")
     for phase, result in report["phases"].items():
         for name in ("ours", "hf"):
