@@ -163,11 +163,13 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_si
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+# The fused AdamW op has a CPU kernel since torch 2.4 (on 2.3 it exists for CUDA only).
+_FUSED_ON_CPU = hasattr(torch, "_fused_adamw_") and torch.__version__ >= "2.4"
 
 
 def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> bool:
     """Whether PyTorch's fused CPU AdamW kernel takes these tensors as they are (the cases tested here)."""
-    if not params or not hasattr(torch, "_fused_adamw_"):
+    if not params or not _FUSED_ON_CPU:
         return False
     dtype = params[0].dtype
     return dtype in _FUSED_DTYPES and all(

@@ -314,3 +314,17 @@ def test_fused_is_skipped_where_the_kernel_does_not_apply():
     assert AdamWeightDecay([half], lr=1e-3).update_path([half]) == "loop"
     with pytest.raises(ConvBertError, match="fused=True"):
         AdamWeightDecay([w], lr=1e-3, fused=True).update_path([w])
+
+
+def test_without_a_fused_cpu_kernel_the_loop_runs(monkeypatch):
+    """torch 2.3 (allowed by the package metadata) has the fused op for CUDA only."""
+    import convbert.optim as optim
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.ones(3)
+    assert AdamWeightDecay([w], lr=1e-3).update_path([w]) == "fused"
+    monkeypatch.setattr(optim, "_FUSED_ON_CPU", False)
+    opt = AdamWeightDecay([w], lr=1e-3)
+    assert opt.update_path([w]) == "loop"
+    opt.step()
+    assert (w.detach() < 0).all()
