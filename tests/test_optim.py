@@ -314,6 +314,8 @@ def test_fused_is_skipped_where_the_kernel_does_not_apply():
     assert AdamWeightDecay([half], lr=1e-3).update_path([half]) == "loop"
     with pytest.raises(ConvBertError, match="fused=True"):
         AdamWeightDecay([w], lr=1e-3, fused=True).update_path([w])
+    w.grad = torch.ones(3, 4)
+    assert AdamWeightDecay([w], lr=1e-3, foreach=True, fused=True).update_path([w]) == "foreach"
 
 
 def test_without_a_fused_cpu_kernel_the_loop_runs(monkeypatch):
