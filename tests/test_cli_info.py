@@ -2,8 +2,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from convbert.cli import main
+from convbert.optim import AdamWeightDecay
 
 
 def test_info_prints_all_three_presets(capsys):
@@ -76,6 +78,9 @@ def test_info_kernels_reports_this_process_choices(capsys, monkeypatch):
     choices = json.loads(capsys.readouterr().out)
     assert choices == kernels.cpu_kernel_choices()
     assert choices["cpu_gemm"] in kernels.CPU_GEMMS and choices["threads"] >= 1
+    w = torch.nn.Parameter(torch.zeros(2))
+    w.grad = torch.ones(2)
+    assert choices["optimizer_update"] == AdamWeightDecay([w], lr=1e-3).update_path([w])  # what a CPU step runs
     monkeypatch.setattr(kernels, "onednn_gelu_epilogue", not choices["onednn_gelu_epilogue"])
     assert main(["info", "--kernels"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -172,8 +172,16 @@ def cpu_kernel_choices() -> dict:
         "fold_residual_in_inference": fold_residual_in_inference,
         "cpu_depthwise_conv2d": cpu_depthwise_conv2d,
         "cpu_span_conv_banded": cpu_span_conv_banded,
+        "optimizer_update": _optimizer_update(),
         "threads": torch.get_num_threads(),
     }
+
+
+def _optimizer_update() -> str:
+    """`AdamWeightDecay`'s default update for fp32 CPU parameters: "fused" (PyTorch's fused kernel) or "loop"."""
+    from convbert import optim  # (the optimiser does not depend on the model: no import cycle)
+
+    return "fused" if optim._FUSED_ON_CPU else "loop"
 
 
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
