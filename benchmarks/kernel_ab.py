@@ -2,9 +2,9 @@
 
 Each `convbert.model.kernels` switch (`blocked_transposes`, `onednn_weight_gradients`, `onednn_gelu_epilogue`,
 `cpu_depthwise_conv2d`, ...) changes how, not what, the model computes. This times a medium-small training step
-(forward + backward + optimiser, lr 0: `model_speed.py`'s) and inference with the switch on and off, alternating which goes first, and
-reports the medians and the per-pair ratios (on / off): on a shared VM whose speed drifts within a run, the paired
-ratio is the figure to quote. The outputs of the two settings are compared too.
+(forward + backward + optimiser, lr 0: `model_speed.py`'s step) and inference with the switch on and off,
+alternating which goes first, and reports the medians and the per-pair ratios (on / off): on a shared VM whose speed
+drifts within a run, the paired ratio is the figure to quote. The outputs of the two settings are compared too.
 
 `--flag fused_optimizer` times `AdamWeightDecay`'s fused CPU update (on) against its per-parameter loop (off) the
 same way, in training steps only (inference has no optimiser).
