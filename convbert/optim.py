@@ -79,15 +79,18 @@ class AdamWeightDecay(torch.optim.Optimizer):
             return self.foreach
         return bool(params) and all(p.device.type == "cuda" for p in params)
 
-    def update_path(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> str:
-        """Which kernels update these parameters: "foreach", "fused" or "loop"."""
+    def update_path(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None,
+                    *moments: list[torch.Tensor]) -> str:
+        """Which kernels update these parameters (given their gradients, else `.grad`, and optionally their moment
+        lists): "foreach", "fused" or "loop"."""
         if self.foreach:
             return "foreach"
-        if self.fused is not False and _fusable(params, grads if grads is not None else [p.grad for p in params]):
+        grads = grads if grads is not None else [p.grad for p in params]
+        if self.fused is not False and _fusable(params, grads, *moments):
             return "fused"
         if self.fused:
-            raise ConvBertError("AdamWeightDecay(fused=True) needs dense, contiguous float32/float64 CPU parameters "
-                                "and gradients of one dtype, and a PyTorch with the fused AdamW kernel (2.4 or later)")
+            raise ConvBertError("AdamWeightDecay(fused=True) needs dense, contiguous float32/float64 CPU parameters, "
+                                "gradients and moments of one dtype, and a PyTorch with the fused AdamW kernel (2.4 or later)")
         return "foreach" if self._use_foreach(params) else "loop"
 
     def _gather(self, group: dict, count: bool) -> tuple[list, list, list, list]:
@@ -124,9 +127,7 @@ class AdamWeightDecay(torch.optim.Optimizer):
             tensors = self._gather(group, count=True)
             if not tensors[0]:  # (multi-tensor ops refuse empty lists)
                 continue
-            path = self.update_path(tensors[0], tensors[1])
-            if path == "fused" and not all(m.is_contiguous() for moments in tensors[2:] for m in moments):
-                path = "loop"  # (moments loaded from an unusual state dict)
+            path = self.update_path(*tensors)
             update = {"foreach": self._multi_tensor_update, "fused": _fused_update, "loop": _update}[path]
             update(*tensors, beta1, beta2, group["eps"], group["weight_decay"], group["lr"] * group.get("lr_scale", 1.0))
         return loss
@@ -169,20 +170,19 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 _FUSED_ON_CPU = hasattr(torch, "_fused_adamw_") and torch.__version__ >= "2.4"
 
 
-def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> bool:
-    """Whether PyTorch's fused CPU AdamW kernel takes these tensors as they are (the cases tested here)."""
-    if not params or not _FUSED_ON_CPU:
+def _fusable(params: list[torch.Tensor], *companions: list[torch.Tensor | None]) -> bool:
+    """Whether PyTorch's fused CPU AdamW kernel takes these tensors as they are (the cases tested here): the
+    parameters and their companions (gradients, moments) all dense, contiguous CPU tensors of one fp32/fp64 dtype."""
+    if not params or not _FUSED_ON_CPU or params[0].dtype not in _FUSED_DTYPES:
         return False
     dtype = params[0].dtype
-    return dtype in _FUSED_DTYPES and all(
-        p.device.type == "cpu" and p.dtype == dtype and p.is_contiguous()
-        and g is not None and g.layout == torch.strided and g.dtype == dtype and g.is_contiguous()
-        for p, g in zip(params, grads))
+    return all(t is not None and t.device.type == "cpu" and t.layout == torch.strided and t.dtype == dtype
+               and t.is_contiguous() for tensors in (params, *companions) for t in tensors)
 
 
 def _fused_update(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, wd, step_size) -> None:
     """`_update` as PyTorch's fused AdamW kernel, its bias correction switched off by a step count of infinity
-    (1 − β^∞ = 1 exactly). The kernel needs contiguous moments: they are made like their parameters."""
+    (1 − β^∞ = 1 exactly)."""
     never_corrected = [torch.full((), math.inf)] * len(params)
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], never_corrected, lr=float(step_size), beta1=beta1,
                         beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)

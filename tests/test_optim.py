@@ -316,6 +316,9 @@ def test_fused_is_skipped_where_the_kernel_does_not_apply():
         AdamWeightDecay([w], lr=1e-3, fused=True).update_path([w])
     w.grad = torch.ones(3, 4)
     assert AdamWeightDecay([w], lr=1e-3, foreach=True, fused=True).update_path([w]) == "foreach"
+    strided_moment = torch.zeros(4, 3).t()  # e.g. from an unusual state dict
+    assert AdamWeightDecay([w], lr=1e-3).update_path([w], [w.grad], [strided_moment], [torch.zeros(3, 4)]) == "loop"
+    assert AdamWeightDecay([w], lr=1e-3).update_path([w], [w.grad], [torch.zeros(3, 4)], [torch.zeros(3, 4)]) == "fused"
 
 
 def test_without_a_fused_cpu_kernel_the_loop_runs(monkeypatch):
