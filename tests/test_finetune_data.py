@@ -263,6 +263,20 @@ def test_a_file_that_lost_its_header_is_refused_not_read_one_example_short(tmp_p
     assert checked >= 15
 
 
+def test_a_blank_line_before_the_header_is_named_not_taken_for_the_header(tmp_path):
+    """A blank first line was read as a header of 0 fields: every row then looked malformed (train files lost
+    all their rows, test files blamed the real header on line 2)."""
+    root = write_glue(tmp_path / "g", n_train=4, n_dev=2)
+    for task, split, name in (("rte", "train", "train.tsv"), ("rte", "test", "test.tsv")):
+        path = root / "RTE" / name
+        original = path.read_text()
+        path.write_text("\n" + original)
+        with pytest.raises(ConvBertError, match=rf"{name}:1: blank line where the header should be"):
+            read_split(root, task, split)
+        path.write_text(original)
+        assert read_split(root, task, split).examples
+
+
 def test_a_lone_carriage_return_inside_a_row_is_a_malformed_row_not_two(tmp_path):
     """Lines end at \\n (CRLF too), as the original reads them: a lone \\r inside a train row made it two rows,
     one skipped and one a wrong example with its label, and every later line number shifted."""

@@ -331,6 +331,9 @@ def read_split(
     if sp.header:
         if not rows:
             raise ConvBertError(f"{path}: empty file (expected a header line)")
+        if rows[0][1] == []:  # else its 0 fields would become every row's expected count
+            raise ConvBertError(f"{path}:{rows[0][0]}: blank line where the header should be (GLUE's "
+                                f"{spec.glue_name} files start with one); remove the blank line")
         _check_header(path, spec, sp, rows[0][1])
         ncols = len(rows[0][1])
         body = rows[1:]
