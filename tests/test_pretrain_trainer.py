@@ -70,6 +70,26 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
     assert run_pretraining(cfg_for(tiny_data, part), progress=False)["step"] == 6
 
 
+def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path):
+    """--threads is a machine setting, not resumed; the CPU kernels' sums depend on it, so a resume on another
+    count is not bit-exact and the trainer says how to make it so."""
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        run_pretraining(cfg_for(tiny_data, run, stop_at_step=3, threads=1), progress=False)
+        state = json.loads((ckpt_io.latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())
+        assert state["cpu_threads"] == 1
+        printed: list[str] = []
+        run_pretraining(cfg_for(tiny_data, run, stop_at_step=4, threads=2), progress=False, log=printed.append)
+        assert any("written with 1 CPU threads, now 2" in p and "--threads 1 resumes it bit for bit" in p
+                   for p in printed), printed
+        printed.clear()  # step 4 was written with 2 threads: resuming on 2 is quiet
+        run_pretraining(cfg_for(tiny_data, run, threads=2), progress=False, log=printed.append)
+        assert not any("CPU threads" in p for p in printed) and any("resumed from" in p for p in printed), printed
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_resumes_on_moved_data_but_not_on_other_data(tiny_data, tmp_path):
     """The run records a fingerprint of its training data: a copied or moved dataset resumes, another one (same
     vocab and size, other examples) is refused instead of silently training the rest of the run on it."""

@@ -459,6 +459,12 @@ class Trainer:
                 self.loader.load_state_dict(loaders[0])
         if changed and self.dist.is_main:
             self.print(f"note: resuming with changed settings: {', '.join(changed)} (the new values apply)")
+        threads_then, threads_now = state.get("cpu_threads"), torch.get_num_threads()
+        if self.device.type == "cpu" and threads_then and threads_then != threads_now and self.dist.is_main:
+            # --threads is a machine setting, not resumed; the CPU kernels split their sums by thread count
+            self.print(f"note: this checkpoint was written with {threads_then} CPU threads, now {threads_now}: the "
+                       f"losses will differ in the last bits from a run that did not stop (--threads "
+                       f"{threads_then} resumes it bit for bit)")
         if self.dist.is_main:
             self.print(f"resumed from {latest} (step {self.step})")
         return True
@@ -508,6 +514,7 @@ class Trainer:
                     "bad_steps_total": self.bad_total,
                     "tokens_seen": self.tokens_seen,
                     "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                     "run_config": self.resolved(),
                 },
             )
