@@ -81,7 +81,7 @@ def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path):
         assert state["cpu_threads"] == 1
         printed: list[str] = []
         run_pretraining(cfg_for(tiny_data, run, stop_at_step=4, threads=2), progress=False, log=printed.append)
-        assert any("written with 1 CPU threads, now 2" in p and "--threads 1 resumes it bit for bit" in p
+        assert any("written with 1 CPU thread, now 2" in p and "--threads 1 resumes it bit for bit" in p
                    for p in printed), printed
         printed.clear()  # step 4 was written with 2 threads: resuming on 2 is quiet
         run_pretraining(cfg_for(tiny_data, run, threads=2), progress=False, log=printed.append)
