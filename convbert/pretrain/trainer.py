@@ -462,10 +462,10 @@ class Trainer:
         threads_then, threads_now = state.get("cpu_threads"), torch.get_num_threads()
         if self.device.type == "cpu" and threads_then and threads_then != threads_now and self.dist.is_main:
             # --threads is a machine setting, not resumed; the CPU kernels split their sums by thread count
-            self.print(f"note: this checkpoint was written with {threads_then} CPU thread{'s' * (threads_then != 1)}, "
-                       f"now {threads_now}: the "
-                       f"losses will differ in the last bits from a run that did not stop (--threads "
-                       f"{threads_then} resumes it bit for bit)")
+            then = f"{threads_then} CPU thread{'s' * (threads_then != 1)}"
+            self.print(f"note: this checkpoint was written with {then}, now {threads_now}: the losses will differ "
+                       f"in the last bits from a run that did not stop (--threads {threads_then} resumes it bit "
+                       "for bit)")
         if self.dist.is_main:
             self.print(f"resumed from {latest} (step {self.step})")
         return True
