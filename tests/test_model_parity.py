@@ -171,6 +171,29 @@ def test_transformers_limits_says_exactly_when_transformers_can_load_a_folder(tr
     assert (a - b).abs().max().item() <= TOL
 
 
+def test_transformers_limits_names_mask_conv_padding_which_transformers_ignores(transformers_module, tmp_path):
+    """transformers loads a mask_conv_padding folder without complaint (the setting rides in convbert_extra) and
+    computes the original's padded convolution: the note must say so, and the outputs really differ."""
+    from convbert.interop.hf import transformers_limits
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("tiny", vocab_size=100, mask_conv_padding=True)
+    ours = ConvBertModel(config).eval()
+    ours.save_pretrained(tmp_path)
+    notes = transformers_limits("discriminator", config)
+    assert len(notes) == 1 and "mask_conv_padding=True" in notes[0] and "outputs differ" in notes[0]
+    assert transformers_limits("discriminator", ConvBertConfig.from_preset("tiny", vocab_size=100)) == []
+    theirs = transformers_module.ConvBertModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(5, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    with torch.no_grad():
+        a = ours(ids, mask).last_hidden_state
+        b = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a[0, :8] - b[0, :8]).abs().max().item() > 1e-4  # the padded sequence's real tokens
+    assert (a[1] - b[1]).abs().max().item() <= TOL  # no padding, no difference
+
+
 @pytest.mark.parametrize("overrides", [{}, {"attention_type": "plain"}, {"embedding_size": 64}])
 def test_attentions_and_inputs_embeds_match_transformers(transformers_module, overrides):
     """`output_attentions` gives every layer's self-attention probabilities as transformers does (padding masked),

@@ -170,6 +170,10 @@ def transformers_limits(which: str, config: ConvBertConfig) -> list[str]:
                     f"per branch, with {config.num_attention_heads} heads and head_ratio {config.head_ratio}), but "
                     f"transformers' port builds head(s) of (H/{heads})/2 = {hf_head} and a {hidden}-wide "
                     f"concatenation: convbert loads it, transformers cannot (spec §1.6)"]
+        if config.mask_conv_padding:
+            return [f"the {which} was trained with mask_conv_padding=True (padding zeroed before the convolutions): "
+                    f"transformers loads it but ignores that setting, so its outputs differ wherever a sequence "
+                    f"is padded; load it with convbert (ConvBertModel.from_pretrained) for the same outputs"]
     return []
 
 
