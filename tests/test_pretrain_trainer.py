@@ -456,6 +456,58 @@ def test_the_configs_presets_resolve_like_the_size_flag(tiny_data, tmp_path):
         assert build_model_config(from_file, 30522, 128) == build_model_config(from_flag, 30522, 128), size
 
 
+def test_an_mlm_run_exports_as_a_masked_lm_and_continues_with_its_head(tiny_data, tmp_path, capsys):
+    """`--objective mlm` (BERT's objective, one encoder): the export is a ConvBertForMaskedLM folder, so its MLM head
+    is kept (it was dropped before): the encoder loads as a model here and in transformers, transformers' masked LM
+    gives our logits, and `--init-from` continues with every weight, the head included."""
+    import torch.nn.functional as F
+
+    from convbert.model.modeling import ConvBertModel
+    from convbert.pretrain.export import export_checkpoint
+    from convbert.pretrain.model import word_embedding_weight
+
+    source = tmp_path / "source"
+    run_pretraining(cfg_for(tiny_data, source, steps=2, objective="mlm", sets=["model.num_attention_heads=8",
+                                                                                "model.hidden_dropout_prob=0"]),
+                    progress=False)
+    out = tmp_path / "exp"
+    info = export_checkpoint(source, out)
+    assert info["written"] == {"encoder with its MLM head": str(out)} and info["objective"] == "mlm"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {"generator_predictions.dense.weight", "generator_lm_head.bias"} <= set(tensors)
+    checkpoint, _ = final_weights(source)
+    assert torch.equal(tensors["generator_lm_head.bias"], checkpoint["generator_head.output_bias"])
+    ours = ConvBertModel.from_pretrained(out).eval()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, checkpoint[f"discriminator.{key}"]), key
+    ids = torch.randint(5, 600, (2, 32))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        h = ours(ids, attention_mask=mask).last_hidden_state
+        d = F.linear(h, tensors["generator_predictions.dense.weight"], tensors["generator_predictions.dense.bias"])
+        d = F.layer_norm(F.gelu(d), (d.shape[-1],), tensors["generator_predictions.LayerNorm.weight"],
+                         tensors["generator_predictions.LayerNorm.bias"], eps=1e-12)
+        mine = F.linear(d, word_embedding_weight(ours.embeddings), tensors["generator_lm_head.bias"])
+
+    run = tmp_path / "continued"
+    capsys.readouterr()
+    run_pretraining(cfg_for(tiny_data, run, steps=1, save_every=1, lr=0.0, objective="mlm", init_from=str(out)),
+                    progress=False)
+    assert "starts from scratch" not in capsys.readouterr().err
+    after, _ = final_weights(run)
+    assert checkpoint.keys() == after.keys()
+    assert all(torch.equal(checkpoint[k], after[k]) for k in checkpoint)  # the MLM head included
+
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    hf = transformers.ConvBertForMaskedLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(mine, logits, atol=1e-4)
+    encoder = transformers.ConvBertModel.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert torch.allclose(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, h, atol=1e-4)
+
+
 def test_init_from_an_export_starts_with_every_weight_and_resumes_without_it(tiny_data, tmp_path, capsys):
     """`--init-from`: a new run starts from an exported model (discriminator, generator, both heads); with lr 0 its
     first checkpoint holds exactly the source run's weights. A resume reads its checkpoints, not the folder."""

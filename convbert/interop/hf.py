@@ -187,7 +187,7 @@ MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "vocab.txt", GENERATOR
 
 def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor],
                               path: str | os.PathLike) -> None:
-    """The generator in `ConvBertForMaskedLM` layout (`ElectraForMaskedLM` for plain attention, the same names under
+    """The generator (or the encoder of an `--objective mlm` run) in `ConvBertForMaskedLM` layout (`ElectraForMaskedLM` for plain attention, the same names under
     `electra.*`): the encoder under `convbert.*` (with the shared embeddings), the MLM head (`head`: our
     `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and `generator_lm_head` tied to the word table, its bias
     the original `output_bias`."""
@@ -210,6 +210,17 @@ def read_generator_pretrained(path: Path) -> tuple[ConvBertConfig, dict[str, tor
     config = read_config(path)
     state, weight_file = read_state_dict(path)
     encoder = translate_keys(state) if encoder_prefix(state) else {}
+    return config, encoder, read_mlm_head(state, weight_file, "generator"), weight_file
+
+
+def has_mlm_head(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a weight file holds a `ConvBertForMaskedLM` / `ElectraForMaskedLM` MLM head."""
+    return any(k.startswith("generator_predictions.") for k in state)
+
+
+def read_mlm_head(state: dict[str, torch.Tensor], weight_file, what: str = "MLM model") -> dict[str, torch.Tensor]:
+    """The MLM head of a `ConvBertForMaskedLM` / `ElectraForMaskedLM` weight file under our `GENERATOR_HEAD_KEYS`,
+    with `generator_lm_head.weight` (tied to the word embeddings) as `lm_head.weight` where present."""
     head = {k[len("generator_predictions."):]: v for k, v in state.items() if k.startswith("generator_predictions.")}
     for ours, theirs in (("output_bias", "generator_lm_head.bias"), ("lm_head.weight", "generator_lm_head.weight")):
         if theirs in state:
@@ -217,9 +228,9 @@ def read_generator_pretrained(path: Path) -> tuple[ConvBertConfig, dict[str, tor
     missing = ["generator_lm_head.bias" if k == "output_bias" else f"generator_predictions.{k}"
                for k in GENERATOR_HEAD_KEYS if k not in head]
     if missing:
-        raise ConvBertError(f"{weight_file}: not a ConvBertForMaskedLM / ElectraForMaskedLM generator (missing "
+        raise ConvBertError(f"{weight_file}: not a ConvBertForMaskedLM / ElectraForMaskedLM {what} (missing "
                             f"{', '.join(missing)})")
-    return config, encoder, head, weight_file
+    return head
 
 
 def save_discriminator_pretrained(model: "ConvBertModel", head: dict[str, torch.Tensor] | None,

@@ -170,7 +170,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
             raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(missing)})")
     disc_head = _sub_state(data["model"], aliases, "discriminator_head.")
     disc_head = disc_head if all(k in disc_head for k in DISCRIMINATOR_HEAD_KEYS) else None
-    written = {"discriminator": str(out)}
+    mlm_head = None
+    if objective == "mlm":  # one encoder with the MLM head on top (BERT's objective): exported as a masked LM
+        mlm_head = _sub_state(data["model"], aliases, "generator_head.")
+        missing = [k for k in GENERATOR_HEAD_KEYS if k not in mlm_head]
+        if missing:
+            raise ConvBertError(f"{ck}: the MLM head weights are missing ({', '.join(missing)})")
+    written = {"encoder with its MLM head" if mlm_head is not None else "discriminator": str(out)}
     if generator:
         written["generator"] = str(out / GENERATOR_DIR)
     tokenizer, guessed = _tokenizer_casing(run, vocab)
@@ -193,7 +199,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     }
     # Written aside and renamed into place: an earlier export's generator/ does not outlive a re-export without it.
     with staged_folder(out) as staging:
-        save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
+        if mlm_head is not None:
+            save_generator_pretrained(disc, mlm_head, staging)  # ConvBertForMaskedLM; its encoder loads as a model
+        else:
+            save_discriminator_pretrained(disc, disc_head, staging)  # the head: for `pretrain --init-from`
         copy_vocab(vocab, staging)
         write_tokenizer_config(staging, **tokenizer, model_max_length=config.max_position_embeddings)
         if generator:

@@ -43,6 +43,7 @@ class InitWeights:
     generator: dict[str, torch.Tensor] | None = None  # encoder without the shared embeddings
     generator_head: dict[str, torch.Tensor] | None = None  # hf.GENERATOR_HEAD_KEYS
     discriminator_head: dict[str, torch.Tensor] | None = None
+    mlm_head: dict[str, torch.Tensor] | None = None  # a masked-LM folder's head (an `--objective mlm` export)
 
     @property
     def generator_fraction(self) -> float | None:
@@ -85,6 +86,14 @@ def read_init_weights(path: str | os.PathLike, data_vocab: Path | None) -> InitW
         init.generator = {k: v for k, v in encoder.items() if not k.startswith("embeddings.")}
         init.generator_head = head
     init.discriminator_head = hf.read_discriminator_head(path, state)
+    if hf.has_mlm_head(state):
+        head = hf.read_mlm_head(state, weight_file)
+        tied = head.pop("lm_head.weight", None)
+        if tied is not None and not torch.equal(tied, init.discriminator.get("embeddings.word_embeddings.weight",
+                                                                              torch.empty(0))):
+            raise ConvBertError(f"{weight_file}: the MLM projection differs from the word embeddings; pre-training "
+                                "ties them (untied MLM heads are not supported)")
+        init.mlm_head = head
     return init
 
 
@@ -142,8 +151,10 @@ def load_into(model: torch.nn.Module, init: InitWeights, source: str) -> list[st
             put(model.generator_head, init.generator_head, "generator head")
         else:
             fresh.append("the generator and its MLM head (the folder has no generator/)")
+    elif init.mlm_head is not None:
+        put(model.generator_head, init.mlm_head, "MLM head")
     else:
-        fresh.append("the MLM head (--objective mlm)")
+        fresh.append("the MLM head (--objective mlm; the folder has none)")
     if model.discriminator_head is not None:
         if init.discriminator_head is not None:
             put(model.discriminator_head, init.discriminator_head, "discriminator head")
