@@ -73,6 +73,24 @@ def test_a_hub_electra_folder_fine_tunes_and_predicts(tmp_path, finetune_and_pre
     finetune_and_predict(tmp_path / "electra")
 
 
+def test_fields_an_electra_config_leaves_out_take_transformers_defaults(tmp_path):
+    """A config.json without `num_attention_heads` (or `embedding_size`) builds what transformers' ElectraConfig
+    builds: ELECTRA's 4 heads and 128-wide embeddings, not ConvBERT-base's 12 heads. Plain attention has the same
+    tensors for any head count, so another default loaded silently and computed something else."""
+    torch.manual_seed(0)
+    hf_model = transformers.ElectraModel(electra_config(hidden_size=96, embedding_size=128)).eval()
+    hf_model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    values = json.loads(config_file.read_text())
+    del values["num_attention_heads"], values["embedding_size"]
+    config_file.write_text(json.dumps(values))
+    theirs = transformers.ElectraModel.from_pretrained(tmp_path).eval()
+    ours = ConvBertModel.from_pretrained(tmp_path).eval()
+    assert ours.config.num_attention_heads == theirs.config.num_attention_heads == 4
+    assert ours.config.embedding_size == theirs.config.embedding_size == 128
+    assert_same_hidden_states(ours, theirs, *inputs())
+
+
 def test_plain_models_are_written_in_electra_layout(tmp_path):
     """A plain-attention model with an ungrouped FFN is saved as ELECTRA: transformers' ElectraModel loads it with no
     missing or unexpected key and computes the same; the config survives the round trip. With a grouped FFN it

@@ -22,6 +22,13 @@ HF_FIELDS = (
 # BERT-style) encoder with the same parameter names, and is read and written in that layout (model_type "electra").
 ELECTRA_FIELDS = tuple(name for name in HF_FIELDS if name not in ("head_ratio", "conv_kernel_size", "num_groups"))
 HF_MODEL_TYPES = ("convbert", "conv_bert", "electra")
+# transformers' ElectraConfig defaults (ELECTRA-small's shape): what it builds for a field an ELECTRA config.json
+# leaves out, so the same file gives the same model here (plain attention has the same tensor shapes for any head
+# count, so a different default would load without error and compute something else).
+ELECTRA_DEFAULTS = {"vocab_size": 30522, "hidden_size": 256, "num_hidden_layers": 12, "num_attention_heads": 4,
+                    "intermediate_size": 1024, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+                    "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
+                    "initializer_range": 0.02, "layer_norm_eps": 1e-12, "embedding_size": 128, "pad_token_id": 0}
 
 
 WRONG_TYPE = object()
@@ -275,13 +282,13 @@ class ConvBertConfig:
             raise ConvBertError(f"{source}: field 'model_type' is {model_type!r}: expected "
                                 f"{', '.join(map(repr, HF_MODEL_TYPES[:-1]))} or {HF_MODEL_TYPES[-1]!r}")
         electra = model_type == "electra"
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(ELECTRA_DEFAULTS) if electra else {}
         for name in ELECTRA_FIELDS if electra else HF_FIELDS:
             if name in values and values[name] is not None:
                 kwargs[name] = values[name]
         if "linear_groups" in values and "num_groups" not in values and not electra:  # the original TF name
             kwargs["num_groups"] = values["linear_groups"]
-        if values.get("embedding_size") is None:
+        if values.get("embedding_size") is None and not electra:
             kwargs["embedding_size"] = kwargs.get("hidden_size", cls.hidden_size)
         if values.get("hidden_act") == "gelu_python":  # transformers' name for the same erf GELU
             kwargs["hidden_act"] = "gelu"  # ("gelu_new" is the tanh approximation: refused by validation)
