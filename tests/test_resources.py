@@ -124,7 +124,7 @@ def test_out_of_memory_in_glue_names_batch_size_and_sequence_length(env, tmp_pat
     err = capsys.readouterr().err
     line = err.splitlines()[-1]  # after the "[1/1] RTE seed 1" progress line
     assert line.startswith("convbert glue: error: out of memory") and "Traceback" not in err
-    assert "--batch-size" in line and "accumulation" in line and "--max-seq-length" in line
+    assert line.endswith("out of memory; lower --batch-size or --max-seq-length")  # (glue has no accumulation)
 
 
 def test_out_of_memory_with_debug_shows_the_traceback(env, tmp_path):

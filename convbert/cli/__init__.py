@@ -37,8 +37,9 @@ def _out_of_memory_hint(args: argparse.Namespace) -> str:
     if hasattr(args, "grad_accum"):  # pretrain: --batch-size is global, --grad-accum splits it into micro-steps
         return ("out of memory; raise --grad-accum (same global --batch-size, fewer examples per micro-step) or "
                 "lower --batch-size")
-    return ("out of memory; lower --batch-size (use gradient accumulation to keep the effective batch) or "
-            "--max-seq-length")
+    flags = [flag for flag, name in (("--batch-size", "batch_size"), ("--max-seq-length", "max_seq_length"))
+             if hasattr(args, name)]  # (fine-tuning has no gradient accumulation: a smaller batch is a new recipe)
+    return "out of memory; lower " + " or ".join(flags) if flags else "out of memory"
 
 
 def _is_torch_oom(err: BaseException) -> bool:
