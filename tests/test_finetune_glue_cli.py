@@ -64,6 +64,23 @@ def test_submission_zip_has_the_11_files(env, full_run):
     assert (out / "submission" / "CoLA.tsv").is_file()
 
 
+def test_the_same_predictions_give_the_same_zip_byte_for_byte(env, full_run, tmp_path):
+    """The zip's entries carry a fixed date, so rebuilding a submission later does not change its hash."""
+    import time
+
+    from convbert.finetune.submission import build_submission
+
+    _, _, glue = env
+    sources = {name: full_run / "submission" / f"{name}.tsv" for name in FILES}
+    first = build_submission(tmp_path / "a", sources, glue, wnli_majority=False, log=lambda _: None)
+    time.sleep(2.1)  # zip dates have a 2-second resolution
+    second = build_submission(tmp_path / "b", sources, glue, wnli_majority=False, log=lambda _: None)
+    assert first.read_bytes() == second.read_bytes()
+    with zipfile.ZipFile(first) as zf:
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert zf.read("CoLA.tsv") == (full_run / "submission" / "CoLA.tsv").read_bytes()
+
+
 def test_results_table_runs_and_averages(full_run, capsys):
     out = full_run
     md = (out / "results.md").read_text()
