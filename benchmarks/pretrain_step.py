@@ -266,6 +266,8 @@ def main() -> None:
     if args.inductor and args.compile != "default":
         ap.error("--inductor needs --compile default (torch.compile takes a mode or options, not both)")
     inductor_options(args.inductor)  # a malformed pair fails here, before any child runs
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("pretrain_step.py --device cuda: no CUDA device here (--device cpu times the CPU step)")
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
