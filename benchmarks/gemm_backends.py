@@ -6,7 +6,8 @@ Two parts, both interleaved A B A B with medians:
   2. our medium-small training step and inference with `convbert.model.kernels.set_cpu_gemm("blas")` and
      `("onednn")`: the same model, weights and inputs.
 
-The library's default follows part 1: forward and input-gradient products on oneDNN, weight gradients on BLAS.
+The library's default follows part 1: forward and input-gradient products on oneDNN, weight gradients on BLAS
+except where oneDNN's were measured faster (AMD Zen 5 and later: `kernels.onednn_weight_gradients`).
 
 Usage:  python benchmarks/gemm_backends.py --output benchmarks/results/gemm_backends.json
 """
@@ -97,7 +98,8 @@ def step_comparison(size: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per GEMM measurement")
-    parser.add_argument("--size", default="medium-small", help="model size of the whole-step comparison")
+    parser.add_argument("--size", default="medium-small", help="model size of the whole-step comparison (batch 32 x 128; the GEMM table always "
+                                                          "uses medium-small's shapes)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per library")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", default="benchmarks/results/gemm_backends.json")
