@@ -402,3 +402,107 @@ def test_kept_columns_keep_their_json_values_and_tsv_output_is_unquoted(model, t
     capsys.readouterr()
     assert main(predict + ["--output", str(tmp_path / "m.jsonl")]) == 2
     assert "new.jsonl:2: field 'id' is missing (--keep-columns)" in capsys.readouterr().err
+
+
+def test_regression_scores_keep_float32_precision_in_csv_and_tsv(model, tmp_path):
+    """CSV/TSV scores were written with 6 significant digits (1234567.25 came out as 1.23457e+06)."""
+    import torch
+
+    from convbert.model.heads import ConvBertForSequenceClassification
+    from convbert.weights import load_weights, save_weights
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": r["q"], "score": i * 0.5}) for i, r in enumerate(PAIRS)) + "\n")
+    out = tmp_path / "reg"
+    assert main(["finetune", "--model", str(model), "--train", str(train), "--text-columns", "text",
+                 "--label-column", "score", "--regression", "--output", str(out), *QUICK]) == 0
+    head_file = out / "classifier.safetensors"
+    head = load_weights(head_file)
+    head["out_proj.weight"] = torch.zeros_like(head["out_proj.weight"])
+    head["out_proj.bias"] = torch.tensor([1234567.25])
+    save_weights(head, head_file, metadata={"format": "pt"})
+    assert ConvBertForSequenceClassification.from_pretrained(out).classifier.out_proj.bias.item() == 1234567.25
+    for suffix, sep in ((".csv", ","), (".tsv", "\t")):
+        predictions = tmp_path / f"p{suffix}"
+        assert main(["predict", "--model", str(out), "--input", str(train), "--output", str(predictions)]) == 0
+        assert float(predictions.read_text().splitlines()[1].split(sep)[-1]) == 1234567.25
+
+
+def test_spreadsheet_quirks_in_own_task_files(model, tmp_path, capsys):
+    """Blank lines before the header, trailing unnamed columns, an unclosed quote, bad bytes, UTF-16 and a JSON
+    array: read, or refused with the line that causes it."""
+    from convbert.errors import ConvBertError
+    from convbert.finetune.owntask import read_table
+
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\r\n\r\ntext,label,,\r\ngood,pos,,\r\n\"multi\nline\",neg,,\r\n")
+    cols, rows = read_table(excel)
+    assert cols == ["text", "label"]
+    assert rows == [(4, {"text": "good", "label": "pos"}), (5, {"text": "multi\nline", "label": "neg"})]
+    twice = tmp_path / "twice.csv"
+    twice.write_text("text,label,text\na,b,c\n")
+    with pytest.raises(ConvBertError, match=r"twice.csv:1: column name\(s\) 'text' appear more than once"):
+        read_table(twice)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('text,label\ngood,pos\n"unterminated, pos\nbad,neg\nfine,pos\n')
+    with pytest.raises(ConvBertError, match=r"unclosed.csv:3-5: expected 2 fields like the header, found 1; a "
+                                            r"quote opened on its first line is never closed"):
+        read_table(unclosed)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"text,label\ngood,pos\ncaf\xe9,neg\n")
+    with pytest.raises(ConvBertError, match=r"latin.csv:3: not valid UTF-8 \(byte 23 of the file\)"):
+        read_table(latin)
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("text,label\ngood,pos\n".encode("utf-16"))
+    with pytest.raises(ConvBertError, match=r"utf16.csv: a UTF-16 file .* save it as UTF-8"):
+        read_table(utf16)
+    array = tmp_path / "array.jsonl"
+    array.write_text('[{"text": "a", "label": "x"},\n {"text": "b", "label": "y"}]\n')
+    with pytest.raises(ConvBertError, match=r"array.jsonl:1: a JSON array; expected JSON Lines"):
+        read_table(array)
+
+
+def test_the_label_set_is_the_training_files_also_with_max_train_examples(model, tmp_path):
+    """--max-train-examples 2 on a file whose third row has a third label: the dev file's third label is known."""
+    rows = [{"text": "good one", "label": "pos"}, {"text": "fine one", "label": "neu"},
+            {"text": "bad one", "label": "neg"}, {"text": "great", "label": "pos"}]
+    train = _csv(tmp_path / "train.csv", rows)
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(model), "--train", str(train), "--dev", str(train),
+                 "--max-train-examples", "2", "--output", str(out), *QUICK]) == 0
+    assert json.loads((out / "finetune_task.json").read_text())["labels"] == ["neg", "neu", "pos"]
+
+
+def test_keep_columns_given_twice_is_refused(model, tmp_path, capsys):
+    train = _csv(tmp_path / "train.csv", [{"id": str(i), "text": r["q"], "label": r["y"]} for i, r in enumerate(PAIRS)])
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(model), "--train", str(train), "--output", str(out), *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--input", str(train), "--output", str(tmp_path / "p.csv"),
+                 "--keep-columns", "id,id"]) == 2
+    assert "--keep-columns id,id: 'id' given twice" in capsys.readouterr().err
+
+
+def test_dynamic_padding_predictions_do_not_depend_on_the_batch(model, tmp_path):
+    """Rows are padded only with rows of their own length: a row scores the same alone, beside a longer row and at
+    any batch size (before, padding to the batch's longest changed the conv branch's output)."""
+    import numpy as np
+    import torch
+
+    from convbert.finetune.features import featurize
+    from convbert.finetune.trainer import load_tokenizer, predict_logits
+    from convbert.model import ConvBertModel
+    from convbert.model.heads import ConvBertForSequenceClassification
+
+    torch.manual_seed(0)
+    encoder = ConvBertModel.from_pretrained(model)
+    clf = ConvBertForSequenceClassification(encoder.config, num_labels=2, encoder=encoder).eval()
+    texts = ["good", "a much longer sentence about the cat on the mat", "bad", "the dog", "it rains again today",
+             "good"]
+    feats = featurize(texts, None, ["0"] * len(texts), load_tokenizer(model), 32, ["0", "1"])
+    one = predict_logits(clf, feats, 1, pad_to_max=False)
+    for batch_size in (2, 4, 32):
+        np.testing.assert_allclose(predict_logits(clf, feats, batch_size, pad_to_max=False), one, atol=1e-5)
+    np.testing.assert_allclose(one[0], one[5], atol=1e-6)  # the same text, the same score
+    fixed = predict_logits(clf, feats, 4, pad_to_max=True)
+    assert np.abs(fixed - one).max() > 1e-4  # the conv branch does see padding: fixed padding scores differently

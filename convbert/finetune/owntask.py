@@ -62,19 +62,27 @@ def read_table(path: Path, fmt: str | None = None) -> tuple[list[str], list[tupl
     """(column names, [(line number, row dict)]) of a CSV/TSV with a header or a JSONL file."""
     fmt = detect_format(path, fmt)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConvBertError(f"{path}: file not found")
-    except UnicodeDecodeError as err:
-        raise ConvBertError(f"{path}: not valid UTF-8 (byte {err.start})")
     except OSError as err:
         raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConvBertError(f"{path}: a UTF-16 file (Excel's \"Unicode text\" saves these); save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConvBertError(f"{path}:{line}: not valid UTF-8 (byte {err.start} of the file)")
     rows: list[tuple[int, dict]] = []
     if fmt == "jsonl":
         cols: list[str] = []
         for ln, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
+            if not rows and line.lstrip().startswith("["):
+                raise ConvBertError(f"{path}:{ln}: a JSON array; expected JSON Lines, one object per line "
+                                    "(e.g. `jq -c '.[]' file.json > file.jsonl`)")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -92,24 +100,31 @@ def read_table(path: Path, fmt: str | None = None) -> tuple[list[str], list[tupl
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
         header = next(reader, None)
+        while header == []:  # blank lines before the header
+            header = next(reader, None)
         if header is None:
             raise ConvBertError(f"{path}: empty file (expected a header row)")
+        header_line = reader.line_num
         header = [h.strip() for h in header]
-        repeated = sorted({h for h in header if header.count(h) > 1})
+        # Unnamed columns (a spreadsheet's trailing empty ones) may repeat; they cannot be asked for by name.
+        repeated = sorted({h for h in header if h and header.count(h) > 1})
         if repeated:
-            raise ConvBertError(f"{path}:1: column name(s) {', '.join(map(repr, repeated))} appear more than once in "
-                                "the header")
+            raise ConvBertError(f"{path}:{header_line}: column name(s) {', '.join(map(repr, repeated))} appear more "
+                                "than once in the header")
+        start = reader.line_num + 1  # where the next record starts
         for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ConvBertError(
-                    f"{path}:{reader.line_num}: expected {len(header)} fields like the header, found {len(row)}"
-                )
-            rows.append((reader.line_num, dict(zip(header, row))))
+            if row and len(row) != len(header):
+                where = f"{start}" if reader.line_num == start else f"{start}-{reader.line_num}"
+                first = text.split("\n", start)[start - 1] if reader.line_num > start else ""
+                hint = "; a quote opened on its first line is never closed" if first.count('"') % 2 else ""
+                raise ConvBertError(f"{path}:{where}: expected {len(header)} fields like the header, found "
+                                    f"{len(row)}{hint}")
+            if row:
+                rows.append((start, {h: v for h, v in zip(header, row) if h}))
+            start = reader.line_num + 1
     except csv.Error as err:
         raise ConvBertError(f"{path}:{reader.line_num}: cannot parse ({err})")
-    return header, rows
+    return [h for h in header if h], rows
 
 
 def _column_values(path: Path, cols: list[str], rows, name: str, what: str, allow_missing=False) -> list | None:
@@ -268,12 +283,13 @@ def finetune_own_task(
     cols, rows = read_table(train_file, file_format)
     if not rows:
         raise ConvBertError(f"{train_file}: no data rows")
-    if cfg.max_train_examples is not None:
-        rows = rows[: cfg.max_train_examples]
-    a, b = _texts(train_file, cols, rows, text_columns)
+    # The label set is the whole file's, also when --max-train-examples trains on its first rows only.
     y = _labels(train_file, rows, _column_values(train_file, cols, rows, label_column, "label"), label_column,
                 regression)
     label_list = None if regression else sorted(set(y))
+    if cfg.max_train_examples is not None:
+        rows, y = rows[: cfg.max_train_examples], y[: cfg.max_train_examples]
+    a, b = _texts(train_file, cols, rows, text_columns)
     if label_list is not None and len(label_list) < 2:
         raise ConvBertError(f"{train_file}: column {label_column!r} has a single label {label_list[0]!r}; "
                             "classification needs at least two (or pass --regression)")
@@ -491,6 +507,9 @@ def predict_file(
                             f"{model.config.max_position_embeddings} positions")
     cols, rows = read_table(input_file, file_format)
     keep = list(keep_columns or [])
+    repeated = sorted({name for name in keep if keep.count(name) > 1})
+    if repeated:
+        raise ConvBertError(f"--keep-columns {','.join(keep)}: {', '.join(map(repr, repeated))} given twice")
     for name in keep:
         if not name or name not in cols:
             raise ConvBertError(f"--keep-columns {','.join(keep)}: {input_file} has no column {name!r} (columns: "
@@ -540,7 +559,7 @@ def predict_file(
                     if regression:
                         w.writerow(["index", *keep, "score"])
                         for r in records:
-                            w.writerow([r["index"], *cells(r), f"{r['score']:.6g}"])
+                            w.writerow([r["index"], *cells(r), f"{r['score']:.9g}"])
                     else:
                         w.writerow(["index", *keep, "label"] + [f"prob_{l}" for l in labels])
                         for r in records:

@@ -260,25 +260,36 @@ def train(
 @torch.no_grad()
 def predict_logits(model, feats: Features, batch_size: int, pad_to_max: bool = True, on_batch=None,
                    precision: str = "fp32") -> np.ndarray:
-    """Logits [N, C] (classification) or raw scores [N, 1] (regression, on the training target scale), as fp32."""
+    """Logits [N, C] (classification) or raw scores [N, 1] (regression, on the training target scale), as fp32.
+
+    Without `pad_to_max` each batch holds rows of one length, padded to nothing: the convolution branch sees
+    padding, so a row padded to its batch's longest would score differently with other neighbours or another
+    batch size."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
-    outs = []
     n = len(feats)
-    for s in range(0, n, batch_size):
-        idx = np.arange(s, min(n, s + batch_size))
+    out = np.zeros((n, model.num_labels), dtype=np.float32)
+    for idx in _prediction_batches(feats.lengths, batch_size, pad_to_max):
         b = {k: v.to(device, non_blocking=True) for k, v in feats.batch(idx, pad_to_max).items()}
         with autocast(precision, device):
             logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        outs.append(logits.float().cpu().numpy())
+        out[idx] = logits.float().cpu().numpy()
         if on_batch is not None:
             on_batch(len(idx))
     if was_training:
         model.train()
-    if not outs:
-        return np.zeros((0, model.num_labels), dtype=np.float32)
-    return np.concatenate(outs, axis=0)
+    return out
+
+
+def _prediction_batches(lengths: np.ndarray, batch_size: int, pad_to_max: bool) -> list[np.ndarray]:
+    """Row indices per batch: in order, or (without `pad_to_max`) grouped by length, each batch one length."""
+    n = len(lengths)
+    if pad_to_max:
+        return [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    order = np.argsort(lengths, kind="stable")
+    starts = [0] + [i for i in range(1, n) if lengths[order[i]] != lengths[order[i - 1]]] + [n]
+    return [order[s:min(e, s + batch_size)] for a, e in zip(starts, starts[1:]) for s in range(a, e, batch_size)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
