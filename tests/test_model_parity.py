@@ -259,3 +259,47 @@ def test_classifier_takes_inputs_embeds():
         got = model(attention_mask=mask, token_type_ids=types,
                     inputs_embeds=model.convbert.embeddings.word_embeddings(ids))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_double_backward_needs_plain_ops_and_then_matches_transformers(transformers_module, groups):
+    """The hand-written CPU backwards are first-order: `create_graph=True` through them is refused with the way
+    out, and inside `kernels.plain_ops()` a gradient penalty's gradient equals transformers' (fp64)."""
+    from convbert.errors import ConvBertError
+    from convbert.model import kernels
+
+    torch.manual_seed(0)
+    config = ConvBertConfig.from_preset("tiny", vocab_size=100, num_groups=groups)
+    ours = ConvBertModel(config).eval().double()
+    hf = _hf_twin(transformers_module, ours).double()
+    ids, mask, _ = _inputs(config.vocab_size, length=12)
+
+    def penalty_gradient(model, call):
+        embeds = ours.embeddings.word_embeddings(ids).detach().requires_grad_()
+        out = call(model, embeds)
+        (g,) = torch.autograd.grad(out.pow(3).sum(), embeds, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), embeds)[0]
+
+    def ours_call(model, embeds):
+        return model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+    with pytest.raises(ConvBertError, match=r"double backward .*kernels\.plain_ops\(\)"):
+        penalty_gradient(ours, ours_call)
+    with kernels.plain_ops():
+        got = penalty_gradient(ours, ours_call)
+    assert not kernels._plain_ops  # restored on leaving the block
+    want = penalty_gradient(hf, lambda m, e: m(inputs_embeds=e, attention_mask=mask).last_hidden_state)
+    assert (got - want).abs().max().item() <= 1e-9 * want.abs().max().item()
+
+
+def test_the_layer_norm_kernel_refuses_a_second_derivative_it_would_get_wrong():
+    from convbert.errors import ConvBertError
+    from convbert.model import kernels
+
+    norm = torch.nn.LayerNorm(8).double()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: kernels.layer_norm(t, norm), (x,))
+    with pytest.raises(ConvBertError, match="double backward"):
+        torch.autograd.gradgradcheck(lambda t: kernels.layer_norm(t, norm), (x,))
+    with kernels.plain_ops():
+        assert torch.autograd.gradgradcheck(lambda t: kernels.layer_norm(t, norm), (x,))

@@ -31,6 +31,7 @@ gradient; under `torch.compile` the convolutions are out-of-place ops, so the en
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -184,6 +185,40 @@ def _optimizer_update() -> str:
     return "fused" if optim._FUSED_ON_CPU else "loop"
 
 
+_plain_ops = False
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """PyTorch's own ops instead of the hand-written CPU kernels inside this block: the same maths, slower, but
+    differentiable twice (gradient penalties, Hessian-vector products: `torch.autograd.grad(..., create_graph=True)`),
+    which the kernels' hand-written backwards are not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    global _plain_ops
+    before, _plain_ops = _plain_ops, True
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # (the CPU's flash attention has no double backward either)
+            yield
+    finally:
+        _plain_ops = before
+
+
+def _first_order(backward):
+    """Marks a hand-written backward, which gives first derivatives only. Under `create_graph=True` (grad mode on
+    inside backward) it would return gradients without a graph, or a wrong second derivative: refused instead."""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            from convbert.errors import ConvBertError
+
+            raise ConvBertError("double backward (create_graph=True) through convbert's hand-written CPU kernels: "
+                                "run the forward inside `with convbert.model.kernels.plain_ops():` (PyTorch's own "
+                                "ops, the same maths)")
+        return backward(ctx, *grads)
+    return checked
+
+
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `_mm_nt(x, weight)` runs on oneDNN, which returns a tensor of its own (an `out=` costs a copy). Only
     with a dense weight (`_dense`: a strided one ran ~1000x slower there); every caller passes one today."""
@@ -277,6 +312,7 @@ class _Linear(torch.autograd.Function):
         return _mm_nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
@@ -351,6 +387,7 @@ class _Dropout(torch.autograd.Function):
         return _masked(x, keep, scale)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         return _masked(grad, keep, ctx.scale), None
@@ -375,6 +412,7 @@ class _DropoutAdd(torch.autograd.Function):
         return torch.addcmul(residual, x, keep, value=scale)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
@@ -423,6 +461,7 @@ class _Attention(torch.autograd.Function):
         return out.permute(1, 2, 0, 3)  # [B, T, N, d] view
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad_out):
         q, k, v, keep, *probs = ctx.saved_tensors
         grads = [torch.empty(q.shape[2], *q.shape[:2], q.shape[3], dtype=q.dtype) for _ in range(3)]  # [N, B, T, d]
@@ -534,6 +573,7 @@ class _GroupedLinear(torch.autograd.Function):
         return _grouped_addmm(x, weight, bias)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
@@ -559,7 +599,8 @@ def _lean_path(x: torch.Tensor) -> bool:
     `out=` calls here would only break its graphs. (Under CPU autocast the encoder runs its layers in bf16 with
     autocast switched off, so they take this path too: see `cpu_mixed_precision_dtype`.)
     """
-    return x.device.type == "cpu" and x.dtype in _LEAN_DTYPES and not _autocast_on("cpu") and not _compiling()
+    return (x.device.type == "cpu" and x.dtype in _LEAN_DTYPES and not _autocast_on("cpu") and not _compiling()
+            and not _plain_ops)
 
 
 def cpu_mixed_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -604,6 +645,7 @@ class _GeluLinear(torch.autograd.Function):
         return grouped_linear(F.gelu(x), weight.to(x.dtype), bias.to(x.dtype), groups)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad_out):
         x, weight_param = ctx.saved_tensors
         groups = ctx.groups
@@ -632,7 +674,7 @@ class _GeluLinear(torch.autograd.Function):
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
     """linear(gelu(x)) where `weight` is nn.Linear's [out, in] (groups == 1) or the grouped [G, in/G, out/G]."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
+    if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad and not _plain_ops:
         return _GeluLinear.apply(x, weight, bias, groups)
     return grouped_linear(F.gelu(x), weight, bias, groups)
 
@@ -654,6 +696,7 @@ class _GroupedFeedForward(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad):
         h2, weight1, weight2, *inner = ctx.saved_tensors
         groups = weight1.shape[0]
@@ -770,6 +813,7 @@ class _SameConv(torch.autograd.Function):
         return _same_conv_forward(x, taps)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad: torch.Tensor):
         x, taps = ctx.saved_tensors
         return _same_conv_backward(grad, x, taps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
@@ -1006,7 +1050,7 @@ compiled_depthwise_as_conv1d = False
 def same_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """A 'same' zero-padded K-tap cross-correlation along dim 1 (odd K), taps per position or per channel."""
     depthwise = taps.dim() == 2 and x.dim() == 3
-    if _compiling() and not (depthwise and compiled_depthwise_as_conv1d and _gpu_path(x)):
+    if (_compiling() and not (depthwise and compiled_depthwise_as_conv1d and _gpu_path(x))) or _plain_ops:
         return _same_conv_plain(x, taps)
     if depthwise and _gpu_path(x):
         return _depthwise_conv1d(x, taps)
@@ -1033,6 +1077,7 @@ class _SpanKernelLogits(torch.autograd.Function):
         return logits.view(*x.shape[:-1], -1)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad):
         x, depthwise_taps, pointwise_weight, query, kernel_weight, span_key = ctx.saved_tensors
         width = span_key.shape[-1]
@@ -1081,6 +1126,7 @@ class _ShortSoftmax(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad: torch.Tensor):
         (y,) = ctx.saved_tensors
         gy = grad * y
@@ -1113,6 +1159,7 @@ class _LayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad):
         y, weight, bias, rstd = ctx.saved_tensors
         normalized = torch.addcdiv(-bias / weight, y, weight)
