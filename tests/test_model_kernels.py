@@ -143,6 +143,25 @@ def test_dropout_is_seeded():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_seeded_training_forward_is_the_same_with_and_without_gradients(groups):
+    """Dropout draws its masks from one source whether gradients are recorded or not (seeded Monte-Carlo dropout
+    under no_grad gave other masks than the training forward, up to 1.3 apart)."""
+    from convbert.model import ConvBertConfig, ConvBertModel
+
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100, num_groups=groups)).train()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    recorded = model(ids).last_hidden_state
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.manual_seed(5)
+            assert torch.equal(model(ids).last_hidden_state, recorded.detach())
+    torch.manual_seed(6)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).last_hidden_state, recorded.detach())  # another seed, other masks
+
+
 def test_bf16_autocast_training_step_runs_and_is_close_to_fp32():
     from convbert.model import ConvBertConfig, ConvBertModel
 

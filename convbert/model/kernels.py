@@ -396,9 +396,9 @@ class _Dropout(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if _lean_path(x) and torch.is_grad_enabled():
+    if _lean_path(x):  # (without gradients too: the same seed gives the same masks either way)
         return _Dropout.apply(x, p)
-    return F.dropout(x, p, True)  # GPUs, torch.compile (it cannot trace the CPU mask's in-place random_), no grad
+    return F.dropout(x, p, True)  # GPUs, torch.compile (it cannot trace the CPU mask's in-place random_)
 
 
 class _DropoutAdd(torch.autograd.Function):
@@ -421,7 +421,7 @@ class _DropoutAdd(torch.autograd.Function):
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """residual + dropout(x), the residual connection of each sub-layer."""
-    if training and p > 0.0 and _lean_path(x) and torch.is_grad_enabled() and x.shape == residual.shape:
+    if training and p > 0.0 and _lean_path(x) and x.shape == residual.shape:
         return _DropoutAdd.apply(x, residual, p)
     return dropout(x, p, training) + residual
 
