@@ -245,6 +245,10 @@ def test_inputs_embeds_carry_gradients_and_bad_calls_are_named():
         model(inputs_embeds=torch.zeros(3, 16, 7))
     with pytest.raises(ConvBertError, match=r"attention_mask has shape \(3, 15\).*inputs_embeds' \[batch, length\] \(3, 16\)"):
         model(inputs_embeds=embeds, attention_mask=mask[:, :15])
+    with pytest.raises(ConvBertError, match=r"inputs_embeds is torch.float64 but the model is torch.float32"):
+        model(inputs_embeds=embeds.double())
+    with torch.autocast("cpu", torch.bfloat16):  # under autocast a cast input is autocast's to handle
+        assert model(inputs_embeds=embeds.detach().bfloat16()).last_hidden_state.shape == (3, 16, config.hidden_size)
 
 
 def test_classifier_takes_inputs_embeds():

@@ -386,6 +386,10 @@ def test_shared_embeddings_must_match_the_vocab_and_heads_their_label_count(tmp_
         ConvBertForSequenceClassification(d.config, 2.5)
     clf = ConvBertForSequenceClassification(d.config, 2, encoder=d)
     assert clf.convbert is d
+    with pytest.raises(ConvBertError, match="encoder is a str: expected a ConvBertModel"):
+        ConvBertForSequenceClassification(d.config, 2, encoder="x")
+    with pytest.raises(ConvBertError, match=r"classifier_dropout = '0.1': expected a probability"):
+        ConvBertForSequenceClassification(d.config, 2, classifier_dropout="0.1")
     with pytest.raises(ConvBertError, match="encoder is 64 wide but config.hidden_size is 128"):
         ConvBertForSequenceClassification(d.config.replace(hidden_size=128, intermediate_size=512), 2, encoder=d)
     clf.save_pretrained(tmp_path / "c")

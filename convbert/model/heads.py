@@ -93,6 +93,11 @@ class ConvBertForSequenceClassification(nn.Module):
         super().__init__()
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1")
+        if encoder is not None and not isinstance(encoder, ConvBertModel):
+            raise ConvBertError(f"encoder is a {type(encoder).__name__}: expected a ConvBertModel (or None)")
+        if classifier_dropout is not None and (isinstance(classifier_dropout, bool)
+                                               or not isinstance(classifier_dropout, (int, float))):
+            raise ConvBertError(f"classifier_dropout = {classifier_dropout!r}: expected a probability in [0, 1)")
         if encoder is not None and encoder.config.hidden_size != config.hidden_size:
             raise ConvBertError(f"encoder is {encoder.config.hidden_size} wide but config.hidden_size is "
                                 f"{config.hidden_size}: pass the encoder's own config (encoder.config)")

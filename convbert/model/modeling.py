@@ -197,6 +197,11 @@ class ConvBertModel(nn.Module):
         have none; this takes a slower explicit attention). `inputs_embeds` [B, T, E] replaces the word-embedding
         lookup of `input_ids` (for gradients with respect to the input, or soft tokens)."""
         _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, self.config.embedding_size)
+        table = self.embeddings.word_embeddings.weight
+        if (inputs_embeds is not None and inputs_embeds.dtype != table.dtype
+                and not kernels._autocast_on(inputs_embeds.device.type)):
+            raise ConvBertError(f"inputs_embeds is {inputs_embeds.dtype} but the model is {table.dtype}: cast one to "
+                                "the other (or run under torch.autocast)")
         input_ids, token_type_ids = _embedding_index(input_ids), _embedding_index(token_type_ids)
         try:
             x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
