@@ -160,6 +160,17 @@ def refuse_foreign_folder(path: str | os.PathLike, markers: tuple[str, ...], mad
                             "them out or use a new folder")
 
 
+def decode_utf8(raw: bytes, path: str | os.PathLike, message: str = "not valid UTF-8",
+                encoding: str = "utf-8") -> str:
+    """`raw` decoded; a bad byte is an error naming the file and its line (`message` may use `{byte}`, its
+    offset in the file)."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConvBertError(f"{path}:{line}: " + message.format(byte=err.start)) from None
+
+
 def replace_lone_surrogates(text: str) -> tuple[str, int]:
     """Lone UTF-16 surrogates (from JSON escapes such as "\\ud800") as U+FFFD, as invalid UTF-8 bytes are read, with
     their count: the tokenizer drops U+FFFD, while the text's other characters are kept."""

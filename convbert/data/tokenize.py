@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from convbert.errors import ConvBertError
+from convbert.utils import decode_utf8
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 200
@@ -38,11 +39,7 @@ def load_vocab_lines(path: str | os.PathLike) -> list[str]:
         raise ConvBertError(f"{path}: vocabulary file not found (expected a BERT-style vocab.txt, one token per line)")
     except OSError as err:
         raise ConvBertError(f"{path}: cannot read vocabulary file ({err.strerror or err})")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ConvBertError(f"{path}:{line}: vocabulary file is not valid UTF-8")
+    text = decode_utf8(raw, path, "vocabulary file is not valid UTF-8")
     lines = text.split("\n")
     if lines and lines[-1] == "":  # trailing newline at end of file
         lines.pop()

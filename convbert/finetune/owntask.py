@@ -35,8 +35,8 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files
-from convbert.utils import (atomic_path, refuse_foreign_folder, replace_lone_surrogates, staged_folder,
-                            write_json_atomic)
+from convbert.utils import (atomic_path, decode_utf8, refuse_foreign_folder, replace_lone_surrogates,
+                            staged_folder, write_json_atomic)
 
 TASK_FILE = "finetune_task.json"
 # What a fine-tuned model folder holds (it is rewritten whole).
@@ -69,11 +69,7 @@ def read_table(path: Path, fmt: str | None = None) -> tuple[list[str], list[tupl
         raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise ConvBertError(f"{path}: a UTF-16 file (Excel's \"Unicode text\" saves these); save it as UTF-8")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ConvBertError(f"{path}:{line}: not valid UTF-8 (byte {err.start} of the file)")
+    text = decode_utf8(raw, path, "not valid UTF-8 (byte {byte} of the file)", encoding="utf-8-sig")
     rows: list[tuple[int, dict]] = []
     if fmt == "jsonl":
         cols: list[str] = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convbert.errors import ConvBertError
+from convbert.utils import decode_utf8
 
 csv.field_size_limit(1 << 30)
 
@@ -268,11 +269,7 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, list[str], bool]], bool]:
         raw = path.read_bytes()
     except OSError as err:
         raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ConvBertError(f"{path}:{line}: not valid UTF-8")
+    text = decode_utf8(raw, path)
     if text.startswith("\ufeff"):
         text = text[1:]
     # Lines end at "\n" only (a CRLF's "\r" is dropped), as the original reads them: a lone "\r" inside a line
