@@ -727,3 +727,44 @@ def test_short_examples_from_blank_line_paragraphs_get_a_note_with_the_fix(vocab
     assert "note: examples average" not in capsys.readouterr().err
     assert cli_main(["data-stats", str(tmp_path / "files")]) == 0
     assert "note: examples average" not in capsys.readouterr().out
+
+
+def test_a_vocab_file_inside_an_input_folder_is_not_corpus_text(corpus, vocab, tmp_path):
+    """train-vocab's --output and build-data's --vocab inside an --input folder are passed over: a second
+    train-vocab run trained on the first one's vocab (another file from the same corpus), and build-data packed
+    the vocab's tokens as text."""
+    import shutil
+
+    folder = tmp_path / "corpus"
+    shutil.copytree(corpus, folder)
+    output = folder / "vocab.txt"
+    first = Path(train_vocab([str(folder)], 300, str(output))).read_bytes()
+    assert Path(train_vocab([str(folder)], 300, str(output))).read_bytes() == first
+    assert first == Path(train_vocab([str(corpus)], 300, str(tmp_path / "elsewhere.txt"))).read_bytes()
+    inside = build_dataset([str(folder)], str(output), str(tmp_path / "inside"), **SMALL)
+    apart = build_dataset([str(corpus)], str(output), str(tmp_path / "apart"), **SMALL)
+    assert inside["examples"] == apart["examples"] and inside["tokens"] == apart["tokens"]
+
+
+def test_train_vocab_leaves_out_words_the_tokenizer_cannot_use(corpus, tmp_path):
+    """A word over 200 characters is one [UNK] to the tokenizer; the trainer's merges are quadratic in word length
+    (a 300,000-character run took 30 s), so such words are blanked first: the vocabulary is the one without them."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    text = (corpus / "json.txt").read_text()
+    (plain / "a.txt").write_text(text)
+    long_words = tmp_path / "long"
+    long_words.mkdir()
+    (long_words / "a.txt").write_text(text + "\nhex dump " + "0f" * 100_000 + " end\n" + "a" * 201 + "\n")
+    (plain / "a.txt").write_text(text + "\nhex dump " + " end\n")
+    got = Path(train_vocab([str(long_words)], 200, str(tmp_path / "v1.txt"))).read_text()
+    want = Path(train_vocab([str(plain)], 200, str(tmp_path / "v2.txt"))).read_text()
+    assert got == want
+
+
+def test_data_stats_default_bins_fit_short_datasets(corpus, vocab, tmp_path, capsys):
+    out = tmp_path / "d5"
+    build_dataset([str(corpus / "json.txt")], vocab, str(out), max_seq_length=7, progress=False)
+    assert cli_main(["data-stats", str(out), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert len(stats["length_histogram"]) == 7

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print what a folder written by build-data holds.",
     )
     p.add_argument("dir", metavar="DIR", help="dataset folder")
-    p.add_argument("--bins", type=int, default=8, help="length-histogram buckets (default 8)")
+    p.add_argument("--bins", type=int, default=None,
+                   help="length-histogram buckets (default 8, or max_seq_length if that is smaller)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_stats)
 

@@ -537,7 +537,8 @@ def build_dataset(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConvBertError(f"--output {out}: exists and is not a folder")
-    enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out)  # validates the inputs exist
+    enum = UnitEnumerator(inputs, docs=docs, chunk_bytes=chunk_bytes, exclude=out,  # validates the inputs exist
+                          skip_files=[vocab])  # (a vocab.txt inside an input folder is not corpus text)
     if enum.repeated:  # a note on what is read, not progress: --no-progress keeps it
         print(f"build-data: note: {len(enum.repeated)} file(s) reached twice (through links or overlapping --input "
               f"arguments) are read once, where first reached (e.g. {enum.repeated[0]} is not read again)",

@@ -190,17 +190,19 @@ def is_dataset_folder(path: str | os.PathLike) -> bool:
 
 
 def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None,
-                  repeated: list[str] | None = None) -> list[list[tuple[str, str]]]:
+                  repeated: list[str] | None = None, skip_files=()) -> list[list[tuple[str, str]]]:
     """For each input argument: the sorted list of (path, name relative to the argument).
 
     Folders are walked recursively; `exclude` (the output folder) and earlier datasets inside an input folder
-    (their manifest.json is not corpus text) are never entered. A file reached through more than one argument
+    (their manifest.json is not corpus text) are never entered, and `skip_files` (the vocabulary file being read or
+    written) are passed over. A file reached through more than one argument
     (`--input corpus/ 'corpus/*.txt'`) is read once, under the first; the later paths go to `repeated`. An argument
     all of whose files came earlier is an error: it adds nothing, so it is probably not what was meant.
     """
     if not inputs:
         raise ConvBertError("--input: expected at least one file, folder or glob")
     skip = os.path.realpath(exclude) if exclude is not None else None
+    passed_over = {os.path.realpath(f) for f in skip_files}
     out = []
     for arg in inputs:
         p = Path(arg)
@@ -209,7 +211,8 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None,
                                 "token ids, not text); give the text it was built from, or use it as "
                                 "`convbert pretrain --data`")
         if p.is_dir():
-            files = [(path, Path(path).relative_to(p).as_posix()) for path in _walk(p, skip)]
+            files = [(path, Path(path).relative_to(p).as_posix()) for path in _walk(p, skip)
+                     if os.path.realpath(path) not in passed_over]
             files.sort(key=lambda t: t[1])
             if not files:
                 raise ConvBertError(f"--input {arg}: folder contains no files")
@@ -226,7 +229,8 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None,
                     found.setdefault(os.path.realpath(m), m)
                 elif Path(m).is_dir() and _enterable(m, skip, set()):  # a folder the pattern names: read it all
                     for f in _walk(Path(m), skip, seen):
-                        found.setdefault(os.path.realpath(f), f)
+                        if os.path.realpath(f) not in passed_over:
+                            found.setdefault(os.path.realpath(f), f)
             matches = sorted((name, name) for name in found.values())
             if not matches:
                 raise ConvBertError(f"--input {arg}: the pattern matches no files")
@@ -311,9 +315,10 @@ def _find_boundary(f, pos: int, size: int, blank_lines: bool) -> int:
 class UnitEnumerator:
     """Yields the units of all inputs in a fixed order; records per-input progress as it goes."""
 
-    def __init__(self, inputs: list[str], *, docs: str, chunk_bytes: int, exclude: str | None = None):
+    def __init__(self, inputs: list[str], *, docs: str, chunk_bytes: int, exclude: str | None = None,
+                 skip_files=()):
         self.repeated: list[str] = []  # files reached through a second --input: read once, under the first
-        self.files = expand_inputs(inputs, exclude, self.repeated)
+        self.files = expand_inputs(inputs, exclude, self.repeated, skip_files)
         self.inputs = list(inputs)
         self.docs = docs
         self.chunk_bytes = max(1, int(chunk_bytes))
@@ -787,10 +792,11 @@ def _abs_line(unit: Unit, lineno: int) -> int:
     return before + lineno
 
 
-def iter_lines(inputs: list[str], text_field: str = "text", docs: str = "blank-lines") -> Iterator[str]:
-    """All non-blank lines of the corpus, in order (used to train a vocabulary)."""
+def iter_lines(inputs: list[str], text_field: str = "text", docs: str = "blank-lines",
+               skip_files=()) -> Iterator[str]:
+    """All non-blank lines of the corpus, in order (used to train a vocabulary); `skip_files` as `expand_inputs`."""
     stats = UnitStats()
-    for unit in UnitEnumerator(inputs, docs=docs, chunk_bytes=1 << 62):
+    for unit in UnitEnumerator(inputs, docs=docs, chunk_bytes=1 << 62, skip_files=skip_files):
         for block in read_unit(unit, text_field, stats):
             for line in block:
                 if line is not None:

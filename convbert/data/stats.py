@@ -29,10 +29,12 @@ def _check_shard(shard, max_seq_length: int, vocab_size: int) -> None:
         check_token_ids(shard, shard.tokens[s : s + _CHUNK * 64], vocab_size)
 
 
-def data_stats(path: str | os.PathLike, bins: int = 8) -> dict:
+def data_stats(path: str | os.PathLike, bins: int | None = None) -> dict:
     """Statistics of the dataset folder `path`, read from the shards (streamed, flat memory)."""
     ds = PretrainingDataset(path)
     t = ds.max_seq_length
+    if bins is None:  # (not given: 8 buckets, or one per length for datasets shorter than that)
+        bins = min(8, t)
     if not 1 <= bins <= t:
         raise ConvBertError(f"--bins: expected 1..{t} (the dataset's max_seq_length), got {bins}")
     edges = np.linspace(0, t, bins + 1).round().astype(np.int64)

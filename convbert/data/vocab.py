@@ -15,6 +15,7 @@ so every number and every tie-break is fixed. The cost is one more read of the c
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from convbert.data.corpus import iter_lines
@@ -23,6 +24,10 @@ from convbert.errors import ConvBertError
 from convbert.utils import write_text_atomic
 
 MAX_VOCAB_SIZE = 2**22  # 4M pieces: far above any real vocabulary; the trainer aborts the process on absurd sizes
+
+
+_MAX_WORD = 200  # BERT's (and ELECTRA's) max_input_chars_per_word: a longer word is one [UNK]
+_UNKNOWN_WORD = re.compile(r"[^\W_]{%d,}" % (_MAX_WORD + 1))  # a run of letters and digits no punctuation splits
 
 
 def train_vocab(
@@ -55,12 +60,16 @@ def train_vocab(
     counted = {"lines": 0}
 
     def lines():
-        for line in iter_lines([str(p) for p in inputs], text_field=text_field):
+        # The output is passed over inside an input folder: a second run would train on the first one's vocab.
+        for line in iter_lines([str(p) for p in inputs], text_field=text_field, skip_files=[output]):
             counted["lines"] += 1
-            yield python_lower(line) if lower_case else line  # as WordPieceTokenizer will read it
+            line = python_lower(line) if lower_case else line  # as WordPieceTokenizer will read it
+            # Words over 200 characters are [UNK] to the tokenizer; the trainer's merges are quadratic in a word's
+            # length (a 300,000-character run took 30 s), for pieces no text would use.
+            yield _UNKNOWN_WORD.sub(" ", line) if len(line) > _MAX_WORD else line
 
     def trained(size: int, specials: list[str]) -> Tokenizer:
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=200))
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=_MAX_WORD))
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=bool(strip_accents) and bool(lower_case),
             lowercase=bool(lower_case),
