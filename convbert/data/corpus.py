@@ -229,8 +229,9 @@ def expand_inputs(inputs: list[str], exclude: str | os.PathLike | None = None,
                     found.setdefault(os.path.realpath(m), m)
                 elif Path(m).is_dir() and _enterable(m, skip, set()):  # a folder the pattern names: read it all
                     for f in _walk(Path(m), skip, seen):
-                        if os.path.realpath(f) not in passed_over:
-                            found.setdefault(os.path.realpath(f), f)
+                        real = os.path.realpath(f)
+                        if real not in passed_over:
+                            found.setdefault(real, f)
             matches = sorted((name, name) for name in found.values())
             if not matches:
                 raise ConvBertError(f"--input {arg}: the pattern matches no files")

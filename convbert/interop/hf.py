@@ -187,10 +187,10 @@ MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "vocab.txt", GENERATOR
 
 def save_generator_pretrained(generator: "ConvBertModel", head: dict[str, torch.Tensor],
                               path: str | os.PathLike) -> None:
-    """The generator (or the encoder of an `--objective mlm` run) in `ConvBertForMaskedLM` layout (`ElectraForMaskedLM` for plain attention, the same names under
-    `electra.*`): the encoder under `convbert.*` (with the shared embeddings), the MLM head (`head`: our
-    `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and `generator_lm_head` tied to the word table, its bias
-    the original `output_bias`."""
+    """The generator (or an `--objective mlm` run's encoder) in `ConvBertForMaskedLM` layout (`ElectraForMaskedLM`
+    for plain attention, the same names under `electra.*`): the encoder under `convbert.*` (with the shared
+    embeddings), the MLM head (`head`: our `GENERATOR_HEAD_KEYS`) as `generator_predictions.*`, and
+    `generator_lm_head` tied to the word table, its bias the original `output_bias`."""
     layout = generator.config.hf_model_type
     tensors = {f"{PREFIXES[layout]}{k}": v for k, v in generator.state_dict().items()}
     for key in GENERATOR_HEAD_KEYS[:4]:

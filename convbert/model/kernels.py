@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convbert.errors import ConvBertError
+
 _KEEP_BITS = 1 << 16
 
 
@@ -210,8 +212,6 @@ def _first_order(backward):
     @functools.wraps(backward)
     def checked(ctx, *grads):
         if torch.is_grad_enabled():
-            from convbert.errors import ConvBertError
-
             raise ConvBertError("double backward (create_graph=True) through convbert's hand-written CPU kernels: "
                                 "run the forward inside `with convbert.model.kernels.plain_ops():` (PyTorch's own "
                                 "ops, the same maths)")

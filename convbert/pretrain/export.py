@@ -155,6 +155,14 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
                             unknown_label="unknown key(s)")
         model.load_state_dict(state, strict=True)
 
+    def mlm_head_state(what: str) -> dict:
+        """The checkpoint's MLM head (`generator_head.*`: the generator's, or the mlm objective's encoder's)."""
+        head = _sub_state(data["model"], aliases, "generator_head.")
+        missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
+        if missing:
+            raise ConvBertError(f"{ck}: the {what} head weights are missing ({', '.join(missing)})")
+        return head
+
     # Build and check everything before writing anything.
     config = ConvBertConfig.from_dict(run["model_config"], source=f"{ck} model_config")
     disc = ConvBertModel(config)
@@ -164,18 +172,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
         gconfig = ConvBertConfig.from_dict(run["generator_config"], source=f"{ck} generator_config")
         gen = ConvBertModel(gconfig)
         load(gen, "generator.")
-        head = _sub_state(data["model"], aliases, "generator_head.")
-        missing = [k for k in GENERATOR_HEAD_KEYS if k not in head]
-        if missing:
-            raise ConvBertError(f"{ck}: the generator head weights are missing ({', '.join(missing)})")
+        head = mlm_head_state("generator")
     disc_head = _sub_state(data["model"], aliases, "discriminator_head.")
     disc_head = disc_head if all(k in disc_head for k in DISCRIMINATOR_HEAD_KEYS) else None
-    mlm_head = None
-    if objective == "mlm":  # one encoder with the MLM head on top (BERT's objective): exported as a masked LM
-        mlm_head = _sub_state(data["model"], aliases, "generator_head.")
-        missing = [k for k in GENERATOR_HEAD_KEYS if k not in mlm_head]
-        if missing:
-            raise ConvBertError(f"{ck}: the MLM head weights are missing ({', '.join(missing)})")
+    # --objective mlm: one encoder with the MLM head on top (BERT's objective), exported as a masked LM
+    mlm_head = mlm_head_state("MLM") if objective == "mlm" else None
     written = {"encoder with its MLM head" if mlm_head is not None else "discriminator": str(out)}
     if generator:
         written["generator"] = str(out / GENERATOR_DIR)

@@ -78,8 +78,7 @@ def read_init_weights(path: str | os.PathLike, data_vocab: Path | None) -> InitW
         if tied is not None:
             shared.append(("embeddings.word_embeddings.weight", tied))
         for key, value in shared:
-            theirs = init.discriminator.get(key)
-            if theirs is None or theirs.shape != value.shape or not torch.equal(theirs, value):
+            if not _matches_discriminator(init, key, value):
                 raise ConvBertError(f"{gfile}: the generator's {key} (or its tied MLM projection) differs from the "
                                     "discriminator's; pre-training shares one embedding table (untied generator "
                                     "embeddings are not supported)")
@@ -89,12 +88,17 @@ def read_init_weights(path: str | os.PathLike, data_vocab: Path | None) -> InitW
     if hf.has_mlm_head(state):
         head = hf.read_mlm_head(state, weight_file)
         tied = head.pop("lm_head.weight", None)
-        if tied is not None and not torch.equal(tied, init.discriminator.get("embeddings.word_embeddings.weight",
-                                                                              torch.empty(0))):
+        if tied is not None and not _matches_discriminator(init, "embeddings.word_embeddings.weight", tied):
             raise ConvBertError(f"{weight_file}: the MLM projection differs from the word embeddings; pre-training "
                                 "ties them (untied MLM heads are not supported)")
         init.mlm_head = head
     return init
+
+
+def _matches_discriminator(init: InitWeights, key: str, value: torch.Tensor) -> bool:
+    """Whether the folder's discriminator holds exactly `value` under `key` (a shared or tied table)."""
+    theirs = init.discriminator.get(key)
+    return theirs is not None and theirs.shape == value.shape and torch.equal(theirs, value)
 
 
 def model_config(init: InitWeights, overrides: dict, attention: str, max_seq_length: int,
