@@ -969,6 +969,16 @@ def finetuned_classifier_flipped_byte(e, t):
 
 
 @case("checkpoint")
+def model_weights_integer(e, t):
+    m = copy(e.model, t / "model")
+    edit_weights(m, lambda w: w.__setitem__("embeddings.word_embeddings.weight",
+                                            w["embeddings.word_embeddings.weight"].to(torch.int8)))
+    return dict(argv=glue_argv(m, e.glue, t / "o"),
+                expect=[str(m / "model.safetensors"), "embeddings.word_embeddings.weight holds int8 values",
+                        "floating-point"], absent=[t / "o"])
+
+
+@case("checkpoint")
 def model_weights_wrong_shape(e, t):
     m = copy(e.model, t / "model")
     edit_weights(m, lambda w: w.__setitem__("embeddings.position_embeddings.weight", torch.zeros(3, 32)))
@@ -999,6 +1009,14 @@ def model_electra_with_relative_positions(e, t):
     edit_json(m / "config.json", lambda c: c.update(model_type="electra", position_embedding_type="relative_key"))
     return dict(argv=glue_argv(m, e.glue, t / "o"), expect=[str(m / "config.json"), "'position_embedding_type'",
                                                            "only 'absolute'"], absent=[t / "o"])
+
+
+@case("checkpoint")
+def model_electra_decoder(e, t):
+    m = copy(e.model, t / "model")
+    edit_json(m / "config.json", lambda c: c.update(model_type="electra", is_decoder=True))
+    return dict(argv=glue_argv(m, e.glue, t / "o"), expect=[str(m / "config.json"), "'is_decoder' is true",
+                                                           "bidirectional"], absent=[t / "o"])
 
 
 @case("checkpoint")

@@ -234,3 +234,62 @@ def test_a_file_another_tool_rewrote_keeping_convbert_metadata_names_both_causes
         ConvBertModel.from_pretrained(path)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})  # as the message says
     assert ConvBertModel.from_pretrained(path).embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def test_integer_weights_are_refused_naming_the_key(saved):
+    model, path = saved
+    state = dict(model.state_dict())
+    state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"].to(torch.int8)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ConvBertError, match=r"embeddings.word_embeddings.weight holds int8 values"):
+        ConvBertModel.from_pretrained(path)
+
+
+def test_half_precision_weights_still_load_as_float32(saved):
+    model, path = saved
+    save_file({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    loaded = ConvBertModel.from_pretrained(path)
+    assert loaded.embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def test_overrides_cannot_change_the_saved_architecture(tmp_path):
+    """Plain attention's head count changes no tensor shape: an override would load and compute another model."""
+    torch.manual_seed(0)
+    plain = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=300, attention_type="plain", num_groups=1))
+    plain.save_pretrained(tmp_path)
+    with pytest.raises(ConvBertError, match=r"num_attention_heads=2 \(the saved model has 4\)"):
+        ConvBertModel.from_pretrained(tmp_path, num_attention_heads=2)
+    # settings that are not the architecture still apply; an override equal to the saved value is fine
+    loaded = ConvBertModel.from_pretrained(tmp_path, hidden_dropout_prob=0.0, num_attention_heads=4)
+    assert loaded.config.hidden_dropout_prob == 0.0
+
+
+def test_an_electra_decoder_config_is_refused(tmp_path):
+    torch.manual_seed(0)
+    plain = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=300, attention_type="plain", num_groups=1))
+    plain.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "electra"
+    config["is_decoder"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvBertError, match=r"'is_decoder' is true.*causal"):
+        ConvBertModel.from_pretrained(tmp_path)
+
+
+def test_convbert_extra_must_be_an_object(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    for bad in ("notes", 5, [["a", 1]]):
+        config["convbert_extra"] = bad
+        (path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ConvBertError, match=r"'convbert_extra' is .*expected an object"):
+            ConvBertModel.from_pretrained(path)
+
+
+def test_a_convbert_config_without_embedding_size_reads_as_transformers_does(transformers_module):
+    """transformers' ConvBertConfig defaults embedding_size to 768, whatever hidden_size is."""
+    values = ConvBertConfig.from_preset("tiny").to_hf_dict()
+    del values["embedding_size"]
+    ours = ConvBertConfig.from_hf_dict(values)
+    theirs = transformers_module.ConvBertConfig(**{k: v for k, v in values.items() if k != "convbert_extra"})
+    assert ours.embedding_size == theirs.embedding_size == 768

@@ -397,3 +397,46 @@ def test_shared_embeddings_must_match_the_vocab_and_heads_their_label_count(tmp_
     head.write_text(json.dumps({"num_labels": 2, "dropout": 1.5}))
     with pytest.raises(ConvBertError, match=re.escape(f"{head}: classifier dropout = 1.5")):
         ConvBertForSequenceClassification.from_pretrained(tmp_path / "c")
+
+
+def test_shared_embeddings_must_match_every_table_of_the_config():
+    config = ConvBertConfig.from_preset("tiny", vocab_size=300)
+    shared = ConvBertModel(config).embeddings
+    with pytest.raises(ConvBertError, match=r"128 position rows but config.max_position_embeddings is 64"):
+        ConvBertModel(config.replace(max_position_embeddings=64), embeddings=shared)
+    with pytest.raises(ConvBertError, match=r"2 token-type rows but config.type_vocab_size is 3"):
+        ConvBertModel(config.replace(type_vocab_size=3), embeddings=shared)
+
+
+def test_config_fields_take_numpy_numbers():
+    import numpy as np
+
+    config = ConvBertConfig.from_preset("tiny", hidden_size=np.int64(64), layer_norm_eps=np.float32(1e-6))
+    assert config.hidden_size == 64 and type(config.hidden_size) is int
+    assert type(config.layer_norm_eps) is float
+    with pytest.raises(ConvBertError, match="hidden_size"):
+        ConvBertConfig.from_preset("tiny", hidden_size=64.5)
+
+
+def test_config_notes_must_be_json(tmp_path):
+    with pytest.raises(ConvBertError, match=r"'extra'.*JSON can hold"):
+        ConvBertConfig.from_preset("tiny", extra={"tags": {"a", "b"}})
+    bad = tmp_path / "config.json"
+    bad.write_bytes('{"hidden_size": 64, "extra": {"note": "caf\u00e9"}}'.encode("latin-1"))
+    with pytest.raises(ConvBertError, match=r"config.json: not UTF-8"):
+        ConvBertConfig.from_json_file(bad)
+
+
+def test_classifier_head_json_must_hold_an_integer_label_count(tmp_path):
+    from convbert.model.heads import ClassificationHead
+
+    with pytest.raises(ConvBertError, match="num_labels = 0"):
+        ClassificationHead(64, 0)
+    torch.manual_seed(0)
+    ConvBertForSequenceClassification(ConvBertConfig.from_preset("tiny", vocab_size=300), 3).save_pretrained(tmp_path)
+    assert ConvBertForSequenceClassification.from_pretrained(tmp_path).num_labels == 3
+    head = json.loads((tmp_path / "head.json").read_text())
+    for bad in (3.7, True, "three"):
+        (tmp_path / "head.json").write_text(json.dumps({**head, "num_labels": bad}))
+        with pytest.raises(ConvBertError, match=r"head.json: expected \{'num_labels': int"):
+            ConvBertForSequenceClassification.from_pretrained(tmp_path)

@@ -120,9 +120,19 @@ def check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
         if tuple(state[key].shape) != tuple(expected[key].shape):
             problems.append(f"key {key} has shape {list(state[key].shape)} in the file but the model expects "
                             f"{list(expected[key].shape)}")
+    for key in sorted(set(state) & set(expected)):
+        if expected[key].is_floating_point() and not state[key].is_floating_point():
+            problems.append(f"key {key} holds {str(state[key].dtype).replace('torch.', '')} values: expected "
+                            "floating-point weights")
     if problems:
         raise ConvBertError(f"{source}: " + "; ".join(problems))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# Fields that define the network: from_pretrained takes them from the saved folder only.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "hidden_act", "max_position_embeddings", "type_vocab_size", "embedding_size", "head_ratio",
+                       "conv_kernel_size", "num_groups", "attention_type")
 
 
 def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBertModel":
@@ -131,7 +141,14 @@ def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBe
         raise ConvBertError(f"{path}: not a model folder (expected a directory with config.json and weights)")
     config = read_config(path)
     if config_overrides:  # converted and checked like constructor arguments ("no" is False, not a true string)
-        config = config.replace(source=f"{path} overrides", **config_overrides)
+        saved, config = config, config.replace(source=f"{path} overrides", **config_overrides)
+        changed = [f"{name}={getattr(config, name)!r} (the saved model has {getattr(saved, name)!r})"
+                   for name in ARCHITECTURE_FIELDS
+                   if name in config_overrides and getattr(config, name) != getattr(saved, name)]
+        if changed:  # plain attention's head count, for one, changes no tensor shape: the weights would load
+            raise ConvBertError(f"{path}: override(s) {', '.join(changed)}: the architecture is the saved model's; "
+                                "only settings such as dropout, mask_conv_padding or gradient_checkpointing can be "
+                                "overridden")
     state, weight_file = read_state_dict(path)
     model = cls(config)
     check_and_load(model, translate_keys(state), str(weight_file))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ HF_FIELDS = (
 # BERT-style) encoder with the same parameter names, and is read and written in that layout (model_type "electra").
 ELECTRA_FIELDS = tuple(name for name in HF_FIELDS if name not in ("head_ratio", "conv_kernel_size", "num_groups"))
 HF_MODEL_TYPES = ("convbert", "conv_bert", "electra")
+HF_CONVBERT_DEFAULT_EMBEDDING_SIZE = 768  # transformers' ConvBertConfig, for a config.json without the field
 # transformers' ElectraConfig defaults (ELECTRA-small's shape): what it builds for a field an ELECTRA config.json
 # leaves out, so the same file gives the same model here (plain attention has the same tensor shapes for any head
 # count, so a different default would load without error and compute something else).
@@ -40,7 +42,8 @@ def as_field_type(value: Any, kind: str) -> Any:
 
     Numbers written as text are converted (YAML reads `1e-12`, with no decimal point, as a string; `--set` values
     arrive as text); integral floats become ints; bools are never numbers; bools may be written true/false,
-    yes/no or 1/0; numbers are accepted as strings (names). Any other kind is returned unchanged."""
+    yes/no or 1/0 as text (a number is not a switch); numbers of any integral or real type (numpy's too) count as numbers;
+    numbers are accepted as strings (names). Any other kind is returned unchanged."""
     if kind == "bool":
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.strip().lower() in ("true", "yes", "1")
@@ -54,10 +57,12 @@ def as_field_type(value: Any, kind: str) -> Any:
             except ValueError:
                 return WRONG_TYPE
         if kind == "float":
-            return float(value) if isinstance(value, (int, float)) else WRONG_TYPE
-        if isinstance(value, float) and value.is_integer():
+            return float(value) if isinstance(value, numbers.Real) else WRONG_TYPE
+        if isinstance(value, numbers.Integral):
             return int(value)
-        return value if isinstance(value, int) else WRONG_TYPE
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            return int(value)
+        return WRONG_TYPE
     if kind == "str":  # a YAML scalar such as `output: 2024` is a name
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -158,6 +163,10 @@ class ConvBertConfig:
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number")
         need(isinstance(self.extra, dict), "extra", "a mapping (free-form notes)")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            need(False, "extra", f"notes that JSON can hold (config.json stores them): {err}")
         shadowed = sorted(set(self.extra) & {f.name for f in dataclasses.fields(self)})
         need(not shadowed, "extra", f"notes only, without the config field name(s) {', '.join(shadowed)} (set the "
              "field itself: a note of that name would replace it when the config is saved and read back)")
@@ -247,6 +256,8 @@ class ConvBertConfig:
             raise ConvBertError(f"{path}: is a folder; expected a config JSON file") from None
         except json.JSONDecodeError as err:
             raise ConvBertError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        except UnicodeDecodeError as err:
+            raise ConvBertError(f"{path}: not UTF-8 text (byte {err.start}); a config file is UTF-8 JSON") from None
         return cls.from_dict(values, source=str(path))
 
     # ---- HF config.json ------------------------------------------------------------------------------------
@@ -289,13 +300,23 @@ class ConvBertConfig:
         if "linear_groups" in values and "num_groups" not in values and not electra:  # the original TF name
             kwargs["num_groups"] = values["linear_groups"]
         if values.get("embedding_size") is None and not electra:
-            kwargs["embedding_size"] = kwargs.get("hidden_size", cls.hidden_size)
+            # transformers' ConvBertConfig default (its port reads such a file with 768-wide tables, and so the
+            # weights saved with it); the original TF code would take hidden_size instead
+            kwargs["embedding_size"] = HF_CONVBERT_DEFAULT_EMBEDDING_SIZE
         if values.get("hidden_act") == "gelu_python":  # transformers' name for the same erf GELU
             kwargs["hidden_act"] = "gelu"  # ("gelu_new" is the tanh approximation: refused by validation)
         if electra and values.get("position_embedding_type", "absolute") != "absolute":
             raise ConvBertError(f"{source}: field 'position_embedding_type' is "
                                 f"{values['position_embedding_type']!r}: only 'absolute' (ELECTRA's) is supported")
-        ours = dict(values.get("convbert_extra") or {})
+        if electra and values.get("is_decoder"):  # transformers' ELECTRA then masks attention causally
+            raise ConvBertError(f"{source}: field 'is_decoder' is true: transformers runs this ELECTRA with causal "
+                                "(left-to-right) self-attention, e.g. ElectraForCausalLM; convbert's encoders are "
+                                "bidirectional only")
+        ours = values.get("convbert_extra") or {}
+        if not isinstance(ours, dict):
+            raise ConvBertError(f"{source}: field 'convbert_extra' is {type(ours).__name__}: expected an object "
+                                "(convbert's own fields and notes)")
+        ours = dict(ours)
         names = ("attention_type", "mask_conv_padding", "gradient_checkpointing")
         for name in names + (("head_ratio", "conv_kernel_size") if electra else ()):
             if name in ours:

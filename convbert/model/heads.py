@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from convbert.errors import ConvBertError
-from convbert.model.config import ConvBertConfig
+from convbert.model.config import WRONG_TYPE, ConvBertConfig, as_field_type
 from convbert.model.layers import gelu
 from convbert.model.modeling import ConvBertModel, _trunc_normal_
 
@@ -61,6 +61,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1 (1 for regression)")
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(hidden_size, num_labels)
         nn.init.xavier_uniform_(self.out_proj.weight)
@@ -146,8 +148,10 @@ class ConvBertForSequenceClassification(nn.Module):
                                 "classifier.safetensors)")
         try:
             head = json.loads(head_file.read_text(encoding="utf-8"))
-            num_labels, dropout = int(head["num_labels"]), float(head["dropout"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            num_labels, dropout = as_field_type(head["num_labels"], "int"), as_field_type(head["dropout"], "float")
+            if num_labels is WRONG_TYPE or dropout is WRONG_TYPE:
+                raise ValueError(f"got num_labels {head['num_labels']!r}, dropout {head['dropout']!r}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ConvBertError(f"{head_file}: expected {{'num_labels': int, 'dropout': float}} ({err})") from None
         encoder = ConvBertModel.from_pretrained(path)
         try:

@@ -169,9 +169,13 @@ class ConvBertModel(nn.Module):
         if width != config.embedding_size:
             raise ConvBertError(f"shared embeddings are {width} wide but config.embedding_size is "
                                 f"{config.embedding_size}")
-        rows = self.embeddings.word_embeddings.num_embeddings
-        if rows != config.vocab_size:
-            raise ConvBertError(f"shared embeddings have {rows} word rows but config.vocab_size is {config.vocab_size}")
+        for table, kind, field_name in (("word_embeddings", "word", "vocab_size"),
+                                        ("position_embeddings", "position", "max_position_embeddings"),
+                                        ("token_type_embeddings", "token-type", "type_vocab_size")):
+            rows = getattr(self.embeddings, table).num_embeddings
+            if rows != getattr(config, field_name):
+                raise ConvBertError(f"shared embeddings have {rows} {kind} rows but config.{field_name} is "
+                                    f"{getattr(config, field_name)}")
         self.embeddings_project = nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
         self.encoder = ConvBertEncoder(config)
 
