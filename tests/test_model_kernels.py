@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convbert.model import kernels
+from convbert.model import ConvBertConfig, ConvBertModel, kernels
 
 
 def test_attention_gradcheck_without_dropout():
@@ -108,6 +108,20 @@ def test_keep_mask_is_a_byte_mask_with_the_realised_scale():
     assert abs(keep.float().mean().item() - 0.9) < 0.002
     threshold = round(0.1 * 65536)
     assert scale == 65536 / (65536 - threshold)  # 1 / the keep probability actually used, not 1 / 0.9
+
+
+def test_dropout_next_to_one_drops_everything_without_dividing_by_zero():
+    """A rate the config accepts (< 1) but within 1/131072 of 1 rounds to a keep probability of 0."""
+    torch.manual_seed(0)
+    x = torch.ones(64, 64, requires_grad=True)
+    y = kernels.dropout(x, 0.999995, training=True)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    model = ConvBertModel(ConvBertConfig.from_preset("tiny", vocab_size=100, hidden_dropout_prob=0.999995,
+                                                     attention_probs_dropout_prob=0.999995)).train()
+    out = model(torch.randint(0, 100, (2, 8))).last_hidden_state
+    assert torch.isfinite(out).all()
 
 
 def test_keep_mask_bits_come_from_an_aten_op_under_a_dispatch_mode():

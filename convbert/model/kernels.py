@@ -370,6 +370,8 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch
     bits = _random_words((numel + 3) // 4, device).view(torch.int16)[:numel].view(shape)
     threshold = int(round(p * _KEEP_BITS))
     keep = torch.ge(bits, threshold - (1 << 15), out=torch.empty(shape, dtype=torch.uint8, device=device))
+    if threshold >= _KEEP_BITS:  # p within 1/131072 of 1 rounds to "drop everything": the mask is all zeros
+        return keep, 0.0
     return keep, _KEEP_BITS / (_KEEP_BITS - threshold)
 
 
