@@ -1167,3 +1167,29 @@ def test_a_small_dataset_run_begun_before_the_one_example_holdout_resumes_on_its
     fresh = run_pretraining(cfg_for(small, tmp_path / "new", steps=1, batch_size=4), progress=False)
     assert fresh["finished"] and json.loads((tmp_path / "new" / "run_config.json").read_text())[
         "eval_holdout_examples"] == 1  # a new run on the same data holds one out
+
+
+def test_a_run_that_could_not_find_its_vocab_records_the_manifests_and_export_checks_it(tiny_data, tmp_path):
+    """The run kept no vocab and recorded no hash, so export took any vocab.txt put into the run folder."""
+    import shutil
+
+    from convbert.pretrain.export import export_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["data"], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    recorded = tmp_path / "moved" / "vocab.txt"  # where the vocab was when the data was built: gone now
+    manifest["vocab"]["path"] = str(recorded)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    run_pretraining(cfg_for({**tiny_data, "data": data}, run, steps=1), progress=False)
+    assert not (run / "vocab.txt").exists()
+    real = Path(tiny_data["vocab"]).read_text()
+    (run / "vocab.txt").write_text("\n".join(real.splitlines()[:-50]) + "\n")  # a shorter, foreign vocab
+    with pytest.raises(ConvBertError, match=rf"sha256 {manifest['vocab']['sha256'][:12]}…; looked for .*"
+                                            rf"{recorded}.*run/vocab.txt has another sha256"):
+        export_checkpoint(run, tmp_path / "exp")
+    recorded.parent.mkdir()
+    recorded.write_text(real)
+    export_checkpoint(run, tmp_path / "exp")
+    assert (tmp_path / "exp" / "vocab.txt").read_text() == real

@@ -160,6 +160,17 @@ def find_vocab(directory: Path, manifest: dict, explicit: str | None = None) -> 
     return None
 
 
+def recorded_vocab(directory: Path, manifest: dict) -> tuple[str | None, str | None]:
+    """(path, sha256) of the vocab the manifest records, whether or not the file is still there: what a run
+    keeps when it cannot find the vocab, so `convbert export` can still name and check the right file."""
+    v = manifest.get("vocab") or {}
+    path = next((v[key] for key in ("path", "file") if isinstance(v.get(key), str)), None)
+    if path is not None and not Path(path).is_absolute():
+        path = str(directory / path)
+    sha = v.get("sha256")
+    return path, sha if isinstance(sha, str) else None
+
+
 def open_data(data: str, eval_data: str | None = None, max_seq_length: int | None = None, *,
               vocab: str | None = None, eval_examples: int = 0, min_train: int = 1,
               min_holdout: int = 1) -> DataBundle:

@@ -41,20 +41,37 @@ def _sub_state(tensors: dict[str, torch.Tensor], aliases: dict[str, str], prefix
 
 def find_vocab(checkpoint_dir: Path, run_config: dict) -> Path:
     """The vocab the run was trained with: the run folder's copy, else the data's file recorded in the run; when
-    the run recorded the vocab's sha256 (runs since stop 23), a file with another hash is never taken."""
+    the run recorded the vocab's sha256 (runs since stop 23; the data manifest's record when the run could not find
+    the file), a file with another hash is never taken; without one, a file of another size is not."""
     candidates = [checkpoint_dir.parent.parent / RUN_VOCAB] if checkpoint_dir.parent.name == "checkpoints" else []
     if run_config.get("vocab_file"):
         candidates.append(Path(run_config["vocab_file"]))
     expected = run_config.get("vocab_sha256")
+    size = run_config.get("vocab_size")
+    rejected = []
     for c in candidates:
-        if c.is_file() and (expected is None or sha256_file(c) == expected):
+        if not c.is_file():
+            continue
+        if expected is not None and sha256_file(c) != expected:
+            rejected.append(f"{c} has another sha256")
+        elif expected is None and isinstance(size, int) and (lines := _token_count(c)) != size:
+            rejected.append(f"{c} has {lines:,} tokens, the model {size:,}")
+        else:
             return c
     what = f"sha256 {expected[:12]}…; " if expected else ""
+    why = f" ({'; '.join(rejected)})" if rejected else ""
     raise ConvBertError(
         f"{checkpoint_dir}: cannot find the vocab the run was trained with ({what}looked for "
-        + ", ".join(str(c) for c in candidates) + "); restore the run's vocab.txt or the data's vocab file (a "
+        + ", ".join(str(c) for c in candidates) + f"){why}; restore the run's vocab.txt or the data's vocab file (a "
         "checkpoint moved out of its run only finds the latter; a vocab edited since would not match the weights)"
     )
+
+
+def _token_count(path: Path) -> int:
+    """Tokens in a vocab file: one per line (as `read_vocab` reads it)."""
+    from convbert.pretrain.data import read_vocab
+
+    return len(read_vocab(path))
 
 
 def _architecture(config) -> str | None:

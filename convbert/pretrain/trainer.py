@@ -45,6 +45,7 @@ from convbert.pretrain.data import (
     data_fingerprint,
     default_loader_factory,
     open_data,
+    recorded_vocab,
     sequential_batches,
     tokenizer_settings,
 )
@@ -275,10 +276,20 @@ class Trainer:
 
     @functools.cached_property
     def vocab_sha256(self) -> str | None:
-        """The data's vocab file hash (recorded, so `convbert export` can check the vocab it finds)."""
+        """The data's vocab file hash (recorded, so `convbert export` can check the vocab it finds); the one the
+        data's manifest records when the file was not found."""
         from convbert.utils import sha256_file
 
-        return sha256_file(self.data.vocab_path) if self.data.vocab_path else None
+        if self.data.vocab_path:
+            return sha256_file(self.data.vocab_path)
+        return recorded_vocab(Path(self.cfg.data), self.data.manifest or {})[1]
+
+    @property
+    def vocab_file(self) -> str | None:
+        """The vocab file used, else the path the data's manifest records (not found now; export looks there)."""
+        if self.data.vocab_path:
+            return str(self.data.vocab_path)
+        return recorded_vocab(Path(self.cfg.data), self.data.manifest or {})[0]
 
     @functools.cached_property
     def data_fingerprint(self) -> str | None:
@@ -355,7 +366,7 @@ class Trainer:
             "generator_config": (
                 self.model.generator_config.to_dict() if self.model.generator_config is not None else None
             ),
-            "vocab_file": str(self.data.vocab_path) if self.data.vocab_path else None,
+            "vocab_file": self.vocab_file,
             "vocab_sha256": self.vocab_sha256,
             "eval_holdout_examples": self.data.holdout,
             "data_fingerprint": self.data_fingerprint,
@@ -475,10 +486,11 @@ class Trainer:
         target = self.out / "vocab.txt"
         if self.data.vocab_path is None:
             if not target.is_file():
+                where = f" ({self.vocab_file})" if self.vocab_file else ""
                 self.print(
-                    f"note: the vocab {self.cfg.data} was built with was not found, or the file found there has "
-                    "another sha256 than the one recorded (pass --vocab FILE); "
-                    "`convbert export` will need it"
+                    f"note: the vocab {self.cfg.data} was built with{where} was not found, or the file found there "
+                    "has another sha256 than the one recorded (pass --vocab FILE); `convbert export` will need it "
+                    "(there, in the run folder as vocab.txt, or at the path above; it checks the recorded sha256)"
                 )
             return
         if target.is_file():
