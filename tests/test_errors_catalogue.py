@@ -252,6 +252,12 @@ def pretrain_without_data(e, t):
 
 
 @case("command line")
+def pretrain_resume_of_a_missing_run(e, t):
+    return dict(argv=["pretrain", "--output", str(t / "run"), "--resume"],
+                expect=[f"--resume: no run to continue at {t / 'run'}", "check the --output path"], absent=[t / "run"])
+
+
+@case("command line")
 def pretrain_zero_steps(e, t):
     return dict(argv=pretrain_argv(e.data, t / "run", "--steps", "0"), expect=["steps = 0", "integer >= 1"],
                 absent=[t / "run"])

@@ -70,7 +70,7 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
     assert run_pretraining(cfg_for(tiny_data, part), progress=False)["step"] == 6
 
 
-def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path):
+def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path, capsys):
     """--threads is a machine setting, not resumed; the CPU kernels' sums depend on it, so a resume on another
     count is not bit-exact and the trainer says how to make it so."""
     before = torch.get_num_threads()
@@ -83,6 +83,10 @@ def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path):
         run_pretraining(cfg_for(tiny_data, run, stop_at_step=4, threads=2), progress=False, log=printed.append)
         assert any("written with 1 CPU thread, now 2" in p and "--threads 1 resumes it bit for bit" in p
                    for p in printed), printed
+        # the same command would stop at the same step again: the message says what continues
+        captured = capsys.readouterr()
+        assert ("stopped at step 4 of 6 (--stop-at-step); re-run without --stop-at-step (or with a later one)"
+                in captured.out + captured.err)
         printed.clear()  # step 4 was written with 2 threads: resuming on 2 is quiet
         run_pretraining(cfg_for(tiny_data, run, threads=2), progress=False, log=printed.append)
         assert not any("CPU threads" in p for p in printed) and any("resumed from" in p for p in printed), printed

@@ -126,7 +126,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from convbert.pretrain.config import resolve_config
     from convbert.pretrain.trainer import run_pretraining
 
-    cfg = resolve_config(args.size, args.config, pretrain_flags(args), args.set)
+    flags = pretrain_flags(args)
+    if args.resume and not flags["data"] and flags["output"]:
+        from convbert.pretrain.config import recorded_settings
+
+        if not recorded_settings(flags["output"])[0]:  # else "no training data" would hide the real cause
+            raise ConvBertError(f"--resume: no run to continue at {flags['output']} (no run_config.json with a "
+                                f"checkpoint under {flags['output']}/checkpoints); check the --output path")
+    cfg = resolve_config(args.size, args.config, flags, args.set)
     result = run_pretraining(cfg, resume=True if args.resume else None,
                              progress="lines" if args.no_progress else True)
     ev = result.get("eval") or {}

@@ -232,7 +232,7 @@ def resolve_config(
     set_values = parse_set(sets)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     output = set_values.get("output") or flags.get("output") or file_values.get("output")
-    recorded, record_path = _recorded_settings(output)
+    recorded, record_path = recorded_settings(output)
     given = set_values.get("size") or flags.get("size") or size
     if given and file_values.get("size") and given != file_values["size"]:
         # the file's other values (its warmup, lr, model overrides) are that size's: mixing them with another
@@ -281,7 +281,7 @@ RECORDED_PATHS = ("data", "eval_data", "vocab", "init_from")  # resolved against
 NOT_RESUMED = ("output", "stop_at_step", "time_limit", "device", "threads", "compile", "compile_mode", "cuda_graphs")
 
 
-def _recorded_settings(output) -> tuple[dict, Path | None]:
+def recorded_settings(output) -> tuple[dict, Path | None]:
     """The settings recorded in `output`/run_config.json when that run has a checkpoint to resume from, else {}."""
     if not output or not isinstance(output, str):
         return {}, None

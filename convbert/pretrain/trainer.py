@@ -831,8 +831,10 @@ class Trainer:
                         self.save()
                     if stopping and not at_end:
                         why = stopped_by or ("the time limit" if timed_out else "--stop-at-step")
-                        self.logger.message(f"stopped at step {self.step} of {cfg.steps} ({why}); re-run the same "
-                                            "command to continue from this checkpoint")
+                        how = ("re-run without --stop-at-step (or with a later one)" if why == "--stop-at-step"
+                               else "re-run the same command")
+                        self.logger.message(f"stopped at step {self.step:,} of {cfg.steps:,} ({why}); {how} to "
+                                            "continue from this checkpoint")
                         self.logger.event(self.step, "stopped", reason=why)
                         break
                 else:
