@@ -1197,3 +1197,20 @@ def test_a_run_that_could_not_find_its_vocab_records_the_manifests_and_export_ch
     recorded.write_text(real)
     export_checkpoint(run, tmp_path / "exp")
     assert (tmp_path / "exp" / "vocab.txt").read_text() == real
+
+
+def test_the_held_out_set_is_named_at_the_start_and_a_missing_one_on_resume(tiny_data, tmp_path, capsys):
+    """An eval/ folder inside --data is used without being asked for: the start line says so, the run records it,
+    and a resume after it moved names it (the error blamed "evaluation settings" the user never changed)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["data"], data)
+    run = tmp_path / "run"
+    run_pretraining(cfg_for({**tiny_data, "data": data}, run, steps=4, stop_at_step=2), progress="lines")
+    out = capsys.readouterr()
+    assert f"held-out evaluation on {data / 'eval'} (" in out.out + out.err
+    assert json.loads((run / "run_config.json").read_text())["eval_data_dir"] == str(data / "eval")
+    shutil.move(data / "eval", tmp_path / "aside")
+    with pytest.raises(ConvBertError, match=rf"the run evaluated on {data / 'eval'}, which is not there now"):
+        run_pretraining(cfg_for({**tiny_data, "data": data}, run, steps=4), progress=False)

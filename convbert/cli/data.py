@@ -90,7 +90,8 @@ def run_build(args: argparse.Namespace) -> int:
     ex = c["examples"] or 1
     print(f"wrote {args.output}: {c['examples']:,} examples, {c['tokens']:,} tokens, {len(m['shards'])} shard(s), "
           f"{m['bytes_on_disk']:,} bytes ({m['bytes_per_token']} bytes/token)")
-    print(f"  {c['files']:,} sources read (files, archive members, JSONL records or parquet rows), {c['lines']:,} "
+    print(f"  {c['files']:,} source{'s' if c['files'] != 1 else ''} read (files, archive members, JSONL records or "
+          f"parquet rows), {c['lines']:,} "
           f"lines; single segment {100 * c['single_segment'] / ex:.1f} %, two segments "
           f"{100 * c['two_segment'] / ex:.1f} %; {dt:.1f} s")
     note = short_examples_note(c["tokens"] / ex, m["max_seq_length"], m["settings"].get("docs"))

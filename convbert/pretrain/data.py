@@ -35,6 +35,7 @@ class DataBundle:
     max_seq_length: int
     manifest: dict
     holdout: int | None = None  # examples held out of --data for evaluation (None: a separate eval set)
+    eval_dir: Path | None = None  # that separate set: --eval-data, or the eval/ (…) folder found inside --data
 
 
 def read_vocab(path: str | Path) -> list[str]:
@@ -198,7 +199,7 @@ def open_data(data: str, eval_data: str | None = None, max_seq_length: int | Non
     base = base_dataset(train)
     special = SpecialIds(int(base.pad_id), int(base.unk_id), int(base.cls_id), int(base.sep_id), int(base.mask_id))
     return DataBundle(train, eval_ds, find_vocab(directory, manifest, vocab), int(base.vocab_size), special,
-                      int(base.max_seq_length), manifest, holdout)
+                      int(base.max_seq_length), manifest, holdout, eval_dir)
 
 
 def casing(manifest: dict | None) -> dict:

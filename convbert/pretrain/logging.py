@@ -237,7 +237,7 @@ class RunLogger:
         if self.mode == "bar":
             return progress_bar(iterable=batches, total=total, desc="held-out eval", unit="batch", leave=False)
         if self.mode == "lines":
-            self.message(f"evaluating {examples:,} held-out examples ({total} batches)")
+            self.message(f"evaluating {examples:,} held-out examples ({total:,} batch{'es' if total != 1 else ''})")
         return batches
 
     def eval(self, step: int, metrics: dict) -> None:

@@ -369,6 +369,7 @@ class Trainer:
             "vocab_file": self.vocab_file,
             "vocab_sha256": self.vocab_sha256,
             "eval_holdout_examples": self.data.holdout,
+            "eval_data_dir": str(self.data.eval_dir) if self.data.eval_dir is not None else None,
             "data_fingerprint": self.data_fingerprint,
             "tokenizer": tokenizer_settings(self.data),
             "vocab_size": self.data.vocab_size,
@@ -405,10 +406,14 @@ class Trainer:
             def split(n):
                 return f"{n} held-out examples" if n else "no held-out examples (a separate --eval-data set, or none)"
 
+            recorded_eval = saved.get("eval_data_dir")
+            hint = "resume with the run's evaluation settings"
+            if not held and recorded_eval and self.data.eval_dir is None:
+                hint = (f"the run evaluated on {recorded_eval}, which is not there now: restore that folder, or "
+                        "pass --eval-data with it")
             raise ConvBertError(
                 f"{self.out}: the run trained on --data less {split(held)}, this invocation on --data less "
-                f"{split(holding)} (--eval-batches x eval_batch_size and --eval-data decide it); resume with the "
-                "run's evaluation settings")
+                f"{split(holding)} (--eval-batches x eval_batch_size and --eval-data decide it); {hint}")
         # Paths may move with the run (the fingerprint above follows the data); --stop-at-step is per invocation.
         return [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]
                 and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab", "init_from")]
@@ -781,6 +786,10 @@ class Trainer:
                 f"({self.dist.world_size} rank(s) × {cfg.grad_accum} accumulation × {self.micro_batch}), "
                 f"seq {self.T}, lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.precision} on {self.device}"
             )
+            if self.data.eval is not None and cfg.eval_batches > 0:
+                source = (f"{self.data.eval_dir}" if self.data.eval_dir is not None
+                          else f"the last {self.data.holdout:,} examples of --data, held out")
+                self.logger.message(f"held-out evaluation on {source} ({len(self.data.eval):,} examples)")
             note = fp16_note(self.device) if cfg.precision == "fp16" else None
             if note:
                 self.logger.message(note)
