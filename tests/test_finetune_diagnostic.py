@@ -68,6 +68,8 @@ def test_scores_match_sklearn_overall_and_per_category(fixture, capsys):
     assert double is None or double["examples"] == len([k for k in range(len(labels)) if k % 4 == 0 and k % 2])
     printed = capsys.readouterr().out
     assert f"| **all** | **{scores['all']['r3']:.1f}** | {len(labels)} |" in printed
+    assert f"| · Negation | {negation['r3']:.1f} | {negation['examples']} |" in printed  # a terminal shows no HTML
+    assert "&nbsp;" not in printed
 
 
 def test_a_glue_output_folder_is_read_and_perfect_predictions_score_100(fixture, capsys):

@@ -305,6 +305,10 @@ def test_two_tasks_left_at_the_default_output_keep_both_models(model, tmp_path, 
     (tmp_path / "finetuned-5").symlink_to(tmp_path / "gone")  # dangling: skipped, not written through
     (tmp_path / "fourth.csv").write_text((tmp_path / "first.csv").read_text().replace("no", "NO"))
     assert run(tmp_path / "fourth.csv") == 0 and "writing to finetuned-6" in capsys.readouterr().out
+    # a run that fails on its input does not announce where it would have written
+    (tmp_path / "bad.csv").write_text("q,a,y\nx,y,yes\n")  # a single label
+    assert run(tmp_path / "bad.csv") == 2
+    assert "writing to" not in capsys.readouterr().out
     assert run(other, "--overwrite") == 0 and "writing to" not in capsys.readouterr().out  # ./finetuned replaced
     assert json.loads((tmp_path / "finetuned" / "finetune_task.json").read_text())["train_file"] == str(other.resolve())
 

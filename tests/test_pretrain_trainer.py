@@ -90,6 +90,9 @@ def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path, capsys):
         printed.clear()  # step 4 was written with 2 threads: resuming on 2 is quiet
         run_pretraining(cfg_for(tiny_data, run, threads=2), progress=False, log=printed.append)
         assert not any("CPU threads" in p for p in printed) and any("resumed from" in p for p in printed), printed
+        printed.clear()  # --threads left out (0, torch's choice) is not a changed setting
+        run_pretraining(cfg_for(tiny_data, run, threads=0), progress=False, log=printed.append)
+        assert not any("threads 2 -> 0" in p for p in printed), printed
     finally:
         torch.set_num_threads(before)
 

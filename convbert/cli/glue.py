@@ -144,8 +144,8 @@ def cmd_finetune(args) -> int:
     if args.symmetric and len(cols) != 2:
         raise ConvBertError(f"--symmetric: swaps the two sentences of a pair, but --text-columns names one "
                             f"({args.text_columns!r}); name two (a,b) or leave --symmetric out")
-    output = (Path(args.output) if args.output is not None
-              else default_output(args.model, args.train, overwrite=args.overwrite))
+    output, note = ((Path(args.output), None) if args.output is not None
+                    else default_output(args.model, args.train, overwrite=args.overwrite))
     finetune_own_task(
         model_dir=Path(args.model),
         train_file=Path(args.train),
@@ -159,6 +159,7 @@ def cmd_finetune(args) -> int:
         file_format=args.format,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        output_note=note,
     )
     return 0
 

@@ -124,7 +124,7 @@ def score_diagnostic(predictions: list[str], examples: list[DiagnosticExample]) 
 
 
 def format_scores(scores: dict) -> str:
-    """A markdown table: the overall row, each category, and its phenomena indented."""
+    """A markdown table (readable as printed, too): the overall row, each category, and its phenomena marked "·"."""
     def cell(entry):
         return "n/a" if entry["r3"] is None else f"{entry['r3']:.1f}"
 
@@ -133,7 +133,7 @@ def format_scores(scores: dict) -> str:
     for category, entry in scores["categories"].items():
         lines.append(f"| {category} | {cell(entry)} | {entry['examples']} |")
         for tag, sub in entry["phenomena"].items():
-            lines.append(f"| &nbsp;&nbsp;{tag} | {cell(sub)} | {sub['examples']} |")
+            lines.append(f"| · {tag} | {cell(sub)} | {sub['examples']} |")  # (no HTML: it is printed too)
     lines.append(f"\nAccuracy over all {scores['all']['examples']} examples: {scores['accuracy']:.1f}.")
     return "\n".join(lines)
 

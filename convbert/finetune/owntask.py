@@ -259,10 +259,12 @@ def finetune_own_task(
     file_format: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    output_note: str | None = None,
 ) -> dict:
     """Fine-tune `model_dir` on a CSV/TSV/JSONL file and write the model, its vocab and `finetune_task.json` to
     `output`. An earlier output of the same --model and --train there is replaced; one of another model or training
-    file only with `overwrite`."""
+    file only with `overwrite`. `output_note` (why the default output moved) is printed once the inputs have been
+    read and checked, so that a run that fails on its input does not announce a write."""
     from convbert.model.heads import ConvBertForSequenceClassification
 
     model_dir, train_file, output = Path(model_dir), Path(train_file), Path(output)
@@ -305,6 +307,8 @@ def finetune_own_task(
     set_seed(seed)
     model = ConvBertForSequenceClassification.from_encoder(model_dir, 1 if regression else len(label_list))
     check_vocab_matches(model, tokenizer, model_dir, cfg.max_seq_length)
+    if output_note:
+        print(output_note)
     peak_lr = cfg.lr if cfg.lr is not None else default_lr(model.config)
     epochs = cfg.epochs if cfg.epochs is not None else 3
     total = train_steps_for(len(feats), cfg.batch_size, epochs)
@@ -374,11 +378,11 @@ DEFAULT_OUTPUT = "finetuned"
 
 
 def default_output(model_dir: str | os.PathLike, train_file: str | os.PathLike,
-                   base: str | os.PathLike = DEFAULT_OUTPUT, overwrite: bool = False) -> Path:
+                   base: str | os.PathLike = DEFAULT_OUTPUT, overwrite: bool = False) -> tuple[Path, str | None]:
     """Where `convbert finetune` writes when --output is not given: ./finetuned, unless that holds another task's
-    model (or other files, or is not a folder), then the first free ./finetuned-2, -3, …. A default must not fail,
-    nor replace someone else's work; an explicit --output that would is refused instead. With `overwrite`,
-    ./finetuned is replaced if it is an earlier fine-tuned model (of any task)."""
+    model (or other files, or is not a folder), then the first free ./finetuned-2, -3, …, with a note saying why.
+    A default must not fail, nor replace someone else's work; an explicit --output that would is refused instead.
+    With `overwrite`, ./finetuned is replaced if it is an earlier fine-tuned model (of any task)."""
     base = Path(base)
     for n in itertools.count(1):
         candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
@@ -392,10 +396,9 @@ def default_output(model_dir: str | os.PathLike, train_file: str | os.PathLike,
             _refuse_replacing_another_task(candidate, Path(model_dir), Path(train_file), overwrite=overwrite)
         except ConvBertError:
             continue
-        if n > 1:
-            print(f"{base} is taken (another task's fine-tuned model, other files, or not a folder); writing to "
-                  f"{candidate}")
-        return candidate
+        note = (f"{base} is taken (another task's fine-tuned model, other files, or not a folder); writing to "
+                f"{candidate}") if n > 1 else None
+        return candidate, note
     raise AssertionError("unreachable")
 
 

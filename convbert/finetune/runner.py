@@ -365,11 +365,12 @@ def run_one(opts: GlueOptions, task: str, seed: int, data_cache: dict, tokenizer
     t0 = time.time()
     if bar is not None:
         bar.set_description(f"{DISPLAY[task]} seed {seed}")
+        bar.set_postfix(loss="…", refresh=False)  # not the previous run's last loss
 
     def on_step(step, loss):
         if bar is not None:
             bar.update(1)
-            if step % 10 == 0:
+            if step % 10 == 0 or step == 1:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     stats = train(model, feats, cfg, spec.is_regression, epochs, seed, peak_lr, on_step=on_step)

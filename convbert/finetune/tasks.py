@@ -254,9 +254,9 @@ def require_split_file(glue_dir: str | os.PathLike, task: str, split: str) -> Pa
     if p is None:
         spec = get_task(task)
         fn = _split_spec(spec, split).filename
-        dirs = "/".join(spec.dir_names[:2])
+        dirs = " or ".join(f"{d}/" for d in spec.dir_names[:2])
         raise ConvBertError(
-            f"{glue_dir}: no {fn} for task {spec.name} (looked in {dirs}/ of the standard GLUE layout and ConvBERT's "
+            f"{glue_dir}: no {fn} for task {spec.name} (looked in {dirs} of the standard GLUE layout and ConvBERT's "
             "renamed layout; run `convbert glue-download` or point --glue-dir at the folder holding the task folders)"
         )
     return p

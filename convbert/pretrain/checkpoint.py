@@ -306,11 +306,14 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
 
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 _SET_ASIDE = "move that checkpoint folder aside to resume from the one before it"
+_EXPORT_ANOTHER = "export an earlier one instead (--checkpoint <run>/checkpoints/step-…)"
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint: {'state', 'model', 'optimizer_tensors', 'rng_tensors'}."""
+def load_checkpoint(path: str | os.PathLike, for_export: bool = False) -> dict:
+    """Read a checkpoint: {'state', 'model', 'optimizer_tensors', 'rng_tensors'}. A damaged one is an error whose
+    advice fits the reader: set it aside to resume from the one before, or export another."""
     path = Path(path)
+    advice = _EXPORT_ANOTHER if for_export else _SET_ASIDE
     state = read_trainer_state(path)
     recorded = state.get("files") if isinstance(state.get("files"), dict) else {}  # (checkpoints since stop 24)
     tensors = {}
@@ -318,16 +321,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         file = path / name
         if not file.is_file():
             if name == "model.safetensors" or name in recorded:
-                raise ConvBertError(f"{file}: missing; {_SET_ASIDE}")
+                raise ConvBertError(f"{file}: missing; {advice}")
             tensors[name] = {}
             continue
         if name in recorded and sha256_file(file) != recorded[name]:
             raise ConvBertError(f"{file}: its contents differ from what was written (sha256 recorded in "
-                                f"{STATE_FILE}): damaged; {_SET_ASIDE}")
+                                f"{STATE_FILE}): damaged; {advice}")
         try:
             tensors[name] = load_file(str(file))
         except Exception as err:  # safetensors raises its own error types
-            raise ConvBertError(f"{file}: cannot read the tensors ({err}); {_SET_ASIDE}") from None
+            raise ConvBertError(f"{file}: cannot read the tensors ({err}); {advice}") from None
     return {"state": state, "model": tensors["model.safetensors"],
             "optimizer_tensors": tensors["optimizer.safetensors"], "rng_tensors": tensors["rng.safetensors"]}
 

@@ -143,7 +143,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, generator: boo
     from convbert.model.modeling import ConvBertModel
 
     ck = ckpt_io.resolve_checkpoint(checkpoint)
-    data = ckpt_io.load_checkpoint(ck)
+    data = ckpt_io.load_checkpoint(ck, for_export=True)
     state = data["state"]
     run = state.get("run_config") or {}
     if "model_config" not in run:

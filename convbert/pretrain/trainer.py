@@ -415,8 +415,11 @@ class Trainer:
                 f"{self.out}: the run trained on --data less {split(held)}, this invocation on --data less "
                 f"{split(holding)} (--eval-batches x eval_batch_size and --eval-data decide it); {hint}")
         # Paths may move with the run (the fingerprint above follows the data); --stop-at-step is per invocation.
+        # (--threads not given is 0, "torch's choice": no change to report; the thread count itself is checked
+        # against the checkpoint's below)
         return [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]
-                and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab", "init_from")]
+                and k not in ("stop_at_step", "time_limit", "output", "data", "eval_data", "vocab", "init_from")
+                and not (k == "threads" and not new[k])]
 
     def maybe_resume(self) -> bool:
         try:
