@@ -768,3 +768,94 @@ def test_data_stats_default_bins_fit_short_datasets(corpus, vocab, tmp_path, cap
     assert cli_main(["data-stats", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert len(stats["length_histogram"]) == 7
+
+
+def test_a_document_read_whole_is_tokenised_in_bounded_batches(corpus, vocab, tmp_path, monkeypatch):
+    """A JSONL record (like a parquet row group or an archive member) reaches the packer as one block; its lines
+    were tokenised all at once (~57 bytes of memory per byte of text: 2.9 GB for a 50 MB record). Now the batch
+    limit holds inside a block too, and the shards are the same bytes."""
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    text = "\n".join(p.read_text() for p in sorted(corpus.iterdir()))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    whole = build_dataset([str(tmp_path / "one.jsonl")], vocab, str(tmp_path / "whole"), docs="files",
+                          progress=False)
+    batches = []
+    encode_batch = WordPieceTokenizer.encode_batch
+
+    def recording(self, texts, max_tokens=None):
+        batches.append(sum(map(len, texts)))
+        return encode_batch(self, texts, max_tokens)
+
+    monkeypatch.setattr(WordPieceTokenizer, "encode_batch", recording)
+    monkeypatch.setattr(build_mod, "BATCH_CHARS", 2000)
+    small = build_dataset([str(tmp_path / "one.jsonl")], vocab, str(tmp_path / "small"), docs="files",
+                          progress=False)
+    longest_line = max(map(len, text.splitlines()))
+    assert len(batches) > 10 and max(batches) < 2000 + longest_line
+    assert small["counts"] == whole["counts"]
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("shard-*"))
+    assert shards and all((tmp_path / "small" / n).read_bytes() == (tmp_path / "whole" / n).read_bytes()
+                          for n in shards)
+
+
+def test_train_vocab_cuts_a_very_long_line_between_words_with_the_same_result(corpus, tmp_path, monkeypatch):
+    """The trainer held ~100 bytes per character of one line (a one-line 50 MB file took 5 GB); the line now
+    reaches it in pieces cut where a word ends anyway, which gives the same word counts and so the same vocab."""
+    import convbert.data.tokenize as tokenize
+    import convbert.data.vocab as vocab_mod
+
+    text = " ".join(p.read_text() for p in sorted(corpus.iterdir())).replace("\n", " ")
+    (tmp_path / "one_line.txt").write_text(text + "\n")
+    whole = train_vocab([str(tmp_path / "one_line.txt")], 400, str(tmp_path / "whole.txt"))
+    cuts = []
+    pieces = tokenize.space_bounded_pieces
+
+    def recording(line, size):
+        for piece in pieces(line, size):
+            cuts.append(len(piece))
+            yield piece
+
+    monkeypatch.setattr(tokenize, "LONG_TEXT", 997)
+    monkeypatch.setattr(tokenize, "space_bounded_pieces", recording)
+    cut = train_vocab([str(tmp_path / "one_line.txt")], 400, str(tmp_path / "cut.txt"))
+    assert len(cuts) > 20 and max(cuts) <= 997 + 1  # (a piece may start with the space it was cut at)
+    assert Path(cut).read_bytes() == Path(whole).read_bytes()
+    assert vocab_mod.wordpiece is tokenize
+
+
+def test_the_packer_sees_no_more_of_a_line_than_can_change_the_examples(corpus, vocab, tmp_path, monkeypatch):
+    """A one-line file of millions of tokens was tokenised whole and held as a list of ids (13-20 bytes of memory
+    per byte of text). Past `line_token_cap` tokens nothing the packer decides can change, so the rest is not
+    tokenised: the shards are the same bytes. (Small limits here, so that a short file exercises the cut.)"""
+    import convbert.data.packing as packing
+    import convbert.data.tokenize as tokenize
+    from convbert.data.tokenize import WordPieceTokenizer
+
+    words = " ".join(p.read_text() for p in sorted(corpus.iterdir())).split()
+    lines = [" ".join(words[i : i + 40]) for i in range(0, 400, 40)]
+    lines.insert(3, " ".join(words[400:4400]))  # one line of ~4,000 words among short ones
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n\n" + "\n".join(lines[:5]) + "\n")
+    monkeypatch.setattr(tokenize, "LONG_TEXT", 997)
+    monkeypatch.setattr(packing, "SINGLE_SEGMENT_TARGET", 150)  # the cap follows it: 151 tokens at length 32
+    longest = []
+    encode_batch = WordPieceTokenizer.encode_batch
+
+    def recording(self, texts, max_tokens=None):
+        out = encode_batch(self, texts, max_tokens)
+        longest.append(max(map(len, out), default=0))
+        return out
+
+    monkeypatch.setattr(WordPieceTokenizer, "encode_batch", recording)
+    capped = build_dataset([str(tmp_path / "in.txt")], vocab, str(tmp_path / "capped"), max_seq_length=32,
+                           progress=False)
+    assert max(longest) == 151
+    longest.clear()
+    monkeypatch.setattr(build_mod, "line_token_cap", lambda max_seq_length: None)
+    whole = build_dataset([str(tmp_path / "in.txt")], vocab, str(tmp_path / "whole"), max_seq_length=32,
+                          progress=False)
+    assert max(longest) > 3000
+    assert capped["counts"] == whole["counts"]
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("shard-*"))
+    assert shards and all((tmp_path / "capped" / n).read_bytes() == (tmp_path / "whole" / n).read_bytes()
+                          for n in shards)

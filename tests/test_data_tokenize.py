@@ -198,8 +198,8 @@ def test_a_very_long_line_is_encoded_in_pieces_with_the_same_ids(vocab_file, cor
     tok = WordPieceTokenizer.from_vocab(vocab_file)
     awkward = " ".join(corpus_text.split()[:400]) + " a\x1cb c\td 中文 naïve\u3000x " + "y" * 300 + " end"
     line = (awkward + " ") * 3
-    monkeypatch.setattr(tokenize, "_LONG_TEXT", 97)  # many cuts, some inside runs without spaces
-    pieces = list(tokenize._space_bounded_pieces(line, 97))
+    monkeypatch.setattr(tokenize, "LONG_TEXT", 97)  # many cuts, some inside runs without spaces
+    pieces = list(tokenize.space_bounded_pieces(line, 97))
     assert len(pieces) > 50 and "".join(pieces) == line
     ids = tok.encode_batch(["short text", line, "another"])
     assert ids[1] == tok.backend.encode(line, add_special_tokens=False).ids
@@ -226,8 +226,8 @@ def test_long_text_without_spaces_is_cut_at_cjk_punctuation_and_other_whitespace
                                            "—", "x" * 5]
     line = "".join(rng.choice(alphabet) for _ in range(4000))
     size = 50
-    monkeypatch.setattr(tokenize, "_LONG_TEXT", size)
-    pieces = list(tokenize._space_bounded_pieces(line, size))
+    monkeypatch.setattr(tokenize, "LONG_TEXT", size)
+    pieces = list(tokenize.space_bounded_pieces(line, size))
     assert "".join(pieces) == line and " " not in line
     assert len(pieces) > 60 and max(map(len, pieces)) <= size
     import unicodedata

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from convbert.data.corpus import DATASET_FORMAT, DOCS_MODES, Unit, UnitEnumerator, UnitStats, read_unit
-from convbert.data.packing import SEGMENT_RULES, ExampleBuilder
+from convbert.data.packing import SEGMENT_RULES, ExampleBuilder, line_token_cap
 from convbert.data.shards import ShardReader, ShardWriter, token_dtype_for
 from convbert.data.tokenize import WordPieceTokenizer
 from convbert.errors import ConvBertError
@@ -113,9 +113,13 @@ def pack_unit(unit: Unit, tok: WordPieceTokenizer, builder: ExampleBuilder, file
     """Read `unit`, tokenise its lines in batches and feed them to `builder`; `sink(a, b)` gets each example."""
     items: list = []
     chars = 0
+    # No example takes more than max_seq_length tokens of a line, and a line this long decides every length
+    # comparison of the packer the same way as the whole line would (see `line_token_cap`): the rest of a very
+    # long line (a one-line 50 MB file) is not tokenised, nor held as a list of ids.
+    cap = line_token_cap(builder.max_length)
 
     def run(items: list) -> None:
-        builder.feed(items, iter(tok.encode_batch([s for s in items if s])), sink)
+        builder.feed(items, iter(tok.encode_batch([s for s in items if s], max_tokens=cap)), sink)
 
     for block in read_unit(unit, text_field, stats):
         for line in block:
@@ -125,10 +129,12 @@ def pack_unit(unit: Unit, tok: WordPieceTokenizer, builder: ExampleBuilder, file
                     continue
                 chars += len(line)
             items.append(line)
-        if len(items) >= BATCH_LINES or chars >= BATCH_CHARS:
-            run(items)
-            items = []
-            chars = 0
+            # checked per line: one block can be a whole document (a JSONL record, a parquet row group, an
+            # archive member), and tokenising all of it at once cost ~57 bytes of memory per byte of text
+            if len(items) >= BATCH_LINES or chars >= BATCH_CHARS:
+                run(items)
+                items = []
+                chars = 0
     if items:
         run(items)
 

@@ -41,6 +41,13 @@ class RandomSource(Protocol):
 Example = tuple[list[int], list[int]]
 
 
+def line_token_cap(max_seq_length: int) -> int:
+    """Tokens of one line beyond which the rest cannot change the examples: every comparison `ExampleBuilder`
+    makes with a line's length is against a target <= max(SINGLE_SEGMENT_TARGET, max_seq_length), and an example
+    keeps at most max_seq_length tokens of it, so a line cut to this length packs exactly as the whole line."""
+    return max(SINGLE_SEGMENT_TARGET, int(max_seq_length)) + 1
+
+
 class ExampleBuilder:
     """Accumulates tokenised lines and cuts examples, exactly as the original builder."""
 

@@ -115,19 +115,26 @@ class WordPieceTokenizer:
         """Token ids of `text`, without [CLS]/[SEP]."""
         return self._tok.encode(self._prepare(text), add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Iterable[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of each text. With `max_tokens`, a text's ids may stop after its first `max_tokens` (only a
+        text longer than `LONG_TEXT` characters is cut; the rest of it is not tokenised at all)."""
         texts = [self._prepare(t) for t in texts]
         if not texts:
             return []
         # One batch for the ordinary lines. A very long line (a 10 MB "sentence") costs ~500 bytes per token inside
         # `tokenizers`; encoded in pieces cut at plain spaces, where a word boundary falls anyway, it gives the same
         # ids in bounded memory.
-        long = [i for i, t in enumerate(texts) if len(t) > _LONG_TEXT]
-        out = [e.ids for e in self._batch([t if len(t) <= _LONG_TEXT else "" for t in texts],
+        long = [i for i, t in enumerate(texts) if len(t) > LONG_TEXT]
+        out = [e.ids for e in self._batch([t if len(t) <= LONG_TEXT else "" for t in texts],
                                           add_special_tokens=False)]
         for i in long:
-            out[i] = [t for piece in _space_bounded_pieces(texts[i], _LONG_TEXT)
-                      for t in self._batch([piece], add_special_tokens=False)[0].ids]
+            ids: list[int] = []
+            for piece in space_bounded_pieces(texts[i], LONG_TEXT):
+                ids += self._batch([piece], add_special_tokens=False)[0].ids
+                if max_tokens is not None and len(ids) >= max_tokens:
+                    del ids[max_tokens:]
+                    break
+            out[i] = ids
         return out
 
     def tokenize(self, text: str) -> list[str]:
@@ -154,7 +161,7 @@ class WordPieceTokenizer:
         )
 
 
-_LONG_TEXT = 1 << 16  # characters
+LONG_TEXT = 1 << 16  # characters
 _CAPITAL_SIGMA = "\u03a3"
 
 
@@ -169,7 +176,7 @@ def _unchanged(text: str) -> str:
     return text
 
 
-def _space_bounded_pieces(text: str, size: int) -> Iterator[str]:
+def space_bounded_pieces(text: str, size: int) -> Iterator[str]:
     """`text` cut into pieces of about `size` characters, only where BERT's normaliser and pre-tokeniser end a word
     whatever surrounds the cut: at U+0020 first, else after another whitespace character, a CJK ideograph or a
     punctuation mark (each a token of its own) that no combining mark follows. Text without spaces (Chinese,

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from convbert.data.corpus import iter_lines
+from convbert.data import tokenize as wordpiece
 from convbert.data.tokenize import SPECIAL_TOKENS, WordPieceTokenizer, python_lower
 from convbert.errors import ConvBertError
 from convbert.utils import write_text_atomic
@@ -66,7 +67,11 @@ def train_vocab(
             line = python_lower(line) if lower_case else line  # as WordPieceTokenizer will read it
             # Words over 200 characters are [UNK] to the tokenizer; the trainer's merges are quadratic in a word's
             # length (a 300,000-character run took 30 s), for pieces no text would use.
-            yield _UNKNOWN_WORD.sub(" ", line) if len(line) > _MAX_WORD else line
+            line = _UNKNOWN_WORD.sub(" ", line) if len(line) > _MAX_WORD else line
+            if len(line) <= wordpiece.LONG_TEXT:
+                yield line
+            else:  # the trainer holds ~100 bytes per character of a line: a one-line 50 MB file took 5 GB.
+                yield from wordpiece.space_bounded_pieces(line, wordpiece.LONG_TEXT)  # between words: same counts
 
     def trained(size: int, specials: list[str]) -> Tokenizer:
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=_MAX_WORD))
