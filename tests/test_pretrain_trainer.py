@@ -93,6 +93,17 @@ def test_resuming_on_another_thread_count_says_so(tiny_data, tmp_path, capsys):
         printed.clear()  # --threads left out (0, torch's choice) is not a changed setting
         run_pretraining(cfg_for(tiny_data, run, threads=0), progress=False, log=printed.append)
         assert not any("threads 2 -> 0" in p for p in printed), printed
+        # written by another world size: the random streams restart, so no thread count makes it bit-exact
+        other = tmp_path / "other"
+        run_pretraining(cfg_for(tiny_data, other, stop_at_step=3, threads=1), progress=False)
+        state_file = ckpt_io.latest_checkpoint(other / "checkpoints") / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state["world_size"] = 2
+        state_file.write_text(json.dumps(state))
+        printed.clear()
+        run_pretraining(cfg_for(tiny_data, other, stop_at_step=4, threads=2), progress=False, log=printed.append)
+        assert any("written by 2 rank(s), now 1" in p for p in printed), printed
+        assert not any("bit for bit" in p for p in printed), printed
     finally:
         torch.set_num_threads(before)
 

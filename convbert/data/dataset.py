@@ -312,8 +312,9 @@ class PretrainingLoader:
             raise ConvBertError(f"{dataset.path}: the dataset has no examples")
         if self.drop_last and self.num_examples < self.global_batch_size:
             raise ConvBertError(
-                f"{dataset.path}: {self.num_examples} examples are fewer than one global batch "
-                f"({self.batch_size} x {self.world_size} ranks); use a smaller --batch-size or more data"
+                f"{dataset.path}: {self.num_examples} examples are fewer than one batch of the loader "
+                f"({self.batch_size} per rank x {self.world_size} rank(s): one micro-step of --batch-size / "
+                "--grad-accum); use a smaller --batch-size, a larger --grad-accum or more data"
             )
         self.epoch = 0
         self.position = 0  # examples of the current epoch already handed out (by all ranks together)

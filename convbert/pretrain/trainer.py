@@ -479,7 +479,8 @@ class Trainer:
         if changed and self.dist.is_main:
             self.print(f"note: resuming with changed settings: {', '.join(changed)} (the new values apply)")
         threads_then, threads_now = state.get("cpu_threads"), torch.get_num_threads()
-        if self.device.type == "cpu" and threads_then and threads_then != threads_now and self.dist.is_main:
+        if (self.device.type == "cpu" and threads_then and threads_then != threads_now and self.dist.is_main
+                and same_world):  # (with another world size the random streams restart: no resume is bit-exact)
             # --threads is a machine setting, not resumed; the CPU kernels split their sums by thread count
             then = f"{threads_then} CPU thread{'s' * (threads_then != 1)}"
             self.print(f"note: this checkpoint was written with {then}, now {threads_now}: the losses will differ "
