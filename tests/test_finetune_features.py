@@ -145,3 +145,53 @@ def test_train_with_one_seed_is_one_run_whatever_ran_before(tok):
     other = copy.deepcopy(model)
     assert train(other, f, FinetuneConfig(batch_size=4), False, epochs=2, seed=2, peak_lr=1e-3).loss_history \
         != runs[0][0]
+
+
+def test_a_pair_truncated_to_nothing_at_length_4_gets_no_second_sep():
+    """The original tests `if tokens_b:` after truncating: at max_seq_length 4 the pair's one token goes to A."""
+    ids, types = build_ids([5, 6], [8], cls_id=2, sep_id=3, max_seq_length=4)
+    assert ids == [2, 5, 3] and types == [0, 0, 0]
+    ids, types = build_ids([5], [8, 9], cls_id=2, sep_id=3, max_seq_length=4)
+    assert ids == [2, 5, 3] and types == [0, 0, 0]  # (b pops on ties)
+    ids, types = build_ids([5], [8, 9, 10], cls_id=2, sep_id=3, max_seq_length=5)
+    assert ids == [2, 5, 3, 8, 3] and types == [0, 0, 0, 1, 1]
+
+
+def test_featurize_refuses_mismatched_lengths_and_unknown_or_non_finite_labels(tok):
+    from convbert.errors import ConvBertError
+
+    with pytest.raises(ConvBertError, match=r"2 labels for 4 texts_a"):
+        featurize(["a", "b", "c", "d"], None, ["0", "1"], tok, 8, ["0", "1"])
+    with pytest.raises(ConvBertError, match=r"1 texts_b for 4 texts_a"):
+        featurize(["a", "b", "c", "d"], ["x"], ["0"] * 4, tok, 8, ["0", "1"])
+    with pytest.raises(ConvBertError, match="sequences of texts, not one string"):
+        featurize("the cat", None, ["0"] * 7, tok, 8, ["0", "1"])
+    with pytest.raises(ConvBertError, match=r"label 1 of example 0 is not in label_list \['0', '1'\].*1 is not '1'"):
+        featurize(["a", "b"], None, [1, 0], tok, 8, ["0", "1"])
+    with pytest.raises(ConvBertError, match=r"label 'dgo' of example 1"):
+        featurize(["a", "b"], None, ["cat", "dgo"], tok, 8, ["cat", "dog"])
+    with pytest.raises(ConvBertError, match=r"label 'shuffled' of example 0 is not a number"):
+        featurize(["a"], None, ["shuffled"], tok, 8, None)
+    with pytest.raises(ConvBertError, match=r"label nan of example 1: expected a finite regression target"):
+        featurize(["a", "b"], None, [0.6, float("nan")], tok, 8, None)
+
+
+def test_train_checks_its_config_and_the_head_against_the_task(tok):
+    from convbert.errors import ConvBertError
+
+    model = _tiny_classifier(len(tok.vocab))
+    f = featurize(["the cat", "a dog"], None, ["1", "0"], tok, 8, ["0", "1"])
+    with pytest.raises(ConvBertError, match="loss reduction must be sum or mean, got Sum"):
+        train(model, f, FinetuneConfig(loss_reduction="Sum"), False, epochs=1, seed=1, peak_lr=1e-3)
+    with pytest.raises(ConvBertError, match=r"--layer-decay must be in \(0, 1\]"):
+        train(model, f, FinetuneConfig(layer_decay=0.0), False, epochs=1, seed=1, peak_lr=1e-3)
+    with pytest.raises(ConvBertError, match=r"regression=True but the model's head has 2 output\(s\)"):
+        train(model, featurize(["a"], None, [0.5], tok, 8, None), FinetuneConfig(), True, epochs=1, seed=1,
+              peak_lr=1e-3)
+    with pytest.raises(ConvBertError, match=r"regression=False but the model's head has 1 output\(s\)"):
+        train(_tiny_classifier(len(tok.vocab), 1), f, FinetuneConfig(), False, epochs=1, seed=1, peak_lr=1e-3)
+
+
+def test_num_labels_may_be_a_numpy_integer(tok):
+    model = _tiny_classifier(len(tok.vocab), np.int64(3))
+    assert model.num_labels == 3 and type(model.num_labels) is int

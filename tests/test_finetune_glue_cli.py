@@ -9,6 +9,7 @@ import zipfile
 import pytest
 
 from convbert.cli import main
+from convbert.errors import ConvBertError
 from test_finetune_data import TEST_SIZES, make_tiny_model, write_glue
 
 FILES = ["AX", "CoLA", "MNLI-m", "MNLI-mm", "MRPC", "QNLI", "QQP", "RTE", "SST-2", "STS-B", "WNLI"]
@@ -329,11 +330,17 @@ def test_the_python_api_routes_its_report_through_log(env, tmp_path, capsys):
     _, model, glue = env
     lines = []
     cfg = FinetuneConfig(epochs=1, batch_size=8, max_seq_length=32)
-    summary = run_glue(GlueOptions(model, glue, tmp_path / "o", ["rte"], [1], cfg, progress=False, log=lines.append))
+    # str paths and a display name, as a user would write them (the CLI hands over Paths and canonical names)
+    summary = run_glue(GlueOptions(str(model), str(glue), str(tmp_path / "o"), ["RTE"], [1], cfg, progress=False,
+                                   log=lines.append))
     out, err = capsys.readouterr()
     assert out == "" and err == ""
     assert any(line.startswith("# GLUE dev results") and "| RTE |" in line for line in lines)
     assert "rte" in summary["tasks"]
+    with pytest.raises(ConvBertError, match=r"--seeds lists a seed twice: \[1, 1\]"):  # one run counted twice
+        run_glue(GlueOptions(model, glue, tmp_path / "o2", ["rte"], [1, 1], cfg, progress=False, log=lines.append))
+    with pytest.raises(ConvBertError, match="unknown GLUE task 'glue'"):
+        run_glue(GlueOptions(model, glue, tmp_path / "o3", ["glue"], [1], cfg, progress=False, log=lines.append))
 
 
 def test_save_models_writes_folders_that_load_again(env, tmp_path):

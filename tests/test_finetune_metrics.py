@@ -104,3 +104,25 @@ def test_the_averages_name_as_missing_only_what_each_needs():
     assert M.leaderboard_average(s) is None and M.missing_for(s, M.LEADERBOARD_TASKS) == ["mnli"]
     del s["rte"]
     assert M.paper_average(s) is None and M.paper_missing(s) == ["rte"]
+
+
+def test_column_vectors_are_read_as_their_values_and_other_shapes_refused():
+    """A regression head's [N, 1] scores, or a keepdims argmax, against [N] labels broadcast to N x N and gave
+    silently wrong scores (accuracy 50.2 for 90)."""
+    import numpy as np
+
+    from convbert.errors import ConvBertError
+
+    y = np.array([0, 1, 1, 0, 1, 1, 0, 1, 0, 1])
+    p = y.copy()
+    p[0] = 1
+    assert M.accuracy(p[:, None], y) == M.accuracy(p, y) == 90.0
+    assert M.f1_binary(p[:, None], y) == M.f1_binary(p, y)
+    assert M.matthews(p[:, None], y[:, None]) == M.matthews(p, y)
+    s = np.linspace(0, 1, 10)
+    assert M.spearman(s[:, None], s ** 2) == pytest.approx(100.0)
+    assert M.pearson(s[:, None], 2 * s) == pytest.approx(100.0)
+    with pytest.raises(ConvBertError, match=r"predictions of shape \[10, 2\] and labels of shape \[10\]"):
+        M.accuracy(np.zeros((10, 2)), y)
+    with pytest.raises(ConvBertError, match=r"shape \[9\] and labels of shape \[10\]"):
+        M.accuracy(p[:9], y)

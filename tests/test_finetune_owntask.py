@@ -335,8 +335,15 @@ def test_an_earlier_output_of_another_model_or_training_file_is_not_replaced_sil
     assert _finetune(model, other, out, "--overwrite") == 0
     assert json.loads((out / "finetune_task.json").read_text())["labels"] == ["no", "yes"]
     cfg = FinetuneConfig(epochs=1, batch_size=8, max_seq_length=32)
-    finetune_own_task(str(model), str(first), None, ["q", "a"], "y", False, str(tmp_path / "api"), cfg,
-                      progress=False)
+    result = finetune_own_task(str(model), str(first), None, ["q", "a"], "y", False, str(tmp_path / "api"), cfg,
+                               progress=False)
+    # a pair task is doubled with its texts swapped only when it says it is symmetric, as `--symmetric` does
+    # (the Python default doubled every pair task: wrong for question/answer or NLI-like pairs)
+    assert result["train_examples"] == len(PAIRS)
+    assert json.loads((tmp_path / "api" / "finetune_task.json").read_text())["settings"]["double_unordered"] is False
+    doubled = finetune_own_task(model, first, None, ["q", "a"], "y", False, tmp_path / "sym", cfg, progress=False,
+                                symmetric=True)
+    assert doubled["train_examples"] == 2 * len(PAIRS)
     (tmp_path / "new.csv").write_text("q,a\nthe cat,sat\n")
     assert predict_file(str(tmp_path / "api"), str(tmp_path / "new.csv"), str(tmp_path / "p.csv")) == 1
 

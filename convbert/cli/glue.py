@@ -160,6 +160,7 @@ def cmd_finetune(args) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         output_note=note,
+        symmetric=args.symmetric,
     )
     return 0
 

@@ -40,8 +40,11 @@ def build_ids(a: list[int], b: list[int] | None, cls_id: int, sep_id: int, max_s
         types = [0] * len(ids)
     else:
         a, b = truncate_pair(a, b, max_seq_length - 3)
-        ids = [cls_id] + a + [sep_id] + b + [sep_id]
-        types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        ids = [cls_id] + a + [sep_id]
+        types = [0] * len(ids)
+        if b:  # (truncation can empty it at max_seq_length 4: the original then adds no second [SEP] either)
+            ids += b + [sep_id]
+            types += [1] * (len(b) + 1)
     return ids, types
 
 
@@ -78,7 +81,12 @@ def featurize(
 ) -> Features:
     """Tokenise and pack examples. Classification labels map through `label_list` (None → first label, the
     original's dummy for test rows); regression labels are divided by `regression_scale` (None → 0.0)."""
+    if isinstance(texts_a, str) or isinstance(texts_b, str):
+        raise ConvBertError("featurize: texts_a and texts_b are sequences of texts, not one string")
     n = len(texts_a)
+    for name, other in (("texts_b", texts_b), ("labels", labels)):
+        if other is not None and len(other) != n:
+            raise ConvBertError(f"featurize: {len(other)} {name} for {n} texts_a: expected one per example")
     enc_a = tokenizer.encode_batch(list(texts_a)) if n else []
     enc_b = tokenizer.encode_batch(list(texts_b)) if (texts_b is not None and n) else None
     T = max_seq_length
@@ -96,11 +104,29 @@ def featurize(
         mask[i, :L] = 1
         lengths[i] = L
     if label_list is None:
-        y = np.array([0.0 if l is None else float(l) / regression_scale for l in labels], dtype=np.float32)
+        y = np.array([0.0 if l is None else _regression_target(i, l) / regression_scale for i, l in enumerate(labels)],
+                     dtype=np.float32)
     else:
         index = {l: k for k, l in enumerate(label_list)}
+        unknown = next(((i, l) for i, l in enumerate(labels) if l is not None and l not in index), None)
+        if unknown is not None:
+            i, l = unknown
+            raise ConvBertError(f"featurize: label {l!r} of example {i} is not in label_list {list(label_list)!r}"
+                                + (" (labels are compared as given: 1 is not '1')"
+                                   if str(l) in map(str, label_list) else ""))
         y = np.array([0 if l is None else index[l] for l in labels], dtype=np.int64)
     return Features(input_ids, mask, type_ids, y, lengths)
+
+
+def _regression_target(i: int, label) -> float:
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        raise ConvBertError(f"featurize: label {label!r} of example {i} is not a number (label_list=None means "
+                            "regression; pass label_list for classes)") from None
+    if not np.isfinite(value):
+        raise ConvBertError(f"featurize: label {label!r} of example {i}: expected a finite regression target")
+    return value
 
 
 def featurize_examples(examples, tokenizer, max_seq_length: int, label_list, regression_scale: float = 5.0):

@@ -15,16 +15,32 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from convbert.errors import ConvBertError
+
+
+def _pair(preds, labels, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Both as 1-D arrays of one length: a column vector ([N, 1], what a regression head or a keepdims argmax
+    gives) is read as its N values, as scikit-learn does; anything else that is not N values is refused (NumPy
+    would broadcast an [N, 1] against an [N] into N x N comparisons and return a wrong score)."""
+    p, y = np.asarray(preds, dtype=dtype), np.asarray(labels, dtype=dtype)
+    p = p.reshape(-1) if p.ndim == 2 and p.shape[1] == 1 else p
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if p.ndim != 1 or y.ndim != 1 or len(p) != len(y):
+        raise ConvBertError(f"metric: predictions of shape {list(p.shape)} and labels of shape {list(y.shape)}: "
+                            "expected one value per example for both")
+    return p, y
+
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
-    p, y = np.asarray(preds), np.asarray(labels)
+    p, y = _pair(preds, labels)
     if len(y) == 0:
         return float("nan")
     return float((p == y).mean() * 100.0)
 
 
 def f1_binary(preds: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
-    p, y = np.asarray(preds) == positive, np.asarray(labels) == positive
+    p, y = _pair(preds, labels)
+    p, y = p == positive, y == positive
     tp = float(np.sum(p & y))
     fp = float(np.sum(p & ~y))
     fn = float(np.sum(~p & y))
@@ -35,7 +51,7 @@ def f1_binary(preds: Sequence[int], labels: Sequence[int], positive: int = 1) ->
 
 def matthews(preds: Sequence[int], labels: Sequence[int]) -> float:
     """Matthews correlation (multi-class R_K form, as sklearn) ×100; 0 when undefined."""
-    p, y = np.asarray(preds), np.asarray(labels)
+    p, y = _pair(preds, labels)
     classes = np.union1d(p, y)
     if len(y) == 0:
         return float("nan")
@@ -59,7 +75,7 @@ def matthews(preds: Sequence[int], labels: Sequence[int]) -> float:
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     from scipy.stats import pearsonr
 
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = _pair(x, y, np.float64)
     if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")  # undefined (constant predictions), as scipy and the original say; JSON null
     return float(pearsonr(x, y)[0] * 100.0)
@@ -68,7 +84,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     from scipy.stats import spearmanr
 
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = _pair(x, y, np.float64)
     if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")  # undefined (constant predictions), as scipy and the original say; JSON null
     return float(spearmanr(x, y)[0] * 100.0)

@@ -260,17 +260,21 @@ def finetune_own_task(
     progress: bool = True,
     overwrite: bool = False,
     output_note: str | None = None,
+    symmetric: bool = False,
 ) -> dict:
     """Fine-tune `model_dir` on a CSV/TSV/JSONL file and write the model, its vocab and `finetune_task.json` to
     `output`. An earlier output of the same --model and --train there is replaced; one of another model or training
     file only with `overwrite`. `output_note` (why the default output moved) is printed once the inputs have been
-    read and checked, so that a run that fails on its input does not announce a write."""
+    read and checked, so that a run that fails on its input does not announce a write. `symmetric=True` (a pair
+    task whose two texts may be swapped, `--symmetric`) doubles the training set with them swapped, unless
+    `cfg.double_unordered` is False; a pair task is not doubled otherwise."""
     from convbert.model.heads import ConvBertForSequenceClassification
 
     model_dir, train_file, output = Path(model_dir), Path(train_file), Path(output)
     dev_file = Path(dev_file) if dev_file is not None else None
     cfg.validate()
-    cfg = dataclasses.replace(cfg, regression_scale=1.0)  # own scores are used as they are (GLUE's STS-B: / 5)
+    # own scores are used as they are (GLUE's STS-B: / 5); the doubling recorded is the one applied
+    cfg = dataclasses.replace(cfg, regression_scale=1.0, double_unordered=bool(symmetric and cfg.double_unordered))
     if output.exists() and not output.is_dir():
         raise ConvBertError(f"--output {output}: exists and is not a folder")
     if output.is_dir() and output.resolve() == Path(model_dir).resolve():
@@ -291,6 +295,8 @@ def finetune_own_task(
     if label_list is not None and len(label_list) < 2:
         raise ConvBertError(f"{train_file}: column {label_column!r} has a single label {label_list[0]!r}; "
                             "classification needs at least two (or pass --regression)")
+    if symmetric and b is None:
+        raise ConvBertError(f"symmetric: swaps the two texts of a pair, but text_columns names one ({text_columns!r})")
     if cfg.double_unordered and b is not None:
         a, b, y = a + b, b + a, y + y
     feats = featurize(a, b, y, tokenizer, cfg.max_seq_length, label_list, regression_scale=cfg.regression_scale)

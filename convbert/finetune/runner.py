@@ -40,6 +40,7 @@ from convbert.finetune.tasks import (
     SUBMISSION_FILES,
     SUBMISSION_SOURCE,
     TASKS,
+    canonical_task,
     find_split_file,
     read_split,
     require_examples,
@@ -541,7 +542,12 @@ def run_glue(opts: GlueOptions) -> dict:
     cfg.validate()
     if not opts.seeds:
         raise ConvBertError("--seeds must be at least 1")
-    tasks = list(opts.tasks)
+    if len(set(opts.seeds)) != len(opts.seeds):  # (one run would count twice in the median, mean and std)
+        raise ConvBertError(f"--seeds lists a seed twice: {list(opts.seeds)}")
+    # What the CLI hands over, also from Python: paths as Path, task names as canonical ones ('SST-2' -> 'sst')
+    opts.model_dir, opts.glue_dir, opts.output = Path(opts.model_dir), Path(opts.glue_dir), Path(opts.output)
+    named = {canonical_task(str(t)) for t in opts.tasks}
+    tasks = [t for t in (*GLUE_TASKS, "ax") if t in named]
     if "ax" in tasks and "mnli" not in tasks:
         _log(opts, "AX has no training data: it is predicted by the MNLI model, so mnli is run too")
         tasks.insert(tasks.index("ax"), "mnli")

@@ -190,9 +190,14 @@ def train(
     `seed` fixes the data order and the dropout masks (torch's RNG is seeded from it here, on its own stream), so
     the same model, data, settings and seed give the same run. A fresh head is initialised when the model is built:
     seed torch before that (`set_seed`) to fix it too."""
+    cfg.validate()  # (the CLI validates its settings; a config built in Python reaches here unchecked)
     n = len(feats)
     if n == 0:
         raise ConvBertError("no training examples left after reading the training file")
+    outputs = getattr(model, "num_labels", None)
+    if outputs is not None and (outputs == 1) != bool(regression):
+        raise ConvBertError(f"train: regression={bool(regression)} but the model's head has {outputs} output(s): "
+                            "regression takes a 1-output head, classification one output per class")
     total = train_steps_for(n, cfg.batch_size, epochs)
     warmup = total * cfg.warmup_proportion  # a float, like the original's max(T · proportion, 0)
     model.to(cfg.device)
