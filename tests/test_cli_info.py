@@ -146,3 +146,53 @@ def test_progress_bars_in_a_log_file_are_plain_lines_not_carriage_return_frames(
     assert capsys.readouterr().err == ""
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     assert interactive_stderr()
+
+
+def test_flags_are_not_abbreviated(capsys):
+    """argparse's prefix matching read `glue --seed 3` as `--seeds 3`: three runs instead of seed 3."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["glue", "--model", "m", "--glue-dir", "g", "--output", "o", "--seed", "3"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --seed 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--dat", "d", "--output", "o"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --dat d" in capsys.readouterr().err
+
+
+def test_building_the_parser_loads_no_torch_and_info_lists_every_preset():
+    """`convbert --help` took 2 s (info's presets imported the model package, hence torch); a Ctrl-C during that
+    import printed a traceback."""
+    from convbert.cli.info import PRESET_NAMES
+    from convbert.model.config import PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS) and len(PRESET_NAMES) == len(PRESETS)
+    code = "import sys; from convbert.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly(capsys, monkeypatch):
+    """`convbert info --json | head -1` printed `error: Broken pipe` and exited 2."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["info", "--json"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_an_interrupted_command_leaves_no_empty_output_folder(tmp_path, capsys, monkeypatch):
+    import convbert.finetune.runner as runner
+
+    def interrupted(opts):
+        opts.output.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_glue", interrupted)
+    out = tmp_path / "g1"
+    assert main(["glue", "--model", str(tmp_path), "--glue-dir", str(tmp_path), "--output", str(out)]) == 130
+    assert "interrupted; re-run the same command to continue" in capsys.readouterr().err
+    assert not out.exists()

@@ -240,6 +240,19 @@ def cli_missing_required_flag(e, t):
 
 
 @case("command line")
+def cli_abbreviated_flag(e, t):  # argparse read `glue --seed 3` as `--seeds 3`: three runs instead of seed 3
+    return dict(argv=["glue", "--model", str(e.model), "--glue-dir", str(e.glue), "--output", str(t / "o"),
+                      "--seed", "3"], expect=["unrecognized arguments: --seed 3"], absent=[t / "o"])
+
+
+@case("command line")
+def build_data_negative_seed(e, t):
+    return dict(argv=["build-data", "--input", str(e.corpus), "--vocab", str(e.model / "vocab.txt"), "--output",
+                      str(t / "out"), "--seed", "-1"], expect=["--seed: a seed must be in 0..4294967295, got -1"],
+                absent=[t / "out"])
+
+
+@case("command line")
 def cli_bad_choice(e, t):
     return dict(argv=["glue", "--model", str(e.model), "--glue-dir", str(e.glue), "--output", str(t / "o"),
                       "--wnli", "coin"], expect=["argument --wnli: invalid choice: 'coin'"], absent=[t / "o"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import sys
 import traceback
@@ -27,7 +28,12 @@ SUBCOMMAND_MODULES = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors on one line, like every other error (`convbert <cmd>: error: ...`), exit status 2."""
+    """Usage errors on one line, like every other error (`convbert <cmd>: error: ...`), exit status 2. Flags are
+    not abbreviated: argparse would read `glue --seed 3` as `--seeds 3` (three runs, not seed 3)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # (subcommands' parsers are this class too)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -132,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convbert {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _remove_if_new_and_empty(output, output_existed)  # (what can be resumed is kept: it holds files)
         again = RESUMABLE.get(args.command)
         print(f"convbert {args.command}: interrupted" + (f"; {again}" if again else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout piped into `head` and closed: stop quietly, as Unix filters do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
+        except (OSError, ValueError, AttributeError):  # (a stdout without a file descriptor)
+            pass
+        return 141  # 128 + SIGPIPE, what the shell reports for a filter killed by it
     except OSError as err:  # a path that cannot be created, read or written: name it, no traceback
         if debug:
             traceback.print_exc()

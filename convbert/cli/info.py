@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from convbert.model.config import PRESETS
+# = list(convbert.model.config.PRESETS), in the order `pretrain --size` lists them (a test keeps them equal;
+# importing the model package loads torch, and building the parser for --help should not)
+PRESET_NAMES = ("tiny", "small", "medium-small", "base")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Print a table per preset: layers, hidden, heads (self-attention / conv), groups, "
                                    "parameters (discriminator, generator, total in pre-training) and training FLOPs "
                                    "per token at length 128.")
-    p.add_argument("--size", choices=list(PRESETS), action="append",
+    p.add_argument("--size", choices=PRESET_NAMES, action="append",
                    help="only this preset (repeatable); default: small, medium-small, base")
     p.add_argument("--attention", choices=("mixed", "plain"), default="mixed",
                    help="mixed: ConvBERT (default); plain: the ELECTRA-style baseline of the same size, as "
