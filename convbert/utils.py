@@ -59,6 +59,26 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def check_output_location(path: str | os.PathLike, flag: str = "--output") -> None:
+    """Fail now, naming `path`, if the file or folder `path` could not be written there at the end of a long job:
+    a file where a parent folder must be, or a location without write permission. Creates nothing: a temporary
+    file is made and removed in the nearest existing ancestor folder."""
+    target = Path(path)
+    ancestor = target.parent
+    while not ancestor.exists():
+        if ancestor.is_symlink():  # a dangling link: writing through it fails
+            raise ConvBertError(f"{flag} {path}: {ancestor} is a broken link")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConvBertError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".convbert-probe-", dir=ancestor)
+    except OSError as err:
+        raise ConvBertError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """The file's SHA-256, hex, read in chunks."""
     h = hashlib.sha256()

@@ -517,3 +517,42 @@ def test_dynamic_padding_predictions_do_not_depend_on_the_batch(model, tmp_path)
     np.testing.assert_allclose(one[0], one[5], atol=1e-6)  # the same text, the same score
     fixed = predict_logits(clf, feats, 4, pad_to_max=True)
     assert np.abs(fixed - one).max() > 1e-4  # the conv branch does see padding: fixed padding scores differently
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(model, tmp_path, capsys, monkeypatch):
+    """finetune, predict and train-vocab found a file where a folder must be (or no write permission) only when
+    writing their result, after training or predicting."""
+    import convbert.finetune.owntask as owntask
+
+    train = _csv(tmp_path / "train.csv", PAIRS)
+    (tmp_path / "afile").write_text("x")
+    trained = []
+    monkeypatch.setattr(owntask, "train", lambda *a, **k: trained.append(1))  # must not be reached
+    assert _finetune(model, train, tmp_path / "afile" / "sub") == 2
+    assert f"--output {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder" \
+        in capsys.readouterr().err
+    assert main(["predict", "--model", str(model), "--input", str(train), "--output",
+                 str(tmp_path / "afile" / "p.csv")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["train-vocab", "--input", str(train), "--vocab-size", "50", "--output",
+                 str(tmp_path / "afile" / "deeper" / "v.txt")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert not trained
+
+
+def test_check_output_location_probes_write_permission(tmp_path, monkeypatch):
+    import tempfile
+
+    from convbert.errors import ConvBertError
+    from convbert.utils import check_output_location
+
+    check_output_location(tmp_path / "new" / "deeper" / "out.csv")  # creates nothing
+    assert list(tmp_path.iterdir()) == []
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(ConvBertError, match=rf"--output {tmp_path / 'x.csv'}: cannot write in {tmp_path} "
+                                            r"\(Permission denied\)"):
+        check_output_location(tmp_path / "x.csv")

@@ -22,7 +22,7 @@ from convbert.data.corpus import iter_lines
 from convbert.data import tokenize as wordpiece
 from convbert.data.tokenize import SPECIAL_TOKENS, WordPieceTokenizer, python_lower
 from convbert.errors import ConvBertError
-from convbert.utils import write_text_atomic
+from convbert.utils import check_output_location, write_text_atomic
 
 MAX_VOCAB_SIZE = 2**22  # 4M pieces: far above any real vocabulary; the trainer aborts the process on absurd sizes
 
@@ -51,6 +51,7 @@ def train_vocab(
         raise ConvBertError(f"--vocab-size: expected at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
     if os.path.isdir(output):
         raise ConvBertError(f"--output {output}: is a folder; expected a file path such as {output}/vocab.txt")
+    check_output_location(output)  # (before training, not when the vocab is written)
     if int(vocab_size) > MAX_VOCAB_SIZE:
         raise ConvBertError(f"--vocab-size: expected at most {MAX_VOCAB_SIZE:,}, got {vocab_size}")
     if int(min_frequency) < 0:

@@ -35,8 +35,8 @@ from convbert.finetune.trainer import (
     train_steps_for,
 )
 from convbert.interop.hf import copy_tokenizer_files
-from convbert.utils import (atomic_path, decode_utf8, refuse_foreign_folder, replace_lone_surrogates,
-                            staged_folder, write_json_atomic)
+from convbert.utils import (atomic_path, check_output_location, decode_utf8, refuse_foreign_folder,
+                            replace_lone_surrogates, staged_folder, write_json_atomic)
 
 TASK_FILE = "finetune_task.json"
 # What a fine-tuned model folder holds (it is rewritten whole).
@@ -280,6 +280,7 @@ def finetune_own_task(
     if output.is_dir() and output.resolve() == Path(model_dir).resolve():
         raise ConvBertError(f"--output {output}: is the --model folder; write the fine-tuned model to a new folder")
     refuse_foreign_folder(output, (TASK_FILE,), "an earlier `convbert finetune` output", replaces=FINETUNE_FILES)
+    check_output_location(output)  # (before training, not when the model is written)
     _refuse_replacing_another_task(output, model_dir, train_file, overwrite)
     tokenizer = load_tokenizer(model_dir)
     cols, rows = read_table(train_file, file_format)
@@ -473,6 +474,7 @@ def predict_file(
         raise ConvBertError(f"--output {output_file}: is the --input file; it would overwrite it (choose another path)")
     if output_file.is_dir():
         raise ConvBertError(f"--output {output_file}: is a folder; expected a file path such as {output_file}/pred.csv")
+    check_output_location(output_file)  # (before predicting, not when the predictions are written)
     task_path = model_dir / TASK_FILE
     if not task_path.is_file():
         from convbert.utils import folder_kind_hint
