@@ -206,6 +206,22 @@ def test_a_very_long_line_is_encoded_in_pieces_with_the_same_ids(vocab_file, cor
     assert ids[0] == tok.encode("short text") and ids[2] == tok.encode("another")
 
 
+def test_many_texts_are_encoded_in_bounded_calls_with_the_same_ids(vocab_file, corpus_text, monkeypatch):
+    """A GLUE split (391k texts) went to the backend in one call, every Encoding alive at once (+1.3 GB)."""
+    import convbert.data.tokenize as tokenize
+
+    tok = WordPieceTokenizer.from_vocab(vocab_file)
+    words = corpus_text.split()
+    texts = [" ".join(words[i : i + 1 + i % 13]) for i in range(100)] + ["ΟΔΟΣ Σ"]  # (final sigma: prepared once)
+    whole = tok.encode_batch(texts)
+    calls = []
+    backend = tok._batch
+    monkeypatch.setattr(tok, "_batch", lambda batch, **kw: calls.append(len(batch)) or backend(batch, **kw))
+    monkeypatch.setattr(tokenize, "_BATCH_TEXTS", 7)
+    assert tok.encode_batch(texts) == whole == [tok.encode(t) for t in texts]
+    assert max(calls) <= 7 and sum(calls) == len(texts)
+
+
 def test_a_vocab_path_that_is_not_a_regular_file_is_refused(tmp_path):
     for path in (tmp_path, "/dev/zero"):
         with pytest.raises(ConvBertError, match="not a regular file"):

@@ -118,6 +118,10 @@ class WordPieceTokenizer:
     def encode_batch(self, texts: Iterable[str], max_tokens: int | None = None) -> list[list[int]]:
         """Token ids of each text. With `max_tokens`, a text's ids may stop after its first `max_tokens` (only a
         text longer than `LONG_TEXT` characters is cut; the rest of it is not tokenised at all)."""
+        texts = texts if isinstance(texts, list) else list(texts)
+        if len(texts) > _BATCH_TEXTS:  # every Encoding of a call is alive at once: 391k texts held +1.3 GB
+            return [ids for start in range(0, len(texts), _BATCH_TEXTS)
+                    for ids in self.encode_batch(texts[start : start + _BATCH_TEXTS], max_tokens)]
         texts = [self._prepare(t) for t in texts]
         if not texts:
             return []
@@ -162,6 +166,7 @@ class WordPieceTokenizer:
 
 
 LONG_TEXT = 1 << 16  # characters
+_BATCH_TEXTS = 8192  # texts per call of the backend: same ids, bounded memory (a GLUE split is 400k texts)
 _CAPITAL_SIGMA = "\u03a3"
 
 

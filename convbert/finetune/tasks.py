@@ -270,19 +270,22 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, list[str], bool]], bool]:
     except OSError as err:
         raise ConvBertError(f"{path}: cannot read ({err.strerror or err})")
     text = decode_utf8(raw, path)
+    del raw  # (MNLI's train file is 471 MB: each copy of it that is not needed now is let go at once)
     if text.startswith("\ufeff"):
         text = text[1:]
     # Lines end at "\n" only (a CRLF's "\r" is dropped), as the original reads them: a lone "\r" inside a line
     # is then part of that line, and the row is malformed (skipped and counted, or refused in a test file) rather
     # than silently split in two with the line numbers shifted.
     lines = text.split("\n")
+    del text
     unterminated = lines[-1] != ""
     if not unterminated:
         lines.pop()
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for i in range(len(lines)):
+        line, lines[i] = lines[i], None  # each line freed once split into its fields
         line = line[:-1] if line.endswith("\r") else line
-        rows.append((number, line.split("\t") if line else [], "\r" in line))
+        rows.append((i + 1, line.split("\t") if line else [], "\r" in line))
     return rows, unterminated
 
 
