@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from convbert.cli import main
 from convbert.utils import _umask
@@ -556,3 +557,27 @@ def test_check_output_location_probes_write_permission(tmp_path, monkeypatch):
     with pytest.raises(ConvBertError, match=rf"--output {tmp_path / 'x.csv'}: cannot write in {tmp_path} "
                                             r"\(Permission denied\)"):
         check_output_location(tmp_path / "x.csv")
+
+
+def test_predict_takes_threads_device_and_precision_like_finetune(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # (this process's thread count stays as it is)
+    train = _csv(tmp_path / "train.csv", PAIRS)
+    assert _finetune(model, train, tmp_path / "ft") == 0
+    base = ["predict", "--model", str(tmp_path / "ft"), "--input", str(train)]
+    assert main([*base, "--output", str(tmp_path / "fp32.csv"), "--no-progress"]) == 0
+    assert main([*base, "--output", str(tmp_path / "bf16.csv"), "--threads", "1", "--device", "cpu",
+                 "--precision", "bf16", "--no-progress"]) == 0
+
+    def probabilities(path):
+        with open(path, newline="") as f:
+            return [[float(v) for k, v in row.items() if k.startswith("prob_")] for row in csv.DictReader(f)]
+
+    fp32, bf16 = probabilities(tmp_path / "fp32.csv"), probabilities(tmp_path / "bf16.csv")
+    assert len(fp32) == len(PAIRS) and all(abs(a - b) < 0.05 for r, s in zip(fp32, bf16) for a, b in zip(r, s))
+    capsys.readouterr()
+    assert main([*base, "--output", str(tmp_path / "bar.csv"), "--threads", "1"]) == 0  # a progress bar by default
+    assert "predicting" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--output", str(tmp_path / "gpu.csv"), "--device", "cuda"]) == 2
+        assert "CUDA is not available here" in capsys.readouterr().err
+        assert not (tmp_path / "gpu.csv").exists()

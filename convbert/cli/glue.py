@@ -38,20 +38,25 @@ def _add_recipe_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
                         "logits are fp32")
 
 
-def _cfg(args, double_default=True):
-    from convbert.finetune.trainer import FinetuneConfig
-
+def _threads_and_device(args) -> str:
+    """Apply --threads; the device --device names ("auto": cuda when available)."""
     if args.threads is not None and not 0 <= args.threads <= 4096:
         raise ConvBertError(f"--threads: expected 1..4096 (or 0: torch's choice), got {args.threads}")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
+    if args.device == "auto":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def _cfg(args, double_default=True):
+    from convbert.finetune.trainer import FinetuneConfig
+
+    device = _threads_and_device(args)
     cfg = FinetuneConfig(
         device=device,
         lr=args.lr,
@@ -176,6 +181,9 @@ def cmd_predict(args) -> int:
         file_format=args.format,
         text_columns=[c.strip() for c in args.text_columns.split(",")] if args.text_columns else None,
         keep_columns=[c.strip() for c in args.keep_columns.split(",")] if args.keep_columns else None,
+        device=_threads_and_device(args),
+        precision=args.precision,
+        progress=not args.no_progress,
     )
     return 0
 
@@ -301,6 +309,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "id,text), so it need not be joined back by row number")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--format", choices=("csv", "tsv", "jsonl"), default=None, help="input format (default: extension)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default or 0: torch's choice)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default), or bf16 / fp16 autocast for the forward passes (the scores are fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

@@ -464,9 +464,13 @@ def predict_file(
     file_format: str | None = None,
     text_columns: list[str] | None = None,
     keep_columns: list[str] | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
 ) -> int:
     """Label `input_file` with the fine-tuned model in `model_dir`; `keep_columns`: input columns copied into each
-    output row (before the prediction), e.g. an id. Returns the number of rows written."""
+    output row (before the prediction), e.g. an id. `device` ("cpu", "cuda", "cuda:1", …) and `precision` ("fp32",
+    or "bf16"/"fp16" autocast) as in fine-tuning. Returns the number of rows written."""
     from convbert.model.heads import ConvBertForSequenceClassification
 
     model_dir, input_file, output_file = Path(model_dir), Path(input_file), Path(output_file)
@@ -502,6 +506,7 @@ def predict_file(
         cols_needed = list(text_columns)
     if batch_size < 1:
         raise ConvBertError(f"--batch-size must be at least 1, got {batch_size}")
+    FinetuneConfig(device=device, precision=precision).validate()  # (the same checks as for fine-tuning)
     out_fmt = detect_format(output_file, None, "name the output .csv, .tsv or .jsonl; --format is the input's")
     tokenizer = load_tokenizer(model_dir)
     model = ConvBertForSequenceClassification.from_pretrained(model_dir)
@@ -532,7 +537,14 @@ def predict_file(
     kept = [{name: _json_safe(row[name]) for name in keep} for _, row in rows]
     a, b = _texts(input_file, cols, rows, cols_needed)
     feats = featurize(a, b, [None] * len(a), tokenizer, max_len, labels, regression_scale=1.0)
-    out = predict_logits(model, feats, batch_size, pad_to_max)
+    model.to(device)
+    if progress:
+        from convbert.utils import progress_bar
+
+        with progress_bar(total=len(feats), unit="row", desc="predicting") as bar:
+            out = predict_logits(model, feats, batch_size, pad_to_max, on_batch=bar.update, precision=precision)
+    else:
+        out = predict_logits(model, feats, batch_size, pad_to_max, precision=precision)
     records = []
     if regression:
         sts = task.get("glue_task") == "sts"  # (an STS-B head imported before the scale was recorded: the same)
