@@ -39,6 +39,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed in numpy's range (every command's --seed and --seeds take the same one)."""
+    if not 0 <= seed < 2**32:
+        raise ConvBertError(f"{flag}: a seed must be in 0..{2**32 - 1}, got {seed}")
+    return seed
+
+
 def _out_of_memory_hint(args: argparse.Namespace) -> str:
     if hasattr(args, "grad_accum"):  # pretrain: --batch-size is global, --grad-accum splits it into micro-steps
         return ("out of memory; raise --grad-accum (same global --batch-size, fewer examples per micro-step) or "

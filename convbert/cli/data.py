@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from convbert.errors import ConvBertError
+from convbert.cli import check_seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,8 +80,7 @@ def run_build(args: argparse.Namespace) -> int:
     from convbert.data.build import build_dataset
     from convbert.data.stats import short_examples_note
 
-    if not 0 <= args.seed < 2**32:  # the range every other command's --seed takes (numpy's)
-        raise ConvBertError(f"--seed: a seed must be in 0..{2**32 - 1}, got {args.seed}")
+    check_seed(args.seed)
     t0 = time.monotonic()
     m = build_dataset(
         args.input, args.vocab, args.output, workers=args.workers, seed=args.seed,

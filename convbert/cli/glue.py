@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from convbert.cli import check_seed
 from convbert.errors import ConvBertError
 
 
@@ -101,14 +102,8 @@ def _parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ConvBertError(f"--seeds lists a seed twice: {text}")
     for seed in seeds:
-        _check_seed(seed, "--seeds")
+        check_seed(seed, "--seeds")
     return seeds
-
-
-def _check_seed(seed: int, flag: str) -> int:
-    if not 0 <= seed < 2**32:  # numpy's seed range
-        raise ConvBertError(f"{flag}: a seed must be in 0..{2**32 - 1}, got {seed}")
-    return seed
 
 
 def cmd_glue(args) -> int:
@@ -160,7 +155,7 @@ def cmd_finetune(args) -> int:
         regression=args.regression,
         output=output,
         cfg=_cfg(args, double_default=args.symmetric),
-        seed=_check_seed(args.seed, "--seed"),
+        seed=check_seed(args.seed, "--seed"),
         file_format=args.format,
         progress=not args.no_progress,
         overwrite=args.overwrite,

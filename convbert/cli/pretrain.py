@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from convbert.cli import check_seed
 from convbert.errors import ConvBertError
 
 # = the per-size values of convbert.pretrain.config.SIZE_DEFAULTS that --help shows (a test keeps them equal; that
@@ -212,8 +213,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.minutes) and args.minutes > 0):  # (nan compares false both ways)
         raise ConvBertError(f"--minutes {args.minutes}: expected a positive number of minutes")
-    if not 0 <= args.seed < 2**32:  # checked before the corpus, vocab and data are built
-        raise ConvBertError(f"--seed: a seed must be in 0..{2**32 - 1}, got {args.seed}")
+    check_seed(args.seed)  # (before the corpus, vocab and data are built)
     quickstart(args.output, minutes=args.minutes, seed=args.seed, size=args.size, finetune=not args.no_finetune)
     return 0
 

@@ -18,8 +18,8 @@ import os
 import re
 from pathlib import Path
 
-from convbert.data.corpus import iter_lines
 from convbert.data import tokenize as wordpiece
+from convbert.data.corpus import iter_lines
 from convbert.data.tokenize import SPECIAL_TOKENS, WordPieceTokenizer, python_lower
 from convbert.errors import ConvBertError
 from convbert.utils import check_output_location, write_text_atomic
@@ -27,7 +27,7 @@ from convbert.utils import check_output_location, write_text_atomic
 MAX_VOCAB_SIZE = 2**22  # 4M pieces: far above any real vocabulary; the trainer aborts the process on absurd sizes
 
 
-_MAX_WORD = 200  # BERT's (and ELECTRA's) max_input_chars_per_word: a longer word is one [UNK]
+_MAX_WORD = wordpiece.MAX_INPUT_CHARS_PER_WORD  # a longer word is one [UNK]
 _UNKNOWN_WORD = re.compile(r"[^\W_]{%d,}" % (_MAX_WORD + 1))  # a run of letters and digits no punctuation splits
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from convbert.errors import ConvBertError
-from convbert.model.config import ConvBertConfig
+from convbert.model.config import ARCHITECTURE_FIELDS, ConvBertConfig
 from convbert.utils import atomic_path, folder_kind_hint, read_json_object, write_json_atomic
 from convbert.weights import load_weights, save_weights
 
@@ -120,19 +120,12 @@ def check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
         if tuple(state[key].shape) != tuple(expected[key].shape):
             problems.append(f"key {key} has shape {list(state[key].shape)} in the file but the model expects "
                             f"{list(expected[key].shape)}")
-    for key in sorted(set(state) & set(expected)):
         if expected[key].is_floating_point() and not state[key].is_floating_point():
             problems.append(f"key {key} holds {str(state[key].dtype).replace('torch.', '')} values: expected "
                             "floating-point weights")
     if problems:
         raise ConvBertError(f"{source}: " + "; ".join(problems))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-
-
-# Fields that define the network: from_pretrained takes them from the saved folder only.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                       "hidden_act", "max_position_embeddings", "type_vocab_size", "embedding_size", "head_ratio",
-                       "conv_kernel_size", "num_groups", "attention_type")
 
 
 def load_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "ConvBertModel":

@@ -23,6 +23,11 @@ HF_FIELDS = (
 # BERT-style) encoder with the same parameter names, and is read and written in that layout (model_type "electra").
 ELECTRA_FIELDS = tuple(name for name in HF_FIELDS if name not in ("head_ratio", "conv_kernel_size", "num_groups"))
 HF_MODEL_TYPES = ("convbert", "conv_bert", "electra")
+# Fields that define the network: a model folder's own, never taken from an override (`from_pretrained`,
+# `pretrain --init-from`): plain attention's head count, for one, changes no tensor shape, so weights would load.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings", "type_vocab_size", "embedding_size", "head_ratio",
+                       "conv_kernel_size", "num_groups", "attention_type", "hidden_act", "layer_norm_eps")
 HF_CONVBERT_DEFAULT_EMBEDDING_SIZE = 768  # transformers' ConvBertConfig, for a config.json without the field
 # transformers' ElectraConfig defaults (ELECTRA-small's shape): what it builds for a field an ELECTRA config.json
 # leaves out, so the same file gives the same model here (plain attention has the same tensor shapes for any head

@@ -54,6 +54,12 @@ class DiscriminatorHead(nn.Module):
         return self.dense_prediction(gelu(self.dense(hidden))).squeeze(-1)
 
 
+def _label_count(num_labels) -> int:
+    if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
+        raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1 (1 for regression)")
+    return int(num_labels)
+
+
 class ClassificationHead(nn.Module):
     """The original fine-tuning head: dropout on the [CLS] vector, then one Glorot-initialised linear (§5.1).
 
@@ -62,9 +68,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
-        if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
-            raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1 (1 for regression)")
-        num_labels = int(num_labels)
+        num_labels = _label_count(num_labels)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(hidden_size, num_labels)
         nn.init.xavier_uniform_(self.out_proj.weight)
@@ -95,9 +99,7 @@ class ConvBertForSequenceClassification(nn.Module):
     def __init__(self, config: ConvBertConfig, num_labels: int, classifier_dropout: float | None = None,
                  encoder: ConvBertModel | None = None):
         super().__init__()
-        if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
-            raise ConvBertError(f"num_labels = {num_labels!r}: expected an integer >= 1")
-        num_labels = int(num_labels)
+        num_labels = _label_count(num_labels)
         if encoder is not None and not isinstance(encoder, ConvBertModel):
             raise ConvBertError(f"encoder is a {type(encoder).__name__}: expected a ConvBertModel (or None)")
         if classifier_dropout is not None and (isinstance(classifier_dropout, bool)

@@ -25,16 +25,11 @@ import torch
 
 from convbert.errors import ConvBertError
 from convbert.interop import hf
-from convbert.model.config import ConvBertConfig
+from convbert.model.config import ARCHITECTURE_FIELDS, ConvBertConfig
 from convbert.utils import sha256_file
 
 # Settings that change what the weights mean: they come from the folder, not from --set model.* (dropout and
 # gradient checkpointing may still be set).
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "embedding_size", "head_ratio", "conv_kernel_size",
-                "num_groups", "attention_type", "hidden_act", "layer_norm_eps")
-
-
 @dataclass
 class InitWeights:
     config: ConvBertConfig
@@ -104,7 +99,7 @@ def _matches_discriminator(init: InitWeights, key: str, value: torch.Tensor) -> 
 def model_config(init: InitWeights, overrides: dict, attention: str, max_seq_length: int,
                  data_vocab_size: int) -> ConvBertConfig:
     """The folder's architecture with the run's non-architecture overrides (dropout, checkpointing)."""
-    fixed = sorted(k for k in overrides if k in ARCHITECTURE and overrides[k] != getattr(init.config, k))
+    fixed = sorted(k for k in overrides if k in ARCHITECTURE_FIELDS and overrides[k] != getattr(init.config, k))
     if fixed:
         raise ConvBertError(f"--init-from: model.{fixed[0]} = {overrides[fixed[0]]!r} differs from the model's "
                             f"{getattr(init.config, fixed[0])!r}; the architecture comes from the folder")
@@ -119,7 +114,7 @@ def model_config(init: InitWeights, overrides: dict, attention: str, max_seq_len
                             f"sequences are {max_seq_length} long")
     extra = {**init.config.extra, "init_from": True}
     return init.config.replace(source="--init-from", extra=extra,
-                               **{k: v for k, v in overrides.items() if k not in ARCHITECTURE})
+                               **{k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS})
 
 
 def check_generator(init: InitWeights, derived: ConvBertConfig) -> None:
